@@ -1,0 +1,437 @@
+// Package logstore is the durable host log of tpmmux: epochs, batches of
+// public leaves, per-VM records and identities, and post-mortem quotes, kept
+// in one bbolt file. Every Commit is one fsynced transaction, which is what
+// makes the write-ahead rule of DESIGN.md §7 hold: a batch is durable before
+// the bridge extends it into the TPM.
+package logstore
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/fxamacker/cbor/v2"
+	bolt "go.etcd.io/bbolt"
+)
+
+var (
+	bucketMeta    = []byte("meta")
+	bucketEpochs  = []byte("epochs")
+	bucketBatches = []byte("batches")
+	bucketVMs     = []byte("vms")
+	bucketRecords = []byte("records")
+	bucketFinal   = []byte("final")
+	keyEpoch      = []byte("epoch")
+	keyFormat     = []byte("format")
+)
+
+// formatVersion is the on-disk layout version; Open refuses any other.
+const formatVersion = 1
+
+// EntrySize is the size of one public log entry: t_s || c_s.
+const EntrySize = 64
+
+// ErrNotFound reports a VM, record or quote the store does not hold.
+var ErrNotFound = errors.New("not found")
+
+// Batch is one group commit: the public entries of global indices
+// [G0, G0+N). The first batch of an epoch carries the epoch record, which
+// takes global index 0, and its Entries start at index 1.
+type Batch struct {
+	G0      uint64   `cbor:"1,keyasint"`
+	N       uint32   `cbor:"2,keyasint"`
+	Epoch   []byte   `cbor:"3,keyasint,omitempty"` // canonical epoch record (first batch only)
+	Entries []byte   `cbor:"4,keyasint"`           // concatenated t||c, EntrySize bytes each
+	V       [32]byte `cbor:"5,keyasint"`           // batch digest v_b that is extended
+}
+
+// EntryCount returns how many t||c entries the batch holds.
+func (b *Batch) EntryCount() int { return len(b.Entries) / EntrySize }
+
+// VM is the bridge's state for one VM instance.
+type VM struct {
+	ID       [32]byte `cbor:"1,keyasint"`
+	UUID     [16]byte `cbor:"2,keyasint"`
+	Instance [16]byte `cbor:"3,keyasint"`
+	Name     string   `cbor:"4,keyasint"`
+	CID      uint32   `cbor:"5,keyasint,omitempty"`
+	Key      [32]byte `cbor:"6,keyasint"` // the concealment secret K
+	Epoch    uint64   `cbor:"7,keyasint"`
+	NextSeq  uint64   `cbor:"8,keyasint"` // records 0..NextSeq-1 are durable
+	Created  int64    `cbor:"9,keyasint"`
+	Ended    bool     `cbor:"10,keyasint,omitempty"` // teardown durable, or the epoch ended under it
+	EndedBy  string   `cbor:"11,keyasint,omitempty"`
+	Guest    []byte   `cbor:"12,keyasint,omitempty"` // transport-specific guest state (e.g. resume point)
+}
+
+// Record is one durable VM record with its place in the public log.
+type Record struct {
+	Seq   uint64 `cbor:"1,keyasint"`
+	G     uint64 `cbor:"2,keyasint"` // global index within the VM's epoch
+	Batch uint64 `cbor:"3,keyasint"`
+	R     []byte `cbor:"4,keyasint"` // canonical record encoding
+}
+
+// FinalQuote is the post-mortem quote the bridge takes when a VM's teardown
+// batch has been extended.
+type FinalQuote struct {
+	Epoch     uint64   `cbor:"1,keyasint"`
+	Batch     uint64   `cbor:"2,keyasint"` // the last batch the quote covers
+	Attest    []byte   `cbor:"3,keyasint"`
+	Signature []byte   `cbor:"4,keyasint"`
+	PCRs      []uint32 `cbor:"5,keyasint"`
+	Values    [][]byte `cbor:"6,keyasint"`
+}
+
+// EpochInfo is what the store keeps about one epoch.
+type EpochInfo struct {
+	Number  uint64 `cbor:"1,keyasint"`
+	Record  []byte `cbor:"2,keyasint"` // canonical epoch record
+	Started int64  `cbor:"3,keyasint"`
+	Ended   int64  `cbor:"4,keyasint,omitempty"` // when a later epoch replaced it
+}
+
+// Commit is everything one group commit makes durable at once.
+type Commit struct {
+	Epoch   uint64
+	Index   uint64 // batch index within the epoch
+	Batch   Batch
+	Records []Put
+	VMs     []VM // VM states to write (e.g. new NextSeq, Ended)
+}
+
+// Put is one record to store under a VM.
+type Put struct {
+	ID [32]byte
+	Record
+}
+
+// Store is an open log store. It is safe for concurrent use; bbolt allows
+// one writer and many readers, and readers see consistent snapshots.
+type Store struct {
+	db   *bolt.DB
+	path string
+}
+
+// Options tune durability; the zero value is the safe default.
+type Options struct {
+	// NoSync skips fsync on commit. Only benchmarks that measure the rest of
+	// the pipeline set it; a bridge never does.
+	NoSync bool
+}
+
+// Open opens (creating if needed, mode 0600) the store at path.
+func Open(path string, opts *Options) (*Store, error) {
+	bo := &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType}
+	if opts != nil && opts.NoSync {
+		bo.NoSync = true
+	}
+	db, err := bolt.Open(path, 0o600, bo)
+	if err != nil {
+		return nil, fmt.Errorf("open log store %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketMeta, bucketEpochs, bucketBatches, bucketVMs, bucketRecords, bucketFinal} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		meta := tx.Bucket(bucketMeta)
+		if v := meta.Get(keyFormat); v != nil {
+			if len(v) != 8 || binary.BigEndian.Uint64(v) != formatVersion {
+				return fmt.Errorf("store format %x, this bridge reads format %d", v, formatVersion)
+			}
+			return nil
+		}
+		return meta.Put(keyFormat, u64(formatVersion))
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open log store %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open log store %s: %w", path, err)
+	}
+	return &Store{db: db, path: path}, nil
+}
+
+// Close closes the store.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Path returns the file the store lives in.
+func (s *Store) Path() string { return s.path }
+
+// CurrentEpoch returns the newest epoch, or ok=false when none has begun.
+func (s *Store) CurrentEpoch() (info EpochInfo, ok bool, err error) {
+	err = s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketMeta).Get(keyEpoch)
+		if v == nil {
+			return nil
+		}
+		if len(v) != 8 {
+			return fmt.Errorf("corrupt current epoch key")
+		}
+		raw := tx.Bucket(bucketEpochs).Get(v)
+		if raw == nil {
+			return fmt.Errorf("current epoch %d has no entry", binary.BigEndian.Uint64(v))
+		}
+		if err := cbor.Unmarshal(raw, &info); err != nil {
+			return fmt.Errorf("decode epoch %d: %w", binary.BigEndian.Uint64(v), err)
+		}
+		ok = true
+		return nil
+	})
+	if err != nil {
+		return EpochInfo{}, false, fmt.Errorf("read current epoch: %w", err)
+	}
+	return info, ok, nil
+}
+
+// BeginEpoch makes a new epoch current and commits its first batch (the one
+// holding the epoch record) in the same transaction. The previous epoch is
+// marked ended, and every VM still live in it is ended with reason
+// "epoch-ended": its PCR history is gone, so it cannot continue.
+func (s *Store) BeginEpoch(number uint64, epochRecord []byte, first Batch, now time.Time) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		epochs := tx.Bucket(bucketEpochs)
+		if prev := meta.Get(keyEpoch); prev != nil {
+			var pi EpochInfo
+			if err := cbor.Unmarshal(epochs.Get(prev), &pi); err != nil {
+				return fmt.Errorf("decode previous epoch: %w", err)
+			}
+			if pi.Number >= number {
+				return fmt.Errorf("epoch %d does not follow epoch %d", number, pi.Number)
+			}
+			pi.Ended = now.UnixNano()
+			if err := putCBOR(epochs, u64(pi.Number), &pi); err != nil {
+				return err
+			}
+			if err := endLiveVMs(tx, pi.Number, "epoch-ended"); err != nil {
+				return err
+			}
+		}
+		info := EpochInfo{Number: number, Record: epochRecord, Started: now.UnixNano()}
+		if err := putCBOR(epochs, u64(number), &info); err != nil {
+			return err
+		}
+		if err := meta.Put(keyEpoch, u64(number)); err != nil {
+			return err
+		}
+		return putCBOR(tx.Bucket(bucketBatches), batchKey(number, 0), &first)
+	})
+	if err != nil {
+		return fmt.Errorf("begin epoch %d: %w", number, err)
+	}
+	return nil
+}
+
+func endLiveVMs(tx *bolt.Tx, epoch uint64, why string) error {
+	vms := tx.Bucket(bucketVMs)
+	var ended []VM
+	err := vms.ForEach(func(k, v []byte) error {
+		var vm VM
+		if err := cbor.Unmarshal(v, &vm); err != nil {
+			return fmt.Errorf("decode vm %x: %w", k, err)
+		}
+		if vm.Epoch == epoch && !vm.Ended {
+			vm.Ended, vm.EndedBy = true, why
+			ended = append(ended, vm)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := range ended {
+		if err := putCBOR(vms, ended[i].ID[:], &ended[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Commit makes one batch, its records and the VM state changes durable in
+// one fsynced transaction.
+func (s *Store) Commit(c *Commit) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		batches := tx.Bucket(bucketBatches)
+		key := batchKey(c.Epoch, c.Index)
+		if batches.Get(key) != nil {
+			return fmt.Errorf("batch %d of epoch %d already exists", c.Index, c.Epoch)
+		}
+		if err := putCBOR(batches, key, &c.Batch); err != nil {
+			return err
+		}
+		recs := tx.Bucket(bucketRecords)
+		for i := range c.Records {
+			p := &c.Records[i]
+			if err := putCBOR(recs, recordKey(p.ID, p.Seq), &p.Record); err != nil {
+				return err
+			}
+		}
+		vms := tx.Bucket(bucketVMs)
+		for i := range c.VMs {
+			if err := putCBOR(vms, c.VMs[i].ID[:], &c.VMs[i]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("commit batch %d of epoch %d: %w", c.Index, c.Epoch, err)
+	}
+	return nil
+}
+
+// PutVM writes a VM's state on its own (e.g. a new identity before its
+// genesis record is committed, or updated guest state).
+func (s *Store) PutVM(vm *VM) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		return putCBOR(tx.Bucket(bucketVMs), vm.ID[:], vm)
+	})
+	if err != nil {
+		return fmt.Errorf("store vm %s: %w", vm.Name, err)
+	}
+	return nil
+}
+
+// PutFinal stores the post-mortem quote of VM id.
+func (s *Store) PutFinal(id [32]byte, q *FinalQuote) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		return putCBOR(tx.Bucket(bucketFinal), id[:], q)
+	})
+	if err != nil {
+		return fmt.Errorf("store final quote: %w", err)
+	}
+	return nil
+}
+
+// View runs fn on a consistent read-only snapshot of the store.
+func (s *Store) View(fn func(*Snapshot) error) error {
+	return s.db.View(func(tx *bolt.Tx) error { return fn(&Snapshot{tx: tx}) })
+}
+
+// Snapshot is a consistent read-only view of the store, valid only inside
+// the View callback that made it.
+type Snapshot struct {
+	tx *bolt.Tx
+}
+
+// Batches calls fn for each batch of epoch from index from on, in order.
+// The Batch passed to fn is only valid during the call.
+func (sn *Snapshot) Batches(epoch, from uint64, fn func(index uint64, b *Batch) error) error {
+	c := sn.tx.Bucket(bucketBatches).Cursor()
+	prefix := u64(epoch)
+	var b Batch
+	for k, v := c.Seek(batchKey(epoch, from)); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+		if len(k) != 16 {
+			return fmt.Errorf("corrupt batch key %x", k)
+		}
+		b = Batch{}
+		if err := cbor.Unmarshal(v, &b); err != nil {
+			return fmt.Errorf("decode batch %x: %w", k, err)
+		}
+		if err := fn(binary.BigEndian.Uint64(k[8:]), &b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// VM returns the state of VM id.
+func (sn *Snapshot) VM(id [32]byte) (*VM, error) {
+	v := sn.tx.Bucket(bucketVMs).Get(id[:])
+	if v == nil {
+		return nil, fmt.Errorf("vm %x: %w", id[:8], ErrNotFound)
+	}
+	var vm VM
+	if err := cbor.Unmarshal(v, &vm); err != nil {
+		return nil, fmt.Errorf("decode vm %x: %w", id[:8], err)
+	}
+	return &vm, nil
+}
+
+// VMs calls fn for every VM instance the store knows.
+func (sn *Snapshot) VMs(fn func(*VM) error) error {
+	return sn.tx.Bucket(bucketVMs).ForEach(func(k, v []byte) error {
+		var vm VM
+		if err := cbor.Unmarshal(v, &vm); err != nil {
+			return fmt.Errorf("decode vm %x: %w", k, err)
+		}
+		return fn(&vm)
+	})
+}
+
+// Records calls fn for VM id's records from seq from on, in order.
+func (sn *Snapshot) Records(id [32]byte, from uint64, fn func(*Record) error) error {
+	c := sn.tx.Bucket(bucketRecords).Cursor()
+	for k, v := c.Seek(recordKey(id, from)); k != nil && bytes.HasPrefix(k, id[:]); k, v = c.Next() {
+		var r Record
+		if err := cbor.Unmarshal(v, &r); err != nil {
+			return fmt.Errorf("decode record %x: %w", k, err)
+		}
+		if err := fn(&r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Final returns the post-mortem quote of VM id.
+func (sn *Snapshot) Final(id [32]byte) (*FinalQuote, error) {
+	v := sn.tx.Bucket(bucketFinal).Get(id[:])
+	if v == nil {
+		return nil, fmt.Errorf("final quote of vm %x: %w", id[:8], ErrNotFound)
+	}
+	var q FinalQuote
+	if err := cbor.Unmarshal(v, &q); err != nil {
+		return nil, fmt.Errorf("decode final quote: %w", err)
+	}
+	return &q, nil
+}
+
+// Epoch returns what the store keeps about epoch number.
+func (sn *Snapshot) Epoch(number uint64) (*EpochInfo, error) {
+	v := sn.tx.Bucket(bucketEpochs).Get(u64(number))
+	if v == nil {
+		return nil, fmt.Errorf("epoch %d: %w", number, ErrNotFound)
+	}
+	var e EpochInfo
+	if err := cbor.Unmarshal(v, &e); err != nil {
+		return nil, fmt.Errorf("decode epoch %d: %w", number, err)
+	}
+	return &e, nil
+}
+
+func putCBOR(b *bolt.Bucket, key []byte, v any) error {
+	raw, err := cbor.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %T: %w", v, err)
+	}
+	return b.Put(key, raw)
+}
+
+func u64(v uint64) []byte {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	return b[:]
+}
+
+func batchKey(epoch, index uint64) []byte {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], epoch)
+	binary.BigEndian.PutUint64(b[8:], index)
+	return b[:]
+}
+
+func recordKey(id [32]byte, seq uint64) []byte {
+	var b [40]byte
+	copy(b[:32], id[:])
+	binary.BigEndian.PutUint64(b[32:], seq)
+	return b[:]
+}

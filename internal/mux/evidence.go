@@ -1,0 +1,170 @@
+package mux
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"fmt"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/quote"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+)
+
+// Evidence quotes the log for VM id with the verifier's nonce (extraData
+// H("tpmmux/v1/nonce" || nonce || id)) and returns the evidence: the quote,
+// the quoted PCR values, the public log of every batch up to the one the
+// quote covers, and the VM's records up to that batch. The quote is taken
+// between batches, under the commit lock, so the log replays exactly to it.
+func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*evidence.Evidence, error) {
+	if len(nonce) == 0 || len(nonce) > 64 {
+		return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+	}
+	m.mu.Lock()
+	fault := m.fault
+	m.mu.Unlock()
+	if fault != nil {
+		return nil, fmt.Errorf("not serving evidence: %w", fault)
+	}
+	extra := conceal.NonceData(nonce, id)
+	m.commitMu.Lock()
+	q, vals, err := m.quoteLocked(ctx, extra[:])
+	epoch, last := m.epoch, m.nextBatch-1
+	m.commitMu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("evidence: %w", err)
+	}
+	return m.build(evidence.KindQuote, id, epoch, last, q, m.sel, vals)
+}
+
+// FinalEvidence returns the post-mortem evidence of an ended VM: the quote
+// the bridge kept when the teardown was extended, with the log up to it. It
+// stays verifiable after the PCR has been reset.
+func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
+	var fq *logstore.FinalQuote
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		var err error
+		fq, err = sn.Final(id)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("final evidence: %w", err)
+	}
+	sel := make([]int, len(fq.PCRs))
+	vals := make([]conceal.Digest, len(fq.Values))
+	for i := range fq.PCRs {
+		sel[i] = int(fq.PCRs[i])
+		copy(vals[i][:], fq.Values[i])
+	}
+	return m.build(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals)
+}
+
+// quoteLocked reads the quoted PCRs and quotes them, retrying when a host
+// PCR changed in between (host IMA extends PCR 10 at any time). It runs
+// under commitMu, so PCR p cannot change.
+func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conceal.Digest, error) {
+	start := time.Now()
+	defer func() {
+		m.stats.Quotes++
+		m.stats.QuoteNanos += uint64(time.Since(start))
+	}()
+	for try := 0; try < 5; try++ {
+		vals, err := m.tpm.ReadPCRs(ctx, m.sel)
+		if err != nil {
+			return tpm.Quote{}, nil, fmt.Errorf("read pcrs: %w", err)
+		}
+		if vals[indexOf(m.sel, m.cfg.PCR)] != m.pcrValue {
+			err := &ReplayError{PCR: m.cfg.PCR, Got: vals[indexOf(m.sel, m.cfg.PCR)], Want: m.pcrValue, Epoch: m.epoch, Batches: m.nextBatch}
+			m.setFault(err)
+			return tpm.Quote{}, nil, err
+		}
+		q, err := m.tpm.Quote(ctx, m.sel, extra)
+		if err != nil {
+			return tpm.Quote{}, nil, fmt.Errorf("quote: %w", err)
+		}
+		info, err := quote.Check(q.Attest, q.Signature, m.tpm.AK())
+		if err != nil {
+			return tpm.Quote{}, nil, fmt.Errorf("check own quote: %w", err)
+		}
+		if bytes.Equal(info.PCRDigest, quote.PCRDigest(vals)) {
+			return q, vals, nil
+		}
+	}
+	return tpm.Quote{}, nil, fmt.Errorf("quoted PCRs kept changing between read and quote")
+}
+
+func indexOf(sel []int, p int) int {
+	for i, v := range sel {
+		if v == p {
+			return i
+		}
+	}
+	return -1
+}
+
+// build assembles evidence from the store: the batches [0, last] of epoch
+// and VM id's records that sit in them.
+func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest) (*evidence.Evidence, error) {
+	ev := &evidence.Evidence{
+		Version: evidence.Version,
+		Kind:    kind,
+		PCR:     uint32(m.cfg.PCR),
+		Quote:   evidence.Quote{Attest: q.Attest, Signature: q.Signature},
+		Host:    m.cfg.Host,
+	}
+	for i, p := range sel {
+		ev.PCRValues = append(ev.PCRValues, evidence.PCRValue{Index: uint32(p), SHA256: append([]byte(nil), vals[i][:]...)})
+	}
+	if der, err := x509.MarshalPKIXPublicKey(m.tpm.AK()); err == nil {
+		ev.AK = der
+	}
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		if vm.Epoch != epoch {
+			return fmt.Errorf("vm %s belongs to epoch %d, not %d", vm.Name, vm.Epoch, epoch)
+		}
+		ei, err := sn.Epoch(epoch)
+		if err != nil {
+			return err
+		}
+		ev.Epoch = evidence.Epoch{Number: epoch, Record: ei.Record}
+		ev.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
+		err = sn.Batches(epoch, 0, func(index uint64, b *logstore.Batch) error {
+			if index > last {
+				return errStop
+			}
+			ev.Log = append(ev.Log, evidence.Batch{G0: b.G0, Entries: append([]byte(nil), b.Entries...)})
+			return nil
+		})
+		if err != nil && err != errStop {
+			return err
+		}
+		err = sn.Records(id, 0, func(r *logstore.Record) error {
+			if r.Batch > last {
+				return errStop
+			}
+			ev.Records = append(ev.Records, evidence.Record{G: r.G, R: append([]byte(nil), r.R...)})
+			return nil
+		})
+		if err != nil && err != errStop {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("build evidence: %w", err)
+	}
+	return ev, nil
+}
+
+type stopErr struct{}
+
+func (stopErr) Error() string { return "stop" }
+
+var errStop error = stopErr{}

@@ -1,0 +1,248 @@
+package mux
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/record"
+)
+
+// Launch describes a VM instance at domain start: what the genesis record
+// holds besides the identity the mux draws.
+type Launch struct {
+	UUID      [16]byte
+	Name      string
+	CID       uint32
+	DomainXML [32]byte      // SHA-256 of the domain XML
+	Files     []record.File // launch files the XML names, with digests
+}
+
+// NewVM gives a starting VM a fresh concealment identity (new instance and
+// key) and commits its genesis record. It returns once the genesis record
+// is durable and extended.
+func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
+	ident, err := conceal.NewIdentity(l.UUID)
+	if err != nil {
+		return nil, err
+	}
+	id := ident.ID()
+	now := m.cfg.Now()
+	gen := &record.Record{Kind: record.KindGenesis, Time: now.UnixNano(), Genesis: &record.Genesis{
+		UUID: l.UUID, Name: l.Name, Instance: ident.Instance, CID: l.CID,
+		DomainXML: l.DomainXML, Files: l.Files, Host: m.cfg.Host,
+	}}
+	raw, err := gen.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("new vm %s: %w", l.Name, err)
+	}
+	m.commitMu.Lock()
+	epoch := m.epoch
+	m.commitMu.Unlock()
+	vs := &vmState{
+		vm: logstore.VM{ID: id, UUID: l.UUID, Instance: ident.Instance, Name: l.Name, CID: l.CID,
+			Key: ident.Key, Epoch: epoch, Created: now.UnixNano()},
+		id:   id,
+		keys: ident.Keys(),
+	}
+	m.mu.Lock()
+	if _, dup := m.vms[id]; dup {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("new vm %s: instance collision", l.Name)
+	}
+	m.vms[id] = vs
+	m.mu.Unlock()
+	t, err := m.enqueue(id, []*item{{r: raw, kind: record.KindGenesis}}, true)
+	if err == nil {
+		_, err = t.Wait(ctx)
+	}
+	if err != nil {
+		m.mu.Lock()
+		if vs.vm.NextSeq == 0 {
+			delete(m.vms, id)
+		}
+		m.mu.Unlock()
+		return nil, fmt.Errorf("new vm %s: genesis: %w", l.Name, err)
+	}
+	return ident, nil
+}
+
+// Teardown commits VM id's teardown record with reason and then keeps a
+// post-mortem quote over it, so the VM's whole history stays verifiable
+// after the PCR is reset. Tearing down an ended VM is not an error: libvirt
+// fires both stopped and release hooks.
+func (m *Mux) Teardown(ctx context.Context, id conceal.Digest, reason string) (Ack, error) {
+	r := &record.Record{Kind: record.KindTeardown, Time: m.cfg.Now().UnixNano(), Teardown: &record.Teardown{Reason: reason}}
+	ack, err := m.Append(ctx, id, r)
+	if errors.Is(err, ErrEnded) || errors.Is(err, ErrUnknownVM) {
+		if ended, _ := m.isEnded(id); ended {
+			return Ack{}, nil
+		}
+	}
+	if err != nil {
+		return Ack{}, fmt.Errorf("teardown: %w", err)
+	}
+	if err := m.takeFinal(ctx, id); err != nil {
+		return ack, fmt.Errorf("teardown: %w", err)
+	}
+	return ack, nil
+}
+
+func (m *Mux) isEnded(id conceal.Digest) (bool, error) {
+	var ended bool
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		ended = vm.Ended
+		return nil
+	})
+	return ended, err
+}
+
+// takeFinal quotes the log with extraData = H("tpmmux/v1/final" || id ||
+// H(R_teardown)) and keeps the quote.
+func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
+	var last []byte
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		if vm.NextSeq == 0 {
+			return fmt.Errorf("vm %s has no records", vm.Name)
+		}
+		return sn.Records(id, vm.NextSeq-1, func(r *logstore.Record) error {
+			last = r.R
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("final quote: %w", err)
+	}
+	rec, err := record.Unmarshal(last)
+	if err != nil || rec.Kind != record.KindTeardown {
+		return fmt.Errorf("final quote: last record of vm %x is not a teardown", id[:8])
+	}
+	extra := conceal.FinalData(id, record.Hash(last))
+	m.commitMu.Lock()
+	q, vals, err := m.quoteLocked(ctx, extra[:])
+	epoch, batch := m.epoch, m.nextBatch-1
+	m.commitMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("final quote: %w", err)
+	}
+	fq := &logstore.FinalQuote{Epoch: epoch, Batch: batch, Attest: q.Attest, Signature: q.Signature}
+	for i, p := range m.sel {
+		fq.PCRs = append(fq.PCRs, uint32(p))
+		fq.Values = append(fq.Values, vals[i][:])
+	}
+	return m.store.PutFinal(id, fq)
+}
+
+// VMInfo describes one VM instance for listings.
+type VMInfo struct {
+	ID       conceal.Digest
+	UUID     [16]byte
+	Instance [16]byte
+	Name     string
+	CID      uint32
+	Epoch    uint64
+	Records  uint64
+	Ended    bool
+	EndedBy  string
+}
+
+// VMs lists every VM instance the store knows, live ones first, by name.
+func (m *Mux) VMs() ([]VMInfo, error) {
+	var out []VMInfo
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		return sn.VMs(func(vm *logstore.VM) error {
+			out = append(out, VMInfo{ID: vm.ID, UUID: vm.UUID, Instance: vm.Instance, Name: vm.Name, CID: vm.CID,
+				Epoch: vm.Epoch, Records: vm.NextSeq, Ended: vm.Ended, EndedBy: vm.EndedBy})
+			return nil
+		})
+	})
+	sort.SliceStable(out, func(i, j int) bool {
+		if out[i].Ended != out[j].Ended {
+			return !out[i].Ended
+		}
+		if out[i].Name != out[j].Name {
+			return out[i].Name < out[j].Name
+		}
+		return out[i].Epoch > out[j].Epoch
+	})
+	return out, err
+}
+
+// Lookup returns the live VM instance named name.
+func (m *Mux) Lookup(name string) (conceal.Digest, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, vs := range m.vms {
+		if vs.vm.Name == name {
+			return id, true
+		}
+	}
+	return conceal.Digest{}, false
+}
+
+// Identity returns the concealment identity of VM instance id, secret
+// included: only the VM's own channel and its owner may be given it.
+func (m *Mux) Identity(id conceal.Digest) (*conceal.Identity, error) {
+	var ident *conceal.Identity
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		ident = &conceal.Identity{UUID: vm.UUID, Instance: vm.Instance, Key: vm.Key}
+		return nil
+	})
+	return ident, err
+}
+
+// NextSeq returns how many of VM id's records are durable.
+func (m *Mux) NextSeq(id conceal.Digest) (uint64, error) {
+	var n uint64
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		n = vm.NextSeq
+		return nil
+	})
+	return n, err
+}
+
+// Status is a point-in-time summary of the multiplexer.
+type Status struct {
+	Epoch    uint64
+	Batches  uint64
+	Entries  uint64
+	PCR      int
+	PCRValue conceal.Digest
+	LiveVMs  int
+	Queued   int
+	Fault    string
+	Stats    Stats
+}
+
+// Status reports the multiplexer's state.
+func (m *Mux) Status() Status {
+	m.commitMu.Lock()
+	st := Status{Epoch: m.epoch, Batches: m.nextBatch, Entries: m.nextG, PCR: m.cfg.PCR, PCRValue: m.pcrValue, Stats: m.stats}
+	m.commitMu.Unlock()
+	m.mu.Lock()
+	st.LiveVMs, st.Queued = len(m.vms), len(m.queue)
+	if m.fault != nil {
+		st.Fault = m.fault.Error()
+	}
+	m.mu.Unlock()
+	return st
+}

@@ -1,0 +1,292 @@
+// Package record defines the per-VM records of protocol v1 (genesis,
+// measurement, reboot, binding, teardown) and the public epoch record, with
+// their canonical encoding R: deterministic CBOR (RFC 8949 §4.2.1) with small
+// integer map keys. The canonical bytes are what the concealed commitment
+// c_s covers, so decoding refuses any input that does not re-encode to the
+// very same bytes.
+package record
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+
+	"github.com/fxamacker/cbor/v2"
+)
+
+// MaxSize bounds the canonical encoding of one record. IMA template data is
+// far smaller (the kernel caps a file signature at a few KiB); the bound keeps
+// a hostile guest or evidence file from making the decoder allocate much.
+const MaxSize = 256 << 10
+
+// Kind says what a record records.
+type Kind uint8
+
+// The record kinds of protocol v1.
+const (
+	KindGenesis     Kind = 1 // record 0: the VM instance's launch
+	KindMeasurement Kind = 2 // one guest IMA log entry
+	KindReboot      Kind = 3 // the host saw the guest reset
+	KindBinding     Kind = 4 // a guest key bound to this VM (relay-attack countermeasure)
+	KindTeardown    Kind = 5 // the last record: the VM instance ended
+	KindAction      Kind = 6 // an enforcement action the bridge took on this VM
+)
+
+// String names the kind as docs/protocol.md and the verifier's report do.
+func (k Kind) String() string {
+	switch k {
+	case KindGenesis:
+		return "genesis"
+	case KindMeasurement:
+		return "measurement"
+	case KindReboot:
+		return "reboot"
+	case KindBinding:
+		return "binding"
+	case KindTeardown:
+		return "teardown"
+	case KindAction:
+		return "action"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// Record is one entry of a VM's history. Exactly one body, the one Kind
+// names, is set.
+type Record struct {
+	Kind        Kind         `cbor:"1,keyasint" json:"kind"`
+	Time        int64        `cbor:"2,keyasint" json:"time"` // bridge clock, Unix nanoseconds
+	Genesis     *Genesis     `cbor:"3,keyasint,omitempty" json:"genesis,omitempty"`
+	Measurement *Measurement `cbor:"4,keyasint,omitempty" json:"measurement,omitempty"`
+	Reboot      *Reboot      `cbor:"5,keyasint,omitempty" json:"reboot,omitempty"`
+	Binding     *Binding     `cbor:"6,keyasint,omitempty" json:"binding,omitempty"`
+	Teardown    *Teardown    `cbor:"7,keyasint,omitempty" json:"teardown,omitempty"`
+	Action      *Action      `cbor:"8,keyasint,omitempty" json:"action,omitempty"`
+}
+
+// Genesis is record 0 of a VM instance: who it is and what it was launched
+// with (the launch measurement).
+type Genesis struct {
+	UUID      [16]byte `cbor:"1,keyasint" json:"uuid"`
+	Name      string   `cbor:"2,keyasint" json:"name"`
+	Instance  [16]byte `cbor:"3,keyasint" json:"instance"`
+	CID       uint32   `cbor:"4,keyasint,omitempty" json:"cid,omitempty"`
+	DomainXML [32]byte `cbor:"5,keyasint" json:"domain_xml_sha256"`
+	Files     []File   `cbor:"6,keyasint,omitempty" json:"files,omitempty"`
+	Host      string   `cbor:"7,keyasint,omitempty" json:"host,omitempty"`
+}
+
+// File is the digest of a file the domain XML names (kernel, initrd, loader,
+// nvram). Digest is empty, and Error says why, when the bridge could not
+// read it.
+type File struct {
+	Role   string `cbor:"1,keyasint" json:"role"`
+	Path   string `cbor:"2,keyasint" json:"path"`
+	SHA256 []byte `cbor:"3,keyasint,omitempty" json:"sha256,omitempty"`
+	Error  string `cbor:"4,keyasint,omitempty" json:"error,omitempty"`
+}
+
+// Measurement is one guest IMA log entry as the guest agent reported it.
+type Measurement struct {
+	PCR             uint32 `cbor:"1,keyasint" json:"pcr"`
+	TemplateHashAlg string `cbor:"2,keyasint" json:"template_hash_alg"`
+	TemplateHash    []byte `cbor:"3,keyasint" json:"template_hash"`
+	Template        string `cbor:"4,keyasint" json:"template"`
+	TemplateData    []byte `cbor:"5,keyasint" json:"template_data"`
+	LogIndex        uint64 `cbor:"6,keyasint" json:"log_index"`
+	BootID          string `cbor:"7,keyasint,omitempty" json:"boot_id,omitempty"`
+}
+
+// Reboot records a guest reset seen by the host or a new guest boot id.
+type Reboot struct {
+	Reason string `cbor:"1,keyasint" json:"reason"`
+	BootID string `cbor:"2,keyasint,omitempty" json:"boot_id,omitempty"`
+}
+
+// Binding binds the hash of a guest public key (TLS or attestation key) to
+// this VM, so a verifier talking to the guest can check that its peer is
+// the VM the evidence is about.
+type Binding struct {
+	Purpose string   `cbor:"1,keyasint" json:"purpose"`
+	KeyHash [32]byte `cbor:"2,keyasint" json:"key_sha256"`
+}
+
+// Teardown is the last record of a VM instance.
+type Teardown struct {
+	Reason string `cbor:"1,keyasint" json:"reason"`
+}
+
+// Action records an enforcement action the bridge took on the VM.
+type Action struct {
+	Action string `cbor:"1,keyasint" json:"action"`
+	Detail string `cbor:"2,keyasint,omitempty" json:"detail,omitempty"`
+}
+
+// Epoch is the public record that opens an epoch (global index 0 of the
+// first batch after PCR p was found at its reset value).
+type Epoch struct {
+	Host          string   `cbor:"1,keyasint" json:"host"`
+	BridgeVersion string   `cbor:"2,keyasint" json:"bridge_version"`
+	PCR           uint32   `cbor:"3,keyasint" json:"pcr"`
+	Time          int64    `cbor:"4,keyasint" json:"time"`
+	Nonce         [32]byte `cbor:"5,keyasint" json:"nonce"`
+}
+
+var (
+	encMode cbor.EncMode
+	decMode cbor.DecMode
+)
+
+func init() {
+	// These modes are immutable after construction: configuration, not state.
+	var err error
+	encMode, err = cbor.CoreDetEncOptions().EncMode()
+	if err != nil {
+		panic(err)
+	}
+	decMode, err = cbor.DecOptions{
+		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
+		IndefLength:       cbor.IndefLengthForbidden,
+		TagsMd:            cbor.TagsForbidden,
+		MaxNestedLevels:   8,
+		MaxArrayElements:  256,
+		MaxMapPairs:       32,
+		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
+	}.DecMode()
+	if err != nil {
+		panic(err)
+	}
+}
+
+// ErrNotCanonical reports an encoding that decodes but is not the canonical
+// form of what it decodes to.
+var ErrNotCanonical = errors.New("record is not canonically encoded")
+
+// Validate checks that exactly the body Kind names is set and that the
+// fields are within protocol bounds.
+func (r *Record) Validate() error {
+	bodies := 0
+	for _, set := range []bool{r.Genesis != nil, r.Measurement != nil, r.Reboot != nil, r.Binding != nil, r.Teardown != nil, r.Action != nil} {
+		if set {
+			bodies++
+		}
+	}
+	if bodies != 1 {
+		return fmt.Errorf("record of kind %s has %d bodies, want 1", r.Kind, bodies)
+	}
+	ok := false
+	switch r.Kind {
+	case KindGenesis:
+		ok = r.Genesis != nil
+	case KindMeasurement:
+		ok = r.Measurement != nil
+		if ok {
+			if err := r.Measurement.validate(); err != nil {
+				return err
+			}
+		}
+	case KindReboot:
+		ok = r.Reboot != nil
+	case KindBinding:
+		ok = r.Binding != nil
+	case KindTeardown:
+		ok = r.Teardown != nil
+	case KindAction:
+		ok = r.Action != nil
+	default:
+		return fmt.Errorf("unknown record kind %d", uint8(r.Kind))
+	}
+	if !ok {
+		return fmt.Errorf("record of kind %s carries another kind's body", r.Kind)
+	}
+	return nil
+}
+
+func (m *Measurement) validate() error {
+	if m.Template == "" || len(m.Template) > 255 {
+		return fmt.Errorf("measurement template name of %d bytes", len(m.Template))
+	}
+	switch m.TemplateHashAlg {
+	case "sha1":
+		if len(m.TemplateHash) != 20 {
+			return fmt.Errorf("sha1 template hash of %d bytes", len(m.TemplateHash))
+		}
+	case "sha256":
+		if len(m.TemplateHash) != 32 {
+			return fmt.Errorf("sha256 template hash of %d bytes", len(m.TemplateHash))
+		}
+	default:
+		return fmt.Errorf("unknown template hash algorithm %q", m.TemplateHashAlg)
+	}
+	return nil
+}
+
+// Marshal returns the canonical encoding R of r.
+func (r *Record) Marshal() ([]byte, error) {
+	if err := r.Validate(); err != nil {
+		return nil, fmt.Errorf("marshal record: %w", err)
+	}
+	b, err := encMode.Marshal(r)
+	if err != nil {
+		return nil, fmt.Errorf("marshal record: %w", err)
+	}
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("marshal record: %d bytes exceeds the %d-byte limit", len(b), MaxSize)
+	}
+	return b, nil
+}
+
+// Unmarshal decodes a canonical record encoding. It rejects oversize input,
+// unknown fields, duplicate keys, non-canonical forms and invalid records.
+func Unmarshal(b []byte) (*Record, error) {
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("record of %d bytes exceeds the %d-byte limit", len(b), MaxSize)
+	}
+	var r Record
+	if err := decMode.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("decode record: %w", err)
+	}
+	if err := r.Validate(); err != nil {
+		return nil, fmt.Errorf("decode record: %w", err)
+	}
+	again, err := encMode.Marshal(&r)
+	if err != nil {
+		return nil, fmt.Errorf("decode record: re-encode: %w", err)
+	}
+	if !bytes.Equal(again, b) {
+		return nil, ErrNotCanonical
+	}
+	return &r, nil
+}
+
+// Hash returns H(R), the record digest the commitment c_s covers.
+func Hash(encoded []byte) [32]byte { return sha256.Sum256(encoded) }
+
+// Marshal returns the canonical encoding of the epoch record.
+func (e *Epoch) Marshal() ([]byte, error) {
+	b, err := encMode.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("marshal epoch record: %w", err)
+	}
+	return b, nil
+}
+
+// UnmarshalEpoch decodes a canonical epoch record.
+func UnmarshalEpoch(b []byte) (*Epoch, error) {
+	if len(b) > 4096 {
+		return nil, fmt.Errorf("epoch record of %d bytes exceeds 4096", len(b))
+	}
+	var e Epoch
+	if err := decMode.Unmarshal(b, &e); err != nil {
+		return nil, fmt.Errorf("decode epoch record: %w", err)
+	}
+	again, err := encMode.Marshal(&e)
+	if err != nil {
+		return nil, fmt.Errorf("decode epoch record: re-encode: %w", err)
+	}
+	if !bytes.Equal(again, b) {
+		return nil, fmt.Errorf("decode epoch record: %w", ErrNotCanonical)
+	}
+	return &e, nil
+}

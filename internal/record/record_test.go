@@ -1,0 +1,122 @@
+package record
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"strings"
+	"testing"
+)
+
+// TestCanonicalBytes pins the canonical encoding of a small record, worked
+// out by hand from RFC 8949: map(3) {1: 5, 2: 1, 7: map(1) {1: "x"}}.
+func TestCanonicalBytes(t *testing.T) {
+	r := &Record{Kind: KindTeardown, Time: 1, Teardown: &Teardown{Reason: "x"}}
+	b, err := r.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "a3010502010 7a1016178"; hex.EncodeToString(b) != strings.ReplaceAll(want, " ", "") {
+		t.Fatalf("encoding = %x, want %s", b, want)
+	}
+}
+
+func sample() []*Record {
+	return []*Record{
+		{Kind: KindGenesis, Time: 42, Genesis: &Genesis{UUID: [16]byte{1}, Name: "vm-a", Instance: [16]byte{2}, CID: 3,
+			DomainXML: [32]byte{4}, Files: []File{{Role: "kernel", Path: "/boot/vmlinuz", SHA256: bytes.Repeat([]byte{5}, 32)}, {Role: "initrd", Path: "/x", Error: "permission denied"}}}},
+		{Kind: KindMeasurement, Time: 43, Measurement: &Measurement{PCR: 10, TemplateHashAlg: "sha1", TemplateHash: make([]byte, 20), Template: "ima-ng", TemplateData: []byte{1, 2, 3}, LogIndex: 7, BootID: "b"}},
+		{Kind: KindReboot, Reboot: &Reboot{Reason: "guest-reset"}},
+		{Kind: KindBinding, Binding: &Binding{Purpose: "tls", KeyHash: [32]byte{9}}},
+		{Kind: KindTeardown, Teardown: &Teardown{Reason: "destroyed"}},
+		{Kind: KindAction, Action: &Action{Action: "pause", Detail: "policy"}},
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	for _, r := range sample() {
+		b, err := r.Marshal()
+		if err != nil {
+			t.Fatalf("%s: %v", r.Kind, err)
+		}
+		back, err := Unmarshal(b)
+		if err != nil {
+			t.Fatalf("%s: %v", r.Kind, err)
+		}
+		again, _ := back.Marshal()
+		if !bytes.Equal(again, b) {
+			t.Fatalf("%s: round trip changed bytes", r.Kind)
+		}
+	}
+}
+
+func TestRejects(t *testing.T) {
+	good, _ := (&Record{Kind: KindTeardown, Time: 1, Teardown: &Teardown{Reason: "x"}}).Marshal()
+	tests := []struct {
+		name string
+		in   []byte
+		want string
+	}{
+		{"non-canonical int", []byte{0xa3, 0x01, 0x18, 0x05, 0x02, 0x01, 0x07, 0xa1, 0x01, 0x61, 0x78}, "canonical"},
+		{"unsorted keys", []byte{0xa3, 0x02, 0x01, 0x01, 0x05, 0x07, 0xa1, 0x01, 0x61, 0x78}, "canonical"},
+		{"duplicate key", []byte{0xa3, 0x01, 0x05, 0x01, 0x05, 0x07, 0xa1, 0x01, 0x61, 0x78}, "duplicate"},
+		{"unknown field", []byte{0xa4, 0x01, 0x05, 0x02, 0x01, 0x07, 0xa1, 0x01, 0x61, 0x78, 0x18, 0x63, 0x00}, "unknown field"},
+		{"wrong body", []byte{0xa3, 0x01, 0x03, 0x02, 0x01, 0x07, 0xa1, 0x01, 0x61, 0x78}, "another kind"},
+		{"two bodies", append(append([]byte{0xa4}, good[1:]...), 0x05, 0xa1, 0x01, 0x61, 0x78), "bodies"},
+		{"truncated", good[:len(good)-1], "decode"},
+		{"empty", nil, "decode"},
+		{"oversize", make([]byte, MaxSize+1), "limit"},
+		{"bad sha1 hash", mustMarshalRaw(&Record{Kind: KindMeasurement, Measurement: &Measurement{TemplateHashAlg: "sha1", TemplateHash: []byte{1}, Template: "ima-ng"}}), "sha1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Unmarshal(tt.in)
+			if err == nil || !strings.Contains(err.Error(), tt.want) && !errors.Is(err, ErrNotCanonical) {
+				t.Fatalf("Unmarshal = %v, want error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func mustMarshalRaw(r *Record) []byte {
+	b, err := encMode.Marshal(r)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func FuzzUnmarshal(f *testing.F) {
+	for _, r := range sample() {
+		b, _ := r.Marshal()
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := Unmarshal(b)
+		if err != nil {
+			return
+		}
+		again, err := r.Marshal()
+		if err != nil {
+			t.Fatalf("decoded record does not re-marshal: %v", err)
+		}
+		if !bytes.Equal(again, b) {
+			t.Fatalf("accepted a non-canonical encoding")
+		}
+	})
+}
+
+func TestEpochRoundTrip(t *testing.T) {
+	e := &Epoch{Host: "h", BridgeVersion: "v", PCR: 23, Time: 5, Nonce: [32]byte{1}}
+	b, err := e.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := UnmarshalEpoch(b)
+	if err != nil || *back != *e {
+		t.Fatalf("epoch round trip: %v %+v", err, back)
+	}
+	if _, err := UnmarshalEpoch(append(b, 0)); err == nil {
+		t.Fatal("accepted trailing byte")
+	}
+}

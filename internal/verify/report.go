@@ -1,0 +1,157 @@
+package verify
+
+import (
+	"encoding/hex"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/record"
+)
+
+// Report is the verifier's JSON report (step 6).
+type Report struct {
+	Trusted    bool           `json:"trusted"`
+	Reason     string         `json:"reason,omitempty"`
+	Kind       string         `json:"kind"`
+	Fresh      bool           `json:"fresh"`
+	VM         VMReport       `json:"vm"`
+	Quote      QuoteReport    `json:"quote"`
+	PCR        int            `json:"pcr"`
+	PCRValue   string         `json:"pcr_value,omitempty"`
+	HostPCRs   []PCRReport    `json:"quoted_pcrs,omitempty"`
+	Epoch      EpochReport    `json:"epoch"`
+	Batches    int            `json:"batches"`
+	LogEntries int            `json:"log_entries"`
+	Records    int            `json:"records"`
+	Genesis    *GenesisReport `json:"genesis,omitempty"`
+	Counts     Counts         `json:"counts"`
+	Bindings   []string       `json:"bindings,omitempty"`
+	Reboots    []RecordRef    `json:"reboots,omitempty"`
+	Actions    []RecordRef    `json:"actions,omitempty"`
+	Ended      bool           `json:"ended"`
+	Teardown   *RecordRef     `json:"teardown,omitempty"`
+	Violations []Violation    `json:"violations,omitempty"`
+}
+
+// VMReport names the VM instance verified.
+type VMReport struct {
+	UUID     string `json:"uuid"`
+	Instance string `json:"instance"`
+	ID       string `json:"id"`
+	Name     string `json:"name,omitempty"`
+}
+
+// QuoteReport holds the quote's clockInfo and firmware version, as
+// reported by the TPM and authenticated by the quote signature.
+type QuoteReport struct {
+	Clock           uint64 `json:"clock"`
+	ResetCount      uint32 `json:"reset_count"`
+	RestartCount    uint32 `json:"restart_count"`
+	Safe            bool   `json:"safe"`
+	FirmwareVersion uint64 `json:"firmware_version"`
+}
+
+// PCRReport is one quoted PCR value.
+type PCRReport struct {
+	Index  int    `json:"index"`
+	SHA256 string `json:"sha256"`
+}
+
+// EpochReport describes the epoch the log belongs to (from its
+// authenticated epoch record).
+type EpochReport struct {
+	Number        uint64 `json:"number"`
+	Host          string `json:"host"`
+	BridgeVersion string `json:"bridge_version"`
+	Time          int64  `json:"time"`
+	Nonce         string `json:"nonce"`
+}
+
+// GenesisReport is the launch measurement of the VM instance.
+type GenesisReport struct {
+	Name      string        `json:"name"`
+	CID       uint32        `json:"cid,omitempty"`
+	DomainXML string        `json:"domain_xml_sha256"`
+	Files     []record.File `json:"files,omitempty"`
+	Time      int64         `json:"time"`
+}
+
+// Counts tallies the VM's records by kind.
+type Counts struct {
+	Measurements int `json:"measurements"`
+	Reboots      int `json:"reboots"`
+	Bindings     int `json:"bindings"`
+	Actions      int `json:"actions"`
+}
+
+// RecordRef points at one record with a short description.
+type RecordRef struct {
+	Seq    uint64 `json:"seq"`
+	G      uint64 `json:"g"`
+	Time   int64  `json:"time"`
+	Detail string `json:"detail"`
+}
+
+// Violation is one measurement the policy does not allow.
+type Violation struct {
+	Seq    uint64 `json:"seq"`
+	Path   string `json:"path"`
+	Digest string `json:"digest"`
+	Reason string `json:"reason"`
+}
+
+// add folds one verified record into the report and applies the per-kind
+// rules of step 4 and the appraisal of step 5.
+func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity, opts Options) error {
+	switch rec.Kind {
+	case record.KindGenesis:
+		if s != 0 {
+			return reject(4, "record %d is a second genesis record", s)
+		}
+		gen := rec.Genesis
+		if gen.UUID != ident.UUID {
+			return reject(4, "genesis record is for uuid %s, expected %s", conceal.FormatUUID(gen.UUID), conceal.FormatUUID(ident.UUID))
+		}
+		if gen.Instance != ident.Instance {
+			return reject(4, "genesis record is for instance %x, expected %x", gen.Instance, ident.Instance)
+		}
+		rep.VM.Name = gen.Name
+		rep.Genesis = &GenesisReport{Name: gen.Name, CID: gen.CID, DomainXML: hex.EncodeToString(gen.DomainXML[:]), Files: gen.Files, Time: rec.Time}
+		return nil
+	}
+	if s == 0 {
+		return reject(4, "record 0 is a %s record, not genesis", rec.Kind)
+	}
+	ref := RecordRef{Seq: s, G: g, Time: rec.Time}
+	switch rec.Kind {
+	case record.KindMeasurement:
+		rep.Counts.Measurements++
+		m := rec.Measurement
+		if m.Template != "ima" {
+			if err := checkTemplateHash(m); err != nil {
+				return reject(4, "record %d: %v", s, err)
+			}
+		}
+		if opts.Appraise != nil {
+			for _, v := range opts.Appraise(m) {
+				v.Seq = s
+				rep.Violations = append(rep.Violations, v)
+			}
+		}
+	case record.KindReboot:
+		rep.Counts.Reboots++
+		ref.Detail = rec.Reboot.Reason
+		rep.Reboots = append(rep.Reboots, ref)
+	case record.KindBinding:
+		rep.Counts.Bindings++
+		rep.Bindings = append(rep.Bindings, hex.EncodeToString(rec.Binding.KeyHash[:]))
+	case record.KindAction:
+		rep.Counts.Actions++
+		ref.Detail = rec.Action.Action
+		rep.Actions = append(rep.Actions, ref)
+	case record.KindTeardown:
+		ref.Detail = rec.Teardown.Reason
+		rep.Teardown = &ref
+		rep.Ended = true
+	}
+	return nil
+}
