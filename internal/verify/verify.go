@@ -263,26 +263,35 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 
 	// Step 4: every record matches its commitment, in order, genesis first,
 	// nothing after teardown.
-	if uint64(len(ev.Records)) < n {
-		s := uint64(len(ev.Records))
-		return reject(4, "record %d missing: its tag is at global index %d", s, tags[s])
-	}
-	if uint64(len(ev.Records)) > n {
-		return reject(4, "record %d has no tag in the log: the evidence holds %d records, the log %d", n, len(ev.Records), n)
+	bySeq := make(map[uint64]uint64, n) // global index -> s
+	for s, g := range tags {
+		bySeq[g] = uint64(s)
 	}
 	var prevG uint64
 	var last []byte
-	for s, r := range ev.Records {
+	for s := uint64(0); s < n; s++ {
 		g := tags[s]
+		if s >= uint64(len(ev.Records)) {
+			return reject(4, "record %d missing: its tag is at global index %d", s, g)
+		}
+		r := ev.Records[s]
 		if r.G != g {
-			return reject(4, "record %d claims global index %d but its tag is at global index %d", s, r.G, g)
+			other, isOurs := bySeq[r.G]
+			switch {
+			case !isOurs:
+				return reject(4, "record %d claims global index %d, which holds none of this VM's tags (its tag is at global index %d)", s, r.G, g)
+			case other > s && !recordAt(ev.Records[s+1:], g):
+				return reject(4, "record %d missing: its tag is at global index %d", s, g)
+			default:
+				return reject(4, "records out of order: position %d holds record %d (global index %d), expected record %d (global index %d)", s, other, r.G, s, g)
+			}
 		}
 		if s > 0 && g <= prevG {
 			return reject(4, "record %d at global index %d does not follow record %d at %d", s, g, s-1, prevG)
 		}
 		prevG = g
 		_, c := entry(g)
-		if want := keys.Commit(id, uint64(s), record.Hash(r.R)); want != c {
+		if want := keys.Commit(id, s, record.Hash(r.R)); want != c {
 			return reject(4, "record %d does not match its commitment at global index %d: its content was altered or it belongs to another VM", s, g)
 		}
 		rec, err := record.Unmarshal(r.R)
@@ -292,10 +301,13 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		if rep.Ended {
 			return reject(4, "record %d follows the teardown record %d", s, s-1)
 		}
-		if err := rep.add(uint64(s), g, rec, ident, opts); err != nil {
+		if err := rep.add(s, g, rec, ident, opts); err != nil {
 			return err
 		}
 		last = r.R
+	}
+	if uint64(len(ev.Records)) > n {
+		return reject(4, "record %d has no tag in the log: the evidence holds %d records, the log %d", n, len(ev.Records), n)
 	}
 	if finalCheck != nil {
 		if !rep.Ended {
@@ -307,6 +319,15 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		}
 	}
 	return nil
+}
+
+func recordAt(recs []evidence.Record, g uint64) bool {
+	for _, r := range recs {
+		if r.G == g {
+			return true
+		}
+	}
+	return false
 }
 
 // checkTemplateHash checks a measurement's template hash against its
