@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tpmmux needs, only those missing, so it is
+# quick on a machine that has them.
+#   scripts/setup.sh demo   what the demo needs (cgo build of the TPM simulator)
+#   scripts/setup.sh test   what the tests need (adds swtpm and tpm2-tools)
+set -euo pipefail
+want=(gcc libssl-dev)
+case "${1:-test}" in
+  demo) ;;
+  test) want+=(swtpm swtpm-tools tpm2-tools) ;;
+  *) echo "usage: $0 demo|test" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "setup: Go 1.26 is required (https://go.dev/dl)" >&2; exit 1; }
