@@ -18,8 +18,8 @@ import (
 // MaxSize bounds the canonical encoding of one record. IMA template data is
 // normally small, but an ima-sig entry can carry a 64 KiB signature and a
 // KEY_CHECK ima-buf entry up to about 1 MiB (ima.MaxTemplateDataLen is 2 MiB);
-// the bound keeps
-// a hostile guest or evidence file from making the decoder allocate much.
+// the bound keeps a hostile guest or evidence file from making the decoder
+// allocate much.
 const MaxSize = 4 << 20
 
 // Kind says what a record records.
