@@ -41,10 +41,10 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 		}
 		items[i] = it
 	}
-	return m.enqueue(id, items, false)
+	return m.enqueue(id, items)
 }
 
-func (m *Mux) enqueue(id conceal.Digest, items []*item, allowNew bool) (*Ticket, error) {
+func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
 	t := &Ticket{done: make(chan struct{})}
 	m.mu.Lock()
 	defer m.mu.Unlock()

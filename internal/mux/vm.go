@@ -55,7 +55,7 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	}
 	m.vms[id] = vs
 	m.mu.Unlock()
-	t, err := m.enqueue(id, []*item{{r: raw, kind: record.KindGenesis}}, true)
+	t, err := m.enqueue(id, []*item{{r: raw, kind: record.KindGenesis}})
 	if err == nil {
 		_, err = t.Wait(ctx)
 	}
