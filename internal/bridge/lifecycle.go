@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/mux"
@@ -26,6 +27,9 @@ const maxLaunchFile = 4 << 30
 type Bridge struct {
 	Mux *mux.Mux
 	Log *slog.Logger
+
+	sessMu sync.Mutex
+	sess   sessions
 }
 
 // Prepare handles libvirt's "prepare begin": it parses the domain XML,

@@ -435,3 +435,23 @@ func recordKey(id [32]byte, seq uint64) []byte {
 	binary.BigEndian.PutUint64(b[32:], seq)
 	return b[:]
 }
+
+// LastRecords calls fn for VM id's records from the newest back, until fn
+// returns false.
+func (sn *Snapshot) LastRecords(id [32]byte, fn func(*Record) bool) error {
+	c := sn.tx.Bucket(bucketRecords).Cursor()
+	k, v := c.Seek(recordKey(id, ^uint64(0)))
+	if k == nil || !bytes.HasPrefix(k, id[:]) {
+		k, v = c.Prev()
+	}
+	for ; k != nil && bytes.HasPrefix(k, id[:]); k, v = c.Prev() {
+		var r Record
+		if err := cbor.Unmarshal(v, &r); err != nil {
+			return fmt.Errorf("decode record %x: %w", k, err)
+		}
+		if !fn(&r) {
+			return nil
+		}
+	}
+	return nil
+}

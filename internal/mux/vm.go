@@ -2,6 +2,7 @@ package mux
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"errors"
 	"fmt"
 	"sort"
@@ -246,3 +247,6 @@ func (m *Mux) Status() Status {
 	m.mu.Unlock()
 	return st
 }
+
+// AK returns the public key of the TPM's attestation key.
+func (m *Mux) AK() *ecdsa.PublicKey { return m.tpm.AK() }

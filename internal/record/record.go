@@ -8,6 +8,7 @@ package record
 
 import (
 	"bytes"
+	"crypto/sha1"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -291,4 +292,28 @@ func UnmarshalEpoch(b []byte) (*Epoch, error) {
 		return nil, fmt.Errorf("decode epoch record: %w", ErrNotCanonical)
 	}
 	return &e, nil
+}
+
+// CheckTemplateHash checks the template hash against the template data, as
+// the guest kernel computed it (the legacy "ima" template hashes a padded
+// form and is not checked here). A violation entry's all-zero hash passes.
+func (m *Measurement) CheckTemplateHash() error {
+	if m.Template == "ima" {
+		return nil
+	}
+	var sum []byte
+	switch m.TemplateHashAlg {
+	case "sha1":
+		h := sha1.Sum(m.TemplateData)
+		sum = h[:]
+	case "sha256":
+		h := sha256.Sum256(m.TemplateData)
+		sum = h[:]
+	default:
+		return fmt.Errorf("unknown template hash algorithm %q", m.TemplateHashAlg)
+	}
+	if bytes.Equal(sum, m.TemplateHash) || bytes.Equal(m.TemplateHash, make([]byte, len(m.TemplateHash))) {
+		return nil
+	}
+	return fmt.Errorf("template hash %x does not match its template data", m.TemplateHash)
 }

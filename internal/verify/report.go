@@ -126,10 +126,8 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 	case record.KindMeasurement:
 		rep.Counts.Measurements++
 		m := rec.Measurement
-		if m.Template != "ima" {
-			if err := checkTemplateHash(m); err != nil {
-				return reject(4, "record %d: %v", s, err)
-			}
+		if err := m.CheckTemplateHash(); err != nil {
+			return reject(4, "record %d: %v", s, err)
 		}
 		if opts.Appraise != nil {
 			for _, v := range opts.Appraise(m) {

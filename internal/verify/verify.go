@@ -8,8 +8,6 @@ package verify
 import (
 	"bytes"
 	"crypto/ecdsa"
-	"crypto/sha1"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -328,28 +326,4 @@ func recordAt(recs []evidence.Record, g uint64) bool {
 		}
 	}
 	return false
-}
-
-// checkTemplateHash checks a measurement's template hash against its
-// template data, for the algorithms the guest kernel uses.
-func checkTemplateHash(m *record.Measurement) error {
-	var sum []byte
-	switch m.TemplateHashAlg {
-	case "sha1":
-		h := sha1.Sum(m.TemplateData)
-		sum = h[:]
-	case "sha256":
-		h := sha256.Sum256(m.TemplateData)
-		sum = h[:]
-	default:
-		return fmt.Errorf("unknown template hash algorithm %q", m.TemplateHashAlg)
-	}
-	if bytes.Equal(sum, m.TemplateHash) {
-		return nil
-	}
-	// A violation entry carries an all-zero template hash.
-	if bytes.Equal(m.TemplateHash, make([]byte, len(m.TemplateHash))) {
-		return nil
-	}
-	return fmt.Errorf("template hash %x does not match its template data", m.TemplateHash)
 }

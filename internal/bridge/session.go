@@ -1,0 +1,368 @@
+package bridge
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/wire"
+)
+
+// Session limits, the bridge's side of DESIGN.md §6: a guest that floods
+// is slowed by the window (its frames wait in its own socket), one that
+// sends garbage or breaks the protocol is dropped, one that stalls is cut
+// off by the timeouts; none of it touches other VMs' sessions.
+const (
+	// Window is how many measurement frames of one VM may be submitted and
+	// not yet acknowledged.
+	Window = 4
+	// HelloTimeout bounds the wait for a new connection's Hello.
+	HelloTimeout = 10 * time.Second
+	// WriteTimeout bounds one write to a guest that does not read.
+	WriteTimeout = 10 * time.Second
+)
+
+// GuestConn is one guest connection as a transport hands it over.
+type GuestConn interface {
+	io.ReadWriteCloser
+}
+
+type deadliner interface {
+	SetReadDeadline(time.Time) error
+	SetWriteDeadline(time.Time) error
+}
+
+// sessions keeps one live session per VM: a new connection replaces the
+// old one (an agent that reconnected), after the old one has drained.
+type sessions struct {
+	live map[conceal.Digest]*session
+}
+
+type session struct {
+	conn GuestConn
+	done chan struct{}
+}
+
+// Serve runs the guest protocol on conn for the VM instance id, which the
+// transport established (per-VM listener, vsock peer CID): nothing the
+// guest says can change which VM it is. resync is true for byte streams
+// without message boundaries (virtio-serial). Serve returns when the
+// connection ends; the error says why.
+func (b *Bridge) Serve(ctx context.Context, id conceal.Digest, conn GuestConn, resync bool) error {
+	s := &session{conn: conn, done: make(chan struct{})}
+	defer close(s.done)
+	b.sessMu.Lock()
+	if b.sess.live == nil {
+		b.sess.live = make(map[conceal.Digest]*session)
+	}
+	old := b.sess.live[id]
+	b.sess.live[id] = s
+	b.sessMu.Unlock()
+	if old != nil {
+		old.conn.Close()
+		<-old.done
+	}
+	defer func() {
+		b.sessMu.Lock()
+		if b.sess.live[id] == s {
+			delete(b.sess.live, id)
+		}
+		b.sessMu.Unlock()
+	}()
+	defer conn.Close()
+	err := b.serve(ctx, id, conn, resync)
+	if err != nil && !errors.Is(err, io.EOF) {
+		b.logger().Warn("guest session ended", "vm", fmt.Sprintf("%x", id[:6]), "err", err)
+	}
+	return err
+}
+
+type sender struct {
+	mu   sync.Mutex
+	conn *wire.Conn
+	dl   deadliner
+}
+
+func (s *sender) send(t wire.Type, m any) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dl != nil {
+		s.dl.SetWriteDeadline(time.Now().Add(WriteTimeout))
+	}
+	return s.conn.Send(t, m)
+}
+
+type pendingAck struct {
+	seq    uint64
+	next   uint64
+	ticket *mux.Ticket
+}
+
+func (b *Bridge) serve(ctx context.Context, id conceal.Digest, conn GuestConn, resync bool) error {
+	wc := wire.NewConn(conn, resync)
+	dl, _ := conn.(deadliner)
+	out := &sender{conn: wc, dl: dl}
+	if dl != nil {
+		dl.SetReadDeadline(time.Now().Add(HelloTimeout))
+	}
+	var hello wire.Hello
+	for {
+		f, err := wc.Recv()
+		if err != nil {
+			return fmt.Errorf("read hello: %w", err)
+		}
+		if f.Type == wire.TypeHello {
+			if err := wire.Decode(f, &hello); err != nil {
+				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
+				return err
+			}
+			break
+		}
+		if !resync {
+			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: "expected hello", Fatal: true})
+			return fmt.Errorf("first frame is %s, not hello", f.Type)
+		}
+		// On virtio-serial, frames of an earlier session may still be in
+		// the stream: skip to the hello.
+	}
+	if dl != nil {
+		dl.SetReadDeadline(time.Time{})
+	}
+	if hello.Proto != wire.Version {
+		out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: fmt.Sprintf("protocol %d not supported (bridge speaks %d)", hello.Proto, wire.Version), Fatal: true})
+		return fmt.Errorf("agent speaks protocol %d", hello.Proto)
+	}
+	if len(hello.BootID) > 64 {
+		out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: "boot id too long", Fatal: true})
+		return errors.New("boot id too long")
+	}
+	next, name, err := b.resume(ctx, id, hello.BootID)
+	if err != nil {
+		code := wire.CodeUnavailable
+		if errors.Is(err, mux.ErrEnded) {
+			code = wire.CodeEnded
+		}
+		out.send(wire.TypeError, &wire.Error{Code: code, Message: err.Error(), Fatal: true})
+		return err
+	}
+	if err := out.send(wire.TypeWelcome, &wire.Welcome{VM: name, Resume: next, MaxEntries: wire.MaxEntries, MaxPayload: wire.MaxPayload, Window: Window}); err != nil {
+		return err
+	}
+	b.logger().Info("guest session", "vm", name, "boot_id", hello.BootID, "resume", next)
+
+	acks := make(chan pendingAck, Window)
+	ackErr := make(chan error, 1)
+	go func() {
+		var err error
+		for p := range acks {
+			if err != nil {
+				continue // drain
+			}
+			if p.ticket != nil {
+				if _, werr := p.ticket.Wait(ctx); werr != nil {
+					code := wire.CodeUnavailable
+					if errors.Is(werr, mux.ErrEnded) {
+						code = wire.CodeEnded
+					}
+					out.send(wire.TypeError, &wire.Error{Code: code, Message: werr.Error(), Fatal: true, Seq: p.seq})
+					err = werr
+					conn.Close()
+					continue
+				}
+			}
+			if serr := out.send(wire.TypeAck, &wire.Ack{Seq: p.seq, Next: p.next}); serr != nil {
+				err = serr
+				conn.Close()
+			}
+		}
+		ackErr <- err
+	}()
+	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID)
+	close(acks)
+	aerr := <-ackErr
+	if err == nil {
+		err = aerr
+	}
+	return err
+}
+
+func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string) error {
+	fatal := func(code, format string, a ...any) error {
+		msg := fmt.Sprintf(format, a...)
+		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
+		return fmt.Errorf("guest %s: %s", code, msg)
+	}
+	for {
+		f, err := wc.Recv()
+		if err != nil {
+			return err
+		}
+		switch f.Type {
+		case wire.TypeMeasurements:
+			var m wire.Measurements
+			if err := wire.Decode(f, &m); err != nil {
+				return fatal(wire.CodeProtocol, "%v", err)
+			}
+			if m.First > next {
+				return fatal(wire.CodeGap, "entries start at log index %d, the bridge needs %d first", m.First, next)
+			}
+			skip := next - m.First
+			if skip >= uint64(len(m.Entries)) {
+				acks <- pendingAck{seq: m.Seq, next: next} // all already durable
+				continue
+			}
+			recs := make([]*record.Record, 0, len(m.Entries)-int(skip))
+			now := b.now().UnixNano()
+			for i, e := range m.Entries[skip:] {
+				idx := next + uint64(i)
+				r, err := measurementRecord(e, idx, bootID, now)
+				if err != nil {
+					return fatal(wire.CodeBadEntry, "entry %d: %v", idx, err)
+				}
+				recs = append(recs, r)
+			}
+			t, err := b.Mux.Submit(id, recs...)
+			if err != nil {
+				code := wire.CodeUnavailable
+				if errors.Is(err, mux.ErrEnded) || errors.Is(err, mux.ErrUnknownVM) {
+					code = wire.CodeEnded
+				}
+				return fatal(code, "%v", err)
+			}
+			next += uint64(len(recs))
+			select {
+			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		case wire.TypeBind:
+			var m wire.Bind
+			if err := wire.Decode(f, &m); err != nil {
+				return fatal(wire.CodeProtocol, "%v", err)
+			}
+			if m.Purpose == "" || len(m.Purpose) > 64 {
+				return fatal(wire.CodeProtocol, "bind purpose of %d bytes", len(m.Purpose))
+			}
+			t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindBinding, Time: b.now().UnixNano(), Binding: &record.Binding{Purpose: m.Purpose, KeyHash: m.KeyHash}})
+			if err != nil {
+				return fatal(wire.CodeUnavailable, "%v", err)
+			}
+			acks <- pendingAck{seq: m.Seq, next: next, ticket: t}
+		case wire.TypeEvidenceRequest:
+			var m wire.EvidenceRequest
+			if err := wire.Decode(f, &m); err != nil {
+				return fatal(wire.CodeProtocol, "%v", err)
+			}
+			resp, err := b.evidenceFor(ctx, id, m)
+			if err != nil {
+				if serr := out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID}); serr != nil {
+					return serr
+				}
+				continue
+			}
+			if err := out.send(wire.TypeEvidenceResponse, resp); err != nil {
+				return err
+			}
+		case wire.TypePing:
+			var m wire.Ping
+			if err := wire.Decode(f, &m); err != nil {
+				return fatal(wire.CodeProtocol, "%v", err)
+			}
+			if err := out.send(wire.TypePong, &wire.Pong{Seq: m.Seq}); err != nil {
+				return err
+			}
+		default:
+			return fatal(wire.CodeProtocol, "unexpected %s frame", f.Type)
+		}
+	}
+}
+
+// resume decides where the guest's stream continues. A boot id other than
+// the one of the newest durable measurement starts a new guest boot: the
+// bridge records a reboot record and resumes at index 0.
+func (b *Bridge) resume(ctx context.Context, id conceal.Digest, bootID string) (uint64, string, error) {
+	gs, err := b.Mux.Guest(id)
+	if err != nil {
+		return 0, "", err
+	}
+	if gs.Ended {
+		return 0, "", fmt.Errorf("vm instance %x: %w", id[:6], mux.ErrEnded)
+	}
+	name := b.nameOf(id)
+	if gs.BootID == "" || gs.BootID == bootID {
+		return gs.Next, name, nil
+	}
+	r := &record.Record{Kind: record.KindReboot, Time: b.now().UnixNano(), Reboot: &record.Reboot{Reason: "new-boot-id", BootID: bootID}}
+	if _, err := b.Mux.Append(ctx, id, r); err != nil {
+		return 0, "", fmt.Errorf("record new guest boot: %w", err)
+	}
+	return 0, name, nil
+}
+
+func (b *Bridge) nameOf(id conceal.Digest) string {
+	vms, err := b.Mux.VMs()
+	if err != nil {
+		return ""
+	}
+	for _, v := range vms {
+		if v.ID == id {
+			return v.Name
+		}
+	}
+	return ""
+}
+
+// measurementRecord validates one guest entry and makes its record.
+func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*record.Record, error) {
+	if e.Template == "" || len(e.Template) > ima.MaxTemplateNameLen {
+		return nil, fmt.Errorf("template name of %d bytes", len(e.Template))
+	}
+	if len(e.Data) > ima.MaxTemplateDataLen {
+		return nil, fmt.Errorf("template data of %d bytes exceeds %d", len(e.Data), ima.MaxTemplateDataLen)
+	}
+	m := &record.Measurement{PCR: e.PCR, TemplateHashAlg: e.HashAlg, TemplateHash: e.TemplateHash, Template: e.Template,
+		TemplateData: e.Data, LogIndex: idx, BootID: bootID}
+	r := &record.Record{Kind: record.KindMeasurement, Time: now, Measurement: m}
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	if err := m.CheckTemplateHash(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// evidenceFor serves a guest's own evidence request.
+func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest) (*wire.EvidenceResponse, error) {
+	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
+		return nil, fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
+	}
+	ev, err := b.Mux.Evidence(ctx, id, m.Nonce)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := ev.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	ident, err := b.Mux.Identity(id)
+	if err != nil {
+		return nil, err
+	}
+	resp := &wire.EvidenceResponse{ID: m.ID, Evidence: raw, UUID: ident.UUID, Instance: ident.Instance, Key: ident.Key}
+	if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
+		resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+	}
+	return resp, nil
+}
+
+func (b *Bridge) now() time.Time { return time.Now() }

@@ -1,0 +1,248 @@
+package bridge
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/verify"
+	"github.com/tpmmux/tpmmux/internal/wire"
+)
+
+func newBridge(t *testing.T) *Bridge {
+	t.Helper()
+	ctx := context.Background()
+	tp, err := tpm.Open(ctx, "sim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), &logstore.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := mux.Open(ctx, tp, st, mux.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); st.Close(); tp.Close() })
+	return &Bridge{Mux: m}
+}
+
+func realEntries(t *testing.T) []ima.Entry {
+	t.Helper()
+	b, err := os.ReadFile("../ima/testdata/guest-imasig-sha256.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	es, err := ima.ParseList(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return es
+}
+
+func wireEntries(es []ima.Entry) []wire.Entry {
+	out := make([]wire.Entry, len(es))
+	for i, e := range es {
+		out[i] = wire.Entry{PCR: e.PCR, HashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName, Data: e.TemplateData}
+	}
+	return out
+}
+
+// agentConn is a minimal test agent speaking the wire protocol.
+type agentConn struct {
+	t    *testing.T
+	c    *wire.Conn
+	conn net.Conn
+}
+
+func dial(t *testing.T, b *Bridge, id conceal.Digest) (*agentConn, chan error) {
+	t.Helper()
+	a, g := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(context.Background(), id, g, false) }()
+	return &agentConn{t: t, c: wire.NewConn(a, false), conn: a}, done
+}
+
+func (a *agentConn) hello(boot string) wire.Welcome {
+	a.t.Helper()
+	if err := a.c.Send(wire.TypeHello, &wire.Hello{Proto: wire.Version, BootID: boot}); err != nil {
+		a.t.Fatal(err)
+	}
+	var w wire.Welcome
+	a.recv(&w)
+	return w
+}
+
+func (a *agentConn) recv(m any) {
+	a.t.Helper()
+	f, err := a.c.Recv()
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	if f.Type == wire.TypeError {
+		var e wire.Error
+		wire.Decode(f, &e)
+		a.t.Fatalf("bridge error: %v", &e)
+	}
+	if err := wire.Decode(f, m); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+func (a *agentConn) send(first uint64, seq uint64, es []wire.Entry) {
+	a.t.Helper()
+	if err := a.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: seq, First: first, Entries: es}); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+func TestSessionStreamResumeAttest(t *testing.T) {
+	b := newBridge(t)
+	ctx := context.Background()
+	ident, err := b.Mux.NewVM(ctx, mux.Launch{UUID: [16]byte{1}, Name: "vm-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := ident.ID()
+	es := wireEntries(realEntries(t))
+
+	a, done := dial(t, b, id)
+	if w := a.hello("boot-1"); w.Resume != 0 || w.VM != "vm-a" {
+		t.Fatalf("welcome %+v", w)
+	}
+	// Window-many frames in flight, then their acks in order.
+	for i := 0; i < 4; i++ {
+		a.send(uint64(i*50), uint64(i), es[i*50:(i+1)*50])
+	}
+	for i := 0; i < 4; i++ {
+		var ack wire.Ack
+		a.recv(&ack)
+		if ack.Seq != uint64(i) || ack.Next != uint64((i+1)*50) {
+			t.Fatalf("ack %+v", ack)
+		}
+	}
+	a.conn.Close()
+	<-done
+
+	// Reconnect with the same boot: resume at 200; resend an overlap.
+	a, done = dial(t, b, id)
+	if w := a.hello("boot-1"); w.Resume != 200 {
+		t.Fatalf("resume %d, want 200", w.Resume)
+	}
+	a.send(150, 10, es[150:len(es)])
+	var ack wire.Ack
+	a.recv(&ack)
+	if ack.Next != uint64(len(es)) {
+		t.Fatalf("ack next %d, want %d", ack.Next, len(es))
+	}
+	// Evidence from inside the guest, verified with what came with it.
+	if err := a.c.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 7, Nonce: []byte("guest-nonce")}); err != nil {
+		t.Fatal(err)
+	}
+	var resp wire.EvidenceResponse
+	a.recv(&resp)
+	ev, err := evidence.Decode(resp.Evidence)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(resp.AKPEM)
+	akAny, err := x509.ParsePKIXPublicKey(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := &conceal.Identity{UUID: resp.UUID, Instance: resp.Instance, Key: resp.Key}
+	if *got != *ident {
+		t.Fatal("the guest was handed another identity")
+	}
+	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("guest-nonce"), Identity: ident, AK: b.Mux.AK(), PCR: 23})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Counts.Measurements != len(es) {
+		t.Fatalf("%d measurements verified, want %d (none lost or doubled)", rep.Counts.Measurements, len(es))
+	}
+	_ = akAny
+	a.conn.Close()
+	<-done
+
+	// A new boot id: a reboot record and a restart at 0.
+	a, done = dial(t, b, id)
+	if w := a.hello("boot-2"); w.Resume != 0 {
+		t.Fatalf("new boot resume %d", w.Resume)
+	}
+	a.conn.Close()
+	<-done
+	gs, _ := b.Mux.Guest(id)
+	if gs.BootID != "boot-2" || gs.Next != 0 {
+		t.Fatalf("guest state %+v", gs)
+	}
+}
+
+func TestSessionRefusesBadGuests(t *testing.T) {
+	b := newBridge(t)
+	ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{2}, Name: "vm-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := wireEntries(realEntries(t)[:5])
+	bad := append([]wire.Entry(nil), es...)
+	bad[2].Data = append([]byte(nil), bad[2].Data...)
+	bad[2].Data[0] ^= 1
+	tests := []struct {
+		name string
+		act  func(a *agentConn)
+		code string
+	}{
+		{"gap", func(a *agentConn) { a.send(3, 1, es) }, wire.CodeGap},
+		{"template hash mismatch", func(a *agentConn) { a.send(0, 1, bad) }, wire.CodeBadEntry},
+		{"unexpected frame", func(a *agentConn) { a.c.Send(wire.TypeWelcome, &wire.Welcome{}) }, wire.CodeProtocol},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, done := dial(t, b, ident.ID())
+			a.hello("boot")
+			tt.act(a)
+			f, err := a.c.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e wire.Error
+			if f.Type != wire.TypeError || wire.Decode(f, &e) != nil || e.Code != tt.code || !e.Fatal {
+				t.Fatalf("got %s %+v, want fatal %s", f.Type, e, tt.code)
+			}
+			select {
+			case err := <-done:
+				if err == nil {
+					t.Fatal("session ended without error")
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("session not closed")
+			}
+			a.conn.Close()
+		})
+	}
+	// Garbage instead of a hello on a reliable stream: dropped.
+	a, done := dial(t, b, ident.ID())
+	go a.conn.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+	select {
+	case err := <-done:
+		if !errors.Is(err, wire.ErrBadMagic) {
+			t.Fatalf("err = %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("garbage not refused")
+	}
+}
