@@ -55,9 +55,49 @@ type session struct {
 // Serve runs the guest protocol on conn for the VM instance id, which the
 // transport established (per-VM listener, vsock peer CID): nothing the
 // guest says can change which VM it is. resync is true for byte streams
-// without message boundaries (virtio-serial). Serve returns when the
+// without message boundaries (virtio-serial). A connection that opens with
+// Hello is the VM's stream session and replaces any earlier one; one that
+// opens with an evidence request is served beside it. Serve returns when the
 // connection ends; the error says why.
 func (b *Bridge) Serve(ctx context.Context, id conceal.Digest, conn GuestConn, resync bool) error {
+	defer conn.Close()
+	wc := wire.NewConn(conn, resync)
+	dl, _ := conn.(deadliner)
+	out := &sender{conn: wc, dl: dl}
+	err := b.serveConn(ctx, id, conn, wc, out, resync)
+	if err != nil && !errors.Is(err, io.EOF) {
+		b.logger().Warn("guest connection ended", "vm", b.nameOf(id), "err", err)
+	}
+	return err
+}
+
+func (b *Bridge) serveConn(ctx context.Context, id conceal.Digest, conn GuestConn, wc *wire.Conn, out *sender, resync bool) error {
+	if out.dl != nil {
+		out.dl.SetReadDeadline(time.Now().Add(HelloTimeout))
+	}
+	var first wire.Frame
+	for {
+		f, err := wc.Recv()
+		if err != nil {
+			return fmt.Errorf("read hello: %w", err)
+		}
+		if f.Type == wire.TypeHello || f.Type == wire.TypeEvidenceRequest {
+			first = f
+			break
+		}
+		if !resync {
+			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: "expected hello", Fatal: true})
+			return fmt.Errorf("first frame is %s, not hello", f.Type)
+		}
+		// On virtio-serial, frames of an earlier session may still be in
+		// the stream: skip to the hello.
+	}
+	if out.dl != nil {
+		out.dl.SetReadDeadline(time.Time{})
+	}
+	if first.Type == wire.TypeEvidenceRequest {
+		return b.attestOnly(ctx, id, wc, out, first)
+	}
 	s := &session{conn: conn, done: make(chan struct{})}
 	defer close(s.done)
 	b.sessMu.Lock()
@@ -68,6 +108,8 @@ func (b *Bridge) Serve(ctx context.Context, id conceal.Digest, conn GuestConn, r
 	b.sess.live[id] = s
 	b.sessMu.Unlock()
 	if old != nil {
+		// The agent reconnected: end the old session and let its
+		// submitted records settle before computing where to resume.
 		old.conn.Close()
 		<-old.done
 	}
@@ -78,12 +120,65 @@ func (b *Bridge) Serve(ctx context.Context, id conceal.Digest, conn GuestConn, r
 		}
 		b.sessMu.Unlock()
 	}()
-	defer conn.Close()
-	err := b.serve(ctx, id, conn, resync)
-	if err != nil && !errors.Is(err, io.EOF) {
-		b.logger().Warn("guest session ended", "vm", fmt.Sprintf("%x", id[:6]), "err", err)
+	for {
+		var hello wire.Hello
+		if err := wire.Decode(first, &hello); err != nil {
+			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
+			return err
+		}
+		err := b.session(ctx, id, conn, wc, out, hello, resync)
+		var rh *rehello
+		if errors.As(err, &rh) {
+			// The agent restarted on the same virtio-serial stream.
+			first = rh.frame
+			continue
+		}
+		return err
 	}
-	return err
+}
+
+// rehello ends a session because a new Hello arrived on the same stream.
+type rehello struct{ frame wire.Frame }
+
+func (*rehello) Error() string { return "agent sent a new hello" }
+
+// attestOnly serves a connection that only asks for evidence (the
+// tpmmux-agent attest command beside a running agent).
+func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, f wire.Frame) error {
+	for {
+		switch f.Type {
+		case wire.TypeEvidenceRequest:
+			var m wire.EvidenceRequest
+			if err := wire.Decode(f, &m); err != nil {
+				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
+				return err
+			}
+			resp, err := b.evidenceFor(ctx, id, m)
+			if err != nil {
+				err = out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
+			} else {
+				err = out.send(wire.TypeEvidenceResponse, resp)
+			}
+			if err != nil {
+				return err
+			}
+		case wire.TypePing:
+			var m wire.Ping
+			if err := wire.Decode(f, &m); err != nil {
+				return err
+			}
+			if err := out.send(wire.TypePong, &wire.Pong{Seq: m.Seq}); err != nil {
+				return err
+			}
+		default:
+			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: fmt.Sprintf("unexpected %s frame on an evidence connection", f.Type), Fatal: true})
+			return fmt.Errorf("unexpected %s frame on an evidence connection", f.Type)
+		}
+		var err error
+		if f, err = wc.Recv(); err != nil {
+			return err
+		}
+	}
 }
 
 type sender struct {
@@ -107,36 +202,7 @@ type pendingAck struct {
 	ticket *mux.Ticket
 }
 
-func (b *Bridge) serve(ctx context.Context, id conceal.Digest, conn GuestConn, resync bool) error {
-	wc := wire.NewConn(conn, resync)
-	dl, _ := conn.(deadliner)
-	out := &sender{conn: wc, dl: dl}
-	if dl != nil {
-		dl.SetReadDeadline(time.Now().Add(HelloTimeout))
-	}
-	var hello wire.Hello
-	for {
-		f, err := wc.Recv()
-		if err != nil {
-			return fmt.Errorf("read hello: %w", err)
-		}
-		if f.Type == wire.TypeHello {
-			if err := wire.Decode(f, &hello); err != nil {
-				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
-				return err
-			}
-			break
-		}
-		if !resync {
-			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: "expected hello", Fatal: true})
-			return fmt.Errorf("first frame is %s, not hello", f.Type)
-		}
-		// On virtio-serial, frames of an earlier session may still be in
-		// the stream: skip to the hello.
-	}
-	if dl != nil {
-		dl.SetReadDeadline(time.Time{})
-	}
+func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn, wc *wire.Conn, out *sender, hello wire.Hello, resync bool) error {
 	if hello.Proto != wire.Version {
 		out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: fmt.Sprintf("protocol %d not supported (bridge speaks %d)", hello.Proto, wire.Version), Fatal: true})
 		return fmt.Errorf("agent speaks protocol %d", hello.Proto)
@@ -164,11 +230,18 @@ func (b *Bridge) serve(ctx context.Context, id conceal.Digest, conn GuestConn, r
 	go func() {
 		var err error
 		for p := range acks {
+			// Every submitted ticket is waited for, even after an error, so
+			// that when the session ends all its records have settled
+			// (durable or failed) before anyone computes a resume point.
+			var werr error
+			if p.ticket != nil {
+				_, werr = p.ticket.Wait(context.WithoutCancel(ctx))
+			}
 			if err != nil {
-				continue // drain
+				continue
 			}
 			if p.ticket != nil {
-				if _, werr := p.ticket.Wait(ctx); werr != nil {
+				if werr != nil {
 					code := wire.CodeUnavailable
 					if errors.Is(werr, mux.ErrEnded) {
 						code = wire.CodeEnded
@@ -186,7 +259,7 @@ func (b *Bridge) serve(ctx context.Context, id conceal.Digest, conn GuestConn, r
 		}
 		ackErr <- err
 	}()
-	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID)
+	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID, resync)
 	close(acks)
 	aerr := <-ackErr
 	if err == nil {
@@ -195,7 +268,7 @@ func (b *Bridge) serve(ctx context.Context, id conceal.Digest, conn GuestConn, r
 	return err
 }
 
-func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string) error {
+func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool) error {
 	fatal := func(code, format string, a ...any) error {
 		msg := fmt.Sprintf(format, a...)
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
@@ -272,6 +345,11 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 			if err := out.send(wire.TypeEvidenceResponse, resp); err != nil {
 				return err
 			}
+		case wire.TypeHello:
+			if !resync {
+				return fatal(wire.CodeProtocol, "a second hello on one connection")
+			}
+			return &rehello{frame: f}
 		case wire.TypePing:
 			var m wire.Ping
 			if err := wire.Decode(f, &m); err != nil {

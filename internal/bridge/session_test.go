@@ -246,3 +246,68 @@ func TestSessionRefusesBadGuests(t *testing.T) {
 		t.Fatal("garbage not refused")
 	}
 }
+
+// TestSerialRestartOnSameStream: on virtio-serial the host connection
+// outlives the guest agent, so a restarted agent's torn last frame and new
+// hello arrive on the same stream; the bridge resynchronizes, settles the
+// old session and resumes from what is durable.
+func TestSerialRestartOnSameStream(t *testing.T) {
+	b := newBridge(t)
+	ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{3}, Name: "vm-s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := wireEntries(realEntries(t))
+	ag, host := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(context.Background(), ident.ID(), host, true) }()
+	a := &agentConn{t: t, c: wire.NewConn(ag, true), conn: ag}
+	// Stale bytes of an earlier agent before the first hello.
+	go ag.Write([]byte("stale \x00\x01 bytes"))
+	a.hello("boot-1")
+	a.send(0, 1, es[:100])
+	var ack wire.Ack
+	a.recv(&ack)
+	// The agent dies mid-frame: half a frame, then the new agent's hello.
+	frame, _ := wire.Encode(wire.TypeMeasurements, &wire.Measurements{Seq: 2, First: 100, Entries: es[100:150]})
+	if _, err := ag.Write(frame[:len(frame)/2]); err != nil {
+		t.Fatal(err)
+	}
+	w := a.hello("boot-1")
+	if w.Resume != 100 {
+		t.Fatalf("resume %d after restart, want 100", w.Resume)
+	}
+	a.send(100, 1, es[100:])
+	a.recv(&ack)
+	if ack.Next != uint64(len(es)) {
+		t.Fatalf("next %d", ack.Next)
+	}
+	// A separate attest-only connection does not disturb the session.
+	c, h2 := net.Pipe()
+	go b.Serve(context.Background(), ident.ID(), h2, false)
+	wc := wire.NewConn(c, false)
+	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 1, Nonce: []byte("n")}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := wc.Recv()
+	if err != nil || f.Type != wire.TypeEvidenceResponse {
+		t.Fatalf("attest-only: %v %v", f.Type, err)
+	}
+	c.Close()
+	var resp wire.EvidenceResponse
+	wire.Decode(f, &resp)
+	ev, _ := evidence.Decode(resp.Evidence)
+	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("n"), Identity: ident, AK: b.Mux.AK(), PCR: 23})
+	if err != nil || rep.Counts.Measurements != len(es) {
+		t.Fatalf("verify: %v, %d measurements, want %d", err, rep.Counts.Measurements, len(es))
+	}
+	// The stream session is still alive.
+	a.c.Send(wire.TypePing, &wire.Ping{Seq: 9})
+	var pong wire.Pong
+	a.recv(&pong)
+	if pong.Seq != 9 {
+		t.Fatal("session did not survive the attest connection")
+	}
+	ag.Close()
+	<-done
+}

@@ -156,6 +156,13 @@ func (r *Reader) Next() (Frame, error) {
 		if err == nil {
 			return f, nil
 		}
+		var torn *tornError
+		if r.resync && errors.As(err, &torn) {
+			r.br.Discard(torn.skip)
+			r.skipped += uint64(torn.skip)
+			r.badFrame++
+			continue
+		}
 		if !r.resync || !isFrameError(err) {
 			return Frame{}, err
 		}
@@ -225,24 +232,38 @@ func (r *Reader) next() (Frame, error) {
 	// leaves the reader after the header; resync then rescans from there.
 	total := HeaderSize + n + TrailerLen
 	buf := make([]byte, total)
-	if r.resync {
-		// Peek first, so a torn frame does not swallow the start of the
-		// frame that follows it.
-		if n+HeaderSize+TrailerLen <= r.br.Size() {
-			p, err := r.br.Peek(total)
-			if err != nil {
+	if r.resync && total <= r.br.Size() {
+		// Wait for the frame's bytes, but watch them: a valid frame header
+		// inside this frame's body means this frame is torn (its writer
+		// died mid-frame and a new one started). Without this a torn frame
+		// would wait forever for bytes that only the next frame supplies,
+		// since virtio-serial has no EOF.
+		for {
+			avail := r.br.Buffered()
+			if avail >= total {
+				break
+			}
+			p, _ := r.br.Peek(avail)
+			if k := findHeader(p, 1); k > 0 {
+				return Frame{}, &tornError{skip: k}
+			}
+			if _, err := r.br.Peek(avail + 1); err != nil {
 				if errors.Is(err, io.EOF) {
 					return Frame{}, io.ErrUnexpectedEOF
 				}
 				return Frame{}, err
 			}
-			if binary.BigEndian.Uint32(p[total-4:]) != crc32.Checksum(p[HeaderSize:total-4], castagnoli) {
-				return Frame{}, ErrPayloadCRC
-			}
-			copy(buf, p)
-			r.br.Discard(total)
-			return Frame{Type: t, Payload: buf[HeaderSize : total-4]}, nil
 		}
+		p, _ := r.br.Peek(total)
+		if k := findHeader(p[:total-TrailerLen], 1); k > 0 && binary.BigEndian.Uint32(p[total-4:]) != crc32.Checksum(p[HeaderSize:total-4], castagnoli) {
+			return Frame{}, &tornError{skip: k}
+		}
+		if binary.BigEndian.Uint32(p[total-4:]) != crc32.Checksum(p[HeaderSize:total-4], castagnoli) {
+			return Frame{}, ErrPayloadCRC
+		}
+		copy(buf, p)
+		r.br.Discard(total)
+		return Frame{Type: t, Payload: buf[HeaderSize : total-4]}, nil
 	}
 	if _, err := io.ReadFull(r.br, buf); err != nil {
 		if errors.Is(err, io.EOF) {
@@ -254,4 +275,27 @@ func (r *Reader) next() (Frame, error) {
 		return Frame{}, ErrPayloadCRC
 	}
 	return Frame{Type: t, Payload: buf[HeaderSize : total-4]}, nil
+}
+
+// tornError reports a frame cut short by a new frame starting skip bytes
+// after its start.
+type tornError struct{ skip int }
+
+func (e *tornError) Error() string {
+	return fmt.Sprintf("torn frame: a new frame starts %d bytes in", e.skip)
+}
+
+// findHeader returns the offset, at or after from, of the first valid frame
+// header (magic, version, known type and header checksum) wholly inside p,
+// or -1.
+func findHeader(p []byte, from int) int {
+	for i := from; i+HeaderSize <= len(p); i++ {
+		if p[i] != magic[0] || p[i+1] != magic[1] || p[i+2] != Version || !Type(p[i+3]).known() {
+			continue
+		}
+		if binary.BigEndian.Uint32(p[i+8:i+12]) == crc32.Checksum(p[i:i+8], castagnoli) {
+			return i
+		}
+	}
+	return -1
 }

@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"strings"
 	"testing"
+	"time"
 )
 
 func frames(t *testing.T, n int) ([]byte, []Measurements) {
@@ -196,5 +197,35 @@ func TestResyncRandomGarbage(t *testing.T) {
 		if len(got) < len(want) {
 			t.Fatalf("trial %d: %d of %d frames", trial, len(got), len(want))
 		}
+	}
+}
+
+// TestTornFrameOnLiveStream: on a stream that never ends (virtio-serial), a
+// torn frame followed by a new frame must yield the new frame, not wait for
+// bytes that will never come.
+func TestTornFrameOnLiveStream(t *testing.T) {
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	full, _ := Encode(TypeMeasurements, &Measurements{Seq: 1, Entries: []Entry{{Template: "ima-ng", Data: make([]byte, 4000)}}})
+	hello, _ := Encode(TypeHello, &Hello{Proto: Version, BootID: "b"})
+	go func() {
+		pw.Write(full[:len(full)/3])
+		pw.Write(hello)
+		// and then nothing: the stream stays open
+	}()
+	got := make(chan Frame, 1)
+	go func() {
+		f, err := NewReader(pr, true).Next()
+		if err == nil {
+			got <- f
+		}
+	}()
+	select {
+	case f := <-got:
+		if f.Type != TypeHello {
+			t.Fatalf("got a %s frame", f.Type)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("reader waits forever behind a torn frame")
 	}
 }
