@@ -1,7 +1,12 @@
-// Package libvirt adapts tpmmux to libvirt: it reads the domain XML that
-// libvirt hands its hooks (with libvirt.org/go/libvirtxml) and, in later
-// parts, talks to libvirtd. It never trusts the XML to be small or
-// well-formed: every failure is an error naming what was wrong.
+// Package libvirt adapts tpmmux to libvirt. It reads the domain XML that
+// libvirt hands its hooks (ParseDomain, with libvirt.org/go/libvirtxml),
+// never trusting the XML to be small or well-formed: every failure is an
+// error naming what was wrong. And, for the bridge daemon only (never the
+// hook: libvirt forbids API calls from hooks), it talks to libvirtd over
+// github.com/digitalocean/go-libvirt (Client): it lists the running domains,
+// reconciles them with the bridge's live identities (Reconcile, Plan.Apply)
+// and follows lifecycle and reset events (Client.Events, Watcher, Follow),
+// reconnecting when libvirtd restarts.
 package libvirt
 
 import (

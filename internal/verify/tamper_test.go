@@ -365,3 +365,23 @@ func sqrt(x float64) float64 {
 	}
 	return z
 }
+
+// TestInformationalFieldsIgnored: fields docs/evidence.md marks
+// informational can be changed at will without changing the verdict or the
+// authenticated values in the report.
+func TestInformationalFieldsIgnored(t *testing.T) {
+	w := getWorld(t)
+	ev := clone(t, w.evA)
+	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ev.AK = elliptic.MarshalCompressed(otherKey.Curve, otherKey.X, otherKey.Y)
+	ev.Epoch.Number = 99
+	ev.VM = evidence.VM{UUID: conceal.FormatUUID(w.b.UUID), Instance: w.b.Instance[:], Name: "vm-b"}
+	ev.Host = "somewhere-else"
+	rep, err := verify.Verify(ev, opts(w, w.a, w.nonce))
+	if err != nil {
+		t.Fatalf("informational change rejected: %v", err)
+	}
+	if rep.VM.Name != "vm-a" || rep.VM.UUID != conceal.FormatUUID(w.a.UUID) || rep.Epoch.Host != "test-host" {
+		t.Fatalf("report took unauthenticated values: %+v %+v", rep.VM, rep.Epoch)
+	}
+}

@@ -1,0 +1,165 @@
+package libvirt
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+)
+
+// DefaultSocket is libvirtd's read-write unix socket.
+const DefaultSocket = "/var/run/libvirt/libvirt-sock"
+
+// DefaultDialTimeout bounds dialing libvirtd's socket when ctx has no
+// earlier deadline.
+const DefaultDialTimeout = 15 * time.Second
+
+// Client is a connection to libvirtd (qemu:///system unless the target URI
+// says otherwise), over libvirt's RPC protocol with
+// github.com/digitalocean/go-libvirt: no libvirt C library is needed.
+//
+// The bridge daemon uses it; the hook never does (libvirt forbids calling
+// its API from a hook: the call would deadlock).
+type Client struct {
+	l      *golibvirt.Libvirt
+	target string
+}
+
+// Connect connects to libvirtd. target is "" (the local socket
+// DefaultSocket), a socket path (starting with "/"), or a libvirt URI such
+// as qemu:///system or qemu+unix:///system?socket=/path (see go-libvirt's
+// ConnectToURI for the transports).
+func Connect(ctx context.Context, target string) (*Client, error) {
+	timeout := DefaultDialTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		if d := time.Until(dl); d < timeout {
+			timeout = d
+		}
+	}
+	if timeout <= 0 {
+		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, context.DeadlineExceeded)
+	}
+	var dial func() (*golibvirt.Libvirt, error)
+	switch {
+	case target == "" || strings.HasPrefix(target, "/"):
+		sock := target
+		if sock == "" {
+			sock = DefaultSocket
+		}
+		dial = func() (*golibvirt.Libvirt, error) {
+			l := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(sock), dialers.WithLocalTimeout(timeout)))
+			if err := l.ConnectToURI(golibvirt.QEMUSystem); err != nil {
+				return nil, err
+			}
+			return l, nil
+		}
+	default:
+		u, err := url.Parse(target)
+		if err != nil || u.Scheme == "" {
+			return nil, fmt.Errorf("connect to libvirtd: %q is neither a socket path nor a libvirt URI", target)
+		}
+		dial = func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) }
+	}
+	type result struct {
+		l   *golibvirt.Libvirt
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		l, err := dial()
+		ch <- result{l, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, fmt.Errorf("connect to libvirtd %q: %w", target, r.err)
+		}
+		return &Client{l: r.l, target: target}, nil
+	case <-ctx.Done():
+		go func() { // close the connection if it comes up after all
+			if r := <-ch; r.err == nil {
+				_ = r.l.Disconnect()
+			}
+		}()
+		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, ctx.Err())
+	}
+}
+
+// Libvirt is the underlying go-libvirt connection, e.g. for
+// qemu.NewLibvirtMonitor. Its calls take no context.
+func (c *Client) Libvirt() *golibvirt.Libvirt { return c.l }
+
+// Disconnected is closed when the connection to libvirtd is lost (libvirtd
+// stopped or restarted) or closed.
+func (c *Client) Disconnected() <-chan struct{} { return c.l.Disconnected() }
+
+// Close closes the connection.
+func (c *Client) Close() error {
+	if err := c.l.Disconnect(); err != nil {
+		return fmt.Errorf("disconnect from libvirtd %q: %w", c.target, err)
+	}
+	return nil
+}
+
+// DomainInfo is a running domain as libvirtd reports it.
+type DomainInfo struct {
+	Name string
+	UUID [16]byte
+	ID   int32  // libvirt's domain id, new on every start
+	XML  []byte // the live domain XML
+}
+
+// Parse parses the domain's XML.
+func (d DomainInfo) Parse() (*Domain, error) { return ParseDomain(d.XML) }
+
+// RunningDomains lists the active domains (running or paused) with their
+// live XML. A domain that stops while the list is read is left out.
+func (c *Client) RunningDomains(ctx context.Context) ([]DomainInfo, error) {
+	doms, err := call(ctx, func() ([]golibvirt.Domain, error) {
+		d, _, err := c.l.ConnectListAllDomains(1, golibvirt.ConnectListDomainsActive)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list running domains: %w", err)
+	}
+	out := make([]DomainInfo, 0, len(doms))
+	for _, d := range doms {
+		x, err := call(ctx, func() (string, error) { return c.l.DomainGetXMLDesc(d, 0) })
+		if golibvirt.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list running domains: XML of %s: %w", d.Name, err)
+		}
+		out = append(out, DomainInfo{Name: d.Name, UUID: d.UUID, ID: d.ID, XML: []byte(x)})
+	}
+	return out, nil
+}
+
+// call runs f, which cannot be cancelled, and returns early with ctx's
+// error when ctx ends first (f then finishes in the background).
+func call[T any](ctx context.Context, f func() (T, error)) (T, error) {
+	var zero T
+	if err := ctx.Err(); err != nil {
+		return zero, err
+	}
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		v, err := f()
+		ch <- result{v, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.v, r.err
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	}
+}
