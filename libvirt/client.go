@@ -3,6 +3,7 @@ package libvirt
 import (
 	"context"
 	"fmt"
+	"github.com/tpmmux/tpmmux/internal/await"
 	"net/url"
 	"strings"
 	"time"
@@ -119,7 +120,7 @@ func (d DomainInfo) Parse() (*Domain, error) { return ParseDomain(d.XML) }
 // RunningDomains lists the active domains (running or paused) with their
 // live XML. A domain that stops while the list is read is left out.
 func (c *Client) RunningDomains(ctx context.Context) ([]DomainInfo, error) {
-	doms, err := call(ctx, func() ([]golibvirt.Domain, error) {
+	doms, err := await.Do(ctx, func() ([]golibvirt.Domain, error) {
 		d, _, err := c.l.ConnectListAllDomains(1, golibvirt.ConnectListDomainsActive)
 		return d, err
 	})
@@ -128,7 +129,7 @@ func (c *Client) RunningDomains(ctx context.Context) ([]DomainInfo, error) {
 	}
 	out := make([]DomainInfo, 0, len(doms))
 	for _, d := range doms {
-		x, err := call(ctx, func() (string, error) { return c.l.DomainGetXMLDesc(d, 0) })
+		x, err := await.Do(ctx, func() (string, error) { return c.l.DomainGetXMLDesc(d, 0) })
 		if golibvirt.IsNotFound(err) {
 			continue
 		}
@@ -138,28 +139,4 @@ func (c *Client) RunningDomains(ctx context.Context) ([]DomainInfo, error) {
 		out = append(out, DomainInfo{Name: d.Name, UUID: d.UUID, ID: d.ID, XML: []byte(x)})
 	}
 	return out, nil
-}
-
-// call runs f, which cannot be cancelled, and returns early with ctx's
-// error when ctx ends first (f then finishes in the background).
-func call[T any](ctx context.Context, f func() (T, error)) (T, error) {
-	var zero T
-	if err := ctx.Err(); err != nil {
-		return zero, err
-	}
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		v, err := f()
-		ch <- result{v, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.v, r.err
-	case <-ctx.Done():
-		return zero, ctx.Err()
-	}
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/tpmmux/tpmmux/internal/await"
 	"sync"
 	"time"
 
@@ -160,7 +161,7 @@ type LibvirtMonitor struct {
 
 // NewLibvirtMonitor opens a monitor on the running domain with this UUID.
 func NewLibvirtMonitor(ctx context.Context, conn LibvirtConn, uuid [16]byte) (*LibvirtMonitor, error) {
-	dom, err := call(ctx, func() (golibvirt.Domain, error) { return conn.DomainLookupByUUID(golibvirt.UUID(uuid)) })
+	dom, err := await.Do(ctx, func() (golibvirt.Domain, error) { return conn.DomainLookupByUUID(golibvirt.UUID(uuid)) })
 	if err != nil {
 		return nil, fmt.Errorf("qmp via libvirt: look up domain %x: %w", uuid, err)
 	}
@@ -175,7 +176,7 @@ func (m *LibvirtMonitor) Domain() string { return m.dom.Name }
 
 // Run implements Monitor. When ctx ends first the command may still run.
 func (m *LibvirtMonitor) Run(ctx context.Context, cmd []byte) ([]byte, error) {
-	cur, err := call(ctx, func() (golibvirt.Domain, error) { return m.conn.DomainLookupByUUID(m.dom.UUID) })
+	cur, err := await.Do(ctx, func() (golibvirt.Domain, error) { return m.conn.DomainLookupByUUID(m.dom.UUID) })
 	if err != nil {
 		if golibvirt.IsNotFound(err) {
 			return nil, fmt.Errorf("qmp via libvirt on %s: %w (domain gone)", m.dom.Name, ErrInstanceChanged)
@@ -185,7 +186,7 @@ func (m *LibvirtMonitor) Run(ctx context.Context, cmd []byte) ([]byte, error) {
 	if cur.ID != m.dom.ID {
 		return nil, fmt.Errorf("qmp via libvirt on %s: %w (id %d, now %d)", m.dom.Name, ErrInstanceChanged, m.dom.ID, cur.ID)
 	}
-	out, err := call(ctx, func() (string, error) { return m.conn.QEMUDomainMonitorCommand(m.dom, string(cmd), 0) })
+	out, err := await.Do(ctx, func() (string, error) { return m.conn.QEMUDomainMonitorCommand(m.dom, string(cmd), 0) })
 	if err != nil {
 		return nil, fmt.Errorf("qmp via libvirt on %s: %w", m.dom.Name, err)
 	}
@@ -194,30 +195,6 @@ func (m *LibvirtMonitor) Run(ctx context.Context, cmd []byte) ([]byte, error) {
 
 // Close implements Monitor; the libvirt connection stays open.
 func (m *LibvirtMonitor) Close() error { return nil }
-
-// call runs f, which cannot be cancelled, and returns early with ctx's
-// error when ctx ends first (f then finishes in the background).
-func call[T any](ctx context.Context, f func() (T, error)) (T, error) {
-	var zero T
-	if err := ctx.Err(); err != nil {
-		return zero, err
-	}
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		v, err := f()
-		ch <- result{v, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.v, r.err
-	case <-ctx.Done():
-		return zero, ctx.Err()
-	}
-}
 
 // qmpError is an error reply from QEMU.
 type qmpError struct {

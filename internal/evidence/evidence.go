@@ -11,7 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 
-	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/canon"
 )
 
 // Version is the evidence format version this package reads and writes.
@@ -192,33 +192,9 @@ func (e *Entries) UnmarshalCBOR(b []byte) error {
 }
 
 var (
-	encMode = mustEnc()
-	decMode = mustDec()
+	encMode = canon.Enc()
+	decMode = canon.Dec(canon.Limits{Nested: 10, Array: MaxBatches, Map: 64})
 )
-
-func mustEnc() cbor.EncMode {
-	m, err := cbor.CoreDetEncOptions().EncMode()
-	if err != nil {
-		panic(err)
-	}
-	return m
-}
-
-func mustDec() cbor.DecMode {
-	m, err := cbor.DecOptions{
-		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-		IndefLength:       cbor.IndefLengthForbidden,
-		TagsMd:            cbor.TagsForbidden,
-		MaxNestedLevels:   10,
-		MaxArrayElements:  MaxBatches,
-		MaxMapPairs:       64,
-		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
-	}.DecMode()
-	if err != nil {
-		panic(err)
-	}
-	return m
-}
 
 // MarshalCBOR encodes the evidence in its binary form.
 func (ev *Evidence) MarshalCBOR() ([]byte, error) {

@@ -13,7 +13,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/canon"
 )
 
 // MaxSize bounds the canonical encoding of one record. IMA template data is
@@ -137,30 +137,9 @@ type Epoch struct {
 }
 
 var (
-	encMode cbor.EncMode
-	decMode cbor.DecMode
+	encMode = canon.Enc()
+	decMode = canon.Dec(canon.Limits{Nested: 8, Array: 256, Map: 32})
 )
-
-func init() {
-	// These modes are immutable after construction: configuration, not state.
-	var err error
-	encMode, err = cbor.CoreDetEncOptions().EncMode()
-	if err != nil {
-		panic(err)
-	}
-	decMode, err = cbor.DecOptions{
-		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-		IndefLength:       cbor.IndefLengthForbidden,
-		TagsMd:            cbor.TagsForbidden,
-		MaxNestedLevels:   8,
-		MaxArrayElements:  256,
-		MaxMapPairs:       32,
-		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
-	}.DecMode()
-	if err != nil {
-		panic(err)
-	}
-}
 
 // ErrNotCanonical reports an encoding that decodes but is not the canonical
 // form of what it decodes to.

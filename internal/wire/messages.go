@@ -3,7 +3,7 @@ package wire
 import (
 	"fmt"
 
-	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/canon"
 )
 
 // PreferredPayload is the payload size a sender should keep measurement
@@ -107,33 +107,9 @@ type Pong struct {
 }
 
 var (
-	encMode = mustEnc()
-	decMode = mustDec()
+	encMode = canon.Enc()
+	decMode = canon.Dec(canon.Limits{Nested: 6, Array: MaxEntries, Map: 16})
 )
-
-func mustEnc() cbor.EncMode {
-	m, err := cbor.CoreDetEncOptions().EncMode()
-	if err != nil {
-		panic(err)
-	}
-	return m
-}
-
-func mustDec() cbor.DecMode {
-	m, err := cbor.DecOptions{
-		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
-		IndefLength:       cbor.IndefLengthForbidden,
-		TagsMd:            cbor.TagsForbidden,
-		MaxNestedLevels:   6,
-		MaxArrayElements:  MaxEntries,
-		MaxMapPairs:       16,
-		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
-	}.DecMode()
-	if err != nil {
-		panic(err)
-	}
-	return m
-}
 
 // Encode returns the frame for message m.
 func Encode(t Type, m any) ([]byte, error) {

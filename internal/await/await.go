@@ -1,0 +1,29 @@
+// Package await runs blocking calls that take no context (go-libvirt's and
+// go-qemu's) so that a caller's context still bounds how long it waits.
+package await
+
+import "context"
+
+// Do runs f and returns its result, or ctx's error as soon as ctx ends
+// first; f then finishes in the background and its result is dropped.
+func Do[T any](ctx context.Context, f func() (T, error)) (T, error) {
+	var zero T
+	if err := ctx.Err(); err != nil {
+		return zero, err
+	}
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		v, err := f()
+		ch <- result{v, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.v, r.err
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	}
+}
