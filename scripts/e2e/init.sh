@@ -1,0 +1,118 @@
+#!/bin/sh
+# /init (PID 1) of a tpmmux e2e guest; build-guest.sh puts it in the
+# initramfs. busybox sh. Console lines that start with "TPMMUX-E2E: " are
+# markers that scripts poll for.
+#
+# Kernel command line switches read here (besides the fixed cmdline):
+#   tpmmux_e2e.poweroff  power off when done (stand-in) or when the agent exits
+#   tpmmux_e2e.exec      exec the agent as PID 1 instead of running it as a child
+#   tpmmux_e2e.shell     start a shell on the console at the end (debugging)
+export PATH=/sbin:/bin
+PORT_NAME=org.tpmmux.0
+AGENT=/sbin/tpmmux-agent
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t securityfs securityfs /sys/kernel/security
+# Scratch space on ramfs: the IMA policy below does not measure ramfs, so
+# files written here (copies of the measurement list) add no entries.
+mount -t ramfs ramfs /run
+
+mark() { echo "TPMMUX-E2E: $*"; }
+uptime_s() { read -r u _ </proc/uptime; echo "$u"; }
+read -r cmdline </proc/cmdline
+has_opt() { case " $cmdline " in *" $1 "*) return 0 ;; esac; return 1; }
+finish() { # finish: what PID 1 does when there is nothing left to do
+  if has_opt tpmmux_e2e.shell; then setsid cttyhack sh; fi
+  if has_opt tpmmux_e2e.poweroff; then mark "poweroff"; sync; poweroff -f; fi
+  while :; do sleep 3600; done
+}
+
+# Read our own config before the IMA policy is loaded, so reads of it are not
+# measured (only the guest's programs and data should be).
+read -r name </etc/tpmmux-e2e/name
+read -r agent_args </etc/tpmmux-e2e/agent-args
+mark "init start guest=$name kernel=$(uname -r) uptime=$(uptime_s)"
+
+# 1. virtio modules (Debian builds them as modules), in dependency order.
+while read -r ko; do
+  insmod "/lib/modules/$ko" || mark "warning: insmod $ko failed"
+done </lib/modules/load-order
+
+# 2. IMA policy: it replaces the builtin tcb policy, which does not measure
+# anything on the initramfs (rootfs is tmpfs). The whole policy must be one
+# write(2); the kernel lets it be written once (no CONFIG_IMA_WRITE_POLICY).
+if cat /etc/tpmmux-e2e/ima-policy >/sys/kernel/security/ima/policy; then
+  mark "ima policy loaded"
+else
+  mark "warning: writing the ima policy failed"
+fi
+
+# 3. Programs only this guest has, so its IMA log differs from the others'.
+for t in /opt/"$name"/bin/tool-*; do "$t"; done
+/opt/"$name"/bin/busybox-"$name" true || mark "warning: busybox-$name failed"
+
+# 4. The virtio-serial port. No udev: find it by name in sysfs; devtmpfs
+# normally has made the node, else make it from the dev file (MAJ:MIN).
+port=
+i=0
+while :; do
+  for n in /sys/class/virtio-ports/*/name; do
+    [ -r "$n" ] || continue
+    read -r pn <"$n"
+    if [ "$pn" = "$PORT_NAME" ]; then d=${n%/name}; port=${d##*/}; fi
+  done
+  [ -n "$port" ] && break
+  i=$((i + 1))
+  if [ "$i" -ge 100 ]; then break; fi
+  usleep 100000
+done
+if [ -z "$port" ]; then
+  mark "error: no virtio-serial port named $PORT_NAME"
+  mark "init done (failed)"
+  finish
+fi
+if [ ! -c "/dev/$port" ]; then
+  read -r mm <"/sys/class/virtio-ports/$port/dev"
+  mknod "/dev/$port" c "${mm%:*}" "${mm#*:}"
+fi
+mkdir -p /dev/virtio-ports
+ln -sf "../$port" "/dev/virtio-ports/$PORT_NAME"
+mark "port $PORT_NAME is /dev/$port"
+
+# 5a. The agent, when the initramfs has one.
+if [ -x "$AGENT" ]; then
+  mark "init done uptime=$(uptime_s)"
+  mark "starting $AGENT $agent_args"
+  if has_opt tpmmux_e2e.exec; then
+    # shellcheck disable=SC2086 # args are split on purpose
+    exec "$AGENT" $agent_args
+  fi
+  # shellcheck disable=SC2086
+  "$AGENT" $agent_args
+  mark "agent exited $?"
+  finish
+fi
+
+# 5b. Stand-in for the agent: send the binary measurement list over the port
+# and wait for the host's "ACK <entries> <bytes>" (host→guest direction).
+# Both lists are copied at once so that the count matches the bytes sent.
+ima=/sys/kernel/security/ima
+cat $ima/binary_runtime_measurements >/run/ima.bin
+cat $ima/ascii_runtime_measurements >/run/ima.txt
+entries=$(wc -l </run/ima.txt)
+bytes=$(wc -c </run/ima.bin)
+mark "ima entries $entries"
+mark "ima bytes $bytes"
+exec 3<>"/dev/$port"
+cat /run/ima.bin >&3 # blocks until the host end is connected
+ack=
+# shellcheck disable=SC3045 # busybox ash has read -t
+while read -r -t 30 a n b <&3; do
+  if [ "$a" = ACK ] && [ "$b" = "$bytes" ]; then ack="$n $b"; break; fi
+done
+if [ -n "$ack" ]; then mark "host ack $ack"; else mark "warning: no ack from host"; fi
+mark "init done uptime=$(uptime_s)"
+finish
