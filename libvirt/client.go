@@ -3,13 +3,14 @@ package libvirt
 import (
 	"context"
 	"fmt"
-	"github.com/tpmmux/tpmmux/internal/await"
 	"net/url"
 	"strings"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
+
+	"github.com/tpmmux/tpmmux/internal/await"
 )
 
 // DefaultSocket is libvirtd's read-write unix socket.

@@ -16,12 +16,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/tpmmux/tpmmux/internal/await"
 	"sync"
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/tpmmux/tpmmux/internal/await"
 )
 
 // Monitor runs QMP commands on one running QEMU.
