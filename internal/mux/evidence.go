@@ -29,16 +29,106 @@ func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*e
 	if fault != nil {
 		return nil, fmt.Errorf("not serving evidence: %w", fault)
 	}
-	extra := conceal.NonceData(nonce, id)
-	m.commitMu.Lock()
-	q, vals, err := m.quoteLocked(ctx, extra[:])
-	epoch, last := m.epoch, m.nextBatch-1
-	m.commitMu.Unlock()
-	if err != nil {
-		return nil, fmt.Errorf("evidence: %w", err)
+	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
+	if res.err != nil {
+		return nil, fmt.Errorf("evidence: %w", res.err)
 	}
-	return m.build(evidence.KindQuote, id, epoch, last, q, m.sel, vals)
+	ev, err := m.build(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals)
+	if err != nil {
+		return nil, err
+	}
+	ev.Batched = res.batched
+	return ev, nil
 }
+
+// maxQuoteBatch bounds how many requests share one quote.
+const maxQuoteBatch = 4096
+
+type quoteReq struct {
+	extra conceal.Digest
+	res   chan quoteRes
+}
+
+type quoteRes struct {
+	q           tpm.Quote
+	vals        []conceal.Digest
+	epoch, last uint64
+	batched     *evidence.Batched
+	err         error
+}
+
+// quoteFor gets a quote covering extra. Requests that arrive while a quote
+// is being taken wait for the next one and share it: its extraData is the
+// root of a Merkle tree over their values, and each gets its audit path
+// (DESIGN.md §4). A lone request gets a plain quote over its own value.
+func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
+	if m.cfg.NoQuoteBatching {
+		m.commitMu.Lock()
+		q, vals, err := m.quoteLocked(ctx, extra[:])
+		epoch, last := m.epoch, m.nextBatch-1
+		m.commitMu.Unlock()
+		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+	}
+	req := &quoteReq{extra: extra, res: make(chan quoteRes, 1)}
+	m.qmu.Lock()
+	m.qpending = append(m.qpending, req)
+	if !m.quoting {
+		m.quoting = true
+		go m.quoteLoop()
+	}
+	m.qmu.Unlock()
+	select {
+	case r := <-req.res:
+		return r
+	case <-ctx.Done():
+		return quoteRes{err: ctx.Err()}
+	}
+}
+
+// quoteLoop takes quotes until no request is waiting.
+func (m *Mux) quoteLoop() {
+	for {
+		m.qmu.Lock()
+		n := min(len(m.qpending), maxQuoteBatch)
+		if n == 0 {
+			m.quoting = false
+			m.qmu.Unlock()
+			return
+		}
+		reqs := m.qpending[:n:n]
+		m.qpending = m.qpending[n:]
+		m.qmu.Unlock()
+		extra := reqs[0].extra
+		var paths [][]conceal.Digest
+		if n > 1 {
+			values := make([]conceal.Digest, n)
+			for i, r := range reqs {
+				values[i] = r.extra
+			}
+			extra, paths = conceal.MerkleRoot(values)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
+		m.commitMu.Lock()
+		q, vals, err := m.quoteLocked(ctx, extra[:])
+		epoch, last := m.epoch, m.nextBatch-1
+		m.commitMu.Unlock()
+		cancel()
+		for i, r := range reqs {
+			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+			if n > 1 && err == nil {
+				b := &evidence.Batched{Index: uint64(i), Count: uint64(n)}
+				for _, p := range paths[i] {
+					b.Path = append(b.Path, append([]byte(nil), p[:]...))
+				}
+				res.batched = b
+			}
+			r.res <- res
+		}
+	}
+}
+
+// quoteTimeout bounds one quote; a hardware quote takes well under a second.
+const quoteTimeout = 2 * time.Minute
 
 // FinalEvidence returns the post-mortem evidence of an ended VM: the quote
 // the bridge kept when the teardown was extended, with the log up to it. It

@@ -47,6 +47,9 @@ type Config struct {
 	Version  string       // bridge version written into epoch records
 	Logger   *slog.Logger // default slog.Default()
 	Now      func() time.Time
+	// NoQuoteBatching takes one quote per evidence request (the baseline
+	// of the benchmarks) instead of sharing quotes between concurrent ones.
+	NoQuoteBatching bool
 }
 
 // Mux multiplexes VM records onto one TPM PCR.
@@ -74,6 +77,11 @@ type Mux struct {
 	nextBatch uint64
 	pcrPrev   conceal.Digest // PCR value before the last batch
 	pcrValue  conceal.Digest // PCR value the store replays to
+
+	// qmu guards the quote batcher.
+	qmu      sync.Mutex
+	qpending []*quoteReq
+	quoting  bool
 
 	stats   Stats
 	done    chan struct{}

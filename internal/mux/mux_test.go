@@ -16,6 +16,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/record"
@@ -32,6 +33,16 @@ type flakyTPM struct {
 	gate       chan struct{} // when set, each extend waits for a value
 	extends    atomic.Int64
 	down       atomic.Bool // the TPM answers nothing until cleared
+	quoteDelay time.Duration
+	quotes     atomic.Int64
+}
+
+func (f *flakyTPM) Quote(ctx context.Context, pcrs []int, extra []byte) (tpm.Quote, error) {
+	f.quotes.Add(1)
+	if f.quoteDelay > 0 {
+		time.Sleep(f.quoteDelay)
+	}
+	return f.TPM.Quote(ctx, pcrs, extra)
 }
 
 func (f *flakyTPM) ReadPCRs(ctx context.Context, pcrs []int) ([][32]byte, error) {
@@ -436,5 +447,75 @@ func TestTeardownRules(t *testing.T) {
 	td := &record.Record{Kind: record.KindTeardown, Teardown: &record.Teardown{Reason: "x"}}
 	if _, err := r.m.Submit(b.ID(), td, meas(1)); err == nil {
 		t.Fatal("accepted a record after a teardown in one submission")
+	}
+}
+
+// TestBatchedQuotes: concurrent verifiers share quotes; each gets a Merkle
+// path to its own H(nonce || id), which verifies for its nonce and VM only.
+func TestBatchedQuotes(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	a, b := r.vm("vm-a"), r.vm("vm-b")
+	r.tpm.quoteDelay = 20 * time.Millisecond
+	base := r.tpm.quotes.Load()
+	const n = 24
+	type result struct {
+		ident *conceal.Identity
+		nonce []byte
+		ev    *evidence.Evidence
+		err   error
+	}
+	out := make(chan result, n)
+	for i := 0; i < n; i++ {
+		ident := a
+		if i%2 == 1 {
+			ident = b
+		}
+		nonce := []byte(fmt.Sprintf("nonce-%d", i))
+		go func() {
+			ev, err := r.m.Evidence(context.Background(), ident.ID(), nonce)
+			out <- result{ident, nonce, ev, err}
+		}()
+	}
+	batched := 0
+	var results []result
+	for i := 0; i < n; i++ {
+		res := <-out
+		if res.err != nil {
+			t.Fatal(res.err)
+		}
+		results = append(results, res)
+		rep, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 23})
+		if err != nil {
+			t.Fatalf("batched evidence rejected: %v", err)
+		}
+		if rep.Batched {
+			batched++
+		}
+	}
+	quotes := r.tpm.quotes.Load() - base
+	t.Logf("%d requests, %d quotes, %d batched", n, quotes, batched)
+	if quotes >= n || batched == 0 {
+		t.Fatalf("%d quotes for %d requests, %d batched: no batching", quotes, n, batched)
+	}
+	// Another request's nonce, or another VM's identity, does not verify.
+	for _, res := range results {
+		if res.ev.Batched == nil {
+			continue
+		}
+		other := results[0]
+		if other.ev == res.ev {
+			other = results[1]
+		}
+		if _, err := verify.Verify(res.ev, verify.Options{Nonce: other.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 23}); err == nil {
+			t.Fatal("batched evidence verified for another request's nonce")
+		}
+		wrong := a
+		if res.ident == a {
+			wrong = b
+		}
+		if _, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: wrong, AK: r.tpm.AK(), PCR: 23}); err == nil {
+			t.Fatal("batched evidence verified for another VM")
+		}
+		break
 	}
 }

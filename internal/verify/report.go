@@ -13,6 +13,7 @@ type Report struct {
 	Reason     string         `json:"reason,omitempty"`
 	Kind       string         `json:"kind"`
 	Fresh      bool           `json:"fresh"`
+	Batched    bool           `json:"batched_quote,omitempty"`
 	VM         VMReport       `json:"vm"`
 	Quote      QuoteReport    `json:"quote"`
 	PCR        int            `json:"pcr"`

@@ -143,10 +143,25 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 			return reject(1, "no nonce given for fresh evidence")
 		}
 		want := conceal.NonceData(opts.Nonce, id)
-		if ev.Batched != nil {
-			return reject(1, "batched quotes are not supported by this verifier version")
-		}
-		if !bytes.Equal(info.ExtraData, want[:]) {
+		if b := ev.Batched; b != nil {
+			// One quote served many requests: extraData is a Merkle root
+			// and the path must lead from this request's value to it.
+			if b.Count < 2 || b.Count > 1<<32 || len(b.Path) > 64 {
+				return reject(1, "batched quote proof of %d leaves with a %d-step path is malformed", b.Count, len(b.Path))
+			}
+			path := make([]conceal.Digest, len(b.Path))
+			for i, p := range b.Path {
+				if len(p) != 32 {
+					return reject(1, "batched quote proof step %d has %d bytes", i, len(p))
+				}
+				copy(path[i][:], p)
+			}
+			root, ok := conceal.MerkleVerify(want, b.Index, b.Count, path)
+			if !ok || !bytes.Equal(info.ExtraData, root[:]) {
+				return reject(1, "batched quote does not cover H(nonce || id): stale or replayed evidence, or evidence for another VM")
+			}
+			rep.Batched = true
+		} else if !bytes.Equal(info.ExtraData, want[:]) {
 			return reject(1, "quote extraData does not match H(nonce || id): stale or replayed evidence, or evidence for another VM")
 		}
 		rep.Fresh = true
