@@ -48,8 +48,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	postMortem := fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
 	pcr := fs.Int("pcr", 23, "the multiplexer PCR this host uses")
 	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
+	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification: the evidence is the delta after it")
+	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification here (mode 0600) when trusted")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE --ak PEMFILE [--policy FILE] [--json]")
+		fmt.Fprintln(stderr, "usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE --ak PEMFILE [--policy FILE] [--checkpoint FILE] [--save-checkpoint FILE] [--json]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -112,6 +114,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		opts.Appraise = pol.Appraise
 	}
+	if *cpIn != "" {
+		b, err := os.ReadFile(*cpIn)
+		if err != nil {
+			return usage("%v", err)
+		}
+		var cp verify.Checkpoint
+		if err := json.Unmarshal(b, &cp); err != nil {
+			return usage("checkpoint %s: %v", *cpIn, err)
+		}
+		opts.Checkpoint = &cp
+	}
 	rep, verr := verify.Verify(ev, opts)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -127,6 +140,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitRejected
 		}
 		return usage("%v", verr)
+	}
+	if *cpOut != "" {
+		b, err := json.MarshalIndent(rep.Checkpoint, "", " ")
+		if err == nil {
+			err = os.WriteFile(*cpOut, append(b, '\n'), 0o600)
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "write checkpoint: %v\n", err)
+			return exitUsage
+		}
 	}
 	if !*asJSON {
 		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %d\n",

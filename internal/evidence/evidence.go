@@ -50,6 +50,16 @@ type Evidence struct {
 	Records   []Record   `cbor:"10,keyasint" json:"records"`
 	Batched   *Batched   `cbor:"11,keyasint,omitempty" json:"batched,omitempty"`
 	Host      string     `cbor:"12,keyasint,omitempty" json:"host,omitempty"`
+	From      *Since     `cbor:"13,keyasint,omitempty" json:"from,omitempty"`
+}
+
+// Since marks incremental evidence: Log holds only the batches after batch
+// Batch, and Records only the VM's records from number Records on. The
+// verifier replays from the checkpoint it kept, not from these values; they
+// say which delta this is.
+type Since struct {
+	Batch   uint64 `cbor:"1,keyasint" json:"batch"`
+	Records uint64 `cbor:"2,keyasint" json:"records"`
 }
 
 // Quote is a TPM2_Quote in the TPM's wire form.

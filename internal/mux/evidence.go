@@ -20,6 +20,13 @@ import (
 // quote covers, and the VM's records up to that batch. The quote is taken
 // between batches, under the commit lock, so the log replays exactly to it.
 func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*evidence.Evidence, error) {
+	return m.EvidenceSince(ctx, id, nonce, nil)
+}
+
+// EvidenceSince is Evidence for a verifier that holds a checkpoint: only the
+// batches after since.Batch and the VM's records from since.Records on are
+// included. A nil since gives full evidence.
+func (m *Mux) EvidenceSince(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since) (*evidence.Evidence, error) {
 	if len(nonce) == 0 || len(nonce) > 64 {
 		return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
 	}
@@ -33,7 +40,10 @@ func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*e
 	if res.err != nil {
 		return nil, fmt.Errorf("evidence: %w", res.err)
 	}
-	ev, err := m.build(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals)
+	if since != nil && since.Batch >= res.last+1 {
+		return nil, fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	}
+	ev, err := m.build(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since)
 	if err != nil {
 		return nil, err
 	}
@@ -149,7 +159,7 @@ func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
 		sel[i] = int(fq.PCRs[i])
 		copy(vals[i][:], fq.Values[i])
 	}
-	return m.build(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals)
+	return m.build(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil)
 }
 
 // quoteLocked reads the quoted PCRs and quotes them, retrying when a host
@@ -197,7 +207,7 @@ func indexOf(sel []int, p int) int {
 
 // build assembles evidence from the store: the batches [0, last] of epoch
 // and VM id's records that sit in them.
-func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest) (*evidence.Evidence, error) {
+func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest, since *evidence.Since) (*evidence.Evidence, error) {
 	ev := &evidence.Evidence{
 		Version: evidence.Version,
 		Kind:    kind,
@@ -225,7 +235,12 @@ func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Qu
 		}
 		ev.Epoch = evidence.Epoch{Number: epoch, Record: ei.Record}
 		ev.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
-		err = sn.Batches(epoch, 0, func(index uint64, b *logstore.Batch) error {
+		fromBatch, fromSeq := uint64(0), uint64(0)
+		if since != nil {
+			ev.From = since
+			fromBatch, fromSeq = since.Batch+1, since.Records
+		}
+		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
 			if index > last {
 				return errStop
 			}
@@ -235,7 +250,7 @@ func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Qu
 		if err != nil && err != errStop {
 			return err
 		}
-		err = sn.Records(id, 0, func(r *logstore.Record) error {
+		err = sn.Records(id, fromSeq, func(r *logstore.Record) error {
 			if r.Batch > last {
 				return errStop
 			}

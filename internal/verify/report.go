@@ -31,6 +31,7 @@ type Report struct {
 	Ended      bool           `json:"ended"`
 	Teardown   *RecordRef     `json:"teardown,omitempty"`
 	Violations []Violation    `json:"violations,omitempty"`
+	Checkpoint *Checkpoint    `json:"checkpoint,omitempty"`
 }
 
 // VMReport names the VM instance verified.

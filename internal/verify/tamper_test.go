@@ -2,6 +2,7 @@ package verify_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -386,5 +387,72 @@ func TestInformationalFieldsIgnored(t *testing.T) {
 	}
 	if rep.VM.Name != "vm-a" || rep.VM.UUID != conceal.FormatUUID(w.a.UUID) || rep.Epoch.Host != "test-host" {
 		t.Fatalf("report took unauthenticated values: %+v %+v", rep.VM, rep.Epoch)
+	}
+}
+
+// TestIncremental: a verifier that kept a checkpoint verifies only the
+// delta, with the same guarantees.
+func TestIncremental(t *testing.T) {
+	w := getWorld(t)
+	rep, err := verify.Verify(clone(t, w.evA), opts(w, w.a, w.nonce))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp := rep.Checkpoint
+	if cp == nil || cp.Records != 13 {
+		t.Fatalf("checkpoint %+v", cp)
+	}
+	nonce := []byte("delta-nonce")
+	delta, err := w.m.EvidenceSince(context.Background(), w.a.ID(), nonce, cp.Since())
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, _ := w.evAEnd.MarshalBinary()
+	db, _ := delta.MarshalBinary()
+	if len(delta.Records) != 1 || len(db) >= len(full) {
+		t.Fatalf("delta holds %d records, %d bytes (full %d)", len(delta.Records), len(db), len(full))
+	}
+	o := opts(w, w.a, nonce)
+	o.Checkpoint = cp
+	rep2, err := verify.Verify(clone(t, delta), o)
+	if err != nil {
+		t.Fatalf("delta rejected: %v", err)
+	}
+	if rep2.Records != 14 || !rep2.Ended || rep2.Checkpoint.Records != 14 {
+		t.Fatalf("delta report %+v", rep2)
+	}
+	tests := []struct {
+		name   string
+		mutate func(ev *evidence.Evidence, o *verify.Options)
+		want   string
+	}{
+		{"delta without checkpoint", func(ev *evidence.Evidence, o *verify.Options) { o.Checkpoint = nil }, "has no checkpoint"},
+		{"checkpoint with another PCR value", func(ev *evidence.Evidence, o *verify.Options) {
+			c := *cp
+			c.PCR = append([]byte(nil), c.PCR...)
+			c.PCR[0] ^= 1
+			o.Checkpoint = &c
+		}, "replays to"},
+		{"delta from another position", func(ev *evidence.Evidence, o *verify.Options) { ev.From.Batch-- }, "not the delta after"},
+		{"teardown hidden from the delta", func(ev *evidence.Evidence, o *verify.Options) { ev.Records = nil }, "record 13 missing"},
+		{"checkpoint of another VM", func(ev *evidence.Evidence, o *verify.Options) {
+			rb, err := verify.Verify(clone(t, w.evB), opts(w, w.b, w.nonce))
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.Checkpoint = rb.Checkpoint
+		}, "belongs to another VM instance"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ev := clone(t, delta)
+			o := opts(w, w.a, nonce)
+			o.Checkpoint = cp
+			tt.mutate(ev, &o)
+			_, err := verify.Verify(ev, o)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want rejection %q", err, tt.want)
+			}
+		})
 	}
 }

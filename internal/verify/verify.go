@@ -37,6 +37,33 @@ type Options struct {
 	PCR int
 	// Appraise, when set, appraises each measurement record (step 5).
 	Appraise func(m *record.Measurement) []Violation
+	// Checkpoint, when set, is what an earlier verification of this VM
+	// left (Report.Checkpoint): the evidence must then be the delta after
+	// it, and only the delta is replayed and checked.
+	Checkpoint *Checkpoint
+}
+
+// Checkpoint is what a verifier keeps after verifying a VM's evidence so
+// that it can later verify only what came after: the log position and the
+// PCR value there (trusted because a verified quote covered them), the VM's
+// record count, the global index and content of its last record, and
+// whether it had ended. Keep it with the identity: it is the verifier's
+// state, never taken from evidence.
+type Checkpoint struct {
+	ID         []byte `json:"id"` // the VM instance it belongs to
+	EpochHash  []byte `json:"epoch_sha256"`
+	Batch      uint64 `json:"batch"`
+	NextG      uint64 `json:"next_g"`
+	PCR        []byte `json:"pcr"`
+	Records    uint64 `json:"records"`
+	LastG      uint64 `json:"last_g"`
+	LastRecord []byte `json:"last_record"`
+	Ended      bool   `json:"ended"`
+}
+
+// Since returns what to ask the bridge for to get the delta after c.
+func (c *Checkpoint) Since() *evidence.Since {
+	return &evidence.Since{Batch: c.Batch, Records: c.Records}
 }
 
 // Rejection is why evidence was not trusted. Step names which of the six
@@ -174,28 +201,49 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		return reject(1, "unknown evidence kind %q", ev.Kind)
 	}
 
-	// Step 2: replay the public log to the quoted PCR.
+	// Step 2: replay the public log to the quoted PCR, from zero or from
+	// the verifier's own checkpoint.
 	epochRec, err := record.UnmarshalEpoch(ev.Epoch.Record)
 	if err != nil {
 		return reject(2, "epoch record: %v", err)
 	}
+	epochHash := record.Hash(ev.Epoch.Record)
+	cp := opts.Checkpoint
 	var pcr conceal.Digest
-	var next uint64
+	var next, s0, prevG, firstBatch uint64
+	var last []byte
+	if cp != nil {
+		if ev.From == nil || ev.From.Batch != cp.Batch || ev.From.Records != cp.Records {
+			return reject(2, "evidence is not the delta after the verifier's checkpoint (batch %d, %d records)", cp.Batch, cp.Records)
+		}
+		if !bytes.Equal(cp.ID, id[:]) {
+			return reject(2, "the checkpoint belongs to another VM instance")
+		}
+		if !bytes.Equal(cp.EpochHash, epochHash[:]) {
+			return reject(2, "evidence is for another epoch than the checkpoint: the host rebooted; verify in full")
+		}
+		copy(pcr[:], cp.PCR)
+		next, s0, prevG, firstBatch = cp.NextG, cp.Records, cp.LastG, cp.Batch+1
+		last = cp.LastRecord
+		rep.Ended = cp.Ended
+	} else if ev.From != nil {
+		return reject(2, "evidence is a delta from batch %d but the verifier has no checkpoint", ev.From.Batch)
+	}
 	total := 0
 	for i, b := range ev.Log {
 		if b.G0 != next {
-			return reject(2, "batch %d starts at global index %d, expected %d: a batch was dropped, added or reordered", i, b.G0, next)
+			return reject(2, "batch %d starts at global index %d, expected %d: a batch was dropped, added or reordered", firstBatch+uint64(i), b.G0, next)
 		}
 		if len(b.Entries)%evidence.EntrySize != 0 {
-			return reject(2, "batch %d entries are %d bytes", i, len(b.Entries))
+			return reject(2, "batch %d entries are %d bytes", firstBatch+uint64(i), len(b.Entries))
 		}
 		n := b.Entries.Len()
-		first := i == 0
+		first := b.G0 == 0
 		if first {
 			n++
 		}
 		if n == 0 {
-			return reject(2, "batch %d is empty", i)
+			return reject(2, "batch %d is empty", firstBatch+uint64(i))
 		}
 		bh := conceal.NewBatchHasher(b.G0, uint32(n))
 		if first {
@@ -209,7 +257,7 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		next += uint64(n)
 		total += b.Entries.Len()
 	}
-	if len(ev.Log) == 0 {
+	if len(ev.Log) == 0 && cp == nil {
 		return reject(2, "evidence has no log")
 	}
 	if pcr != vals[pcrIdx] {
@@ -219,10 +267,11 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		return reject(2, "epoch record is for PCR %d, evidence claims PCR %d", epochRec.PCR, ev.PCR)
 	}
 	rep.Epoch = EpochReport{Number: ev.Epoch.Number, Host: epochRec.Host, BridgeVersion: epochRec.BridgeVersion, Time: epochRec.Time, Nonce: hex.EncodeToString(epochRec.Nonce[:])}
-	rep.Batches, rep.LogEntries = len(ev.Log), total+1
+	rep.Batches, rep.LogEntries = int(firstBatch)+len(ev.Log), int(next)
 
 	// Step 3: find this VM's records by their tags: n is the first s whose
-	// tag is absent.
+	// tag is absent. With a checkpoint, records before it were found then;
+	// the later ones can only be in the delta, since batches are in order.
 	const dup = math.MaxUint64
 	where := make(map[conceal.Digest]uint64, total)
 	for _, b := range ev.Log {
@@ -240,7 +289,6 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		}
 	}
 	entry := func(g uint64) (t, c conceal.Digest) {
-		// binary search the batch holding g
 		lo, hi := 0, len(ev.Log)-1
 		for lo < hi {
 			mid := (lo + hi + 1) / 2
@@ -257,8 +305,8 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		}
 		return b.Entries.At(off)
 	}
-	var tags []uint64
-	for s := uint64(0); ; s++ {
+	var tags []uint64 // tags[i] is the global index of record s0+i
+	for s := s0; ; s++ {
 		g, ok := where[keys.Tag(s)]
 		if !ok {
 			break
@@ -268,7 +316,7 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		}
 		tags = append(tags, g)
 	}
-	n := uint64(len(tags))
+	n := s0 + uint64(len(tags))
 	rep.Records = int(n)
 	if n == 0 {
 		return reject(3, "no record of this VM instance is in the log: wrong identity, or the log is another host's")
@@ -276,24 +324,23 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 
 	// Step 4: every record matches its commitment, in order, genesis first,
 	// nothing after teardown.
-	bySeq := make(map[uint64]uint64, n) // global index -> s
-	for s, g := range tags {
-		bySeq[g] = uint64(s)
+	bySeq := make(map[uint64]uint64, len(tags)) // global index -> s
+	for i, g := range tags {
+		bySeq[g] = s0 + uint64(i)
 	}
-	var prevG uint64
-	var last []byte
-	for s := uint64(0); s < n; s++ {
-		g := tags[s]
-		if s >= uint64(len(ev.Records)) {
+	for s := s0; s < n; s++ {
+		i := s - s0
+		g := tags[i]
+		if i >= uint64(len(ev.Records)) {
 			return reject(4, "record %d missing: its tag is at global index %d", s, g)
 		}
-		r := ev.Records[s]
+		r := ev.Records[i]
 		if r.G != g {
 			other, isOurs := bySeq[r.G]
 			switch {
 			case !isOurs:
 				return reject(4, "record %d claims global index %d, which holds none of this VM's tags (its tag is at global index %d)", s, r.G, g)
-			case other > s && !recordAt(ev.Records[s+1:], g):
+			case other > s && !recordAt(ev.Records[i+1:], g):
 				return reject(4, "record %d missing: its tag is at global index %d", s, g)
 			default:
 				return reject(4, "records out of order: position %d holds record %d (global index %d), expected record %d (global index %d)", s, other, r.G, s, g)
@@ -319,8 +366,8 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		}
 		last = r.R
 	}
-	if uint64(len(ev.Records)) > n {
-		return reject(4, "record %d has no tag in the log: the evidence holds %d records, the log %d", n, len(ev.Records), n)
+	if uint64(len(ev.Records)) > n-s0 {
+		return reject(4, "record %d has no tag in the log: the evidence holds %d records, the log %d", n, s0+uint64(len(ev.Records)), n)
 	}
 	if finalCheck != nil {
 		if !rep.Ended {
@@ -330,6 +377,10 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		if !bytes.Equal(finalCheck, want[:]) {
 			return reject(1, "final quote extraData does not match H(final || id || H(teardown)): it is not this VM's post-mortem quote")
 		}
+	}
+	rep.Checkpoint = &Checkpoint{
+		ID: id[:], EpochHash: epochHash[:], Batch: firstBatch + uint64(len(ev.Log)) - 1, NextG: next,
+		PCR: pcr[:], Records: n, LastG: prevG, LastRecord: last, Ended: rep.Ended,
 	}
 	return nil
 }
