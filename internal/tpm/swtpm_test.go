@@ -241,3 +241,37 @@ func TestWriteQuoteTestdata(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSealBoundToTPM: a blob sealed by one TPM opens on that TPM after a
+// restart of its process (same seeds), and not on another TPM.
+func TestSealBoundToTPM(t *testing.T) {
+	ctx := context.Background()
+	p1 := swtpmproc.StartTest(t)
+	t1, err := Open(ctx, p1.Spec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := t1.(Sealer).Seal(ctx, []byte("per-vm key wrapping key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t1.Close()
+	p2 := swtpmproc.StartTest(t)
+	t2, err := Open(ctx, p2.Spec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := t2.(Sealer).Unseal(ctx, blob); err == nil {
+		t.Fatal("another TPM unsealed the blob")
+	}
+	t2.Close()
+	t1, err = Open(ctx, p1.Spec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer t1.Close()
+	got, err := t1.(Sealer).Unseal(ctx, blob)
+	if err != nil || string(got) != "per-vm key wrapping key" {
+		t.Fatalf("unseal on the sealing TPM: %q %v", got, err)
+	}
+}
