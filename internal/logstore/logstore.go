@@ -26,6 +26,7 @@ var (
 	bucketFinal   = []byte("final")
 	keyEpoch      = []byte("epoch")
 	keyFormat     = []byte("format")
+	keyDataKey    = []byte("datakey")
 )
 
 // formatVersion is the on-disk layout version; Open refuses any other.
@@ -58,13 +59,21 @@ type VM struct {
 	Instance [16]byte `cbor:"3,keyasint"`
 	Name     string   `cbor:"4,keyasint"`
 	CID      uint32   `cbor:"5,keyasint,omitempty"`
-	Key      [32]byte `cbor:"6,keyasint"` // the concealment secret K
+	Key      [32]byte `cbor:"6,keyasint"` // the concealment secret K, only when no sealer wraps it
 	Epoch    uint64   `cbor:"7,keyasint"`
 	NextSeq  uint64   `cbor:"8,keyasint"` // records 0..NextSeq-1 are durable
 	Created  int64    `cbor:"9,keyasint"`
 	Ended    bool     `cbor:"10,keyasint,omitempty"` // teardown durable, or the epoch ended under it
 	EndedBy  string   `cbor:"11,keyasint,omitempty"`
 	Guest    []byte   `cbor:"12,keyasint,omitempty"` // transport-specific guest state (e.g. resume point)
+	// WrappedKey is K encrypted under the store's data key, which only the
+	// TPM can unseal; Key is then zero.
+	WrappedKey []byte `cbor:"13,keyasint,omitempty"`
+	EndedAt    int64  `cbor:"14,keyasint,omitempty"` // Unix ns of the teardown
+	// Forgotten is set once the retention after teardown has passed: the
+	// key and the records are destroyed; the leaves stay in the log but
+	// nobody can link them any more.
+	Forgotten bool `cbor:"15,keyasint,omitempty"`
 }
 
 // Record is one durable VM record with its place in the public log.
@@ -453,5 +462,99 @@ func (sn *Snapshot) LastRecords(id [32]byte, fn func(*Record) bool) error {
 			return nil
 		}
 	}
+	return nil
+}
+
+// SealedDataKey returns the sealed data key blob, or nil if none was stored.
+func (s *Store) SealedDataKey() ([]byte, error) {
+	var out []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		out = bytes.Clone(tx.Bucket(bucketMeta).Get(keyDataKey))
+		return nil
+	})
+	return out, err
+}
+
+// PutSealedDataKey stores the sealed data key blob once; a second, different
+// one is refused, since every wrapped VM key depends on the first.
+func (s *Store) PutSealedDataKey(blob []byte) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if old := meta.Get(keyDataKey); old != nil && !bytes.Equal(old, blob) {
+			return errors.New("the store already has a data key")
+		}
+		return meta.Put(keyDataKey, blob)
+	})
+	if err != nil {
+		return fmt.Errorf("store sealed data key: %w", err)
+	}
+	return nil
+}
+
+// Forget destroys an ended VM's key, records and final quote and marks it
+// forgotten. Its leaves stay in the public log, unlinkable. bbolt reuses
+// freed pages but does not wipe them: run Compact to leave no copy in the
+// file.
+func (s *Store) Forget(id [32]byte) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		vms := tx.Bucket(bucketVMs)
+		raw := vms.Get(id[:])
+		if raw == nil {
+			return fmt.Errorf("vm %x: %w", id[:8], ErrNotFound)
+		}
+		var vm VM
+		if err := cbor.Unmarshal(raw, &vm); err != nil {
+			return err
+		}
+		if !vm.Ended {
+			return fmt.Errorf("vm %s has not ended", vm.Name)
+		}
+		c := tx.Bucket(bucketRecords).Cursor()
+		for k, _ := c.Seek(id[:]); k != nil && bytes.HasPrefix(k, id[:]); k, _ = c.Seek(id[:]) {
+			if err := c.Delete(); err != nil {
+				return err
+			}
+		}
+		if err := tx.Bucket(bucketFinal).Delete(id[:]); err != nil {
+			return err
+		}
+		vm.Key, vm.WrappedKey, vm.Guest, vm.Forgotten = [32]byte{}, nil, nil, true
+		return putCBOR(vms, id[:], &vm)
+	})
+	if err != nil {
+		return fmt.Errorf("forget vm %x: %w", id[:8], err)
+	}
+	return nil
+}
+
+// Compact rewrites the store into a fresh file and replaces the old one,
+// so that pages freed by Forget leave no copy in the state directory. The
+// store must not be in use; it is reopened.
+func (s *Store) Compact() error {
+	tmp := s.path + ".compact"
+	os.Remove(tmp)
+	dst, err := bolt.Open(tmp, 0o600, nil)
+	if err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	if err := bolt.Compact(dst, s.db, 1<<20); err != nil {
+		dst.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("compact: %w", err)
+	}
+	if err := dst.Close(); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	if err := os.Rename(tmp, s.path); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	db, err := bolt.Open(s.path, 0o600, &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return fmt.Errorf("compact: reopen: %w", err)
+	}
+	s.db = db
 	return nil
 }

@@ -156,7 +156,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		puts[i] = logstore.Put{ID: vs.id, Record: logstore.Record{Seq: s, G: g, Batch: index, R: it.r}}
 		acks[i] = Ack{Seq: s, G: g, Batch: index}
 		if it.kind == record.KindTeardown {
-			vs.vm.Ended, vs.vm.EndedBy = true, it.reason
+			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
 		}
 	}
 	v, _ := bh.Sum()
@@ -186,6 +186,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 	m.stats.Batches++
 	m.stats.Records += uint64(n)
 	m.stats.MaxBatch = max(m.stats.MaxBatch, n)
+	m.observeBatch(n)
 	for _, s := range touched {
 		if s.vs.vm.Ended {
 			m.mu.Lock()

@@ -168,8 +168,10 @@ func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
 func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conceal.Digest, error) {
 	start := time.Now()
 	defer func() {
+		d := time.Since(start)
 		m.stats.Quotes++
-		m.stats.QuoteNanos += uint64(time.Since(start))
+		m.stats.QuoteNanos += uint64(d)
+		m.observeQuote(d)
 	}()
 	for try := 0; try < 5; try++ {
 		vals, err := m.tpm.ReadPCRs(ctx, m.sel)

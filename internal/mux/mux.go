@@ -7,6 +7,7 @@ package mux
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -50,6 +51,15 @@ type Config struct {
 	// NoQuoteBatching takes one quote per evidence request (the baseline
 	// of the benchmarks) instead of sharing quotes between concurrent ones.
 	NoQuoteBatching bool
+	// Observer, if set, receives per-operation measurements for
+	// metrics (observe.go).
+	Observer Observer
+	// Sealer seals the store's data key; default: the TPM itself when it
+	// can seal. Without one, VM keys are stored in clear.
+	Sealer tpm.Sealer
+	// KeyRetention is how long after teardown a VM's key and records are
+	// kept; afterwards ForgetExpired destroys them. 0 keeps them forever.
+	KeyRetention time.Duration
 }
 
 // Mux multiplexes VM records onto one TPM PCR.
@@ -82,6 +92,8 @@ type Mux struct {
 	qmu      sync.Mutex
 	qpending []*quoteReq
 	quoting  bool
+
+	aead cipher.AEAD // wraps VM keys; nil when keys are stored in clear
 
 	stats   Stats
 	done    chan struct{}
@@ -180,6 +192,9 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 		vms:   make(map[conceal.Digest]*vmState),
 		wake:  make(chan struct{}, 1),
 		done:  make(chan struct{}),
+	}
+	if err := m.openDataKey(ctx); err != nil {
+		return nil, err
 	}
 	if err := m.recover(ctx); err != nil {
 		var rf *ReplayError
@@ -378,8 +393,10 @@ func (m *Mux) beginEpoch(ctx context.Context, number uint64) error {
 func (m *Mux) extend(ctx context.Context, v conceal.Digest) error {
 	start := time.Now()
 	err := m.tpm.Extend(ctx, m.cfg.PCR, v)
+	d := time.Since(start)
 	m.stats.Extends++
-	m.stats.ExtendNanos += uint64(time.Since(start))
+	m.stats.ExtendNanos += uint64(d)
+	m.observeExtend(d)
 	return err
 }
 
@@ -390,7 +407,11 @@ func (m *Mux) loadVMs() error {
 			if vm.Epoch != m.epoch || vm.Ended {
 				return nil
 			}
-			m.vms[vm.ID] = &vmState{vm: *vm, id: vm.ID, keys: conceal.Derive(vm.Key)}
+			k, err := m.unwrapKey(vm)
+			if err != nil {
+				return err
+			}
+			m.vms[vm.ID] = &vmState{vm: *vm, id: vm.ID, keys: conceal.Derive(k)}
 			return nil
 		})
 	})
@@ -402,7 +423,7 @@ func (m *Mux) finishTeardowns(ctx context.Context) error {
 	var missing []conceal.Digest
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		return sn.VMs(func(vm *logstore.VM) error {
-			if vm.Epoch == m.epoch && vm.Ended && vm.EndedBy != "epoch-ended" {
+			if vm.Epoch == m.epoch && vm.Ended && !vm.Forgotten && vm.EndedBy != "epoch-ended" {
 				if _, err := sn.Final(vm.ID); errors.Is(err, logstore.ErrNotFound) {
 					missing = append(missing, vm.ID)
 				}

@@ -45,9 +45,12 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	m.commitMu.Unlock()
 	vs := &vmState{
 		vm: logstore.VM{ID: id, UUID: l.UUID, Instance: ident.Instance, Name: l.Name, CID: l.CID,
-			Key: ident.Key, Epoch: epoch, Created: now.UnixNano()},
+			Epoch: epoch, Created: now.UnixNano()},
 		id:   id,
 		keys: ident.Keys(),
+	}
+	if err := m.wrapKey(&vs.vm, ident.Key); err != nil {
+		return nil, fmt.Errorf("new vm %s: %w", l.Name, err)
 	}
 	m.mu.Lock()
 	if _, dup := m.vms[id]; dup {
@@ -127,7 +130,7 @@ func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
 	}
 	rec, err := record.Unmarshal(last)
 	if err != nil || rec.Kind != record.KindTeardown {
-		return fmt.Errorf("final quote: last record of vm %x is not a teardown", id[:8])
+		return fmt.Errorf("final quote: last record of vm %x is not a teardown (%v)", id[:8], err)
 	}
 	extra := conceal.FinalData(id, record.Hash(last))
 	m.commitMu.Lock()
@@ -201,7 +204,11 @@ func (m *Mux) Identity(id conceal.Digest) (*conceal.Identity, error) {
 		if err != nil {
 			return err
 		}
-		ident = &conceal.Identity{UUID: vm.UUID, Instance: vm.Instance, Key: vm.Key}
+		k, err := m.unwrapKey(vm)
+		if err != nil {
+			return err
+		}
+		ident = &conceal.Identity{UUID: vm.UUID, Instance: vm.Instance, Key: k}
 		return nil
 	})
 	return ident, err
