@@ -96,7 +96,13 @@ func (b *Bridge) serveConn(ctx context.Context, id conceal.Digest, conn GuestCon
 		out.dl.SetReadDeadline(time.Time{})
 	}
 	if first.Type == wire.TypeEvidenceRequest {
-		return b.attestOnly(ctx, id, wc, out, first)
+		hello, err := b.attestOnly(ctx, id, wc, out, first, resync)
+		if err != nil {
+			return err
+		}
+		// On virtio-serial the stream outlives the attest: the agent that
+		// starts afterwards says hello on it.
+		first = hello
 	}
 	s := &session{conn: conn, done: make(chan struct{})}
 	defer close(s.done)
@@ -143,15 +149,18 @@ type rehello struct{ frame wire.Frame }
 func (*rehello) Error() string { return "agent sent a new hello" }
 
 // attestOnly serves a connection that only asks for evidence (the
-// tpmmux-agent attest command beside a running agent).
-func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, f wire.Frame) error {
+// tpmmux-agent attest command beside a running agent). On a resync stream
+// (virtio-serial, which is the VM's only channel and outlives the attest
+// command) a later Hello hands the stream over to a stream session: it is
+// returned; other unexpected frames there are stale and skipped.
+func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, f wire.Frame, resync bool) (wire.Frame, error) {
 	for {
 		switch f.Type {
 		case wire.TypeEvidenceRequest:
 			var m wire.EvidenceRequest
 			if err := wire.Decode(f, &m); err != nil {
 				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
-				return err
+				return wire.Frame{}, err
 			}
 			resp, err := b.evidenceFor(ctx, id, m)
 			if err != nil {
@@ -160,23 +169,31 @@ func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Con
 				err = out.send(wire.TypeEvidenceResponse, resp)
 			}
 			if err != nil {
-				return err
+				return wire.Frame{}, err
 			}
 		case wire.TypePing:
 			var m wire.Ping
 			if err := wire.Decode(f, &m); err != nil {
-				return err
+				return wire.Frame{}, err
 			}
 			if err := out.send(wire.TypePong, &wire.Pong{Seq: m.Seq}); err != nil {
-				return err
+				return wire.Frame{}, err
 			}
+		case wire.TypeHello:
+			if resync {
+				return f, nil
+			}
+			fallthrough
 		default:
+			if resync {
+				break // a stale frame of an earlier agent
+			}
 			out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: fmt.Sprintf("unexpected %s frame on an evidence connection", f.Type), Fatal: true})
-			return fmt.Errorf("unexpected %s frame on an evidence connection", f.Type)
+			return wire.Frame{}, fmt.Errorf("unexpected %s frame on an evidence connection", f.Type)
 		}
 		var err error
 		if f, err = wc.Recv(); err != nil {
-			return err
+			return wire.Frame{}, err
 		}
 	}
 }
