@@ -139,7 +139,36 @@ func (b *Bridge) serveConn(ctx context.Context, id conceal.Digest, conn GuestCon
 			first = rh.frame
 			continue
 		}
+		var ge *guestError
+		if resync && errors.As(err, &ge) {
+			// On virtio-serial this stream is the VM's only channel: a
+			// guest that broke the protocol was told why, and the next
+			// agent to say hello gets a fresh session on it.
+			b.logger().Warn("guest broke the protocol; waiting for a new hello on its serial stream", "vm", b.nameOf(id), "err", err)
+			if first, err = nextHello(wc); err != nil {
+				return err
+			}
+			continue
+		}
 		return err
+	}
+}
+
+// guestError is a protocol violation by the guest, already reported to it.
+type guestError struct{ code, msg string }
+
+func (e *guestError) Error() string { return fmt.Sprintf("guest %s: %s", e.code, e.msg) }
+
+// nextHello skips frames until the next Hello.
+func nextHello(wc *wire.Conn) (wire.Frame, error) {
+	for {
+		f, err := wc.Recv()
+		if err != nil {
+			return wire.Frame{}, err
+		}
+		if f.Type == wire.TypeHello {
+			return f, nil
+		}
 	}
 }
 
@@ -289,7 +318,7 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 	fatal := func(code, format string, a ...any) error {
 		msg := fmt.Sprintf(format, a...)
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
-		return fmt.Errorf("guest %s: %s", code, msg)
+		return &guestError{code: code, msg: msg}
 	}
 	for {
 		f, err := wc.Recv()

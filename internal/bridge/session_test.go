@@ -311,3 +311,41 @@ func TestSerialRestartOnSameStream(t *testing.T) {
 	ag.Close()
 	<-done
 }
+
+// TestSerialStreamSurvivesProtocolError: on virtio-serial the stream is the
+// VM's only channel, so a guest that breaks the protocol is told why and the
+// next hello on the same stream gets a fresh session.
+func TestSerialStreamSurvivesProtocolError(t *testing.T) {
+	b := newBridge(t)
+	ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{4}, Name: "vm-p"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := wireEntries(realEntries(t)[:10])
+	ag, host := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- b.Serve(context.Background(), ident.ID(), host, true) }()
+	a := &agentConn{t: t, c: wire.NewConn(ag, true), conn: ag}
+	a.hello("boot")
+	a.send(5, 1, es) // a gap
+	f, err := a.c.Recv()
+	if err != nil || f.Type != wire.TypeError {
+		t.Fatalf("got %v %v, want an error frame", f.Type, err)
+	}
+	if w := a.hello("boot"); w.Resume != 0 {
+		t.Fatalf("resume %d", w.Resume)
+	}
+	a.send(0, 2, es)
+	var ack wire.Ack
+	a.recv(&ack)
+	if ack.Next != 10 {
+		t.Fatalf("ack next %d", ack.Next)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("the serial stream was closed: %v", err)
+	default:
+	}
+	ag.Close()
+	<-done
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 
 	"github.com/mdlayher/vsock"
 )
@@ -33,9 +34,16 @@ func VsockPeerCID(c net.Conn) (uint32, error) {
 	return a.ContextID, nil
 }
 
-// VsockAvailable reports whether this host can use AF_VSOCK as a host
-// (nil if it can): it needs the vhost-vsock device.
+// VhostVsockDevice is the device QEMU's vhost-vsock-pci needs on the host.
+const VhostVsockDevice = "/dev/vhost-vsock"
+
+// VsockAvailable reports whether this host can serve guests over AF_VSOCK
+// (nil if it can). Being able to listen is not enough (a guest can listen
+// too): guests reach the host only through the vhost-vsock device.
 func VsockAvailable() error {
+	if _, err := os.Stat(VhostVsockDevice); err != nil {
+		return fmt.Errorf("AF_VSOCK unavailable: no %s (load vhost_vsock; or use virtio-serial): %w", VhostVsockDevice, err)
+	}
 	l, err := vsock.Listen(0, nil)
 	if err != nil {
 		return fmt.Errorf("AF_VSOCK unavailable: %w", err)
