@@ -1,6 +1,9 @@
 // Command tpmmux-bridge is the host side of tpmmux: it owns the TPM, the
 // durable log and the per-VM channels, and hands out per-VM evidence.
 //
+//	tpmmux-bridge run [--config FILE] [flags]    the daemon
+//	tpmmux-bridge status | vms [--all]           ask the running daemon
+//	tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR
 //	tpmmux-bridge demo [--vms N] [--records M] [--tpm sim|swtpm:ADDR] [--out DIR]
 package main
 
@@ -30,6 +33,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "demo":
 		return demoMain(ctx, args[1:], stdout, stderr)
+	case "run":
+		return runMain(ctx, args[1:], stdout, stderr)
+	case "status":
+		return statusMain(ctx, args[1:], stdout, stderr)
+	case "vms":
+		return vmsMain(ctx, args[1:], stdout, stderr)
+	case "evidence":
+		return evidenceMain(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "tpmmux-bridge", version)
 		return 0
@@ -46,6 +57,13 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, `usage: tpmmux-bridge COMMAND [flags]
 
 commands:
-  demo     run the whole flow in one process (default: embedded TPM simulator)
-  version  print the version`)
+  run       run the bridge daemon (tpmmux-bridge run --help for its flags)
+  status    show the running bridge's state
+  vms       list the live VMs (--all: ended instances too)
+  evidence  write a VM's evidence and what verifies it: --vm NAME --nonce HEX --out DIR
+  demo      run the whole flow in one process (default: embedded TPM simulator)
+  version   print the version
+
+status, vms and evidence talk to the daemon over its control socket
+(--control PATH, default /run/tpmmux/control.sock; root only).`)
 }

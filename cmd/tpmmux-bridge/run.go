@@ -1,0 +1,98 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/daemon"
+	"github.com/tpmmux/tpmmux/libvirt"
+)
+
+// runMain is `tpmmux-bridge run`: the daemon. Flags override the
+// configuration file; docs/hook.md lists every key.
+func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fset := flag.NewFlagSet("run", flag.ContinueOnError)
+	fset.SetOutput(stderr)
+	def := daemon.DefaultConfig()
+	cfgPath := fset.String("config", daemon.DefaultConfigFile, "configuration file (JSON); a missing default file means all defaults")
+	tpmSpec := fset.String("tpm", def.TPM, "TPM backend: device[:PATH], swtpm:HOST:PORT, swtpm:unix:PATH, or sim (testing only)")
+	stateDir := fset.String("state-dir", def.StateDir, "state directory (log store STATEDIR/log.db)")
+	pcr := fset.Int("pcr", def.PCR, "the PCR the bridge owns (sha256 bank)")
+	hostPCRs := fset.String("host-pcrs", def.HostPCRs, `host PCRs every quote covers, e.g. "0-7,10", or "none"`)
+	ctrl := fset.String("control", def.ControlSocket, "control socket (mode 0600, root only)")
+	serialDir := fset.String("serial-dir", def.SerialDir, "directory of the per-VM virtio-serial sockets")
+	serialGroup := fset.String("serial-group", def.SerialGroup, "group (name or gid) of the virtio-serial sockets, so QEMU can connect")
+	serialMode := fset.String("serial-mode", def.SerialMode, "mode of the virtio-serial sockets, octal")
+	guestUnix := fset.String("guest-unix-dir", def.GuestUnixDir, "give every VM a dev unix socket DIR/<name>.sock (development)")
+	vsock := fset.String("vsock", def.Vsock, "vsock listeners: auto, on or off")
+	metrics := fset.String("metrics", def.Metrics, "serve Prometheus metrics on this loopback HOST:PORT")
+	level := fset.String("log-level", def.LogLevel, "log level: debug, info, warn or error")
+	mode := fset.String("mode", def.Hook.Mode, "which domains get an identity: opt-out (all but those opted out) or opt-in")
+	failOpen := fset.Bool("fail-open", def.Hook.FailOpen, "a prepare that fails inside the bridge lets the domain start unattested")
+	libvirtTarget := fset.String("libvirt", def.Libvirt, `reconcile with libvirtd at this socket path or URI ("" off)`)
+	host := fset.String("host", def.Host, "host name written into the log (default: the system's)")
+	retention := fset.Duration("key-retention", time.Duration(def.KeyRetention), "destroy an ended VM's key and records after this long (0: never)")
+	if err := fset.Parse(args); err != nil {
+		return 2
+	}
+	if fset.NArg() > 0 {
+		fmt.Fprintf(stderr, "tpmmux-bridge run: unexpected argument %q\n", fset.Arg(0))
+		return 2
+	}
+	explicit := map[string]bool{}
+	fset.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
+	cfg, err := daemon.LoadConfig(*cfgPath, !explicit["config"])
+	if err != nil {
+		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
+		return 2
+	}
+	set := func(name string, apply func()) {
+		if explicit[name] {
+			apply()
+		}
+	}
+	set("tpm", func() { cfg.TPM = *tpmSpec })
+	set("state-dir", func() { cfg.StateDir = *stateDir })
+	set("pcr", func() { cfg.PCR = *pcr })
+	set("host-pcrs", func() { cfg.HostPCRs = *hostPCRs })
+	set("control", func() { cfg.ControlSocket = *ctrl })
+	set("serial-dir", func() { cfg.SerialDir = *serialDir })
+	set("serial-group", func() { cfg.SerialGroup = *serialGroup })
+	set("serial-mode", func() { cfg.SerialMode = *serialMode })
+	set("guest-unix-dir", func() { cfg.GuestUnixDir = *guestUnix })
+	set("vsock", func() { cfg.Vsock = *vsock })
+	set("metrics", func() { cfg.Metrics = *metrics })
+	set("log-level", func() { cfg.LogLevel = *level })
+	set("mode", func() { cfg.Hook.Mode = *mode })
+	set("fail-open", func() { cfg.Hook.FailOpen = *failOpen })
+	set("libvirt", func() { cfg.Libvirt = *libvirtTarget })
+	set("host", func() { cfg.Host = *host })
+	set("key-retention", func() { cfg.KeyRetention = daemon.Duration(*retention) })
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
+		return 2
+	}
+	log, err := daemon.NewLogger(stderr, cfg.LogLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
+		return 2
+	}
+	opts := daemon.Options{Version: version, Logger: log}
+	if cfg.Libvirt != "" {
+		// The hook point for libvirtd reconciliation (see
+		// internal/daemon/libvirt.go): the libvirt package's watcher,
+		// with the daemon as its Host.
+		target := cfg.Libvirt
+		opts.Libvirt = func(d *daemon.Daemon) daemon.Runner {
+			return libvirt.Follow(target, d, d.Logger())
+		}
+	}
+	if err := daemon.Run(ctx, cfg, opts); err != nil {
+		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,242 @@
+// Command tpmmux-hook is tpmmux's libvirt qemu hook, installed as
+// /etc/libvirt/hooks/qemu.d/tpmmux (libvirt ≥ 6.5 runs every executable
+// there). libvirt runs it with argv DOMAIN OP SUBOP EXTRA and the domain
+// XML on stdin; it forwards the lifecycle events tpmmux needs to the
+// bridge's control socket and never calls the libvirt API (libvirt forbids
+// that from a hook: it would deadlock).
+//
+//	prepare begin    identity and genesis; the VM's listeners open
+//	started begin    the live XML (auto-assigned vsock CID)
+//	stopped end      listeners close; teardown follows
+//	release end      teardown with libvirt's shutoff reason (EXTRA)
+//	reconnect begin  libvirtd restarted: re-adopt the running VM
+//	anything else    exit 0 at once, stdin unread
+//
+// Its own configuration is /etc/tpmmux/hook.json (or $TPMMUX_HOOK_CONFIG):
+// {"control_socket", "timeout", "fail_open", "mode"}; see docs/hook.md.
+// Every path takes at most the timeout (2 s by default). Fail-closed by
+// default: when prepare or started gets no good answer in time the hook
+// exits 1 with one line on stderr, which virsh shows, and libvirt does not
+// start the domain. stopped, release and reconnect never fail.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/libvirt"
+)
+
+// Defaults of the hook's configuration.
+const (
+	DefaultConfigPath = "/etc/tpmmux/hook.json"
+	DefaultTimeout    = 2 * time.Second
+	configEnv         = "TPMMUX_HOOK_CONFIG"
+)
+
+// config is /etc/tpmmux/hook.json.
+type config struct {
+	// ControlSocket is the bridge's control socket.
+	ControlSocket string `json:"control_socket"`
+	// Timeout bounds the whole hook run, e.g. "2s".
+	Timeout string `json:"timeout"`
+	// FailOpen lets a domain start when the bridge does not answer (or
+	// refuses): it then runs unattested.
+	FailOpen bool `json:"fail_open"`
+	// Mode is opt-out (every domain unless its metadata says
+	// enabled="no") or opt-in (only domains whose metadata says
+	// enabled="yes").
+	Mode string `json:"mode"`
+
+	timeout time.Duration
+	path    string
+}
+
+func loadConfig() (*config, error) {
+	path := os.Getenv(configEnv)
+	if path == "" {
+		path = DefaultConfigPath
+	}
+	c := &config{ControlSocket: control.DefaultSocket, Mode: "opt-out", timeout: DefaultTimeout, path: path}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return c, nil
+	}
+	if err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	if c.ControlSocket == "" {
+		c.ControlSocket = control.DefaultSocket
+	}
+	if c.Timeout != "" {
+		t, err := time.ParseDuration(c.Timeout)
+		if err != nil || t <= 0 || t > time.Minute {
+			return c, fmt.Errorf("%s: timeout %q, want a duration such as \"2s\" (at most 1m)", path, c.Timeout)
+		}
+		c.timeout = t
+	}
+	switch c.Mode {
+	case "":
+		c.Mode = "opt-out"
+	case "opt-out", "opt-in":
+	default:
+		return c, fmt.Errorf("%s: mode %q, want opt-out or opt-in", path, c.Mode)
+	}
+	return c, nil
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stderr))
+}
+
+// op is what the hook does for one libvirt op.
+type op struct {
+	name     string // control op
+	needXML  bool
+	critical bool // a failure aborts the libvirt operation (unless fail_open)
+	retry    bool // wait (within the timeout) for a bridge that is coming up
+}
+
+func opFor(o, sub string) (op, bool) {
+	switch o + " " + sub {
+	case "prepare begin":
+		return op{name: control.OpPrepare, needXML: true, critical: true, retry: true}, true
+	case "started begin":
+		return op{name: control.OpStarted, needXML: true, critical: true, retry: true}, true
+	case "stopped end":
+		return op{name: control.OpStopped, needXML: true}, true
+	case "release end":
+		return op{name: control.OpRelease, needXML: true}, true
+	case "reconnect begin":
+		// libvirt kills a running domain whose reconnect hook fails:
+		// never. A bridge that is down re-adopts its live VMs itself when
+		// it starts.
+		return op{name: control.OpReconnect, needXML: true}, true
+	}
+	return op{}, false
+}
+
+func run(args []string, stdin io.Reader, stderr io.Writer) int {
+	if len(args) < 3 {
+		fmt.Fprintln(stderr, "usage: tpmmux-hook DOMAIN OP SUBOP [EXTRA] < domain.xml (run by libvirt from /etc/libvirt/hooks/qemu.d/)")
+		return 2
+	}
+	domain, o, sub := args[0], args[1], args[2]
+	extra := "-"
+	if len(args) > 3 {
+		extra = args[3]
+	}
+	what, ok := opFor(o, sub)
+	if !ok {
+		return 0
+	}
+	cfg, cfgErr := loadConfig()
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout)
+	defer cancel()
+	fail := func(failOpen bool, format string, a ...any) int {
+		fmt.Fprintf(stderr, "tpmmux: "+format+"\n", a...)
+		if what.critical && !failOpen {
+			return 1
+		}
+		return 0
+	}
+	if cfgErr != nil {
+		return fail(false, "%v", cfgErr)
+	}
+	xml, err := readXML(ctx, stdin)
+	if err != nil && what.critical {
+		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
+	}
+	var dom *libvirt.Domain
+	if err == nil {
+		dom, err = libvirt.ParseDomain(xml)
+	}
+	switch {
+	case err != nil && what.critical:
+		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
+	case err != nil && what.name == control.OpReconnect:
+		return fail(true, "%s %s: %v", o, domain, err)
+	case dom != nil && !attested(cfg.Mode, dom.Attest):
+		return 0 // opted out (or not in): the bridge is not involved
+	}
+	// stopped and release go to the bridge by name even without a
+	// readable XML: for a domain it does not know they are no-ops.
+	req := &control.Request{Op: what.name, FailOpen: cfg.FailOpen}
+	switch what.name {
+	case control.OpPrepare, control.OpReconnect:
+		req.XML = string(xml)
+	case control.OpStarted:
+		req.Name, req.XML = domain, string(xml)
+	case control.OpStopped, control.OpRelease:
+		req.Name, req.Reason = domain, extra
+	}
+	c := &control.Client{Path: cfg.ControlSocket, RetryDial: what.retry}
+	resp, err := c.Call(ctx, req)
+	var re *control.RemoteError
+	switch {
+	case errors.As(err, &re):
+		return fail(cfg.FailOpen, "%s %s refused by the bridge: %s", o, domain, re.Msg)
+	case err != nil:
+		var ue *control.UnreachableError
+		cause := err
+		if errors.As(err, &ue) {
+			cause = ue.Err
+		}
+		if what.critical {
+			return fail(cfg.FailOpen, "bridge not answering on %s within %s (%v); start tpmmux-bridge or set fail_open in %s", cfg.ControlSocket, cfg.timeout, cause, cfg.path)
+		}
+		return fail(true, "%s %s not delivered: bridge not answering on %s (%v); it catches up when it starts", o, domain, cfg.ControlSocket, cause)
+	}
+	_ = resp
+	return 0
+}
+
+// attested says whether a domain takes part under mode, from its
+// metadata's choice ("", "yes" or "no").
+func attested(mode, choice string) bool {
+	if mode == "opt-in" {
+		return choice == "yes"
+	}
+	return choice != "no"
+}
+
+// readXML reads the domain XML from stdin within ctx, at most
+// libvirt.MaxDomainXML bytes.
+func readXML(ctx context.Context, r io.Reader) ([]byte, error) {
+	type result struct {
+		b   []byte
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		b, err := io.ReadAll(io.LimitReader(r, libvirt.MaxDomainXML+1))
+		ch <- result{b, err}
+	}()
+	select {
+	case res := <-ch:
+		if res.err != nil {
+			return nil, fmt.Errorf("read domain XML from stdin: %w", res.err)
+		}
+		if len(res.b) > libvirt.MaxDomainXML {
+			return nil, fmt.Errorf("domain XML on stdin exceeds %d bytes", libvirt.MaxDomainXML)
+		}
+		if len(bytes.TrimSpace(res.b)) == 0 {
+			return nil, errors.New("no domain XML on stdin")
+		}
+		return res.b, nil
+	case <-ctx.Done():
+		return nil, errors.New("domain XML not received on stdin in time")
+	}
+}

@@ -1,0 +1,309 @@
+// Package daemon is the tpmmux bridge daemon (tpmmux-bridge run): it owns
+// the TPM, the log store and the multiplexer, serves the control socket the
+// libvirt hook and the admin commands use, opens and closes every VM's
+// guest listeners (virtio-serial, vsock, a unix socket for development),
+// runs the guest protocol on them, and serves Prometheus metrics.
+package daemon
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/mux"
+)
+
+// Defaults of the daemon's configuration.
+const (
+	DefaultConfigFile = "/etc/tpmmux/bridge.json"
+	DefaultTPM        = "device"
+	DefaultStateDir   = "/var/lib/tpmmux"
+	DefaultSerialDir  = "/run/tpmmux/serial"
+	DefaultHostPCRs   = "0-7,10"
+	DefaultSerialMode = "0660"
+	DefaultStopGrace  = 3 * time.Second
+)
+
+// The attestation modes: which domains get an identity.
+const (
+	ModeOptOut = "opt-out" // every domain, unless its metadata says enabled="no"
+	ModeOptIn  = "opt-in"  // only domains whose metadata says enabled="yes"
+)
+
+// Config is the daemon's configuration: a JSON file (every key optional;
+// docs/hook.md lists them) overridden by command-line flags.
+type Config struct {
+	// TPM is the TPM backend: "device" (/dev/tpmrm0), "device:PATH",
+	// "swtpm:HOST:PORT", "swtpm:unix:PATH" or "sim" (testing only).
+	TPM string `json:"tpm"`
+	// StateDir holds the log store (log.db) and the per-VM listener state.
+	StateDir string `json:"state_dir"`
+	// PCR is the PCR the bridge owns (sha256 bank).
+	PCR int `json:"pcr"`
+	// HostPCRs are the host PCRs every quote covers, e.g. "0-7,10"; "none"
+	// for none.
+	HostPCRs string `json:"host_pcrs"`
+	// ControlSocket is the control socket (mode 0600, root only).
+	ControlSocket string `json:"control_socket"`
+	// SerialDir is where per-VM virtio-serial sockets may be: a domain's
+	// org.tpmmux.0 channel path must be directly in it.
+	SerialDir string `json:"serial_dir"`
+	// SerialGroup is the group (name or number) given to the serial
+	// sockets so that QEMU can connect; "" leaves root's.
+	SerialGroup string `json:"serial_group"`
+	// SerialMode is the serial sockets' mode, octal.
+	SerialMode string `json:"serial_mode"`
+	// GuestUnixDir, if set, gives every VM a plain unix socket
+	// DIR/<name>.sock (development transport).
+	GuestUnixDir string `json:"guest_unix_dir"`
+	// Vsock is "auto" (on when the host has vhost-vsock), "on" or "off".
+	Vsock string `json:"vsock"`
+	// Metrics is the loopback address of the Prometheus endpoint
+	// (/metrics), e.g. "127.0.0.1:9464"; "" for none.
+	Metrics string `json:"metrics"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `json:"log_level"`
+	// Hook is the bridge's side of the hook policy.
+	Hook HookPolicy `json:"hook"`
+	// Host is the host name written into epoch and genesis records
+	// (default: the system's host name).
+	Host string `json:"host"`
+	// Libvirt is where to reach libvirtd for reconciliation (a socket path
+	// or a libvirt URI); "" turns it off.
+	Libvirt string `json:"libvirt"`
+	// ControlTimeout bounds one control request.
+	ControlTimeout Duration `json:"control_timeout"`
+	// StopGrace is how long a teardown waits after "stopped end" for
+	// "release end", which carries libvirt's shutoff reason.
+	StopGrace Duration `json:"stop_grace"`
+	// KeyRetention is how long an ended VM's key and records are kept
+	// (then destroyed: its evidence can no longer be produced); 0 keeps
+	// them forever.
+	KeyRetention Duration `json:"key_retention"`
+}
+
+// HookPolicy is the bridge's side of the hook policy (the hook has its
+// own, in /etc/tpmmux/hook.json, for when the bridge cannot answer).
+type HookPolicy struct {
+	// Mode is opt-out (default: every domain is attested unless its
+	// metadata opts out) or opt-in.
+	Mode string `json:"mode"`
+	// FailOpen makes a prepare that fails inside the bridge answer
+	// "skipped" instead of an error, so the domain starts unattested.
+	FailOpen bool `json:"fail_open"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("2s").
+type Duration time.Duration
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON reads a duration string such as "2s" or "500ms".
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration: want a string such as \"2s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// DefaultConfig returns the configuration with every default filled in.
+func DefaultConfig() Config {
+	return Config{
+		TPM:            DefaultTPM,
+		StateDir:       DefaultStateDir,
+		PCR:            mux.DefaultPCR,
+		HostPCRs:       DefaultHostPCRs,
+		ControlSocket:  control.DefaultSocket,
+		SerialDir:      DefaultSerialDir,
+		SerialMode:     DefaultSerialMode,
+		Vsock:          "auto",
+		LogLevel:       "info",
+		Hook:           HookPolicy{Mode: ModeOptOut},
+		ControlTimeout: Duration(control.DefaultTimeout),
+		StopGrace:      Duration(DefaultStopGrace),
+	}
+}
+
+// LoadConfig reads a JSON configuration file over the defaults. Unknown
+// keys are an error (a misspelt key would otherwise be silently ignored).
+// A missing file is an error unless optional is set.
+func LoadConfig(path string, optional bool) (Config, error) {
+	cfg := DefaultConfig()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		if optional && errors.Is(err, os.ErrNotExist) {
+			return cfg, nil
+		}
+		return cfg, fmt.Errorf("config: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	if dec.More() {
+		return cfg, fmt.Errorf("config %s: more than one JSON value", path)
+	}
+	return cfg, nil
+}
+
+// settings are the validated, parsed forms of a Config.
+type settings struct {
+	hostPCRs   []int
+	serialMode os.FileMode
+	serialGID  int // -1: leave
+	metrics    string
+}
+
+// Validate checks the configuration and says what is wrong with it.
+func (c *Config) Validate() error {
+	_, err := c.parse()
+	return err
+}
+
+func (c *Config) parse() (*settings, error) {
+	s := &settings{serialGID: -1}
+	if c.TPM == "" {
+		return nil, errors.New("config: tpm is empty")
+	}
+	if c.PCR < 1 || c.PCR > 23 {
+		return nil, fmt.Errorf("config: pcr %d out of range 1-23", c.PCR)
+	}
+	var err error
+	if s.hostPCRs, err = ParsePCRList(c.HostPCRs); err != nil {
+		return nil, fmt.Errorf("config: host_pcrs: %w", err)
+	}
+	if slices.Contains(s.hostPCRs, c.PCR) {
+		return nil, fmt.Errorf("config: host_pcrs %q contains the bridge's own pcr %d", c.HostPCRs, c.PCR)
+	}
+	for name, p := range map[string]string{"state_dir": c.StateDir, "control_socket": c.ControlSocket, "serial_dir": c.SerialDir} {
+		if p == "" || !filepath.IsAbs(p) {
+			return nil, fmt.Errorf("config: %s %q must be an absolute path", name, p)
+		}
+	}
+	if c.GuestUnixDir != "" && !filepath.IsAbs(c.GuestUnixDir) {
+		return nil, fmt.Errorf("config: guest_unix_dir %q must be an absolute path", c.GuestUnixDir)
+	}
+	m, err := strconv.ParseUint(c.SerialMode, 8, 32)
+	if err != nil || m > 0o777 {
+		return nil, fmt.Errorf("config: serial_mode %q is not an octal file mode such as 0660", c.SerialMode)
+	}
+	s.serialMode = os.FileMode(m)
+	if c.SerialGroup != "" {
+		if s.serialGID, err = lookupGroup(c.SerialGroup); err != nil {
+			return nil, fmt.Errorf("config: serial_group: %w", err)
+		}
+	}
+	switch c.Vsock {
+	case "auto", "on", "off":
+	default:
+		return nil, fmt.Errorf("config: vsock %q, want auto, on or off", c.Vsock)
+	}
+	if c.Metrics != "" {
+		if s.metrics, err = LoopbackAddr(c.Metrics); err != nil {
+			return nil, fmt.Errorf("config: metrics: %w", err)
+		}
+	}
+	if _, err := ParseLevel(c.LogLevel); err != nil {
+		return nil, fmt.Errorf("config: log_level: %w", err)
+	}
+	switch c.Hook.Mode {
+	case ModeOptOut, ModeOptIn:
+	default:
+		return nil, fmt.Errorf("config: hook.mode %q, want %s or %s", c.Hook.Mode, ModeOptOut, ModeOptIn)
+	}
+	if c.ControlTimeout <= 0 {
+		return nil, fmt.Errorf("config: control_timeout must be positive")
+	}
+	if c.StopGrace < 0 {
+		return nil, fmt.Errorf("config: stop_grace must not be negative")
+	}
+	if c.KeyRetention < 0 {
+		return nil, fmt.Errorf("config: key_retention must not be negative")
+	}
+	return s, nil
+}
+
+// ParsePCRList parses a PCR list such as "0-7,10" ("none" or "" is the
+// empty list).
+func ParsePCRList(s string) ([]int, error) {
+	out := []int{}
+	s = strings.TrimSpace(s)
+	if s == "" || s == "none" {
+		return out, nil
+	}
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err := strconv.Atoi(strings.TrimSpace(lo))
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a PCR list such as 0-7,10", s)
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(strings.TrimSpace(hi)); err != nil || b < a {
+				return nil, fmt.Errorf("%q is not a PCR list such as 0-7,10", s)
+			}
+		}
+		if a < 0 || b > 23 {
+			return nil, fmt.Errorf("PCR %s out of range 0-23", part)
+		}
+		for p := a; p <= b; p++ {
+			out = append(out, p)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// LoopbackAddr checks that addr (HOST:PORT) is on a loopback interface
+// and returns it with "localhost" resolved to 127.0.0.1. The metrics
+// endpoint has no authentication, so it never listens beyond the host.
+func LoopbackAddr(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("%q is not HOST:PORT: %w", addr, err)
+	}
+	if host == "localhost" {
+		host = "127.0.0.1"
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return "", fmt.Errorf("%q is not a loopback address: the metrics endpoint has no authentication, so it listens only on 127.0.0.1 or [::1] (put a proxy in front to reach it remotely)", addr)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return "", fmt.Errorf("%q: bad port", addr)
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+func lookupGroup(g string) (int, error) {
+	if n, err := strconv.Atoi(g); err == nil {
+		if n < 0 {
+			return 0, fmt.Errorf("gid %d", n)
+		}
+		return n, nil
+	}
+	grp, err := user.LookupGroup(g)
+	if err != nil {
+		return 0, fmt.Errorf("group %q: %w", g, err)
+	}
+	return strconv.Atoi(grp.Gid)
+}

@@ -1,0 +1,91 @@
+package daemon
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParsePCRList(t *testing.T) {
+	for in, want := range map[string][]int{
+		"0-7,10": {0, 1, 2, 3, 4, 5, 6, 7, 10},
+		"none":   {},
+		"":       {},
+		"10, 3":  {3, 10},
+		"1-1,1":  {1},
+	} {
+		got, err := ParsePCRList(in)
+		if err != nil || !reflect.DeepEqual(got, want) {
+			t.Errorf("%q: %v %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"7-0", "x", "0-24", "-1"} {
+		if _, err := ParsePCRList(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestLoopbackAddr(t *testing.T) {
+	for in, want := range map[string]string{"127.0.0.1:9464": "127.0.0.1:9464", "localhost:1": "127.0.0.1:1", "[::1]:80": "[::1]:80"} {
+		if got, err := LoopbackAddr(in); err != nil || got != want {
+			t.Errorf("%q: %q %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{":9464", "0.0.0.0:9464", "10.0.0.1:80", "example.com:80", "127.0.0.1"} {
+		if _, err := LoopbackAddr(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	cfg := DefaultConfig()
+	cfg.Metrics = "0.0.0.0:9464"
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "not a loopback address") {
+		t.Fatalf("validate: %v", err)
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "bridge.json")
+	os.WriteFile(p, []byte(`{"tpm": "swtpm:127.0.0.1:2321", "pcr": 16, "hook": {"mode": "opt-in"}, "stop_grace": "1s"}`), 0o644)
+	cfg, err := LoadConfig(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.TPM != "swtpm:127.0.0.1:2321" || cfg.PCR != 16 || cfg.Hook.Mode != ModeOptIn || time.Duration(cfg.StopGrace) != time.Second ||
+		cfg.StateDir != DefaultStateDir || cfg.SerialMode != "0660" {
+		t.Fatalf("cfg %+v", cfg)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(p, []byte(`{"tmp": "sim"}`), 0o644)
+	if _, err := LoadConfig(p, false); err == nil || !strings.Contains(err.Error(), "unknown field") {
+		t.Fatalf("misspelt key: %v", err)
+	}
+	if _, err := LoadConfig(filepath.Join(dir, "missing.json"), true); err != nil {
+		t.Fatalf("optional missing file: %v", err)
+	}
+	if _, err := LoadConfig(filepath.Join(dir, "missing.json"), false); err == nil {
+		t.Fatal("missing explicit file accepted")
+	}
+	for _, mod := range []func(*Config){
+		func(c *Config) { c.PCR = 0 },
+		func(c *Config) { c.HostPCRs = "0-7,23" },
+		func(c *Config) { c.SerialMode = "999" },
+		func(c *Config) { c.Vsock = "maybe" },
+		func(c *Config) { c.Hook.Mode = "opt-sideways" },
+		func(c *Config) { c.StateDir = "relative" },
+		func(c *Config) { c.SerialGroup = "no-such-group-tpmmux" },
+		func(c *Config) { c.LogLevel = "loud" },
+	} {
+		c := DefaultConfig()
+		mod(&c)
+		if err := c.Validate(); err == nil {
+			t.Errorf("invalid config accepted: %+v", c)
+		}
+	}
+}

@@ -1,0 +1,560 @@
+package daemon
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/libvirt"
+)
+
+// lifecycleTimeout bounds a teardown the bridge carries out on its own
+// (after "stopped end", or after the hook stopped waiting): it must not
+// depend on the hook's patience.
+const lifecycleTimeout = 30 * time.Second
+
+var _ control.Handler = (*Daemon)(nil)
+var _ control.Undoer = (*Daemon)(nil)
+
+// wanted says whether the domain gets an identity under the bridge's mode.
+func (d *Daemon) wanted(dom *libvirt.Domain) (bool, string) {
+	if d.cfg.Hook.Mode == ModeOptIn {
+		if dom.Attest == "yes" {
+			return true, ""
+		}
+		return false, "not opted in (mode opt-in; metadata <tpmmux:attest enabled=\"yes\"/> absent)"
+	}
+	if dom.Attest == "no" {
+		return false, "opted out (metadata <tpmmux:attest enabled=\"no\"/>)"
+	}
+	return true, ""
+}
+
+func skipped(dom *libvirt.Domain, note string) *control.VM {
+	return &control.VM{Name: dom.Name, UUID: conceal.FormatUUID(dom.UUID), Skipped: true, Note: note}
+}
+
+func (d *Daemon) count(op string, err *error) {
+	res := "ok"
+	if *err != nil {
+		res = "error"
+	}
+	d.metrics.controlReqs.WithLabelValues(op, res).Inc()
+}
+
+// Prepare handles "prepare begin": the VM's listeners are opened (the
+// virtio-serial socket must exist before QEMU starts, since QEMU connects
+// to it), then the bridge measures the launch and gives the VM its identity
+// and genesis record, then the listeners start serving it.
+func (d *Daemon) Prepare(ctx context.Context, xml []byte, failOpen bool) (vm *control.VM, err error) {
+	defer d.count(control.OpPrepare, &err)
+	dom, err := libvirt.ParseDomain(xml)
+	if err != nil {
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	if ok, why := d.wanted(dom); !ok {
+		d.log.Info("vm not attested", "vm", dom.Name, "why", why)
+		return skipped(dom, why), nil
+	}
+	vm, err = d.prepare(ctx, dom, xml)
+	if err != nil && d.cfg.Hook.FailOpen {
+		d.log.Error("prepare failed; the domain starts unattested (hook.fail_open)", "vm", dom.Name, "err", err)
+		return skipped(dom, "prepare failed (fail_open): "+err.Error()), nil
+	}
+	return vm, err
+}
+
+func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (*control.VM, error) {
+	unlock := d.names.Lock(dom.Name)
+	defer unlock()
+	// A teardown still waiting for "release end" belongs to the previous
+	// instance: record it now.
+	d.finishPendingStop(dom.Name)
+	plan, err := d.planFor(dom)
+	if err != nil {
+		return nil, err
+	}
+	if old := d.entry(dom.Name); old != nil {
+		// A previous instance whose stop the bridge missed: bridge.Prepare
+		// tears it down; its listeners go first (same socket path).
+		d.closeEntry(old, true)
+		d.removeState(old.id)
+	}
+	e := d.newEntry(dom.Name, conceal.Digest{}, dom.UUID)
+	ls, err := d.listen(e, plan)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %s: %w", dom.Name, err)
+	}
+	closeAll := func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}
+	// The listeners accept only once the identity exists; until then
+	// connections wait in the backlog (QEMU has not started yet anyway).
+	_, ident, err := d.br.Prepare(ctx, xml)
+	if err != nil {
+		closeAll()
+		// NewVM may have made the genesis durable after ctx ended.
+		if id, ok := d.mux.Lookup(dom.Name); ok {
+			tctx, cancel := context.WithTimeout(context.Background(), lifecycleTimeout)
+			d.mux.Teardown(tctx, id, "start-failed")
+			cancel()
+		}
+		return nil, err
+	}
+	e.id = ident.ID()
+	if err := d.register(e); err != nil {
+		closeAll()
+		return nil, err
+	}
+	if err := d.serveListeners(e, ls); err != nil {
+		return nil, err
+	}
+	d.saveState(e)
+	return d.vmInfo(e, ident), nil
+}
+
+func (d *Daemon) vmInfo(e *vmEntry, ident *conceal.Identity) *control.VM {
+	vm := &control.VM{Name: e.name, UUID: conceal.FormatUUID(e.uuid), ID: hex.EncodeToString(e.id[:]), CID: e.getCID(),
+		Live: true, Listeners: e.listenerInfo(), Sessions: e.sessionCount(), Epoch: d.mux.Status().Epoch}
+	if ident != nil {
+		vm.Instance = hex.EncodeToString(ident.Instance[:])
+	}
+	if n, err := d.mux.NextSeq(e.id); err == nil {
+		vm.Records = n
+	}
+	return vm
+}
+
+// UndoPrepare ends an instance whose prepare answer never reached a
+// fail-closed hook: libvirt aborts that start.
+func (d *Daemon) UndoPrepare(ctx context.Context, vm *control.VM, cause error) {
+	unlock := d.names.Lock(vm.Name)
+	defer unlock()
+	e := d.entry(vm.Name)
+	if e == nil || hex.EncodeToString(e.id[:]) != vm.ID {
+		return
+	}
+	d.log.Warn("the hook stopped waiting for prepare: libvirt aborts this start, so the identity is ended", "vm", vm.Name, "err", cause)
+	d.closeEntry(e, true)
+	if _, err := d.mux.Teardown(ctx, e.id, "start-aborted"); err != nil {
+		d.log.Error("teardown after an aborted start", "vm", vm.Name, "err", err)
+	}
+	d.removeState(e.id)
+}
+
+// liveEntry returns the entry of the live instance named name, adopting
+// one the store has but the daemon does not serve (no listeners yet).
+func (d *Daemon) liveEntry(name string, uuid *[16]byte) (*vmEntry, error) {
+	id, ok := d.mux.Lookup(name)
+	if !ok {
+		return nil, fmt.Errorf("vm %s has no live identity (was it started while the bridge was down, or opted out?)", name)
+	}
+	if uuid != nil {
+		ident, err := d.mux.Identity(id)
+		if err != nil {
+			return nil, err
+		}
+		if ident.UUID != *uuid {
+			return nil, fmt.Errorf("vm %s: the live identity belongs to domain uuid %s, not %s", name, conceal.FormatUUID(ident.UUID), conceal.FormatUUID(*uuid))
+		}
+	}
+	if e := d.entry(name); e != nil && e.id == id {
+		return e, nil
+	} else if e != nil {
+		d.closeEntry(e, true)
+	}
+	ident, err := d.mux.Identity(id)
+	if err != nil {
+		return nil, err
+	}
+	e := d.newEntry(name, id, ident.UUID)
+	if err := d.register(e); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// Started handles "started begin". QEMU runs: the live XML now holds an
+// auto-assigned vsock CID, and libvirt has labelled the serial socket for
+// QEMU's user (recorded, so a restarted bridge can restore it).
+func (d *Daemon) Started(ctx context.Context, name string, xml []byte) (vm *control.VM, err error) {
+	defer d.count(control.OpStarted, &err)
+	dom, err := libvirt.ParseDomain(xml)
+	if err != nil {
+		return nil, fmt.Errorf("started: %w", err)
+	}
+	if name != "" && name != dom.Name {
+		return nil, fmt.Errorf("started: hook names domain %q, its XML %q", name, dom.Name)
+	}
+	if ok, why := d.wanted(dom); !ok {
+		return skipped(dom, why), nil
+	}
+	unlock := d.names.Lock(dom.Name)
+	defer unlock()
+	e, err := d.liveEntry(dom.Name, &dom.UUID)
+	if err != nil {
+		return nil, fmt.Errorf("started: %w", err)
+	}
+	plan, err := d.planFor(dom)
+	if err != nil {
+		return nil, err
+	}
+	cid := e.getCID()
+	if cid != 0 && plan.cid != 0 && plan.cid != cid {
+		return nil, fmt.Errorf("started %s: vsock cid is %d, was %d at prepare", dom.Name, plan.cid, cid)
+	}
+	if err := d.openListeners(e, plan); err != nil {
+		return nil, fmt.Errorf("started %s: %w", dom.Name, err)
+	}
+	e.mu.Lock()
+	if e.serial != "" {
+		if o := socketOwner(e.serial); o != nil {
+			e.owner = o
+		}
+	}
+	e.mu.Unlock()
+	d.saveState(e)
+	return d.vmInfo(e, d.identity(e.id)), nil
+}
+
+func (d *Daemon) identity(id conceal.Digest) *conceal.Identity {
+	ident, err := d.mux.Identity(id)
+	if err != nil {
+		return nil
+	}
+	return ident
+}
+
+// Reconnect handles "reconnect begin": libvirtd restarted and re-attaches
+// to a running domain. The bridge finds the domain's live identity (name
+// and uuid) and makes sure its listeners are open (a bridge that restarted
+// without the VM's listener state opens them from this XML).
+func (d *Daemon) Reconnect(ctx context.Context, xml []byte) (vm *control.VM, err error) {
+	defer d.count(control.OpReconnect, &err)
+	dom, err := libvirt.ParseDomain(xml)
+	if err != nil {
+		return nil, fmt.Errorf("reconnect: %w", err)
+	}
+	if ok, why := d.wanted(dom); !ok {
+		return skipped(dom, why), nil
+	}
+	unlock := d.names.Lock(dom.Name)
+	defer unlock()
+	e, err := d.liveEntry(dom.Name, &dom.UUID)
+	if err != nil {
+		return nil, fmt.Errorf("reconnect: %w", err)
+	}
+	plan, err := d.planFor(dom)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.openListeners(e, plan); err != nil {
+		return nil, fmt.Errorf("reconnect %s: %w", dom.Name, err)
+	}
+	d.saveState(e)
+	d.log.Info("vm re-adopted after a libvirtd restart", "vm", dom.Name)
+	return d.vmInfo(e, d.identity(e.id)), nil
+}
+
+// pendingStop is a teardown that waits for "release end" and its reason.
+type pendingStop struct {
+	id    conceal.Digest
+	timer *time.Timer
+}
+
+// Stopped handles "stopped end". QEMU is gone, but libvirt gives the
+// shutoff reason only to "release end", which follows at once (after it
+// has restored the labels of the VM's files, the serial socket among
+// them); the teardown and the closing of the listeners wait for it, at most
+// stop_grace. A reason given here tears down at once.
+func (d *Daemon) Stopped(ctx context.Context, name, reason string) (err error) {
+	defer d.count(control.OpStopped, &err)
+	unlock := d.names.Lock(name)
+	defer unlock()
+	id, ok := d.mux.Lookup(name)
+	if !ok {
+		if e := d.entry(name); e != nil {
+			d.closeEntry(e, true)
+		}
+		return nil
+	}
+	if r := normReason(reason); r != "" || d.cfg.StopGrace == 0 {
+		return d.endInstance(name, id, orStopped(r))
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p := d.pending[name]; p != nil && p.id == id {
+		return nil
+	}
+	p := &pendingStop{id: id}
+	p.timer = time.AfterFunc(time.Duration(d.cfg.StopGrace), func() {
+		unlock := d.names.Lock(name)
+		defer unlock()
+		d.mu.Lock()
+		mine := d.pending[name] == p
+		if mine {
+			delete(d.pending, name)
+		}
+		d.mu.Unlock()
+		if mine {
+			d.endInstance(name, id, "stopped")
+		}
+	})
+	d.pending[name] = p
+	return nil
+}
+
+// Release handles "release end": the listeners close and the teardown is
+// recorded with libvirt's shutoff reason (recent libvirt passes it as the
+// hook's last argument), or "stopped" when it gives none. A second call is
+// a no-op.
+func (d *Daemon) Release(ctx context.Context, name, reason string) (err error) {
+	defer d.count(control.OpRelease, &err)
+	unlock := d.names.Lock(name)
+	defer unlock()
+	d.mu.Lock()
+	p := d.pending[name]
+	delete(d.pending, name)
+	d.mu.Unlock()
+	var id conceal.Digest
+	if p != nil {
+		p.timer.Stop()
+		id = p.id
+	} else {
+		var ok bool
+		if id, ok = d.mux.Lookup(name); !ok {
+			if e := d.entry(name); e != nil {
+				d.closeEntry(e, true)
+			}
+			return nil
+		}
+	}
+	return d.endInstance(name, id, orStopped(normReason(reason)))
+}
+
+// endInstance closes instance id's listeners and records its teardown.
+// The caller holds the name's lock.
+func (d *Daemon) endInstance(name string, id conceal.Digest, reason string) error {
+	if e := d.entry(name); e != nil && e.id == id {
+		d.closeEntry(e, true)
+	}
+	return d.teardown(name, id, reason)
+}
+
+// finishPendingStop records a waiting teardown now. The caller holds the
+// name's lock.
+func (d *Daemon) finishPendingStop(name string) {
+	d.mu.Lock()
+	p := d.pending[name]
+	delete(d.pending, name)
+	d.mu.Unlock()
+	if p != nil {
+		p.timer.Stop()
+		d.endInstance(name, p.id, "stopped")
+	}
+}
+
+func (d *Daemon) flushPendingStops() {
+	d.mu.Lock()
+	names := make([]string, 0, len(d.pending))
+	for n := range d.pending {
+		names = append(names, n)
+	}
+	d.mu.Unlock()
+	for _, n := range names {
+		unlock := d.names.Lock(n)
+		d.finishPendingStop(n)
+		unlock()
+	}
+}
+
+// teardown records the teardown of instance id (and its post-mortem
+// quote) on the bridge's own clock, not the hook's.
+func (d *Daemon) teardown(name string, id conceal.Digest, reason string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), lifecycleTimeout)
+	defer cancel()
+	if _, err := d.mux.Teardown(ctx, id, reason); err != nil && !errors.Is(err, mux.ErrEnded) {
+		d.log.Error("teardown not recorded", "vm", name, "reason", reason, "err", err)
+		return fmt.Errorf("teardown %s: %w", name, err)
+	}
+	d.removeState(id)
+	d.log.Info("vm torn down", "vm", name, "reason", reason)
+	return nil
+}
+
+// normReason maps libvirt's shutoff reason ("-" when none) to the
+// teardown reason.
+func normReason(r string) string {
+	r = strings.TrimSpace(r)
+	if r == "-" || r == "unknown" {
+		return ""
+	}
+	if len(r) > 64 {
+		r = r[:64]
+	}
+	return strings.Map(func(c rune) rune {
+		if c < 0x20 || c > 0x7e {
+			return '?'
+		}
+		return c
+	}, r)
+}
+
+func orStopped(r string) string {
+	if r == "" {
+		return "stopped"
+	}
+	return r
+}
+
+// Status reports the bridge's state.
+func (d *Daemon) Status(ctx context.Context) (*control.Status, error) {
+	st := d.mux.Status()
+	out := &control.Status{
+		Version: d.opts.Version, Host: d.host, TPM: d.tpmName(), Started: d.started,
+		Epoch: st.Epoch, Batches: st.Batches, Entries: st.Entries, PCR: st.PCR,
+		PCRValue: hex.EncodeToString(st.PCRValue[:]), HostPCRs: d.set.hostPCRs,
+		LiveVMs: st.LiveVMs, Queued: st.Queued, Fault: st.Fault,
+		Records: st.Stats.Records, Extends: st.Stats.Extends, Quotes: st.Stats.Quotes, MaxBatch: st.Stats.MaxBatch,
+		Sessions: d.sessions.Load(), Refused: d.refusedTotal(),
+		Vsock: d.vsockOn, VsockNote: d.vsockNote, ControlSocket: d.cfg.ControlSocket, SerialDir: d.cfg.SerialDir,
+		Metrics: d.MetricsAddr(), Mode: d.cfg.Hook.Mode,
+	}
+	d.mu.Lock()
+	for _, e := range d.vms {
+		out.Listeners += len(e.listenerInfo())
+	}
+	d.mu.Unlock()
+	return out, nil
+}
+
+// VMs lists the live VM instances, or with all every instance the store
+// holds.
+func (d *Daemon) VMs(ctx context.Context, all bool) ([]control.VM, error) {
+	infos, err := d.mux.VMs()
+	if err != nil {
+		return nil, err
+	}
+	epoch := d.mux.Status().Epoch
+	var out []control.VM
+	for _, v := range infos {
+		live := !v.Ended && v.Epoch == epoch
+		if live {
+			if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
+				live = false
+			}
+		}
+		if !live && !all {
+			continue
+		}
+		vm := control.VM{Name: v.Name, UUID: conceal.FormatUUID(v.UUID), Instance: hex.EncodeToString(v.Instance[:]),
+			ID: hex.EncodeToString(v.ID[:]), CID: v.CID, Epoch: v.Epoch, Records: v.Records, Live: live, EndedBy: v.EndedBy}
+		if !v.Ended && !live {
+			vm.EndedBy = "epoch-ended"
+		}
+		if live {
+			if e := d.entry(v.Name); e != nil && e.id == v.ID {
+				vm.Listeners = e.listenerInfo()
+				vm.Sessions = e.sessionCount()
+				if cid := e.getCID(); cid != 0 {
+					vm.CID = cid
+				}
+			}
+		}
+		out = append(out, vm)
+	}
+	return out, nil
+}
+
+// Evidence returns evidence for a VM: for a live instance a fresh quote
+// over the nonce; for an ended one the post-mortem quote the bridge kept at
+// its teardown. vm is a name (the live instance, else the only ended one of
+// that name) or an instance id in hex.
+func (d *Daemon) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
+	defer d.count(control.OpEvidence, &err)
+	if vm == "" {
+		return nil, errors.New("evidence: no vm named")
+	}
+	id, live, err := d.resolve(vm)
+	if err != nil {
+		return nil, fmt.Errorf("evidence: %w", err)
+	}
+	out = &control.Evidence{VM: vm}
+	var raw []byte
+	if live {
+		if len(nonce) == 0 || len(nonce) > 64 {
+			return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+		}
+		ev, err := d.mux.Evidence(ctx, id, nonce)
+		if err != nil {
+			return nil, err
+		}
+		if raw, err = ev.MarshalBinary(); err != nil {
+			return nil, err
+		}
+		out.VM = ev.VM.Name
+	} else {
+		ev, err := d.mux.FinalEvidence(id)
+		if err != nil {
+			return nil, err
+		}
+		if raw, err = ev.MarshalBinary(); err != nil {
+			return nil, err
+		}
+		out.VM, out.PostMortem = ev.VM.Name, true
+	}
+	ident, err := d.mux.Identity(id)
+	if err != nil {
+		return nil, err
+	}
+	pemBytes, err := tpm.AKPEM(d.mux.AK())
+	if err != nil {
+		return nil, err
+	}
+	out.Evidence, out.Identity, out.AKPEM = raw, *ident, string(pemBytes)
+	return out, nil
+}
+
+// resolve finds the instance vm names.
+func (d *Daemon) resolve(vm string) (conceal.Digest, bool, error) {
+	if id, ok := d.mux.Lookup(vm); ok {
+		return id, true, nil
+	}
+	infos, err := d.mux.VMs()
+	if err != nil {
+		return conceal.Digest{}, false, err
+	}
+	if b, err := hex.DecodeString(vm); err == nil && len(b) == len(conceal.Digest{}) {
+		for _, v := range infos {
+			if hex.EncodeToString(v.ID[:]) == strings.ToLower(vm) {
+				if lid, ok := d.mux.Lookup(v.Name); ok && lid == v.ID {
+					return v.ID, true, nil
+				}
+				return v.ID, false, nil
+			}
+		}
+		return conceal.Digest{}, false, fmt.Errorf("no vm instance with id %s", vm)
+	}
+	var ended []mux.VMInfo
+	for _, v := range infos {
+		if v.Name == vm {
+			ended = append(ended, v)
+		}
+	}
+	switch len(ended) {
+	case 0:
+		return conceal.Digest{}, false, fmt.Errorf("no vm named %s", vm)
+	case 1:
+		return ended[0].ID, false, nil
+	}
+	return conceal.Digest{}, false, fmt.Errorf("vm %s is not live and has %d ended instances: name one by its id (tpmmux-bridge vms --all)", vm, len(ended))
+}

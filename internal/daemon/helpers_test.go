@@ -1,0 +1,250 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/wire"
+)
+
+// env is one test host: a simulator TPM kept across daemon restarts, and
+// temporary state and socket directories.
+type env struct {
+	t   *testing.T
+	dir string
+	cfg Config
+	tp  tpm.TPM
+	d   *Daemon
+	log *testLog
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	tp, err := tpm.Open(context.Background(), "sim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Short paths: unix socket paths are limited to 108 bytes.
+	dir, err := os.MkdirTemp("", "tpmmux-d-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, dir: dir, tp: tp, log: &testLog{t: t}}
+	cfg := DefaultConfig()
+	cfg.TPM = "sim"
+	cfg.StateDir = filepath.Join(dir, "state")
+	cfg.ControlSocket = filepath.Join(dir, "run", "control.sock")
+	cfg.SerialDir = filepath.Join(dir, "run", "serial")
+	cfg.GuestUnixDir = filepath.Join(dir, "run", "guest")
+	cfg.Vsock = "off"
+	cfg.Metrics = "127.0.0.1:0"
+	cfg.StopGrace = Duration(300 * time.Millisecond)
+	e.cfg = cfg
+	t.Cleanup(func() {
+		if e.d != nil {
+			e.d.Shutdown()
+		}
+		e.log.stop()
+		tp.Close()
+		os.RemoveAll(dir)
+	})
+	return e
+}
+
+func (e *env) start() *Daemon {
+	e.t.Helper()
+	d, err := Start(context.Background(), e.cfg, Options{TPM: e.tp, Version: "test", Logger: e.log.logger()})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.d = d
+	return d
+}
+
+func (e *env) stop() {
+	e.t.Helper()
+	if err := e.d.Shutdown(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.d = nil
+}
+
+func (e *env) call(req *control.Request) (*control.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return (&control.Client{Path: e.cfg.ControlSocket}).Call(ctx, req)
+}
+
+func (e *env) mustCall(req *control.Request) *control.Response {
+	e.t.Helper()
+	resp, err := e.call(req)
+	if err != nil {
+		e.t.Fatalf("%s: %v", req.Op, err)
+	}
+	return resp
+}
+
+func (e *env) serialPath(name string) string { return filepath.Join(e.cfg.SerialDir, name+".sock") }
+
+// domainXML is libvirt/testdata/vm-a.xml (as virsh dumpxml prints it, with
+// <vsock> and the org.tpmmux.0 <channel>) renamed and pointed at this
+// env's serial directory.
+func (e *env) domainXML(name, uuid string) string {
+	e.t.Helper()
+	b, err := os.ReadFile("../../libvirt/testdata/vm-a.xml")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	s := strings.ReplaceAll(string(b), "/run/tpmmux/serial/vm-a.sock", e.serialPath(name))
+	s = strings.ReplaceAll(s, "<name>vm-a</name>", "<name>"+name+"</name>")
+	if uuid != "" {
+		s = strings.ReplaceAll(s, "6f1c3a2e-9b7d-4c58-a1e0-f2d3c4b5a697", uuid)
+	}
+	return s
+}
+
+func (e *env) metrics() string {
+	e.t.Helper()
+	resp, err := http.Get("http://" + e.d.MetricsAddr() + "/metrics")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// testLog sends the daemon's logs to the test log while the test runs.
+type testLog struct {
+	t    *testing.T
+	mu   sync.Mutex
+	done bool
+	buf  bytes.Buffer
+}
+
+func (l *testLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.buf.Write(p)
+	if !l.done && testing.Verbose() {
+		l.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (l *testLog) stop() {
+	l.mu.Lock()
+	l.done = true
+	l.mu.Unlock()
+}
+
+func (l *testLog) contains(s string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Contains(l.buf.String(), s)
+}
+
+func (l *testLog) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+func realEntries(t *testing.T) []wire.Entry {
+	t.Helper()
+	b, err := os.ReadFile("../ima/testdata/guest-imasig-sha256.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	es, err := ima.ParseList(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]wire.Entry, len(es))
+	for i, e := range es {
+		out[i] = wire.Entry{PCR: e.PCR, HashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName, Data: e.TemplateData}
+	}
+	return out
+}
+
+// guest is a minimal guest agent speaking the wire protocol over a real
+// socket.
+type guest struct {
+	t    *testing.T
+	conn net.Conn
+	c    *wire.Conn
+	seq  uint64
+}
+
+func dialGuest(t *testing.T, path string, resync bool) *guest {
+	t.Helper()
+	var conn net.Conn
+	var err error
+	for i := 0; i < 50; i++ {
+		if conn, err = net.Dial("unix", path); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	t.Cleanup(func() { conn.Close() })
+	return &guest{t: t, conn: conn, c: wire.NewConn(conn, resync)}
+}
+
+func (g *guest) recv(m any) {
+	g.t.Helper()
+	f, err := g.c.Recv()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	if f.Type == wire.TypeError {
+		var e wire.Error
+		wire.Decode(f, &e)
+		g.t.Fatalf("bridge error: %v", &e)
+	}
+	if err := wire.Decode(f, m); err != nil {
+		g.t.Fatal(err)
+	}
+}
+
+func (g *guest) hello(boot string) wire.Welcome {
+	g.t.Helper()
+	if err := g.c.Send(wire.TypeHello, &wire.Hello{Proto: wire.Version, BootID: boot}); err != nil {
+		g.t.Fatal(err)
+	}
+	var w wire.Welcome
+	g.recv(&w)
+	return w
+}
+
+// stream sends es[from:to] in frames of up to 100 entries and waits for
+// every ack.
+func (g *guest) stream(es []wire.Entry, from, to int) {
+	g.t.Helper()
+	for i := from; i < to; i += 100 {
+		j := min(i+100, to)
+		g.seq++
+		if err := g.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: g.seq, First: uint64(i), Entries: es[i:j]}); err != nil {
+			g.t.Fatal(err)
+		}
+		var ack wire.Ack
+		g.recv(&ack)
+		if ack.Seq != g.seq || ack.Next != uint64(j) {
+			g.t.Fatalf("ack %+v, want seq %d next %d", ack, g.seq, j)
+		}
+	}
+}
