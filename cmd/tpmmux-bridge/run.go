@@ -87,7 +87,7 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		// with the daemon as its Host.
 		target := cfg.Libvirt
 		opts.Libvirt = func(d *daemon.Daemon) daemon.Runner {
-			return libvirt.Follow(target, d, d.Logger())
+			return libvirt.Follow(target, d.LibvirtHost(), d.Logger())
 		}
 	}
 	if err := daemon.Run(ctx, cfg, opts); err != nil {

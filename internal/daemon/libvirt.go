@@ -7,7 +7,9 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/libvirt"
+	"github.com/tpmmux/tpmmux/qemu"
 )
 
 // HOOK POINT: reconciliation with libvirtd.
@@ -74,4 +76,57 @@ func (d *Daemon) Reset(ctx context.Context, vm libvirt.KnownVM) error {
 		return fmt.Errorf("reset of %s: %w", vm.Name, err)
 	}
 	return nil
+}
+
+// LibvirtHost is the daemon as libvirt.Follow's host: reconciliation,
+// resets, and the check of a started VM over QMP. (The daemon's own Started
+// serves the hook's "started begin"; this one runs on libvirt's started
+// event, after the hook has returned, because libvirtd holds the domain's
+// job while a hook runs and a monitor command from inside it would wait for
+// itself.)
+func (d *Daemon) LibvirtHost() libvirt.StartHost { return startHost{d} }
+
+type startHost struct{ *Daemon }
+
+// Started checks, in the background, that the running QEMU's vsock
+// guest-cid is the CID the domain XML named (and that there is no vsock
+// device when it named none). A mismatch means the peer-CID check of the
+// VM's vsock listener would admit another VM's connections: the bridge
+// records an action record in the VM's log and logs an error.
+func (h startHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt.Client) {
+	var want uint32
+	infos, err := h.mux.VMs()
+	if err != nil {
+		h.log.Warn("qmp check: list vms", "vm", vm.Name, "err", err)
+		return
+	}
+	for _, v := range infos {
+		if v.ID == vm.ID {
+			want = v.CID
+		}
+	}
+	go func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+		defer cancel()
+		mon, err := qemu.NewLibvirtMonitor(cctx, c.Libvirt(), vm.UUID)
+		if err != nil {
+			h.log.Warn("qmp check: cannot reach the running qemu", "vm", vm.Name, "err", err)
+			return
+		}
+		defer mon.Close()
+		err = qemu.CheckCID(cctx, mon, want)
+		var mismatch *qemu.CIDMismatchError
+		switch {
+		case err == nil:
+			h.log.Info("qmp check: vsock guest-cid matches the domain XML", "vm", vm.Name, "cid", want)
+		case errors.As(err, &mismatch):
+			h.log.Error("qmp check: the running VM's vsock guest-cid is not the domain XML's", "vm", vm.Name, "err", err)
+			r := &record.Record{Kind: record.KindAction, Time: time.Now().UnixNano(), Action: &record.Action{Action: "cid-mismatch", Detail: err.Error()}}
+			if _, aerr := h.mux.Append(cctx, vm.ID, r); aerr != nil {
+				h.log.Error("qmp check: record the mismatch", "vm", vm.Name, "err", aerr)
+			}
+		default:
+			h.log.Warn("qmp check failed", "vm", vm.Name, "err", err)
+		}
+	}()
 }
