@@ -7,6 +7,9 @@
 #   tpmmux_e2e.poweroff  power off when done (stand-in) or when the agent exits
 #   tpmmux_e2e.exec      exec the agent as PID 1 instead of running it as a child
 #   tpmmux_e2e.shell     start a shell on the console at the end (debugging)
+#   tpmmux_e2e.nonce=HEX run the agent in the background and attest from inside
+#                        the guest with this nonce, printing the files base64
+#                        between "attest-begin FILE" and "attest-end FILE" marks
 export PATH=/sbin:/bin
 PORT_NAME=org.tpmmux.0
 AGENT=/sbin/tpmmux-agent
@@ -24,6 +27,9 @@ mark() { echo "TPMMUX-E2E: $*"; }
 uptime_s() { read -r u _ </proc/uptime; echo "$u"; }
 read -r cmdline </proc/cmdline
 has_opt() { case " $cmdline " in *" $1 "*) return 0 ;; esac; return 1; }
+opt_value() { # opt_value KEY: the value of KEY=VALUE on the kernel cmdline
+  for w in $cmdline; do case "$w" in "$1="*) echo "${w#*=}"; return ;; esac; done
+}
 finish() { # finish: what PID 1 does when there is nothing left to do
   if has_opt tpmmux_e2e.shell; then setsid cttyhack sh; fi
   if has_opt tpmmux_e2e.poweroff; then mark "poweroff"; sync; poweroff -f; fi
@@ -90,8 +96,37 @@ if [ -x "$AGENT" ]; then
     # shellcheck disable=SC2086 # args are split on purpose
     exec "$AGENT" $agent_args
   fi
+  nonce=$(opt_value tpmmux_e2e.nonce)
+  if [ -z "$nonce" ]; then
+    # shellcheck disable=SC2086
+    "$AGENT" $agent_args
+    mark "agent exited $?"
+    finish
+  fi
+  # With tpmmux_e2e.nonce=HEX: stream in the background, then attest from
+  # inside the guest through the running agent (its local control socket)
+  # and print the files on the console for the host to check.
   # shellcheck disable=SC2086
-  "$AGENT" $agent_args
+  "$AGENT" $agent_args &
+  apid=$!
+  i=0
+  while [ "$i" -lt 90 ]; do
+    # shellcheck disable=SC2086
+    if "$AGENT" attest $agent_args --nonce "$nonce" --out /run/attest >/run/attest.log 2>&1; then break; fi
+    i=$((i + 1))
+    sleep 1
+  done
+  if [ -f /run/attest/evidence.cbor ]; then
+    for f in evidence.cbor identity.json ak.pem nonce.hex; do
+      mark "attest-begin $f"
+      base64 </run/attest/"$f"
+      mark "attest-end $f"
+    done
+    mark "guest attest done"
+  else
+    mark "error: guest attest failed: $(cat /run/attest.log)"
+  fi
+  wait "$apid"
   mark "agent exited $?"
   finish
 fi

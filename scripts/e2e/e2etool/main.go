@@ -39,6 +39,10 @@ func main() {
 		err = listen(os.Args[2:])
 	case "dump":
 		err = dump(os.Args[2:])
+	case "paths":
+		err = paths(os.Args[2:])
+	case "extradata":
+		err = extradata(os.Args[2:])
 	default:
 		usage()
 	}
@@ -49,7 +53,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: e2etool listen -socket PATH -out FILE | e2etool dump FILE")
+	fmt.Fprintln(os.Stderr, "usage: e2etool listen -socket PATH -out FILE | dump FILE | paths EVIDENCE | extradata -nonce HEX -identity FILE")
 	os.Exit(2)
 }
 

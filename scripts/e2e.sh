@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# End-to-end test of tpmmux on a real libvirtd and QEMU (TCG): a swtpm is the
+# host TPM, the bridge daemon runs on it, the libvirt hook gives each domain
+# its identity, two or three IMA guests stream their measurements over
+# virtio-serial, and every VM is attested from inside the guest and from the
+# host, reset, destroyed and verified post mortem. Prints a summary table;
+# exits non-zero on any failure; stops every process it started, by PID.
+#
+#   scripts/e2e.sh            (as root; installs what it needs with apt)
+#
+# Environment:
+#   TPMMUX_E2E_VMS    number of guests, 2 or 3 (default 3)
+#   TPMMUX_E2E_WORK   work dir (default /var/lib/tpmmux-e2e/run; wiped first)
+#   TPMMUX_E2E_KEEP   1: leave the work dir and the logs after a success
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+NVMS=${TPMMUX_E2E_VMS:-3}
+WORK=${TPMMUX_E2E_WORK:-/var/lib/tpmmux-e2e/run}
+RUN=/run/tpmmux-e2e
+BIN=$WORK/bin
+OUT=$WORK/out
+HOOK=/etc/libvirt/hooks/qemu.d/tpmmux
+HOOKCONF=/etc/tpmmux/hook.json
+NAMES=(e2e-a e2e-b e2e-c)
+NAMES=("${NAMES[@]:0:$NVMS}")
+T0=$(date +%s)
+
+say() { printf '[e2e %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+die() { say "FAIL: $*"; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (libvirtd, hooks, swtpm)"
+((NVMS >= 2 && NVMS <= 3)) || die "TPMMUX_E2E_VMS must be 2 or 3"
+
+SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED=''
+cleanup() {
+  local rc=$?
+  set +e
+  for n in "${NAMES[@]}"; do
+    virsh -q destroy "$n" >/dev/null 2>&1
+    virsh -q undefine "$n" >/dev/null 2>&1
+  done
+  if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
+  if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
+  if [ -n "$HOOK_INSTALLED" ]; then rm -f "$HOOK" "$HOOKCONF"; fi
+  if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
+  if ((rc != 0)); then
+    say "logs kept in $WORK (bridge.log, console-*.log)"
+    for f in "$WORK"/bridge.log "$WORK"/console-*.log; do
+      [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 25 "$f" >&2; }
+    done
+  elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
+    rm -rf "$OUT" "$WORK/state"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# wait_for SECONDS WHAT CMD...: poll CMD until it succeeds.
+wait_for() {
+  local secs=$1 what=$2
+  shift 2
+  local end=$(($(date +%s) + secs))
+  until "$@" >/dev/null 2>&1; do
+    (($(date +%s) < end)) || die "timed out after ${secs}s waiting for $what"
+    if [ -n "$BRIDGE_PID" ] && ! kill -0 "$BRIDGE_PID" 2>/dev/null; then die "the bridge exited"; fi
+    sleep 0.3
+  done
+}
+marker() { grep -qF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null; }
+marker_count() { grep -cF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null || true; }
+hexrand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+bridge() { "$BIN/tpmmux-bridge" "$@" --control "$RUN/control.sock"; }
+verify() { "$BIN/tpmmux-verify" "$@"; }
+
+# ---------------------------------------------------------------- set-up
+say "installing what is missing"
+bash "$ROOT/scripts/setup.sh" test
+command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+rm -rf "$WORK" "$RUN"
+mkdir -p "$BIN" "$OUT" "$RUN" "$WORK/state"
+
+say "building"
+(cd "$ROOT" && go build -o "$BIN/" ./cmd/tpmmux-bridge ./cmd/tpmmux-hook ./cmd/tpmmux-verify ./scripts/e2e/e2etool)
+(cd "$ROOT" && CGO_ENABLED=0 go build -o "$BIN/tpmmux-agent" ./cmd/tpmmux-agent)
+
+say "building the guests (kernel cached between runs)"
+args=()
+for n in "${NAMES[@]}"; do args+=(--name "$n"); done
+bash "$ROOT/scripts/e2e/build-guest.sh" "$WORK/guest" "${args[@]}" --init-payload "$BIN/tpmmux-agent" >/dev/null
+# shellcheck disable=SC1091
+. "$WORK/guest/guest.env"
+
+say "starting swtpm as the host TPM"
+port=$((20000 + RANDOM % 20000))
+mkdir -p "$WORK/swtpm"
+swtpm socket --tpm2 --tpmstate dir="$WORK/swtpm" \
+  --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
+  --flags not-need-init,startup-clear >"$WORK/swtpm.log" 2>&1 &
+SWTPM_PID=$!
+wait_for 10 "swtpm" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+
+say "starting the bridge"
+echo '{}' >"$WORK/bridge.json"
+"$BIN/tpmmux-bridge" run --config "$WORK/bridge.json" --tpm "swtpm:127.0.0.1:$port" --state-dir "$WORK/state" \
+  --control "$RUN/control.sock" --serial-dir "$RUN/serial" --serial-group root \
+  --libvirt /var/run/libvirt/libvirt-sock --metrics 127.0.0.1:$((port + 2)) \
+  --host e2e-host --log-level info >"$WORK/bridge.log" 2>&1 &
+BRIDGE_PID=$!
+wait_for 20 "the bridge's control socket" bridge status
+
+say "installing the hook, then (re)starting libvirtd so it sees the hooks folder"
+mkdir -p "$(dirname "$HOOK")" "$(dirname "$HOOKCONF")"
+install -m 0755 "$BIN/tpmmux-hook" "$HOOK"
+printf '{"control_socket": "%s", "timeout": "5s"}\n' "$RUN/control.sock" >"$HOOKCONF"
+HOOK_INSTALLED=1
+if bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null; fi
+bash "$ROOT/scripts/libvirtd.sh" start >&2
+STARTED_LIBVIRTD=1
+wait_for 30 "the bridge to follow libvirtd" grep -q "reconcil\|libvirt.*connected\|following libvirt" "$WORK/bridge.log"
+
+# ---------------------------------------------------------------- domains
+declare -A NONCE INITRD_OF
+for n in "${NAMES[@]}"; do
+  var="INITRD_${n//-/_}"
+  INITRD_OF[$n]=${!var}
+  NONCE[$n]=$(hexrand 16)
+  cat >"$WORK/$n.xml" <<EOF
+<domain type='qemu'>
+  <name>$n</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KERNEL</kernel>
+    <initrd>${INITRD_OF[$n]}</initrd>
+    <cmdline>$CMDLINE tpmmux_e2e.nonce=${NONCE[$n]}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='$WORK/console-$n.log'/><target port='0'/></serial>
+    <channel type='unix'>
+      <source mode='connect' path='$RUN/serial/$n.sock'><reconnect enabled='yes' timeout='2'/></source>
+      <target type='virtio' name='org.tpmmux.0'/>
+    </channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+  virsh -q define "$WORK/$n.xml" >/dev/null
+done
+
+for n in "${NAMES[@]}"; do
+  say "virsh start $n"
+  virsh -q start "$n" >/dev/null || die "virsh start $n failed"
+done
+for n in "${NAMES[@]}"; do
+  wait_for 180 "$n's guest attestation" marker "$n" "guest attest done"
+  marker "$n" "error:" && die "$n: $(grep -F 'TPMMUX-E2E: error' "$WORK/console-$n.log" | head -1)"
+  say "$n booted, streamed and attested from inside"
+done
+
+# records stop growing = every guest entry acknowledged
+vm_records() { bridge vms --json | jq -r --arg n "$1" '[.[] | select(.name == $n and .live)][0].records // 0'; }
+vm_ended() { bridge vms --all --json | jq -e --arg n "$1" '[.[] | select(.name == $n)] | length > 0 and all(.live | not)' >/dev/null; }
+settle() {
+  local n=$1 last=-1 cur
+  for _ in $(seq 1 60); do
+    cur=$(vm_records "$n" || echo 0)
+    if [ "$cur" = "$last" ] && [ "${cur:-0}" -gt 5 ]; then echo "$cur"; return 0; fi
+    last=$cur
+    sleep 1
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------- checks
+declare -A R_GUEST R_HOST R_CROSS R_LEAK R_RECS R_RESET R_TEAR R_POST
+extract() { # extract VM FILE DEST: the base64 block of FILE from VM's console
+  awk -v f="$2" '
+    index($0, "TPMMUX-E2E: attest-begin " f) { on = 1; buf = ""; next }
+    index($0, "TPMMUX-E2E: attest-end " f) { on = 0; last = buf; next }
+    on { gsub(/\r/, ""); buf = buf $0 "\n" }
+    END { printf "%s", last }' "$WORK/console-$1.log" | base64 -d >"$3"
+}
+for i in "${!NAMES[@]}"; do
+  n=${NAMES[$i]}
+  other=${NAMES[$(((i + 1) % NVMS))]}
+  R_RECS[$n]=$(settle "$n") || die "$n: records never settled"
+  # From inside the guest: tpmmux-agent attest, files printed on the console.
+  g=$OUT/$n/guest
+  mkdir -p "$g"
+  for f in evidence.cbor identity.json ak.pem nonce.hex; do extract "$n" "$f" "$g/$f"; done
+  [ "$(tr -d '\n' <"$g/nonce.hex")" = "${NONCE[$n]}" ] || die "$n: the guest attested with another nonce"
+  # From the host: tpmmux-bridge evidence.
+  h=$OUT/$n/host
+  hn=$(hexrand 20)
+  bridge evidence --vm "$n" --nonce "$hn" --out "$h" >/dev/null
+  [ "$(jq -cS . "$g/identity.json")" = "$(jq -cS . "$h/identity.json")" ] || die "$n: the guest and the host hold different identities"
+  # The trusted AK is the host's, fetched over the admin channel, not the guest's copy.
+  verify --evidence "$g/evidence.cbor" --nonce "${NONCE[$n]}" --identity "$g/identity.json" --ak "$h/ak.pem" --json >"$g/report.json" ||
+    die "$n: guest evidence rejected"
+  R_GUEST[$n]=trusted
+  verify --evidence "$h/evidence.json" --nonce "$hn" --identity "$h/identity.json" --ak "$h/ak.pem" --json >"$h/report.json" ||
+    die "$n: host evidence rejected"
+  R_HOST[$n]=trusted
+done
+for i in "${!NAMES[@]}"; do
+  n=${NAMES[$i]}
+  other=${NAMES[$(((i + 1) % NVMS))]}
+  h=$OUT/$n/host
+  set +e
+  verify --evidence "$h/evidence.json" --nonce "$(cat "$h/nonce.hex")" --identity "$OUT/$other/host/identity.json" --ak "$h/ak.pem" 2>"$h/cross.err"
+  rc=$?
+  set -e
+  ((rc == 1)) || die "$n's evidence with $other's identity: exit $rc, want 1"
+  R_CROSS[$n]="rejected"
+  # Concealment: A's evidence names A's own files and none of the others'.
+  "$BIN/e2etool" paths "$h/evidence.json" >"$h/paths.txt"
+  grep -q "^/opt/$n/" "$h/paths.txt" || die "$n's evidence lacks its own paths"
+  R_LEAK[$n]=none
+  for o in "${NAMES[@]}"; do
+    [ "$o" = "$n" ] && continue
+    if grep -q "/opt/$o/" "$h/paths.txt" || grep -qaF "/opt/$o/" "$h/evidence.cbor" "$h/evidence.json"; then
+      R_LEAK[$n]="LEAKS $o"
+      die "$n's evidence holds $o's file paths"
+    fi
+  done
+done
+
+say "tpm2_checkquote on ${NAMES[0]}'s quote"
+h=$OUT/${NAMES[0]}/host
+xd=$("$BIN/e2etool" extradata -nonce "$(cat "$h/nonce.hex")" -identity "$h/identity.json")
+tpm2_checkquote -u "$h/ak.pem" -m "$h/quote.msg" -s "$h/quote.sig" -g sha256 -q "$xd" >/dev/null ||
+  die "tpm2_checkquote rejected the quote"
+CHECKQUOTE=accepted
+
+n=${NAMES[0]}
+say "virsh reset $n"
+boots=$(marker_count "$n" "init start")
+virsh -q reset "$n" >/dev/null
+wait_for 120 "$n to boot again" bash -c "[ \$(grep -cF 'TPMMUX-E2E: init start' '$WORK/console-$n.log') -gt $boots ]"
+wait_for 120 "$n's attestation after the reset" bash -c "[ \$(grep -cF 'TPMMUX-E2E: guest attest done' '$WORK/console-$n.log') -gt 1 ]"
+settle "$n" >/dev/null || die "$n: records never settled after the reset"
+h=$OUT/$n/reset
+rn=$(hexrand 20)
+bridge evidence --vm "$n" --nonce "$rn" --out "$h" >/dev/null
+verify --evidence "$h/evidence.json" --nonce "$rn" --identity "$h/identity.json" --ak "$h/ak.pem" --json >"$h/report.json" ||
+  die "$n: evidence after the reset rejected"
+jq -e '[.reboots[]?.detail] | index("guest-reset")' "$h/report.json" >/dev/null || die "$n: no guest-reset reboot record after virsh reset"
+# The reset record (from libvirt's event) starts a new guest boot in the
+# log; the rebooted guest's agent then streams its new boot from index 0.
+before=$(jq '.counts.measurements' "$OUT/$n/host/report.json")
+after=$(jq '.counts.measurements' "$h/report.json")
+((after > before)) || die "$n: no measurements of the new boot after the reset ($before before, $after after)"
+R_RESET[$n]="reboot record, +$((after - before)) meas."
+for o in "${NAMES[@]:1}"; do R_RESET[$o]="-"; done
+
+for n in "${NAMES[@]}"; do
+  say "virsh destroy $n"
+  virsh -q destroy "$n" >/dev/null
+done
+for n in "${NAMES[@]}"; do
+  wait_for 20 "$n's teardown" vm_ended "$n"
+  p=$OUT/$n/post
+  bridge evidence --vm "$n" --nonce "$(hexrand 20)" --out "$p" >/dev/null
+  verify --evidence "$p/evidence.json" --post-mortem --identity "$OUT/$n/host/identity.json" --ak "$OUT/$n/host/ak.pem" --json >"$p/report.json" ||
+    die "$n: post-mortem evidence rejected"
+  jq -e '.ended' "$p/report.json" >/dev/null || die "$n: post-mortem report does not show the teardown"
+  R_TEAR[$n]=$(jq -r '.teardown.detail // empty' "$p/report.json")
+  [ -n "${R_TEAR[$n]}" ] || die "$n: no teardown record"
+  R_POST[$n]=trusted
+done
+
+# ---------------------------------------------------------------- summary
+printf '\n%-7s %8s  %-13s %-13s %-20s %-10s %-26s %-10s %-11s\n' VM RECORDS "GUEST ATTEST" "HOST ATTEST" "OTHER VM'S IDENTITY" "B's PATHS" "RESET" TEARDOWN POST-MORTEM
+for n in "${NAMES[@]}"; do
+  printf '%-7s %8s  %-13s %-13s %-20s %-10s %-26s %-10s %-11s\n' "$n" "${R_RECS[$n]}" "${R_GUEST[$n]}" "${R_HOST[$n]}" "${R_CROSS[$n]}" "${R_LEAK[$n]}" "${R_RESET[$n]}" "${R_TEAR[$n]}" "${R_POST[$n]}"
+done
+printf '\ntpm2_checkquote: %s; qmp check: %s; elapsed %ss\n' "$CHECKQUOTE" \
+  "$(grep -c 'qmp check: vsock guest-cid matches' "$WORK/bridge.log" || true) VMs checked" "$(($(date +%s) - T0))"
+echo "e2e: all checks passed"

@@ -1,0 +1,70 @@
+package main
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/record"
+)
+
+// paths prints the file paths of every measurement record in an evidence
+// file, one per line: what a verifier of that VM can read.
+func paths(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: e2etool paths EVIDENCE")
+	}
+	b, err := os.ReadFile(args[0])
+	if err != nil {
+		return err
+	}
+	ev, err := evidence.Decode(b)
+	if err != nil {
+		return err
+	}
+	for _, r := range ev.Records {
+		rec, err := record.Unmarshal(r.R)
+		if err != nil {
+			return err
+		}
+		if rec.Measurement == nil {
+			continue
+		}
+		f, err := ima.DecodeTemplate(rec.Measurement.Template, rec.Measurement.TemplateData)
+		if err != nil {
+			return err
+		}
+		fmt.Println(f.Path)
+	}
+	return nil
+}
+
+// extradata prints H("tpmmux/v1/nonce" || nonce || id), the qualifying
+// data tpm2_checkquote -q expects for a plain quote.
+func extradata(args []string) error {
+	fs := flag.NewFlagSet("extradata", flag.ExitOnError)
+	nonceHex := fs.String("nonce", "", "nonce, hex")
+	identPath := fs.String("identity", "", "identity.json")
+	fs.Parse(args)
+	nonce, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(*identPath)
+	if err != nil {
+		return err
+	}
+	var ident conceal.Identity
+	if err := json.Unmarshal(b, &ident); err != nil {
+		return err
+	}
+	d := conceal.NonceData(nonce, ident.ID())
+	fmt.Println(hex.EncodeToString(d[:]))
+	return nil
+}
