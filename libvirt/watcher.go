@@ -144,6 +144,16 @@ type StartHost interface {
 	Started(ctx context.Context, vm KnownVM, c *Client)
 }
 
+// StopHost is a Host that also wants libvirt's stop events with their
+// detail (shutdown, destroyed, crashed, …): libvirt's hooks do not say why a
+// domain stopped, its lifecycle event does.
+type StopHost interface {
+	Host
+	// Stopped is called for libvirt's stopped event of a domain, on the
+	// event goroutine: keep it short. The identity may already have ended.
+	Stopped(ctx context.Context, name string, uuid [16]byte, detail string)
+}
+
 // ResetCoalesce is the window in which Follow records further resets of
 // one VM instance only once: the firmware's own resets after a reset
 // (see EventReset) are one reboot to a verifier. No guest boots far enough
@@ -176,6 +186,10 @@ func Follow(target string, h Host, log *slog.Logger) *Watcher {
 	}
 	w.Event = func(ctx context.Context, c *Client, ev Event) {
 		log.Debug("libvirt: domain event", "vm", ev.Name, "kind", ev.Kind, "detail", ev.Detail)
+		if st, ok := h.(StopHost); ok && ev.Kind == EventStopped {
+			st.Stopped(ctx, ev.Name, ev.UUID, ev.Detail)
+			return
+		}
 		sh, wantStarts := h.(StartHost)
 		if ev.Kind != EventReset && (ev.Kind != EventStarted || !wantStarts) {
 			return

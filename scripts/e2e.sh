@@ -31,7 +31,7 @@ die() { say "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (libvirtd, hooks, swtpm)"
 ((NVMS >= 2 && NVMS <= 3)) || die "TPMMUX_E2E_VMS must be 2 or 3"
 
-SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED=''
+SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED='' CREATED_BRIDGE_CONF=''
 cleanup() {
   local rc=$?
   set +e
@@ -42,6 +42,7 @@ cleanup() {
   if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
   if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
   if [ -n "$HOOK_INSTALLED" ]; then rm -f "$HOOK" "$HOOKCONF"; fi
+  if [ -n "$CREATED_BRIDGE_CONF" ]; then rm -f /etc/tpmmux/bridge.json; fi
   if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
   if ((rc != 0)); then
     say "logs kept in $WORK (bridge.log, console-*.log)"
@@ -110,10 +111,9 @@ BRIDGE_PID=$!
 wait_for 20 "the bridge's control socket" bridge status
 
 say "installing the hook, then (re)starting libvirtd so it sees the hooks folder"
-mkdir -p "$(dirname "$HOOK")" "$(dirname "$HOOKCONF")"
-install -m 0755 "$BIN/tpmmux-hook" "$HOOK"
-printf '{"control_socket": "%s", "timeout": "5s"}\n' "$RUN/control.sock" >"$HOOKCONF"
+[ -e /etc/tpmmux/bridge.json ] || CREATED_BRIDGE_CONF=1
 HOOK_INSTALLED=1
+bash "$ROOT/scripts/install.sh" --from "$BIN" --prefix "$WORK/prefix" --no-systemd --control "$RUN/control.sock" --hook-timeout 5s >&2
 if bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null; fi
 bash "$ROOT/scripts/libvirtd.sh" start >&2
 STARTED_LIBVIRTD=1

@@ -75,7 +75,10 @@ type Daemon struct {
 	mu      sync.Mutex
 	vms     map[string]*vmEntry // live VM instances by name
 	pending map[string]*pendingStop
-	closing bool
+	// following is set when libvirt's events are followed, so a release
+	// can wait for the stopped event that names the reason.
+	following atomic.Bool
+	closing   bool
 
 	names    keyedMutex
 	sessions atomic.Int64
@@ -204,6 +207,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	}
 	if opts.Libvirt != nil {
 		if r := opts.Libvirt(d); r != nil {
+			d.following.Store(true)
 			d.bg.Add(1)
 			go func() {
 				defer d.bg.Done()

@@ -267,8 +267,9 @@ func (d *Daemon) Reconnect(ctx context.Context, xml []byte) (vm *control.VM, err
 
 // pendingStop is a teardown that waits for "release end" and its reason.
 type pendingStop struct {
-	id    conceal.Digest
-	timer *time.Timer
+	id         conceal.Digest
+	timer      *time.Timer
+	awaitEvent bool // released; waiting for libvirt's stopped event's reason
 }
 
 // Stopped handles "stopped end". QEMU is gone, but libvirt gives the
@@ -338,7 +339,62 @@ func (d *Daemon) Release(ctx context.Context, name, reason string) (err error) {
 			return nil
 		}
 	}
-	return d.endInstance(name, id, orStopped(normReason(reason)))
+	r := normReason(reason)
+	if r == "" && d.following.Load() {
+		// libvirt's hooks say nothing of why the domain stopped; its
+		// stopped event, which follows, does. Wait for it briefly (the
+		// listeners close now), then record the teardown with its detail.
+		if e := d.entry(name); e != nil && e.id == id {
+			d.closeEntry(e, true)
+		}
+		d.waitStopEvent(name, id)
+		return nil
+	}
+	return d.endInstance(name, id, orStopped(r))
+}
+
+// stopEventWait bounds how long a teardown waits for libvirt's stopped
+// event to learn the reason.
+const stopEventWait = 1500 * time.Millisecond
+
+// waitStopEvent makes instance id's teardown pending until libvirt's
+// stopped event names the reason, or stopEventWait passes ("stopped").
+// The caller holds the name's lock.
+func (d *Daemon) waitStopEvent(name string, id conceal.Digest) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := &pendingStop{id: id, awaitEvent: true}
+	p.timer = time.AfterFunc(stopEventWait, func() { d.completeStop(name, p, "stopped") })
+	d.pending[name] = p
+}
+
+// completeStop records pending stop p of name with reason, unless it was
+// completed or replaced meanwhile.
+func (d *Daemon) completeStop(name string, p *pendingStop, reason string) {
+	unlock := d.names.Lock(name)
+	defer unlock()
+	d.mu.Lock()
+	mine := d.pending[name] == p
+	if mine {
+		delete(d.pending, name)
+	}
+	d.mu.Unlock()
+	if mine {
+		p.timer.Stop()
+		d.endInstance(name, p.id, reason)
+	}
+}
+
+// stopEvent is libvirt's stopped event for domain name: it completes a
+// teardown waiting for its reason.
+func (d *Daemon) stopEvent(name string, detail string) {
+	d.mu.Lock()
+	p := d.pending[name]
+	d.mu.Unlock()
+	if p == nil || !p.awaitEvent {
+		return
+	}
+	d.completeStop(name, p, orStopped(normReason(detail)))
 }
 
 // endInstance closes instance id's listeners and records its teardown.

@@ -88,6 +88,14 @@ func (d *Daemon) LibvirtHost() libvirt.StartHost { return startHost{d} }
 
 type startHost struct{ *Daemon }
 
+var _ libvirt.StopHost = startHost{}
+
+// Stopped takes libvirt's stopped event: its detail (shutdown, destroyed,
+// crashed, …) is the teardown reason of a released VM waiting for it.
+func (h startHost) Stopped(ctx context.Context, name string, uuid [16]byte, detail string) {
+	h.stopEvent(name, detail)
+}
+
 // Started checks, in the background, that the running QEMU's vsock
 // guest-cid is the CID the domain XML named (and that there is no vsock
 // device when it named none). A mismatch means the peer-CID check of the
