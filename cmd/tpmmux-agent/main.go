@@ -4,7 +4,7 @@
 //
 //	tpmmux-agent [run] [--transport vsock|virtio-serial|unix] [--unix PATH] [--ima PATH] [--control PATH] [-v]
 //	tpmmux-agent attest --nonce HEX --out DIR [--transport …] [--unix PATH] [--control PATH] [--timeout D]
-//	tpmmux-agent bind --purpose NAME --key-hash HEX [--control PATH]
+//	tpmmux-agent bind --purpose NAME (--key PEM | --key-hash HEX) [--control PATH]
 //
 // attest writes DIR/evidence.cbor, DIR/evidence.json, DIR/identity.json,
 // DIR/ak.pem and DIR/nonce.hex, so that
@@ -40,6 +40,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/transport"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // Exit codes.
@@ -101,7 +102,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 const usage = `usage:
   tpmmux-agent [run] [--transport vsock|virtio-serial|unix] [--unix PATH] [--ima PATH] [--control PATH] [-v]
   tpmmux-agent attest --nonce HEX --out DIR [--transport ...] [--unix PATH] [--control PATH] [--timeout D]
-  tpmmux-agent bind --purpose NAME --key-hash HEX [--control PATH]`
+  tpmmux-agent bind --purpose NAME (--key PEM | --key-hash HEX) [--control PATH]`
 
 // common are the flags every command shares.
 type common struct {
@@ -292,6 +293,7 @@ func bind(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	c.register(fs)
 	purpose := fs.String("purpose", "", "what the key is for, e.g. tls (1 to 64 bytes)")
 	keyHex := fs.String("key-hash", "", "SHA-256 of the public key to bind, hex (32 bytes)")
+	keyPath := fs.String("key", "", "PEM public key, certificate or private key to bind: its hash is the SHA-256 of the DER SubjectPublicKeyInfo, as tpmmux-verify --bind-key computes")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -299,15 +301,28 @@ func bind(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if *purpose == "" || len(*purpose) > agent.MaxPurpose {
 		return usagef("--purpose of %d bytes: want 1 to %d", len(*purpose), agent.MaxPurpose)
 	}
-	kb, err := hex.DecodeString(strings.TrimSpace(*keyHex))
-	if err != nil || len(kb) != 32 {
-		return usagef("--key-hash must be 32 bytes of hex")
+	if (*keyHex == "") == (*keyPath == "") {
+		return usagef("give --key PEM or --key-hash HEX")
+	}
+	var key [32]byte
+	if *keyPath != "" {
+		b, err := os.ReadFile(*keyPath)
+		if err != nil {
+			return usagef("--key: %v", err)
+		}
+		if key, err = verify.KeyHashPEM(b); err != nil {
+			return usagef("--key %s: %v", *keyPath, err)
+		}
+	} else {
+		kb, err := hex.DecodeString(strings.TrimSpace(*keyHex))
+		if err != nil || len(kb) != 32 {
+			return usagef("--key-hash must be 32 bytes of hex")
+		}
+		copy(key[:], kb)
 	}
 	if c.control == "" {
 		return usagef("bind goes through the running agent: --control must name its socket")
 	}
-	var key [32]byte
-	copy(key[:], kb)
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	if err := agent.BindControl(ctx, c.control, *purpose, key); err != nil {

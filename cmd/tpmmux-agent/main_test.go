@@ -3,9 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"net"
 	"os"
@@ -43,6 +48,9 @@ func TestUsage(t *testing.T) {
 		{"attest bad nonce", []string{"attest", "--nonce", "xyz", "--out", dir}, exitUsage, "not hex"},
 		{"attest long nonce", []string{"attest", "--nonce", strings.Repeat("00", 65), "--out", dir}, exitUsage, "want 1 to 64"},
 		{"bind bad key", []string{"bind", "--purpose", "tls", "--key-hash", "00"}, exitUsage, "32 bytes"},
+		{"bind no key", []string{"bind", "--purpose", "tls"}, exitUsage, "give --key PEM or --key-hash HEX"},
+		{"bind both keys", []string{"bind", "--purpose", "tls", "--key", "k.pem", "--key-hash", strings.Repeat("ab", 32)}, exitUsage, "give --key PEM or --key-hash HEX"},
+		{"bind key not PEM", []string{"bind", "--purpose", "tls", "--key", "/dev/null"}, exitUsage, "no PEM public key"},
 		{"no list", []string{"run", "--transport", "unix", "--unix", filepath.Join(dir, "s"), "--ima", filepath.Join(dir, "none")}, exitFailure, "is securityfs mounted"},
 		{"no bridge", []string{"attest", "--transport", "unix", "--unix", filepath.Join(dir, "s"), "--control", "", "--out", dir}, exitFailure, "no such file"},
 		{"bind without agent", []string{"bind", "--purpose", "tls", "--key-hash", strings.Repeat("ab", 32), "--control", filepath.Join(dir, "c")}, exitFailure, "start tpmmux-agent run first"},
@@ -308,6 +316,38 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0a0b", "--out", out3)
 	if code, rep, errs := runVerify(t, verifyBin, out3, "evidence.json", ""); code != 0 || rep.Counts.Measurements != 454 || rep.Counts.Bindings != 1 {
 		t.Fatalf("verify after bind: exit %d %+v %s", code, rep, errs)
+	}
+	// bind --key PEM hashes the key as tpmmux-verify --bind-key does: the
+	// verifier that requires that key accepts, one requiring another key
+	// rejects (relay-attack countermeasure).
+	tlsKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	writePub := func(name string, k *ecdsa.PrivateKey) string {
+		der, _ := x509.MarshalPKIXPublicKey(&k.PublicKey)
+		p := filepath.Join(work, name)
+		os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644)
+		return p
+	}
+	tlsPEM, otherPEM := writePub("tls.pem", tlsKey), writePub("other.pem", otherKey)
+	runCmd(t, agentBin, "bind", "--purpose", "tls", "--key", tlsPEM, "--control", control)
+	out4 := filepath.Join(work, "bound-pem")
+	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0c0d", "--out", out4)
+	for _, tt := range []struct {
+		key  string
+		code int
+	}{{tlsPEM, 0}, {otherPEM, 1}} {
+		cmd := exec.Command(verifyBin, "--evidence", filepath.Join(out4, "evidence.json"), "--nonce", "0c0d",
+			"--identity", filepath.Join(out4, "identity.json"), "--ak", filepath.Join(out4, "ak.pem"), "--bind-key", tt.key)
+		var errb bytes.Buffer
+		cmd.Stderr = &errb
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		if code != tt.code || (tt.code == 1 && !strings.Contains(errb.String(), "is not bound in vm")) {
+			t.Fatalf("--bind-key %s: exit %d: %s", filepath.Base(tt.key), code, errb.String())
+		}
 	}
 
 	// 4. SIGTERM stops the agent cleanly (exit 0) and removes its socket.

@@ -4,6 +4,8 @@
 //	tpmmux-bridge run [--config FILE] [flags]    the daemon
 //	tpmmux-bridge status | vms [--all]           ask the running daemon
 //	tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR
+//	tpmmux-bridge enroll-request --out req.json | enroll-answer --challenge chal.json --out ans.json
+//	tpmmux-bridge violation --vm NAME --reason TEXT [--detail TEXT]
 //	tpmmux-bridge demo [--vms N] [--records M] [--tpm sim|swtpm:ADDR] [--out DIR]
 package main
 
@@ -41,6 +43,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return vmsMain(ctx, args[1:], stdout, stderr)
 	case "evidence":
 		return evidenceMain(ctx, args[1:], stdout, stderr)
+	case "enroll-request":
+		return enrollRequestMain(ctx, args[1:], stdout, stderr)
+	case "enroll-answer":
+		return enrollAnswerMain(ctx, args[1:], stdout, stderr)
+	case "violation":
+		return violationMain(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "tpmmux-bridge", version)
 		return 0
@@ -61,9 +69,12 @@ commands:
   status    show the running bridge's state
   vms       list the live VMs (--all: ended instances too)
   evidence  write a VM's evidence and what verifies it: --vm NAME --nonce HEX --out DIR
+  enroll-request  the host's AK enrollment request for a verifier: --out req.json
+  enroll-answer   have the TPM activate a verifier's challenge: --challenge chal.json --out ans.json
+  violation       report a verifier's finding; the bridge enforces (log, webhook, pause): --vm NAME --reason TEXT
   demo      run the whole flow in one process (default: embedded TPM simulator)
   version   print the version
 
-status, vms and evidence talk to the daemon over its control socket
+status, vms, evidence, enroll-request, enroll-answer and violation talk to the daemon over its control socket
 (--control PATH, default /run/tpmmux/control.sock; root only).`)
 }

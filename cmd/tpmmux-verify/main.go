@@ -1,10 +1,18 @@
 // Command tpmmux-verify checks tpmmux evidence for one VM: the quote, the
 // replay of the public log, the VM's complete and ordered records, and
-// optionally a Keylime runtime policy. It exits 0 when the evidence is
-// trusted, 1 when it is rejected (the first line on stderr says why), and
-// 2 on usage or I/O errors.
+// optionally a Keylime runtime policy (with tpmmux's launch section), IMA
+// signatures, and keys that must be bound in the VM's log. It exits 0 when
+// the evidence is trusted, 1 when it is rejected (the first line on stderr
+// says why), and 2 on usage or I/O errors.
 //
-//	tpmmux-verify --evidence FILE --nonce HEX --identity FILE --ak PEMFILE [--policy FILE] [--json]
+//	tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
+//	    (--ak PEMFILE | --ek-ca CA.pem --enrolled DIR)
+//	    [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key PEM]... [--json]
+//
+// It also enrolls a host's AK by credential activation (enroll.go):
+//
+//	tpmmux-verify enroll challenge --request req.json --ek-ca CA.pem --out chal.json --state state.json
+//	tpmmux-verify enroll finish --answer ans.json --state state.json (--enrolled DIR | --out ak.pem)
 package main
 
 import (
@@ -19,8 +27,10 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/enroll"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/policy"
 	"github.com/tpmmux/tpmmux/internal/verify"
@@ -37,21 +47,40 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// multi is a flag that may be given several times.
+type multi []string
+
+func (m *multi) String() string     { return strings.Join(*m, ",") }
+func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
+
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "enroll" {
+		return enrollMain(args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("tpmmux-verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	evPath := fs.String("evidence", "", "evidence file (JSON or binary CBOR)")
 	nonceHex := fs.String("nonce", "", "the nonce you sent, hex")
 	identPath := fs.String("identity", "", "the VM's identity.json (uuid, instance, key)")
-	akPath := fs.String("ak", "", "PEM file of the trusted attestation key")
-	policyPath := fs.String("policy", "", "Keylime runtime policy JSON to appraise measurements against")
+	akPath := fs.String("ak", "", "PEM file of the trusted attestation key (a pinned AK)")
+	ekCA := fs.String("ek-ca", "", "PEM file of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
+	enrolled := fs.String("enrolled", "", "directory of AKs enrolled with `tpmmux-verify enroll` (with --ek-ca)")
+	policyPath := fs.String("policy", "", "Keylime runtime policy JSON (optionally with a tpmmux launch section)")
+	launchPath := fs.String("launch-policy", "", "launch policy JSON (the tpmmux section, or its launch object) pinning the launch measurement")
+	var imaKeys, bindKeys multi
+	fs.Var(&imaKeys, "ima-keys", "X.509 certificates or public keys (PEM or DER) that verify IMA signatures (repeatable)")
+	fs.Var(&bindKeys, "bind-key", "PEM public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
 	postMortem := fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
 	pcr := fs.Int("pcr", 23, "the multiplexer PCR this host uses")
 	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
 	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification: the evidence is the delta after it")
 	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification here (mode 0600) when trusted")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE --ak PEMFILE [--policy FILE] [--checkpoint FILE] [--save-checkpoint FILE] [--json]")
+		fmt.Fprintln(stderr, `usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
+           (--ak PEMFILE | --ek-ca CA.pem --enrolled DIR)
+           [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key PEM]...
+           [--checkpoint FILE] [--save-checkpoint FILE] [--json]
+       tpmmux-verify enroll (challenge | finish | list) ...   (tpmmux-verify enroll -h)`)
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -64,11 +93,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() > 0 {
 		return usage("unexpected argument %q", fs.Arg(0))
 	}
-	if *evPath == "" || *identPath == "" || *akPath == "" {
-		return usage("--evidence, --identity and --ak are required")
+	if *evPath == "" || *identPath == "" {
+		return usage("--evidence and --identity are required")
+	}
+	switch {
+	case *akPath != "" && (*ekCA != "" || *enrolled != ""):
+		return usage("--ak pins an AK; --ek-ca with --enrolled uses an enrolled one: give one or the other")
+	case *akPath == "" && (*ekCA == "" || *enrolled == ""):
+		return usage("--ak, or --ek-ca with --enrolled, is required")
 	}
 	if *nonceHex == "" && !*postMortem {
 		return usage("--nonce is required (or --post-mortem for an ended VM's final quote)")
+	}
+	if len(imaKeys) > 0 && *policyPath == "" {
+		return usage("--ima-keys needs --policy")
 	}
 	opts := verify.Options{PostMortem: *postMortem, PCR: *pcr}
 	if *nonceHex != "" {
@@ -98,21 +136,97 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return usage("identity %s: %v", *identPath, err)
 	}
 	opts.Identity = &ident
-	ak, err := readAK(*akPath)
-	if err != nil {
-		return usage("ak %s: %v", *akPath, err)
+
+	// The trust root: a pinned AK, or the AK enrolled under the EK CA.
+	var trust *verify.TrustReport
+	if *akPath != "" {
+		ak, err := readAK(*akPath)
+		if err != nil {
+			return usage("ak %s: %v", *akPath, err)
+		}
+		opts.AK = ak
+		fp, _ := enroll.AKFingerprint(ak)
+		trust = &verify.TrustReport{AK: "pinned", AKSHA256: fp}
+	} else {
+		caPEM, err := os.ReadFile(*ekCA)
+		if err != nil {
+			return usage("%v", err)
+		}
+		roots, _, err := enroll.ParseCAs(caPEM)
+		if err != nil {
+			return usage("ek-ca %s: %v", *ekCA, err)
+		}
+		// The evidence's AK field is informational: it only selects which
+		// enrolled AK to verify with.
+		var named *ecdsa.PublicKey
+		if len(ev.AK) > 0 {
+			if k, err := x509.ParsePKIXPublicKey(ev.AK); err == nil {
+				named, _ = k.(*ecdsa.PublicKey)
+			}
+		}
+		rec, ak, err := enroll.Lookup(*enrolled, named, roots, time.Now())
+		var ne *enroll.NotEnrolledError
+		switch {
+		case errors.As(err, &ne) || enroll.IsRejection(err):
+			fmt.Fprintf(stderr, "rejected: %v\n", err)
+			return exitRejected
+		case err != nil:
+			return usage("enrolled %s: %v", *enrolled, err)
+		}
+		opts.AK = ak
+		fp, _ := enroll.AKFingerprint(ak)
+		trust = &verify.TrustReport{AK: "enrolled", AKSHA256: fp, EKCertSHA256: hex.EncodeToString(rec.EKCertSHA256),
+			EKIssuer: rec.EKIssuer, Host: rec.Host, Enrolled: rec.Enrolled}
 	}
-	opts.AK = ak
+
+	// Step 5: the appraiser (runtime policy, IMA keys, launch policy).
+	var appr *policy.Appraisal
 	if *policyPath != "" {
 		pb, err := os.ReadFile(*policyPath)
 		if err != nil {
 			return usage("%v", err)
 		}
-		pol, err := policy.Parse(pb)
+		rt, err := policy.Parse(pb)
 		if err != nil {
 			return usage("policy %s: %v", *policyPath, err)
 		}
-		opts.Appraise = pol.Appraise
+		var keys []policy.Key
+		for _, p := range imaKeys {
+			ks, err := policy.ReadKeyFile(p)
+			if err != nil {
+				return usage("ima-keys: %v", err)
+			}
+			keys = append(keys, ks...)
+		}
+		appr = policy.New(rt, keys)
+	}
+	if *launchPath != "" {
+		lb, err := os.ReadFile(*launchPath)
+		if err != nil {
+			return usage("%v", err)
+		}
+		ext, err := policy.ParseLaunch(lb)
+		if err != nil {
+			return usage("launch-policy %s: %v", *launchPath, err)
+		}
+		if appr == nil {
+			appr = policy.New(nil, nil)
+		}
+		appr.WithLaunch(ext.Launch)
+	}
+	if appr != nil {
+		opts.Appraiser = appr
+	}
+	for _, p := range bindKeys {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return usage("%v", err)
+		}
+		h, err := verify.KeyHashPEM(b)
+		if err != nil {
+			return usage("bind-key %s: %v", p, err)
+		}
+		opts.BindKeys = append(opts.BindKeys, h)
 	}
 	if *cpIn != "" {
 		b, err := os.ReadFile(*cpIn)
@@ -126,6 +240,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		opts.Checkpoint = &cp
 	}
 	rep, verr := verify.Verify(ev, opts)
+	rep.Trust = trust
+	if appr != nil {
+		rep.Appraisal = appr.Report()
+	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -137,6 +255,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if verr != nil {
 		if verify.IsRejection(verr) {
 			fmt.Fprintf(stderr, "rejected: %v\n", verr)
+			if !*asJSON {
+				for i, v := range rep.Violations {
+					if i == 20 {
+						fmt.Fprintf(stderr, "  … and %d more (--json lists all)\n", len(rep.Violations)-20)
+						break
+					}
+					fmt.Fprintf(stderr, "  violation: record %d %s %s: %s\n", v.Seq, v.Path, v.Digest, v.Reason)
+				}
+			}
 			return exitRejected
 		}
 		return usage("%v", verr)
@@ -152,8 +279,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %d\n",
-			rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.Number)
+		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %d; AK %s\n",
+			rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.Number, trust.AK)
+		if a := rep.Appraisal; a != nil {
+			fmt.Fprintf(stdout, "  policy: %d appraised, %d excluded, %d ignored", a.Appraised, a.Excluded, len(a.Ignored))
+			if s := a.Signatures; s != nil && s.Signed > 0 {
+				fmt.Fprintf(stdout, "; signatures: %d of %d verified", s.Verified, s.Signed)
+			}
+			if a.Launch != nil {
+				fmt.Fprintf(stdout, "; launch: %s pinned", strings.Join(a.Launch.Checked, ", "))
+			}
+			fmt.Fprintln(stdout)
+		}
+		for _, b := range rep.BoundKeys {
+			fmt.Fprintf(stdout, "  key %s bound (record %d, purpose %s)\n", b.SHA256, b.Seq, b.Purpose)
+		}
 	}
 	return exitTrusted
 }

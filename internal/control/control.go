@@ -20,6 +20,9 @@
 //	status    {}               → status
 //	vms       {all}            → vms
 //	evidence  {vm, nonce}      → evidence (binary CBOR, base64 in JSON), identity, AK PEM
+//	enroll-request {}          → enrollment: EK certificate, EK and AK public areas (ext.go)
+//	enroll-answer  {challenge} → answer: the secret the TPM released
+//	violation {vm, reason, detail} → enforcement: the actions taken
 package control
 
 import (
@@ -30,6 +33,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/enroll"
 )
 
 // DefaultSocket is where the bridge listens for control requests.
@@ -77,6 +81,10 @@ type Request struct {
 	FailOpen bool `json:"fail_open,omitempty"`
 	// Deadline is when the client stops waiting (set by Client.Call).
 	Deadline time.Time `json:"deadline,omitzero"`
+	// Detail describes a violation (violation).
+	Detail string `json:"detail,omitempty"`
+	// Challenge is a verifier's enrollment challenge (enroll-answer).
+	Challenge *enroll.Challenge `json:"challenge,omitempty"`
 }
 
 // Response is the answer to one request. Error is set when the request
@@ -87,6 +95,11 @@ type Response struct {
 	Status   *Status   `json:"status,omitempty"`
 	VMs      []VM      `json:"vms,omitempty"`
 	Evidence *Evidence `json:"evidence,omitempty"`
+	// Enrollment, Answer and Enforcement are the results of
+	// enroll-request, enroll-answer and violation (ext.go).
+	Enrollment  *enroll.Request `json:"enrollment,omitempty"`
+	Answer      *enroll.Answer  `json:"answer,omitempty"`
+	Enforcement *Enforcement    `json:"enforcement,omitempty"`
 }
 
 // Listener is one of a VM's guest channels on the host.

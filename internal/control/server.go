@@ -327,7 +327,7 @@ func (s *Server) dispatch(ctx context.Context, req *Request) (resp *Response) {
 	case OpEvidence:
 		resp.Evidence, err = h.Evidence(ctx, req.VM, req.Nonce)
 	default:
-		err = fmt.Errorf("unknown op %q", req.Op)
+		err = s.dispatchExt(ctx, req, resp)
 	}
 	if err != nil {
 		return &Response{Error: err.Error()}

@@ -90,6 +90,18 @@ type Config struct {
 	// (then destroyed: its evidence can no longer be produced); 0 keeps
 	// them forever.
 	KeyRetention Duration `json:"key_retention"`
+	// Enforce lists what the bridge does when a verifier it trusts reports
+	// a violation (control op "violation"), in order: "log", "webhook",
+	// "pause" (enforce.go). Each action is recorded in the VM's log.
+	// Unset means ["log"]; [] means no action.
+	Enforce []string `json:"enforce"`
+	// EnforceWebhook is the http(s) URL the webhook action POSTs to.
+	EnforceWebhook string `json:"enforce_webhook"`
+	// EnforceWebhookTimeout bounds one webhook POST (unset: 5s).
+	EnforceWebhookTimeout Duration `json:"enforce_webhook_timeout"`
+	// EnforceQMPDir, if set, is where the pause action finds the QMP
+	// socket of a VM that QEMU runs without libvirt: DIR/<name>.sock.
+	EnforceQMPDir string `json:"enforce_qmp_dir"`
 }
 
 // HookPolicy is the bridge's side of the hook policy (the hook has its
@@ -237,6 +249,9 @@ func (c *Config) parse() (*settings, error) {
 	}
 	if c.KeyRetention < 0 {
 		return nil, fmt.Errorf("config: key_retention must not be negative")
+	}
+	if err := c.parseEnforce(); err != nil {
+		return nil, err
 	}
 	return s, nil
 }

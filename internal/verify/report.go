@@ -32,6 +32,12 @@ type Report struct {
 	Teardown   *RecordRef     `json:"teardown,omitempty"`
 	Violations []Violation    `json:"violations,omitempty"`
 	Checkpoint *Checkpoint    `json:"checkpoint,omitempty"`
+	// BoundKeys, Appraisal and Trust: appraise.go.
+	BoundKeys []BoundKey   `json:"bound_keys,omitempty"`
+	Appraisal *Appraisal   `json:"appraisal,omitempty"`
+	Trust     *TrustReport `json:"trust,omitempty"`
+
+	bound map[[32]byte]BoundKey // binding records by key hash
 }
 
 // VMReport names the VM instance verified.
@@ -70,11 +76,11 @@ type EpochReport struct {
 
 // GenesisReport is the launch measurement of the VM instance.
 type GenesisReport struct {
-	Name      string        `json:"name"`
-	CID       uint32        `json:"cid,omitempty"`
-	DomainXML string        `json:"domain_xml_sha256"`
-	Files     []record.File `json:"files,omitempty"`
-	Time      int64         `json:"time"`
+	Name      string       `json:"name"`
+	CID       uint32       `json:"cid,omitempty"`
+	DomainXML string       `json:"domain_xml_sha256"`
+	Files     []LaunchFile `json:"files,omitempty"`
+	Time      int64        `json:"time"`
 }
 
 // Counts tallies the VM's records by kind.
@@ -91,6 +97,8 @@ type RecordRef struct {
 	G      uint64 `json:"g"`
 	Time   int64  `json:"time"`
 	Detail string `json:"detail"`
+	// Note is an action record's detail (what was done and why).
+	Note string `json:"note,omitempty"`
 }
 
 // Violation is one measurement the policy does not allow.
@@ -117,7 +125,10 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 			return reject(4, "genesis record is for instance %x, expected %x", gen.Instance, ident.Instance)
 		}
 		rep.VM.Name = gen.Name
-		rep.Genesis = &GenesisReport{Name: gen.Name, CID: gen.CID, DomainXML: hex.EncodeToString(gen.DomainXML[:]), Files: gen.Files, Time: rec.Time}
+		rep.Genesis = &GenesisReport{Name: gen.Name, CID: gen.CID, DomainXML: hex.EncodeToString(gen.DomainXML[:]), Files: launchFiles(gen.Files), Time: rec.Time}
+		if opts.Appraiser != nil {
+			rep.Violations = append(rep.Violations, opts.Appraiser.AppraiseGenesis(gen)...)
+		}
 		return nil
 	}
 	if s == 0 {
@@ -137,6 +148,12 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 				rep.Violations = append(rep.Violations, v)
 			}
 		}
+		if opts.Appraiser != nil {
+			for _, v := range opts.Appraiser.AppraiseMeasurement(s, m) {
+				v.Seq = s
+				rep.Violations = append(rep.Violations, v)
+			}
+		}
 	case record.KindReboot:
 		rep.Counts.Reboots++
 		ref.Detail = rec.Reboot.Reason
@@ -144,9 +161,10 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 	case record.KindBinding:
 		rep.Counts.Bindings++
 		rep.Bindings = append(rep.Bindings, hex.EncodeToString(rec.Binding.KeyHash[:]))
+		rep.bindingAt(s, rec.Binding)
 	case record.KindAction:
 		rep.Counts.Actions++
-		ref.Detail = rec.Action.Action
+		ref.Detail, ref.Note = rec.Action.Action, rec.Action.Detail
 		rep.Actions = append(rep.Actions, ref)
 	case record.KindTeardown:
 		ref.Detail = rec.Teardown.Reason

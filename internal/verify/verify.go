@@ -37,6 +37,15 @@ type Options struct {
 	PCR int
 	// Appraise, when set, appraises each measurement record (step 5).
 	Appraise func(m *record.Measurement) []Violation
+	// Appraiser, when set, appraises the genesis record's launch
+	// measurement and each measurement record with its number (step 5;
+	// appraise.go).
+	Appraiser Appraiser
+	// BindKeys are hashes of public keys (KeyHash) that must be bound in
+	// the VM's log by a binding record: the key of the peer the verifier
+	// talks to, so that evidence relayed from another VM is rejected
+	// (relay attack; appraise.go).
+	BindKeys [][32]byte
 	// Checkpoint, when set, is what an earlier verification of this VM
 	// left (Report.Checkpoint): the evidence must then be the delta after
 	// it, and only the delta is replayed and checked.
@@ -59,6 +68,9 @@ type Checkpoint struct {
 	LastG      uint64 `json:"last_g"`
 	LastRecord []byte `json:"last_record"`
 	Ended      bool   `json:"ended"`
+	// Bindings are the keys bound in the VM's log so far, so that
+	// Options.BindKeys holds across incremental verifications.
+	Bindings []BoundKey `json:"bindings,omitempty"`
 }
 
 // Since returns what to ask the bridge for to get the delta after c.
@@ -93,6 +105,9 @@ func IsRejection(err error) bool {
 func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 	rep := &Report{Kind: ev.Kind}
 	err := verify(ev, opts, rep)
+	if err == nil {
+		err = rep.checkBindings(opts.BindKeys)
+	}
 	if err != nil {
 		var rj *Rejection
 		if errors.As(err, &rj) {
@@ -103,7 +118,7 @@ func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 	rep.Trusted = len(rep.Violations) == 0
 	if !rep.Trusted {
 		v := rep.Violations[0]
-		rep.Reason = fmt.Sprintf("policy: %d measurement(s) violate it, first %s %s: %s", len(rep.Violations), v.Path, v.Digest, v.Reason)
+		rep.Reason = fmt.Sprintf("policy: %d violation(s), first at record %d: %s %s: %s", len(rep.Violations), v.Seq, v.Path, v.Digest, v.Reason)
 		return rep, &Rejection{Step: 5, Reason: rep.Reason}
 	}
 	return rep, nil
@@ -226,6 +241,9 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		next, s0, prevG, firstBatch = cp.NextG, cp.Records, cp.LastG, cp.Batch+1
 		last = cp.LastRecord
 		rep.Ended = cp.Ended
+		if err := rep.loadBindings(cp.Bindings); err != nil {
+			return err
+		}
 	} else if ev.From != nil {
 		return reject(2, "evidence is a delta from batch %d but the verifier has no checkpoint", ev.From.Batch)
 	}
@@ -380,7 +398,7 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	}
 	rep.Checkpoint = &Checkpoint{
 		ID: id[:], EpochHash: epochHash[:], Batch: firstBatch + uint64(len(ev.Log)) - 1, NextG: next,
-		PCR: pcr[:], Records: n, LastG: prevG, LastRecord: last, Ended: rep.Ended,
+		PCR: pcr[:], Records: n, LastG: prevG, LastRecord: last, Ended: rep.Ended, Bindings: rep.boundList(),
 	}
 	return nil
 }

@@ -1,0 +1,178 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// Extension is the "tpmmux" section of a runtime policy file (Keylime
+// ignores keys it does not know):
+//
+//	"tpmmux": {
+//	  "launch": {
+//	    "domain_xml_sha256": ["<hex>", ...],
+//	    "files": {"kernel": ["<hex>"], "initrd": ["<hex>"], "loader": [...], "nvram": [...]}
+//	  },
+//	  "tomtou": "ignore" | "reject"
+//	}
+//
+// Unknown keys in it are an error (it is tpmmux's own format).
+type Extension struct {
+	Launch *LaunchPolicy `json:"launch,omitempty"`
+	// ToMToU is what to do with IMA's violation entries (all-zero template
+	// hash): "ignore" (default, as Keylime) or "reject".
+	ToMToU string `json:"tomtou,omitempty"`
+}
+
+// The tomtou settings.
+const (
+	ToMToUIgnore = "ignore"
+	ToMToUReject = "reject"
+)
+
+// LaunchPolicy pins the launch measurement the bridge records in a VM's
+// genesis record: the SHA-256 of the domain XML and of the files it names
+// by role (kernel, initrd, loader, nvram). Each list holds the allowed
+// digests; an absent or empty list leaves that item unchecked. A role the
+// policy pins must be in the launch, measured, with an allowed digest.
+type LaunchPolicy struct {
+	DomainXML Digests            `json:"domain_xml_sha256,omitempty"`
+	Files     map[string]Digests `json:"files,omitempty"`
+}
+
+// Digests is a list of SHA-256 digests in hex; a single string is taken
+// as a list of one.
+type Digests []string
+
+// UnmarshalJSON reads a hex string or a list of them, lower-cased.
+func (d *Digests) UnmarshalJSON(b []byte) error {
+	var list []string
+	if len(bytes.TrimSpace(b)) > 0 && bytes.TrimSpace(b)[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		list = []string{s}
+	} else if err := json.Unmarshal(b, &list); err != nil {
+		return fmt.Errorf("want a sha256 hex digest or a list of them: %w", err)
+	}
+	for i, s := range list {
+		s = strings.ToLower(strings.TrimSpace(s))
+		if v, err := hex.DecodeString(s); err != nil || len(v) != 32 {
+			return fmt.Errorf("%q is not a sha256 hex digest", s)
+		}
+		list[i] = s
+	}
+	*d = list
+	return nil
+}
+
+// The launch file roles the bridge records (libvirt.LaunchFile).
+var launchRoles = []string{"kernel", "initrd", "loader", "nvram"}
+
+func parseExtension(raw []byte) (*Extension, error) {
+	var e Extension
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&e); err != nil {
+		return nil, err
+	}
+	switch e.ToMToU {
+	case "", ToMToUIgnore, ToMToUReject:
+	default:
+		return nil, fmt.Errorf("tomtou %q, want %s or %s", e.ToMToU, ToMToUIgnore, ToMToUReject)
+	}
+	if e.Launch != nil {
+		for role := range e.Launch.Files {
+			if !slices.Contains(launchRoles, role) {
+				return nil, fmt.Errorf("launch.files: unknown role %q (want %s)", role, strings.Join(launchRoles, ", "))
+			}
+		}
+	}
+	return &e, nil
+}
+
+// ParseLaunch reads a launch policy file (--launch-policy): a runtime
+// policy with a tpmmux section, the tpmmux section itself, or just its
+// launch object.
+func ParseLaunch(b []byte) (*Extension, error) {
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("launch policy of %d bytes exceeds %d", len(b), MaxSize)
+	}
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(b, &top); err != nil {
+		return nil, fmt.Errorf("parse launch policy: %w", err)
+	}
+	if raw, ok := top["tpmmux"]; ok {
+		return parseExtension(raw)
+	}
+	if _, ok := top["launch"]; ok {
+		return parseExtension(b)
+	}
+	l, err := parseExtension([]byte(`{"launch":` + string(b) + `}`))
+	if err != nil {
+		return nil, fmt.Errorf("parse launch policy: %w", err)
+	}
+	if l.Launch == nil || (len(l.Launch.DomainXML) == 0 && len(l.Launch.Files) == 0) {
+		return nil, errors.New("parse launch policy: it pins nothing (want domain_xml_sha256 or files)")
+	}
+	return l, nil
+}
+
+// AppraiseGenesis implements verify.Appraiser: the launch measurement
+// against the launch policy.
+func (a *Appraisal) AppraiseGenesis(g *record.Genesis) []verify.Violation {
+	l := a.launch
+	if l == nil {
+		return nil
+	}
+	rep := &verify.Launch{OK: true}
+	a.rep.Launch = rep
+	var out []verify.Violation
+	if len(l.DomainXML) > 0 {
+		rep.Checked = append(rep.Checked, "domain_xml")
+		d := hex.EncodeToString(g.DomainXML[:])
+		if !slices.Contains(l.DomainXML, d) {
+			out = append(out, verify.Violation{Path: "launch:domain_xml", Digest: "sha256:" + d, Reason: "domain XML digest not allowed by the launch policy"})
+		}
+	}
+	roles := make([]string, 0, len(l.Files))
+	for role := range l.Files {
+		roles = append(roles, role)
+	}
+	slices.Sort(roles)
+	for _, role := range roles {
+		allowed := l.Files[role]
+		if len(allowed) == 0 {
+			continue
+		}
+		rep.Checked = append(rep.Checked, role)
+		found := false
+		for _, f := range g.Files {
+			if f.Role != role {
+				continue
+			}
+			found = true
+			path := "launch:" + role + ":" + f.Path
+			switch {
+			case len(f.SHA256) == 0:
+				out = append(out, verify.Violation{Path: path, Reason: "launch file was not measured: " + f.Error})
+			case !slices.Contains(allowed, hex.EncodeToString(f.SHA256)):
+				out = append(out, verify.Violation{Path: path, Digest: "sha256:" + hex.EncodeToString(f.SHA256), Reason: role + " digest not allowed by the launch policy"})
+			}
+		}
+		if !found {
+			out = append(out, verify.Violation{Path: "launch:" + role, Reason: "the launch policy pins a " + role + " but the launch has none"})
+		}
+	}
+	rep.OK = len(out) == 0
+	return out
+}
