@@ -246,13 +246,52 @@ func crashChild(cfg crashChildConfig, out *crashOut) error {
 
 	// Ingest until killed. Each VM keeps a few submissions in flight and
 	// reports each acknowledgement as it completes, in order.
-	errs := make(chan error, len(ids))
+	errs := make(chan error, len(ids)+1)
 	for i, id := range ids {
 		go func() {
 			errs <- crashIngest(ctx, m, id, crashVMNames[i], next[i], mrand.New(mrand.NewPCG(cfg.Seed, uint64(i))), out)
 		}()
 	}
+	// Meanwhile quotes and VM churn, so kills also land during a quote,
+	// a teardown (and its final quote) and a prepare.
+	go func() { errs <- crashChurn(ctx, m, br, ids, out, mrand.New(mrand.NewPCG(cfg.Seed, 99))) }()
 	return <-errs
+}
+
+// crashChurnName is the VM the child keeps tearing down and starting anew.
+const crashChurnName = "crash-churn"
+
+// crashChurn takes evidence of random VMs (a quote each) and every few
+// rounds tears the churn VM down and prepares a new instance of it.
+func crashChurn(ctx context.Context, m *mux.Mux, br *bridge.Bridge, ids []conceal.Digest, out *crashOut, rng *mrand.Rand) error {
+	for round := 0; ; round++ {
+		nonce := make([]byte, 16)
+		rand.Read(nonce)
+		if _, err := m.Evidence(ctx, ids[rng.IntN(len(ids))], nonce); err != nil {
+			return fmt.Errorf("churn: evidence: %w", err)
+		}
+		out.printf("QUOTE\n")
+		if round%3 != 2 {
+			continue
+		}
+		if id, ok := m.Lookup(crashChurnName); ok {
+			if _, err := m.Teardown(ctx, id, "destroyed"); err != nil {
+				return fmt.Errorf("churn: teardown: %w", err)
+			}
+			out.printf("TORNDOWN %x\n", id)
+		}
+		_, ident, err := br.Prepare(ctx, crashChurnXML())
+		if err != nil {
+			return fmt.Errorf("churn: prepare: %w", err)
+		}
+		out.printf("CHURNED %x\n", ident.ID())
+	}
+}
+
+func crashChurnXML() []byte {
+	var u [16]byte
+	copy(u[:], "tpmmux-crash-ch")
+	return fmt.Appendf(nil, "<domain type='kvm'><name>%s</name><uuid>%s</uuid><os><type>hvm</type></os></domain>", crashChurnName, conceal.FormatUUID(u))
 }
 
 type crashSub struct {
@@ -392,6 +431,8 @@ func TestCrashKill9(t *testing.T) {
 		unacked       uint64 // records a kill left durable but unacknowledged
 		identRestored int
 		prepared      = map[string]int{}
+		quotes        int                 // evidence quotes the children completed
+		tornDown      = map[string]bool{} // churn instances whose teardown was acknowledged
 	)
 	// absorb checks one run's output against what earlier runs
 	// acknowledged and folds its acknowledgements in.
@@ -436,6 +477,10 @@ func TestCrashKill9(t *testing.T) {
 				prepared[f[1]]++
 			case f[0] == "IDENTITY-RESTORED":
 				identRestored++
+			case f[0] == "QUOTE":
+				quotes++
+			case f[0] == "TORNDOWN" && len(f) == 2:
+				tornDown[f[1]] = true
 			case f[0] == "FAULT" || f[0] == "ERROR":
 				t.Fatalf("run %d: child reported %q\n%s", i, line, r.output())
 			}
@@ -539,7 +584,7 @@ func TestCrashKill9(t *testing.T) {
 	instances := map[string]int{}
 	for _, vi := range infos {
 		instances[vi.Name]++
-		if vi.Ended {
+		if vi.Ended && vi.Name != crashChurnName {
 			t.Errorf("vm %s instance %x ended (%s): a restart prepared it again", vi.Name, vi.Instance, vi.EndedBy)
 		}
 	}
@@ -652,6 +697,49 @@ func TestCrashKill9(t *testing.T) {
 			t.Errorf("vm %s: evidence verified with another VM's identity (err %v)", name, err)
 		}
 	}
+	// Churn instances: at most one is live; every ended one (a kill may have
+	// come between its teardown and its final quote) has a final quote that
+	// verifies post mortem and ends in its teardown; every teardown a child
+	// acknowledged is among them.
+	vms, err := m.VMs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, ended := 0, 0
+	for _, v := range vms {
+		if v.Name != crashChurnName {
+			continue
+		}
+		if !v.Ended {
+			live++
+			continue
+		}
+		ended++
+		delete(tornDown, fmt.Sprintf("%x", v.ID))
+		ident, err := m.Identity(v.ID)
+		if err != nil {
+			t.Fatalf("churn instance %x: %v", v.ID[:6], err)
+		}
+		fev, err := m.FinalEvidence(v.ID)
+		if err != nil {
+			t.Errorf("churn instance %x ended (%s) without a final quote: %v", v.ID[:6], v.EndedBy, err)
+			continue
+		}
+		rep, err := verify.Verify(fev, verify.Options{PostMortem: true, Identity: ident, AK: tp.AK(), PCR: mux.DefaultPCR})
+		if err != nil || !rep.Ended {
+			t.Errorf("churn instance %x: post-mortem verification: %v", v.ID[:6], err)
+		}
+	}
+	if live > 1 {
+		t.Errorf("%d live churn instances, want at most 1", live)
+	}
+	for id := range tornDown {
+		t.Errorf("churn instance %s: teardown acknowledged but not durable", id)
+	}
+	if quotes == 0 || ended == 0 {
+		t.Errorf("the kills left no quote (%d) or teardown (%d) completed: nothing tested there", quotes, ended)
+	}
+	t.Logf("quotes completed %d; churn instances ended %d, each verified post mortem", quotes, ended)
 	for name, c := range prepared {
 		if c != 1 {
 			t.Errorf("vm %s prepared %d times, want once", name, c)
