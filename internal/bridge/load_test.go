@@ -90,8 +90,16 @@ func TestLoad(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	st := b.Mux.Status()
-	t.Logf("%d VMs for %ds: %d records acknowledged (%.0f/s), %d evidence verified, %d batches (largest %d); heap in use %d MB -> %d MB",
-		vms, secs, acked.Load(), float64(acked.Load())/float64(secs), verified.Load(), st.Stats.Batches, st.Stats.MaxBatch, heap0>>20, ms.HeapInuse>>20)
+	hwm := "?"
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmHWM:") {
+				hwm = strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))
+			}
+		}
+	}
+	t.Logf("%d VMs for %ds: %d records acknowledged (%.0f/s), %d evidence verified, %d batches (largest %d); heap in use %d MB -> %d MB, peak RSS %s",
+		vms, secs, acked.Load(), float64(acked.Load())/float64(secs), verified.Load(), st.Stats.Batches, st.Stats.MaxBatch, heap0>>20, ms.HeapInuse>>20, hwm)
 	if acked.Load() == 0 || verified.Load() == 0 {
 		t.Fatal("the load did nothing")
 	}
