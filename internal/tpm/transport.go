@@ -92,10 +92,12 @@ func readResponse(r io.Reader, buf []byte) ([]byte, error) {
 // channel (TCP or unix). After any transport error the connection is left
 // unusable (a half-read response would desynchronize the stream) and says so.
 type streamConn struct {
-	c      net.Conn
-	desc   string
-	buf    []byte
-	broken error
+	c       net.Conn
+	desc    string
+	buf     []byte
+	broken  error
+	network string
+	addr    string
 }
 
 // dialStream connects to a swtpm server socket.
@@ -105,12 +107,29 @@ func dialStream(ctx context.Context, network, addr string) (*streamConn, error) 
 	if err != nil {
 		return nil, fmt.Errorf("connect to swtpm at %s %s: %w", network, addr, err)
 	}
-	return &streamConn{c: c, desc: "swtpm " + network + " " + addr, buf: make([]byte, 0, 4096)}, nil
+	return &streamConn{c: c, desc: "swtpm " + network + " " + addr, buf: make([]byte, 0, 4096), network: network, addr: addr}, nil
+}
+
+// redial replaces a broken connection with a new one. swtpm keeps its state
+// (PCRs, loaded objects) across client connections, so the bridge carries on
+// where it was; it serves one client at a time, so the old connection is
+// closed first.
+func (s *streamConn) redial(ctx context.Context) error {
+	s.c.Close()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, s.network, s.addr)
+	if err != nil {
+		return fmt.Errorf("%s: reconnect after %v: %w", s.desc, s.broken, err)
+	}
+	s.c, s.broken = c, nil
+	return nil
 }
 
 func (s *streamConn) send(ctx context.Context, cmd []byte) ([]byte, error) {
 	if s.broken != nil {
-		return nil, fmt.Errorf("%s: connection unusable after an earlier error (reopen the TPM): %w", s.desc, s.broken)
+		if err := s.redial(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", s.desc, err)
