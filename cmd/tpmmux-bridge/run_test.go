@@ -21,9 +21,9 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/daemon"
-	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/wire"
+	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
 )
 
 // These tests run the host side as it is installed: the daemon (in
@@ -169,91 +169,6 @@ func verifyFiles(t *testing.T, dir string, extra ...string) int {
 	return rep.Counts.Measurements
 }
 
-func wireEntries(t *testing.T) []wire.Entry {
-	t.Helper()
-	b, err := os.ReadFile("../../internal/ima/testdata/guest-imasig-sha256.bin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	es, err := ima.ParseList(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make([]wire.Entry, len(es))
-	for i, e := range es {
-		out[i] = wire.Entry{PCR: e.PCR, HashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName, Data: e.TemplateData}
-	}
-	return out
-}
-
-// agent is a minimal guest agent on a real socket.
-type agent struct {
-	t    *testing.T
-	conn net.Conn
-	c    *wire.Conn
-	seq  uint64
-}
-
-func dialAgent(t *testing.T, path string, resync bool) *agent {
-	t.Helper()
-	var conn net.Conn
-	var err error
-	for i := 0; i < 100; i++ {
-		if conn, err = net.Dial("unix", path); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	t.Cleanup(func() { conn.Close() })
-	return &agent{t: t, conn: conn, c: wire.NewConn(conn, resync)}
-}
-
-func (a *agent) recv(m any) {
-	a.t.Helper()
-	f, err := a.c.Recv()
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	if f.Type == wire.TypeError {
-		var e wire.Error
-		wire.Decode(f, &e)
-		a.t.Fatalf("bridge error: %v", &e)
-	}
-	if err := wire.Decode(f, m); err != nil {
-		a.t.Fatal(err)
-	}
-}
-
-func (a *agent) hello(boot string) wire.Welcome {
-	a.t.Helper()
-	if err := a.c.Send(wire.TypeHello, &wire.Hello{Proto: wire.Version, BootID: boot}); err != nil {
-		a.t.Fatal(err)
-	}
-	var w wire.Welcome
-	a.recv(&w)
-	return w
-}
-
-func (a *agent) stream(es []wire.Entry, from, to int) {
-	a.t.Helper()
-	for i := from; i < to; i += 128 {
-		j := min(i+128, to)
-		a.seq++
-		if err := a.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: a.seq, First: uint64(i), Entries: es[i:j]}); err != nil {
-			a.t.Fatal(err)
-		}
-		var ack wire.Ack
-		a.recv(&ack)
-		if ack.Next != uint64(j) {
-			a.t.Fatalf("ack %+v, want next %d", ack, j)
-		}
-	}
-}
-
 // TestHostFlow: hook prepare → identity → a guest streams a real IMA list
 // over the VM's virtio-serial socket → `tpmmux-bridge evidence` writes the
 // files → tpmmux-verify accepts them → hook stopped end + release end →
@@ -278,12 +193,12 @@ func TestHostFlow(t *testing.T) {
 		t.Fatalf("vms: exit %d\n%s%s", code, out, stderr)
 	}
 
-	es := wireEntries(t)
-	a := dialAgent(t, h.serial("vm-a"), true)
-	if w := a.hello("boot-1"); w.VM != "vm-a" || w.Resume != 0 {
+	es := wiretest.Entries(t, "../../internal/ima/testdata/guest-imasig-sha256.bin")
+	a := wiretest.DialUnix(t, h.serial("vm-a"), true)
+	if w := a.Hello("boot-1"); w.VM != "vm-a" || w.Resume != 0 {
 		t.Fatalf("welcome %+v", w)
 	}
-	a.stream(es, 0, len(es))
+	a.Stream(es, 0, len(es))
 
 	resp, err := http.Get("http://" + d.MetricsAddr() + "/metrics")
 	if err != nil {
@@ -431,13 +346,13 @@ func TestRunSIGTERMAndRestart(t *testing.T) {
 	h.cfg.Metrics = ""
 	p := h.startBridge(sw.Spec())
 	h.mustHook("vm-a", "prepare", "begin", "-")
-	es := wireEntries(t)
+	es := wiretest.Entries(t, "../../internal/ima/testdata/guest-imasig-sha256.bin")
 	half := len(es) / 2
-	a := dialAgent(t, h.serial("vm-a"), true)
-	a.hello("boot-1")
-	a.stream(es, 0, half)
+	a := wiretest.DialUnix(t, h.serial("vm-a"), true)
+	a.Hello("boot-1")
+	a.Stream(es, 0, half)
 	// More in flight when the signal comes.
-	a.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: 100, First: uint64(half), Entries: es[half : half+50]})
+	a.C.Send(wire.TypeMeasurements, &wire.Measurements{Seq: 100, First: uint64(half), Entries: es[half : half+50]})
 	code, took := p.term(t)
 	t.Logf("SIGTERM: exit %d after %v", code, took.Round(time.Millisecond))
 	if code != 0 || !strings.Contains(p.logs.String(), "tpmmux bridge stopped") {
@@ -457,12 +372,12 @@ func TestRunSIGTERMAndRestart(t *testing.T) {
 	if code != 0 || json.Unmarshal([]byte(out), &st) != nil || st.Epoch != 1 || st.Fault != "" || st.LiveVMs != 1 {
 		t.Fatalf("status after restart: %s", out)
 	}
-	a = dialAgent(t, h.serial("vm-a"), true)
-	w := a.hello("boot-1")
+	a = wiretest.DialUnix(t, h.serial("vm-a"), true)
+	w := a.Hello("boot-1")
 	if w.Resume < uint64(half) || w.Resume > uint64(half+50) {
 		t.Fatalf("resume at %d, want %d..%d", w.Resume, half, half+50)
 	}
-	a.stream(es, int(w.Resume), len(es))
+	a.Stream(es, int(w.Resume), len(es))
 	evDir := filepath.Join(h.dir, "ev")
 	nonce := hex.EncodeToString([]byte("after restart"))
 	if code, _, stderr := h.cli("evidence", "--vm", "vm-a", "--nonce", nonce, "--out", evDir); code != 0 {

@@ -19,6 +19,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/verify"
+	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
 )
 
 // runVerify runs the real tpmmux-verify binary.
@@ -97,10 +98,10 @@ func TestTenantFlow(t *testing.T) {
 	// 2. A VM runs and its guest streams the real IMA list.
 	h.mustHook("vm-a", "prepare", "begin", "-")
 	h.mustHook("vm-a", "started", "begin", "-")
-	es := wireEntries(t)
-	a := dialAgent(t, h.serial("vm-a"), true)
-	a.hello("boot-1")
-	a.stream(es, 0, len(es))
+	es := wiretest.Entries(t, "../../internal/ima/testdata/guest-imasig-sha256.bin")
+	a := wiretest.DialUnix(t, h.serial("vm-a"), true)
+	a.Hello("boot-1")
+	a.Stream(es, 0, len(es))
 
 	// 3. Attest with the enrolled AK and a policy that does not allow one
 	// of the files.

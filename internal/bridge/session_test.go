@@ -6,19 +6,18 @@ import (
 	"encoding/pem"
 	"errors"
 	"net"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
-	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire"
+	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
 )
 
 func newBridge(t *testing.T) *Bridge {
@@ -40,73 +39,17 @@ func newBridge(t *testing.T) *Bridge {
 	return &Bridge{Mux: m}
 }
 
-func realEntries(t *testing.T) []ima.Entry {
-	t.Helper()
-	b, err := os.ReadFile("../ima/testdata/guest-imasig-sha256.bin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	es, err := ima.ParseList(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return es
+// realList is the real guest IMA list as wire entries.
+func realList(t *testing.T) []wire.Entry {
+	return wiretest.Entries(t, "../ima/testdata/guest-imasig-sha256.bin")
 }
 
-func wireEntries(es []ima.Entry) []wire.Entry {
-	out := make([]wire.Entry, len(es))
-	for i, e := range es {
-		out[i] = wire.Entry{PCR: e.PCR, HashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName, Data: e.TemplateData}
-	}
-	return out
-}
-
-// agentConn is a minimal test agent speaking the wire protocol.
-type agentConn struct {
-	t    *testing.T
-	c    *wire.Conn
-	conn net.Conn
-}
-
-func dial(t *testing.T, b *Bridge, id conceal.Digest) (*agentConn, chan error) {
+func dial(t *testing.T, b *Bridge, id conceal.Digest) (*wiretest.Guest, chan error) {
 	t.Helper()
 	a, g := net.Pipe()
 	done := make(chan error, 1)
 	go func() { done <- b.Serve(context.Background(), id, g, false) }()
-	return &agentConn{t: t, c: wire.NewConn(a, false), conn: a}, done
-}
-
-func (a *agentConn) hello(boot string) wire.Welcome {
-	a.t.Helper()
-	if err := a.c.Send(wire.TypeHello, &wire.Hello{Proto: wire.Version, BootID: boot}); err != nil {
-		a.t.Fatal(err)
-	}
-	var w wire.Welcome
-	a.recv(&w)
-	return w
-}
-
-func (a *agentConn) recv(m any) {
-	a.t.Helper()
-	f, err := a.c.Recv()
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	if f.Type == wire.TypeError {
-		var e wire.Error
-		wire.Decode(f, &e)
-		a.t.Fatalf("bridge error: %v", &e)
-	}
-	if err := wire.Decode(f, m); err != nil {
-		a.t.Fatal(err)
-	}
-}
-
-func (a *agentConn) send(first uint64, seq uint64, es []wire.Entry) {
-	a.t.Helper()
-	if err := a.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: seq, First: first, Entries: es}); err != nil {
-		a.t.Fatal(err)
-	}
+	return wiretest.New(t, a, false), done
 }
 
 func TestSessionStreamResumeAttest(t *testing.T) {
@@ -117,43 +60,43 @@ func TestSessionStreamResumeAttest(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := ident.ID()
-	es := wireEntries(realEntries(t))
+	es := realList(t)
 
 	a, done := dial(t, b, id)
-	if w := a.hello("boot-1"); w.Resume != 0 || w.VM != "vm-a" {
+	if w := a.Hello("boot-1"); w.Resume != 0 || w.VM != "vm-a" {
 		t.Fatalf("welcome %+v", w)
 	}
 	// Window-many frames in flight, then their acks in order.
 	for i := 0; i < 4; i++ {
-		a.send(uint64(i*50), uint64(i), es[i*50:(i+1)*50])
+		a.Send(uint64(i*50), uint64(i), es[i*50:(i+1)*50])
 	}
 	for i := 0; i < 4; i++ {
 		var ack wire.Ack
-		a.recv(&ack)
+		a.Recv(&ack)
 		if ack.Seq != uint64(i) || ack.Next != uint64((i+1)*50) {
 			t.Fatalf("ack %+v", ack)
 		}
 	}
-	a.conn.Close()
+	a.Conn.Close()
 	<-done
 
 	// Reconnect with the same boot: resume at 200; resend an overlap.
 	a, done = dial(t, b, id)
-	if w := a.hello("boot-1"); w.Resume != 200 {
+	if w := a.Hello("boot-1"); w.Resume != 200 {
 		t.Fatalf("resume %d, want 200", w.Resume)
 	}
-	a.send(150, 10, es[150:len(es)])
+	a.Send(150, 10, es[150:len(es)])
 	var ack wire.Ack
-	a.recv(&ack)
+	a.Recv(&ack)
 	if ack.Next != uint64(len(es)) {
 		t.Fatalf("ack next %d, want %d", ack.Next, len(es))
 	}
 	// Evidence from inside the guest, verified with what came with it.
-	if err := a.c.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 7, Nonce: []byte("guest-nonce")}); err != nil {
+	if err := a.C.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 7, Nonce: []byte("guest-nonce")}); err != nil {
 		t.Fatal(err)
 	}
 	var resp wire.EvidenceResponse
-	a.recv(&resp)
+	a.Recv(&resp)
 	ev, err := evidence.Decode(resp.Evidence)
 	if err != nil {
 		t.Fatal(err)
@@ -175,15 +118,15 @@ func TestSessionStreamResumeAttest(t *testing.T) {
 		t.Fatalf("%d measurements verified, want %d (none lost or doubled)", rep.Counts.Measurements, len(es))
 	}
 	_ = akAny
-	a.conn.Close()
+	a.Conn.Close()
 	<-done
 
 	// A new boot id: a reboot record and a restart at 0.
 	a, done = dial(t, b, id)
-	if w := a.hello("boot-2"); w.Resume != 0 {
+	if w := a.Hello("boot-2"); w.Resume != 0 {
 		t.Fatalf("new boot resume %d", w.Resume)
 	}
-	a.conn.Close()
+	a.Conn.Close()
 	<-done
 	gs, _ := b.Mux.Guest(id)
 	if gs.BootID != "boot-2" || gs.Next != 0 {
@@ -197,25 +140,25 @@ func TestSessionRefusesBadGuests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	es := wireEntries(realEntries(t)[:5])
+	es := realList(t)[:5]
 	bad := append([]wire.Entry(nil), es...)
 	bad[2].Data = append([]byte(nil), bad[2].Data...)
 	bad[2].Data[0] ^= 1
 	tests := []struct {
 		name string
-		act  func(a *agentConn)
+		act  func(a *wiretest.Guest)
 		code string
 	}{
-		{"gap", func(a *agentConn) { a.send(3, 1, es) }, wire.CodeGap},
-		{"template hash mismatch", func(a *agentConn) { a.send(0, 1, bad) }, wire.CodeBadEntry},
-		{"unexpected frame", func(a *agentConn) { a.c.Send(wire.TypeWelcome, &wire.Welcome{}) }, wire.CodeProtocol},
+		{"gap", func(a *wiretest.Guest) { a.Send(3, 1, es) }, wire.CodeGap},
+		{"template hash mismatch", func(a *wiretest.Guest) { a.Send(0, 1, bad) }, wire.CodeBadEntry},
+		{"unexpected frame", func(a *wiretest.Guest) { a.C.Send(wire.TypeWelcome, &wire.Welcome{}) }, wire.CodeProtocol},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a, done := dial(t, b, ident.ID())
-			a.hello("boot")
+			a.Hello("boot")
 			tt.act(a)
-			f, err := a.c.Recv()
+			f, err := a.C.Recv()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -231,12 +174,12 @@ func TestSessionRefusesBadGuests(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("session not closed")
 			}
-			a.conn.Close()
+			a.Conn.Close()
 		})
 	}
 	// Garbage instead of a hello on a reliable stream: dropped.
 	a, done := dial(t, b, ident.ID())
-	go a.conn.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+	go a.Conn.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
 	select {
 	case err := <-done:
 		if !errors.Is(err, wire.ErrBadMagic) {
@@ -257,28 +200,28 @@ func TestSerialRestartOnSameStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	es := wireEntries(realEntries(t))
+	es := realList(t)
 	ag, host := net.Pipe()
 	done := make(chan error, 1)
 	go func() { done <- b.Serve(context.Background(), ident.ID(), host, true) }()
-	a := &agentConn{t: t, c: wire.NewConn(ag, true), conn: ag}
+	a := wiretest.New(t, ag, true)
 	// Stale bytes of an earlier agent before the first hello.
 	go ag.Write([]byte("stale \x00\x01 bytes"))
-	a.hello("boot-1")
-	a.send(0, 1, es[:100])
+	a.Hello("boot-1")
+	a.Send(0, 1, es[:100])
 	var ack wire.Ack
-	a.recv(&ack)
+	a.Recv(&ack)
 	// The agent dies mid-frame: half a frame, then the new agent's hello.
 	frame, _ := wire.Encode(wire.TypeMeasurements, &wire.Measurements{Seq: 2, First: 100, Entries: es[100:150]})
 	if _, err := ag.Write(frame[:len(frame)/2]); err != nil {
 		t.Fatal(err)
 	}
-	w := a.hello("boot-1")
+	w := a.Hello("boot-1")
 	if w.Resume != 100 {
 		t.Fatalf("resume %d after restart, want 100", w.Resume)
 	}
-	a.send(100, 1, es[100:])
-	a.recv(&ack)
+	a.Send(100, 1, es[100:])
+	a.Recv(&ack)
 	if ack.Next != uint64(len(es)) {
 		t.Fatalf("next %d", ack.Next)
 	}
@@ -302,9 +245,9 @@ func TestSerialRestartOnSameStream(t *testing.T) {
 		t.Fatalf("verify: %v, %d measurements, want %d", err, rep.Counts.Measurements, len(es))
 	}
 	// The stream session is still alive.
-	a.c.Send(wire.TypePing, &wire.Ping{Seq: 9})
+	a.C.Send(wire.TypePing, &wire.Ping{Seq: 9})
 	var pong wire.Pong
-	a.recv(&pong)
+	a.Recv(&pong)
 	if pong.Seq != 9 {
 		t.Fatal("session did not survive the attest connection")
 	}
@@ -321,23 +264,23 @@ func TestSerialStreamSurvivesProtocolError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	es := wireEntries(realEntries(t)[:10])
+	es := realList(t)[:10]
 	ag, host := net.Pipe()
 	done := make(chan error, 1)
 	go func() { done <- b.Serve(context.Background(), ident.ID(), host, true) }()
-	a := &agentConn{t: t, c: wire.NewConn(ag, true), conn: ag}
-	a.hello("boot")
-	a.send(5, 1, es) // a gap
-	f, err := a.c.Recv()
+	a := wiretest.New(t, ag, true)
+	a.Hello("boot")
+	a.Send(5, 1, es) // a gap
+	f, err := a.C.Recv()
 	if err != nil || f.Type != wire.TypeError {
 		t.Fatalf("got %v %v, want an error frame", f.Type, err)
 	}
-	if w := a.hello("boot"); w.Resume != 0 {
+	if w := a.Hello("boot"); w.Resume != 0 {
 		t.Fatalf("resume %d", w.Resume)
 	}
-	a.send(0, 2, es)
+	a.Send(0, 2, es)
 	var ack wire.Ack
-	a.recv(&ack)
+	a.Recv(&ack)
 	if ack.Next != 10 {
 		t.Fatalf("ack next %d", ack.Next)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire"
+	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
 
@@ -103,13 +104,13 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("started answered %+v", r.VM)
 	}
 
-	es := realEntries(t)
-	g := dialGuest(t, e.serialPath("vm-a"), true)
-	go g.conn.Write([]byte("stale bytes before the agent starts\x00\x01"))
-	if w := g.hello("boot-1"); w.VM != "vm-a" || w.Resume != 0 {
+	es := wiretest.Entries(t, "../ima/testdata/guest-imasig-sha256.bin")
+	g := wiretest.DialUnix(t, e.serialPath("vm-a"), true)
+	go g.Conn.Write([]byte("stale bytes before the agent starts\x00\x01"))
+	if w := g.Hello("boot-1"); w.VM != "vm-a" || w.Resume != 0 {
 		t.Fatalf("welcome %+v", w)
 	}
-	g.stream(es, 0, len(es))
+	g.Stream(es, 0, len(es))
 
 	m := e.metrics()
 	if got := metricValue(t, m, "tpmmux_ingest_records_total"); got < float64(len(es)+1) {
@@ -144,8 +145,8 @@ func TestLifecycle(t *testing.T) {
 	if _, err := net.Dial("unix", kinds["unix"]); err == nil {
 		t.Fatal("dev unix socket still accepts")
 	}
-	g.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := g.c.Recv(); err == nil {
+	g.Conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := g.C.Recv(); err == nil {
 		t.Fatal("guest session survived the teardown")
 	}
 	e.mustCall(&control.Request{Op: control.OpRelease, Name: "vm-a", Reason: "destroyed"})
@@ -187,11 +188,11 @@ func TestRestartResumes(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.mustCall(&control.Request{Op: control.OpStarted, Name: "vm-r", XML: xml})
-	es := realEntries(t)
+	es := wiretest.Entries(t, "../ima/testdata/guest-imasig-sha256.bin")
 	half := len(es) / 2
-	g := dialGuest(t, e.serialPath("vm-r"), true)
-	g.hello("boot-1")
-	g.stream(es, 0, half)
+	g := wiretest.DialUnix(t, e.serialPath("vm-r"), true)
+	g.Hello("boot-1")
+	g.Stream(es, 0, half)
 	e.stop()
 	if _, err := os.Stat(e.serialPath("vm-r")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("serial socket outlived the bridge: %v", err)
@@ -213,11 +214,11 @@ func TestRestartResumes(t *testing.T) {
 		t.Fatal("no re-adoption logged")
 	}
 	// QEMU reconnects (<reconnect enabled='yes'>) and the agent resumes.
-	g = dialGuest(t, e.serialPath("vm-r"), true)
-	if w := g.hello("boot-1"); w.Resume != uint64(half) {
+	g = wiretest.DialUnix(t, e.serialPath("vm-r"), true)
+	if w := g.Hello("boot-1"); w.Resume != uint64(half) {
 		t.Fatalf("resume at %d, want %d", w.Resume, half)
 	}
-	g.stream(es, half, len(es))
+	g.Stream(es, half, len(es))
 	nonce := []byte("after restart")
 	ev := e.mustCall(&control.Request{Op: control.OpEvidence, VM: "vm-r", Nonce: nonce}).Evidence
 	if n := verifyEvidence(t, ev, nonce); n != len(es) {
@@ -243,8 +244,8 @@ func TestReconnectReopensFromXML(t *testing.T) {
 	if len(vm.Listeners) != 2 {
 		t.Fatalf("after reconnect: %+v", vm.Listeners)
 	}
-	g := dialGuest(t, e.serialPath("vm-c"), true)
-	if w := g.hello("b"); w.VM != "vm-c" {
+	g := wiretest.DialUnix(t, e.serialPath("vm-c"), true)
+	if w := g.Hello("b"); w.VM != "vm-c" {
 		t.Fatalf("welcome %+v", w)
 	}
 	// A reconnect for a domain of the same name but another uuid is refused.
@@ -361,31 +362,31 @@ func TestSerialStreamOutlivesSession(t *testing.T) {
 	e := newEnv(t)
 	e.start()
 	e.mustCall(&control.Request{Op: control.OpPrepare, XML: e.domainXML("vm-p", "")})
-	es := realEntries(t)
-	g := dialGuest(t, e.serialPath("vm-p"), true)
-	g.hello("boot-1")
-	g.stream(es, 0, 10)
+	es := wiretest.Entries(t, "../ima/testdata/guest-imasig-sha256.bin")
+	g := wiretest.DialUnix(t, e.serialPath("vm-p"), true)
+	g.Hello("boot-1")
+	g.Stream(es, 0, 10)
 	// A gap is fatal for the session ...
-	g.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: 99, First: 300, Entries: es[300:301]})
-	f, err := g.c.Recv()
+	g.C.Send(wire.TypeMeasurements, &wire.Measurements{Seq: 99, First: 300, Entries: es[300:301]})
+	f, err := g.C.Recv()
 	if err != nil || f.Type != wire.TypeError {
 		t.Fatalf("want an error frame, got %v %v", f.Type, err)
 	}
 	// ... not for the stream.
 	time.Sleep(300 * time.Millisecond)
-	if w := g.hello("boot-1"); w.Resume != 10 {
+	if w := g.Hello("boot-1"); w.Resume != 10 {
 		t.Fatalf("resume %d on the same stream, want 10", w.Resume)
 	}
-	g.stream(es, 10, 20)
+	g.Stream(es, 10, 20)
 	// A session on another transport replaces the serial one; the serial
 	// stream then serves the next hello again.
-	u := dialGuest(t, filepath.Join(e.cfg.GuestUnixDir, "vm-p.sock"), false)
-	if w := u.hello("boot-1"); w.Resume != 20 {
+	u := wiretest.DialUnix(t, filepath.Join(e.cfg.GuestUnixDir, "vm-p.sock"), false)
+	if w := u.Hello("boot-1"); w.Resume != 20 {
 		t.Fatalf("unix session resume %d", w.Resume)
 	}
-	u.conn.Close()
+	u.Conn.Close()
 	time.Sleep(300 * time.Millisecond)
-	if w := g.hello("boot-1"); w.Resume != 20 {
+	if w := g.Hello("boot-1"); w.Resume != 20 {
 		t.Fatalf("serial resume %d", w.Resume)
 	}
 }

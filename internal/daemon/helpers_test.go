@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,9 +14,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/control"
-	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/tpm"
-	"github.com/tpmmux/tpmmux/internal/wire"
 )
 
 // env is one test host: a simulator TPM kept across daemon restarts, and
@@ -159,92 +156,4 @@ func (l *testLog) contains(s string) bool {
 
 func (l *testLog) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-func realEntries(t *testing.T) []wire.Entry {
-	t.Helper()
-	b, err := os.ReadFile("../ima/testdata/guest-imasig-sha256.bin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	es, err := ima.ParseList(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make([]wire.Entry, len(es))
-	for i, e := range es {
-		out[i] = wire.Entry{PCR: e.PCR, HashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName, Data: e.TemplateData}
-	}
-	return out
-}
-
-// guest is a minimal guest agent speaking the wire protocol over a real
-// socket.
-type guest struct {
-	t    *testing.T
-	conn net.Conn
-	c    *wire.Conn
-	seq  uint64
-}
-
-func dialGuest(t *testing.T, path string, resync bool) *guest {
-	t.Helper()
-	var conn net.Conn
-	var err error
-	for i := 0; i < 50; i++ {
-		if conn, err = net.Dial("unix", path); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	t.Cleanup(func() { conn.Close() })
-	return &guest{t: t, conn: conn, c: wire.NewConn(conn, resync)}
-}
-
-func (g *guest) recv(m any) {
-	g.t.Helper()
-	f, err := g.c.Recv()
-	if err != nil {
-		g.t.Fatal(err)
-	}
-	if f.Type == wire.TypeError {
-		var e wire.Error
-		wire.Decode(f, &e)
-		g.t.Fatalf("bridge error: %v", &e)
-	}
-	if err := wire.Decode(f, m); err != nil {
-		g.t.Fatal(err)
-	}
-}
-
-func (g *guest) hello(boot string) wire.Welcome {
-	g.t.Helper()
-	if err := g.c.Send(wire.TypeHello, &wire.Hello{Proto: wire.Version, BootID: boot}); err != nil {
-		g.t.Fatal(err)
-	}
-	var w wire.Welcome
-	g.recv(&w)
-	return w
-}
-
-// stream sends es[from:to] in frames of up to 100 entries and waits for
-// every ack.
-func (g *guest) stream(es []wire.Entry, from, to int) {
-	g.t.Helper()
-	for i := from; i < to; i += 100 {
-		j := min(i+100, to)
-		g.seq++
-		if err := g.c.Send(wire.TypeMeasurements, &wire.Measurements{Seq: g.seq, First: uint64(i), Entries: es[i:j]}); err != nil {
-			g.t.Fatal(err)
-		}
-		var ack wire.Ack
-		g.recv(&ack)
-		if ack.Seq != g.seq || ack.Next != uint64(j) {
-			g.t.Fatalf("ack %+v, want seq %d next %d", ack, g.seq, j)
-		}
-	}
 }
