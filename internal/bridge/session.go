@@ -433,16 +433,11 @@ func (b *Bridge) resume(ctx context.Context, id conceal.Digest, bootID string) (
 }
 
 func (b *Bridge) nameOf(id conceal.Digest) string {
-	vms, err := b.Mux.VMs()
+	info, err := b.Mux.Info(id)
 	if err != nil {
 		return ""
 	}
-	for _, v := range vms {
-		if v.ID == id {
-			return v.Name
-		}
-	}
-	return ""
+	return info.Name
 }
 
 // measurementRecord validates one guest entry and makes its record.

@@ -49,8 +49,8 @@ func ID(uuid, instance [16]byte) Digest {
 // not rebuild the key schedule for every record. A Keys is not safe for
 // concurrent use; derive one per goroutine.
 type Keys struct {
-	tag hmacState
-	mac hmacState
+	tag *hmacState
+	mac *hmacState
 }
 
 // Derive computes K_tag = HMAC(K, "tpmmux/v1/tag") and

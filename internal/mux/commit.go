@@ -35,7 +35,7 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 		if err != nil {
 			return nil, fmt.Errorf("submit: %w", err)
 		}
-		it := &item{r: raw, kind: r.Kind}
+		it := &item{r: raw, h: record.Hash(raw), kind: r.Kind}
 		if r.Teardown != nil {
 			it.reason = r.Teardown.Reason
 		}
@@ -148,7 +148,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		s := vs.vm.NextSeq
 		vs.vm.NextSeq++
 		t := vs.keys.Tag(s)
-		c := vs.keys.Commit(vs.id, s, record.Hash(it.r))
+		c := vs.keys.Commit(vs.id, s, it.h)
 		entries = append(entries, t[:]...)
 		entries = append(entries, c[:]...)
 		bh.Add(conceal.Leaf(t, c))

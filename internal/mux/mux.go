@@ -57,6 +57,9 @@ type Config struct {
 	// Sealer seals the store's data key; default: the TPM itself when it
 	// can seal. Without one, VM keys are stored in clear.
 	Sealer tpm.Sealer
+	// TPMTimeout bounds one extend: a TPM that stops answering faults the
+	// mux (no acks, no evidence) instead of stalling it. Default 30 s.
+	TPMTimeout time.Duration
 	// KeyRetention is how long after teardown a VM's key and records are
 	// kept; afterwards ForgetExpired destroys them. 0 keeps them forever.
 	KeyRetention time.Duration
@@ -110,6 +113,7 @@ type vmState struct {
 type item struct {
 	vm     *vmState
 	r      []byte
+	h      conceal.Digest // H(r), computed by the submitter, off the committer's path
 	kind   record.Kind
 	reason string
 	ticket *Ticket // set on the last item of a submission
@@ -170,6 +174,9 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = DefaultMaxBatch
+	}
+	if cfg.TPMTimeout <= 0 {
+		cfg.TPMTimeout = 30 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -392,7 +399,12 @@ func (m *Mux) beginEpoch(ctx context.Context, number uint64) error {
 
 func (m *Mux) extend(ctx context.Context, v conceal.Digest) error {
 	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.TPMTimeout)
+	defer cancel()
 	err := m.tpm.Extend(ctx, m.cfg.PCR, v)
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("TPM did not answer within %v: %w", m.cfg.TPMTimeout, err)
+	}
 	d := time.Since(start)
 	m.stats.Extends++
 	m.stats.ExtendNanos += uint64(d)

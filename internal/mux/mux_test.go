@@ -519,3 +519,66 @@ func TestBatchedQuotes(t *testing.T) {
 		break
 	}
 }
+
+// hangTPM stops answering extends while hung (they wait for the caller's
+// deadline), as a wedged TPM or a stopped swtpm would.
+type hangTPM struct {
+	*flakyTPM
+	hung atomic.Bool
+}
+
+func (h *hangTPM) Extend(ctx context.Context, pcr int, d [32]byte) error {
+	for h.hung.Load() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return h.flakyTPM.Extend(ctx, pcr, d)
+}
+
+// TestTPMStopsAnswering: a TPM that hangs faults the mux within its
+// timeout (no acks, no evidence, the reason in Status); when the TPM
+// answers again the mux heals and nothing durable is lost.
+func TestTPMStopsAnswering(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	r.close()
+	h := &hangTPM{flakyTPM: r.tpm}
+	st, err := logstore.Open(r.path, &logstore.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := mux.Open(context.Background(), h, st, mux.Config{TPMTimeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.store, r.m = st, m
+	a := r.vm("vm-a")
+	h.hung.Store(true)
+	start := time.Now()
+	if _, err := r.m.Append(context.Background(), a.ID(), meas(1)); err == nil {
+		t.Fatal("acknowledged while the TPM did not answer")
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("the fault took %v", d)
+	}
+	st2 := r.m.Status()
+	if !strings.Contains(st2.Fault, "did not answer") {
+		t.Fatalf("fault = %q", st2.Fault)
+	}
+	if _, err := r.m.Evidence(context.Background(), a.ID(), []byte("n")); err == nil {
+		t.Fatal("served evidence while the TPM hung")
+	}
+	h.hung.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for r.m.Status().Fault != "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("never healed: %s", r.m.Status().Fault)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := r.verified(a); n != 2 {
+		t.Fatalf("%d records after the TPM came back, want 2", n)
+	}
+}

@@ -59,7 +59,7 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	}
 	m.vms[id] = vs
 	m.mu.Unlock()
-	t, err := m.enqueue(id, []*item{{r: raw, kind: record.KindGenesis}})
+	t, err := m.enqueue(id, []*item{{r: raw, h: record.Hash(raw), kind: record.KindGenesis}})
 	if err == nil {
 		_, err = t.Wait(ctx)
 	}
@@ -181,6 +181,22 @@ func (m *Mux) VMs() ([]VMInfo, error) {
 		return out[i].Epoch > out[j].Epoch
 	})
 	return out, err
+}
+
+// Info returns what VMs reports about VM instance id alone, with one store
+// lookup where VMs reads and sorts every VM the store knows.
+func (m *Mux) Info(id conceal.Digest) (VMInfo, error) {
+	var info VMInfo
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		info = VMInfo{ID: vm.ID, UUID: vm.UUID, Instance: vm.Instance, Name: vm.Name, CID: vm.CID,
+			Epoch: vm.Epoch, Records: vm.NextSeq, Ended: vm.Ended, EndedBy: vm.EndedBy}
+		return nil
+	})
+	return info, err
 }
 
 // Lookup returns the live VM instance named name.

@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"runtime/pprof"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/bridge"
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/verify"
+	"github.com/tpmmux/tpmmux/internal/wire"
+)
+
+// p3VMs is how many VMs the attested log holds (verifiers beyond it attest
+// the same VMs again), and p3Records how many measurements each has.
+const (
+	p3VMs     = 100
+	p3Records = 10
+)
+
+// sample is one evidence response kept for verification after the run.
+type sample struct {
+	nonce []byte
+	vm    int
+	resp  *wire.EvidenceResponse
+}
+
+type attestResult struct {
+	rate     float64 // responses per second
+	lat      []time.Duration
+	verified int
+	batched  int
+	quotes   uint64
+	evBytes  int
+}
+
+func (e *env) runAttest(ctx context.Context, kind string, verifiers int, noBatch bool, warmMax, dur time.Duration) (*attestResult, error) {
+	rt, err := e.openTPM(ctx, kind)
+	if err != nil {
+		return nil, err
+	}
+	defer rt.Close()
+	ak := rt.TPM.AK()
+	dir, err := tempDir(e.work, "attest-")
+	if err != nil {
+		return nil, err
+	}
+	defer removeAll(dir)
+	st, err := logstore.Open(filepath.Join(dir, "log.db"), nil)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	nVM := min(verifiers, p3VMs)
+	idents, err := makeVMs(ctx, rt.TPM, st, nVM)
+	if err != nil {
+		return nil, err
+	}
+	m, err := mux.Open(ctx, rt.TPM, st, mux.Config{NoQuoteBatching: noBatch, Host: "bench", Version: "bench", Logger: quiet})
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	if err := fillVMs(ctx, m, e.pool, idents, p3Records); err != nil {
+		return nil, err
+	}
+	br := &bridge.Bridge{Mux: m, Log: quiet}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	var measuring atomic.Bool
+	var done atomic.Int64
+	var kept atomic.Int64
+	var mu sync.Mutex
+	var samples []sample
+	var lats []time.Duration
+	var evBytes atomic.Int64
+	conns := make([]net.Conn, verifiers)
+	got := make([]atomic.Bool, verifiers)
+	var serveWG, cwg sync.WaitGroup
+	errc := make(chan error, verifiers)
+	for i := range verifiers {
+		g, b := net.Pipe()
+		conns[i] = g
+		vm := i % nVM
+		id := idents[vm].ID()
+		serveWG.Go(func() { br.Serve(sctx, id, b, false) })
+		cwg.Go(func() {
+			wc := wire.NewConn(g, false)
+			for reqID := uint64(1); sctx.Err() == nil; reqID++ {
+				nonce := make([]byte, 32)
+				rand.Read(nonce)
+				t := time.Now()
+				if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce}); err != nil {
+					return
+				}
+				f, err := wc.Recv()
+				if err != nil {
+					return
+				}
+				if f.Type == wire.TypeError {
+					var we wire.Error
+					wire.Decode(f, &we)
+					if measuring.Load() {
+						errc <- fmt.Errorf("verifier %d: %w", i, &we)
+					}
+					return
+				}
+				var resp wire.EvidenceResponse
+				if err := wire.Decode(f, &resp); err != nil {
+					errc <- err
+					return
+				}
+				got[i].Store(true)
+				if !measuring.Load() {
+					continue
+				}
+				lat := time.Since(t)
+				n := done.Add(1)
+				evBytes.Store(int64(len(resp.Evidence)))
+				keep := false
+				if n <= 16 || n%53 == 0 {
+					keep = kept.Add(1) <= 48
+				}
+				mu.Lock()
+				lats = append(lats, lat)
+				if keep {
+					samples = append(samples, sample{nonce: nonce, vm: vm, resp: &resp})
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	deadline := time.Now().Add(warmMax)
+	for time.Now().Before(deadline) {
+		all := true
+		for i := range got {
+			if !got[i].Load() {
+				all = false
+				break
+			}
+		}
+		if all {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Not m.Status(): it takes the commit lock, behind every queued quote.
+	q0 := rt.g.quotes.Load()
+	t0 := time.Now()
+	measuring.Store(true)
+	time.Sleep(dur)
+	measuring.Store(false)
+	n := done.Load()
+	el := time.Since(t0)
+	q1 := rt.g.quotes.Load()
+
+	rt.g.stop()
+	cancel()
+	for _, c := range conns {
+		c.Close()
+	}
+	cwg.Wait()
+	serveWG.Wait()
+	close(errc)
+	var errs []error
+	for err := range errc {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	res := &attestResult{rate: float64(n) / el.Seconds(), lat: lats, quotes: q1 - q0, evBytes: int(evBytes.Load())}
+	// The batched evidence is real: every sampled response verifies
+	// against the TPM's AK, the verifier's nonce and the VM's identity.
+	for _, s := range samples {
+		batched, err := verifySample(s, idents[s.vm], ak)
+		if err != nil {
+			return nil, fmt.Errorf("sampled evidence response for VM %d does not verify: %w", s.vm, err)
+		}
+		res.verified++
+		if batched {
+			res.batched++
+		}
+	}
+	return res, nil
+}
+
+func verifySample(s sample, ident *conceal.Identity, ak *ecdsa.PublicKey) (bool, error) {
+	if s.resp.UUID != ident.UUID || s.resp.Instance != ident.Instance || s.resp.Key != [32]byte(ident.Key) {
+		return false, errors.New("response carries another identity")
+	}
+	ev, err := evidence.Decode(s.resp.Evidence)
+	if err != nil {
+		return false, err
+	}
+	rep, err := verify.Verify(ev, verify.Options{Nonce: s.nonce, Identity: ident, AK: ak, PCR: mux.DefaultPCR})
+	if err != nil {
+		return false, err
+	}
+	if !rep.Trusted || !rep.Fresh {
+		return false, fmt.Errorf("report not trusted and fresh: %s", rep.Reason)
+	}
+	return rep.Batched, nil
+}
+
+// fillVMs gives every VM n measurement records.
+func fillVMs(ctx context.Context, m *mux.Mux, p *pool, idents []*conceal.Identity, n int) error {
+	var ts []*mux.Ticket
+	for i, id := range idents {
+		recs := make([]*record.Record, n)
+		for j := range recs {
+			recs[j] = p.record(i*n+j, uint64(j), "bench-boot")
+		}
+		t, err := m.Submit(id.ID(), recs...)
+		if err != nil {
+			return err
+		}
+		ts = append(ts, t)
+	}
+	for _, t := range ts {
+		if _, err := t.Wait(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// benchAttest runs P3.
+func (e *env) benchAttest(ctx context.Context) error {
+	for _, kind := range e.tpms {
+		dur := 1500 * time.Millisecond
+		if kind == kindHW {
+			dur = 3 * time.Second // the baseline serves 5 requests/s
+		}
+		warm := time.Second
+		if e.quick {
+			dur /= 2
+			warm /= 2
+		}
+		if e.dur > 0 {
+			dur = e.dur
+		}
+		for _, n := range e.verList {
+			var bat, one []*attestResult
+			for r := 0; r < e.runs; r++ {
+				for _, noBatch := range []bool{false, true} {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					var res *attestResult
+					var err error
+					labels := pprof.Labels("exp", "P3", "tpm", kind, "verifiers", fmt.Sprint(n), "mode", map[bool]string{true: "one-quote-per-request", false: "batched"}[noBatch])
+					pprof.Do(ctx, labels, func(ctx context.Context) {
+						res, err = e.runAttest(ctx, kind, n, noBatch, warm, dur)
+					})
+					if err != nil {
+						return fmt.Errorf("%s, %d verifiers, NoQuoteBatching %v: %w", kind, n, noBatch, err)
+					}
+					mode := "batched quotes"
+					if noBatch {
+						mode = "one quote per request"
+						one = append(one, res)
+					} else {
+						bat = append(bat, res)
+					}
+					e.logf("  P3 %-10s %4d verifiers %-21s %s, %d quotes, evidence %s, %d sampled responses verified (%d batched)",
+						tpmLabel(kind), n, mode, fmtRate(res.rate, "req/s"), res.quotes, fmtBytes(float64(res.evBytes)), res.verified, res.batched)
+				}
+			}
+			b, o := medianOf(bat, func(r *attestResult) float64 { return r.rate }), medianOf(one, func(r *attestResult) float64 { return r.rate })
+			verified, batched := 0, 0
+			for _, r := range append(bat, one...) {
+				verified += r.verified
+			}
+			for _, r := range bat {
+				batched += r.batched
+			}
+			row := row{ID: "P3", Case: fmt.Sprintf("attestation, %d verifiers", n), TPM: tpmLabel(kind),
+				Value: fmtRate(b, "req/s"), Baseline: fmtRate(o, "req/s") + " (1 quote/req)", V: b, B: o, R: b / o, Ratio: fmtRatio(b / o),
+				Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes", verified, batched)}
+			if kind == kindHW && n >= 100 {
+				row.Target, row.Met = "≥100× baseline", yesNo(b/o >= 100)
+			} else {
+				row.Target, row.Met = "-", "-"
+			}
+			e.add(row)
+		}
+	}
+	return nil
+}

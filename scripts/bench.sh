@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the tpmmux benchmark and prints its one table (docs/performance.md
+# explains every row). Installs what it needs first (swtpm for the swtpm
+# rows and the vTPM baseline of P5), with scripts/setup.sh.
+#
+#   scripts/bench.sh                 full run, about 9 minutes on 2 cores
+#   scripts/bench.sh --quick         one run per figure, smaller sizes, under 2 minutes
+#   scripts/bench.sh --tpm sim,hw    any of tpmmux-bench's flags
+#
+# Run it on a quiet machine: every figure is measured against its baseline
+# in the same run, but a loaded machine slows both, and the CPU-bound rows
+# (P1 on sim, P3, P4) move with the load. The table's header prints the load
+# average before and after.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+bash scripts/setup.sh test
+export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+bin=$(mktemp -d)/tpmmux-bench
+trap 'rm -rf "$(dirname "$bin")"' EXIT
+go build -o "$bin" ./cmd/tpmmux-bench
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(go version)" >&2
+"$bin" "$@"
