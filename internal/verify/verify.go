@@ -290,20 +290,38 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	// Step 3: find this VM's records by their tags: n is the first s whose
 	// tag is absent. With a checkpoint, records before it were found then;
 	// the later ones can only be in the delta, since batches are in order.
+	// Only this VM's own tags are looked for: those of the records the
+	// evidence gives plus one more (so a hidden record shows), found in one
+	// pass over the log; in the rare case the log holds more of them, the
+	// window doubles and the log is scanned again.
 	const dup = math.MaxUint64
-	where := make(map[conceal.Digest]uint64, total)
-	for _, b := range ev.Log {
-		g := b.G0
-		if b.G0 == 0 {
-			g = 1
+	var where map[conceal.Digest]uint64
+	for window := uint64(len(ev.Records)) + 1; ; window *= 2 {
+		want := make(map[conceal.Digest]uint64, window) // tag -> s
+		for s := s0; s < s0+window; s++ {
+			want[keys.Tag(s)] = s
 		}
-		for j := 0; j < b.Entries.Len(); j++ {
-			t, _ := b.Entries.At(j)
-			if _, seen := where[t]; seen {
-				where[t] = dup
-			} else {
-				where[t] = g + uint64(j)
+		where = make(map[conceal.Digest]uint64, window) // tag -> global index
+		for _, b := range ev.Log {
+			g := b.G0
+			if b.G0 == 0 {
+				g = 1
 			}
+			for j := 0; j < b.Entries.Len(); j++ {
+				var t conceal.Digest
+				copy(t[:], b.Entries[j*evidence.EntrySize:])
+				if _, ours := want[t]; !ours {
+					continue
+				}
+				if _, seen := where[t]; seen {
+					where[t] = dup
+				} else {
+					where[t] = g + uint64(j)
+				}
+			}
+		}
+		if _, last := where[keys.Tag(s0+window-1)]; !last || window >= uint64(total)+1 {
+			break
 		}
 	}
 	entry := func(g uint64) (t, c conceal.Digest) {
