@@ -24,9 +24,8 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/bridge"
 	"github.com/tpmmux/tpmmux/internal/conceal"
-	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
-	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
 	"github.com/tpmmux/tpmmux/internal/transport"
 )
 
@@ -93,18 +92,7 @@ type bridgeRig struct {
 func newBridgeRig(t *testing.T) *bridgeRig {
 	t.Helper()
 	ctx := context.Background()
-	tp, err := tpm.Open(ctx, "sim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), &logstore.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := mux.Open(ctx, tp, st, mux.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := muxtest.Open(t, mux.Config{})
 	b := &bridge.Bridge{Mux: m}
 	ident, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0xc1, 0x1}, Name: "cli-vm"})
 	if err != nil {
@@ -141,9 +129,6 @@ func newBridgeRig(t *testing.T) *bridgeRig {
 		}
 		mu.Unlock()
 		wg.Wait()
-		m.Close()
-		st.Close()
-		tp.Close()
 	})
 	return r
 }

@@ -30,10 +30,9 @@ import (
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/ima"
-	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
 	"github.com/tpmmux/tpmmux/internal/record"
-	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/transport"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire"
@@ -111,21 +110,9 @@ type rig struct {
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
-	ctx := context.Background()
-	tp, err := tpm.Open(ctx, "sim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), &logstore.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := mux.Open(ctx, tp, st, mux.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := muxtest.Open(t, mux.Config{})
 	r := &rig{t: t, b: &bridge.Bridge{Mux: m, Log: testLogger(t)}}
-	t.Cleanup(func() { r.wg.Wait(); m.Close(); st.Close(); tp.Close() })
+	t.Cleanup(r.wg.Wait)
 	return r
 }
 

@@ -6,15 +6,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"net"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
-	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
-	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire"
 	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
@@ -22,21 +20,7 @@ import (
 
 func newBridge(t *testing.T) *Bridge {
 	t.Helper()
-	ctx := context.Background()
-	tp, err := tpm.Open(ctx, "sim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), &logstore.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := mux.Open(ctx, tp, st, mux.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close(); st.Close(); tp.Close() })
-	return &Bridge{Mux: m}
+	return &Bridge{Mux: muxtest.Open(t, mux.Config{})}
 }
 
 // realList is the real guest IMA list as wire entries.
