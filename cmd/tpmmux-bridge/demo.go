@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -213,11 +214,11 @@ func verdict(_ *verify.Report, err error) string {
 	if err == nil {
 		return "trusted"
 	}
-	msg := err.Error()
-	if len(msg) > 60 {
-		msg = msg[:57] + "..."
+	var rj *verify.Rejection
+	if errors.As(err, &rj) {
+		return fmt.Sprintf("rejected at step %d", rj.Step)
 	}
-	return "rejected: " + msg
+	return "error: " + err.Error()
 }
 
 // ingest submits the VM's measurements as the guest agent would: in
