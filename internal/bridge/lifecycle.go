@@ -13,6 +13,8 @@ import (
 	"os"
 	"sync"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/record"
@@ -27,6 +29,13 @@ const maxLaunchFile = 4 << 30
 type Bridge struct {
 	Mux *mux.Mux
 	Log *slog.Logger
+	// MaxQueued bounds the guest records submitted and not yet settled
+	// across all VMs (default DefaultMaxQueued).
+	MaxQueued int
+
+	budgetOnce sync.Once
+	budget     *semaphore.Weighted
+	budgetMax  int64
 
 	sessMu sync.Mutex
 	sess   sessions

@@ -167,3 +167,46 @@ func loadGuest(ctx context.Context, b *Bridge, id conceal.Digest, n int, acked *
 	}
 	return nil
 }
+
+// TestHostWideBudget: however many VMs stream, the records submitted and
+// not yet settled never exceed the bridge's host-wide budget, and every
+// VM still gets through.
+func TestHostWideBudget(t *testing.T) {
+	b := newBridge(t)
+	b.MaxQueued = 96
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	const vms = 12
+	var acked atomic.Int64
+	var per [vms]atomic.Int64
+	var wg sync.WaitGroup
+	for i := 0; i < vms; i++ {
+		ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{0x20, byte(i)}, Name: fmt.Sprintf("budget-%02d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := loadGuest(ctx, b, ident.ID(), i, &per[i]); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	maxQueued := 0
+	for ctx.Err() == nil {
+		maxQueued = max(maxQueued, b.Mux.Status().Queued)
+		time.Sleep(200 * time.Microsecond)
+	}
+	wg.Wait()
+	for i := range per {
+		if per[i].Load() == 0 {
+			t.Errorf("vm %d got nothing through", i)
+		}
+		acked.Add(per[i].Load())
+	}
+	t.Logf("%d VMs, budget %d: %d records acknowledged, at most %d queued in the mux", vms, b.MaxQueued, acked.Load(), maxQueued)
+	if maxQueued > b.MaxQueued {
+		t.Fatalf("%d records queued, budget %d", maxQueued, b.MaxQueued)
+	}
+}

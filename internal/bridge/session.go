@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/mux"
@@ -246,6 +248,26 @@ type pendingAck struct {
 	seq    uint64
 	next   uint64
 	ticket *mux.Ticket
+	weight int64 // records held from the host-wide budget until settled
+}
+
+// DefaultMaxQueued is the default host-wide budget of guest records that
+// may be submitted and not yet settled, across all VMs: with the per-VM
+// window it bounds the bridge's memory however many VMs stream at once.
+const DefaultMaxQueued = 1 << 18
+
+// queued returns the host-wide budget of submitted, unsettled records. A
+// session that cannot take its frame's share stops reading, which slows
+// that guest through its own transport.
+func (b *Bridge) queued() *semaphore.Weighted {
+	b.budgetOnce.Do(func() {
+		n := int64(b.MaxQueued)
+		if n <= 0 {
+			n = DefaultMaxQueued
+		}
+		b.budget, b.budgetMax = semaphore.NewWeighted(n), n
+	})
+	return b.budget
 }
 
 func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn, wc *wire.Conn, out *sender, hello wire.Hello, resync bool) error {
@@ -282,6 +304,9 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 			var werr error
 			if p.ticket != nil {
 				_, werr = p.ticket.Wait(context.WithoutCancel(ctx))
+			}
+			if p.weight > 0 {
+				b.queued().Release(p.weight)
 			}
 			if err != nil {
 				continue
@@ -349,8 +374,13 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 				}
 				recs = append(recs, r)
 			}
+			w := min(int64(len(recs)), b.budgetLimit())
+			if err := b.queued().Acquire(ctx, w); err != nil {
+				return err
+			}
 			t, err := b.Mux.Submit(id, recs...)
 			if err != nil {
+				b.queued().Release(w)
 				code := wire.CodeUnavailable
 				if errors.Is(err, mux.ErrEnded) || errors.Is(err, mux.ErrUnknownVM) {
 					code = wire.CodeEnded
@@ -359,7 +389,7 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 			}
 			next += uint64(len(recs))
 			select {
-			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t}:
+			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t, weight: w}:
 			case <-ctx.Done():
 				return ctx.Err()
 			}
@@ -485,3 +515,9 @@ func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.Evid
 }
 
 func (b *Bridge) now() time.Time { return time.Now() }
+
+// budgetLimit is the size of the host-wide budget.
+func (b *Bridge) budgetLimit() int64 {
+	b.queued()
+	return b.budgetMax
+}
