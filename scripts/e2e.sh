@@ -179,10 +179,11 @@ settle() {
 # ---------------------------------------------------------------- checks
 declare -A R_GUEST R_HOST R_CROSS R_LEAK R_RECS R_RESET R_TEAR R_POST
 extract() { # extract VM FILE DEST: the base64 block of FILE from VM's console
+  # (only base64 lines: the agent's and the kernel's messages may interleave)
   awk -v f="$2" '
     index($0, "TPMMUX-E2E: attest-begin " f) { on = 1; buf = ""; next }
     index($0, "TPMMUX-E2E: attest-end " f) { on = 0; last = buf; next }
-    on { gsub(/\r/, ""); buf = buf $0 "\n" }
+    on { gsub(/\r/, ""); if ($0 ~ /^[A-Za-z0-9+\/=]+$/) buf = buf $0 "\n" }
     END { printf "%s", last }' "$WORK/console-$1.log" | base64 -d >"$3"
 }
 for i in "${!NAMES[@]}"; do

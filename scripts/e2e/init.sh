@@ -106,8 +106,10 @@ if [ -x "$AGENT" ]; then
   # With tpmmux_e2e.nonce=HEX: stream in the background, then attest from
   # inside the guest through the running agent (its local control socket)
   # and print the files on the console for the host to check.
+  # The agent logs to /run/agent.log so its lines do not split the
+  # base64 blocks on the console.
   # shellcheck disable=SC2086
-  "$AGENT" $agent_args &
+  "$AGENT" $agent_args 2>/run/agent.log &
   apid=$!
   i=0
   while [ "$i" -lt 90 ]; do
