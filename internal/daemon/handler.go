@@ -188,12 +188,20 @@ func (d *Daemon) liveEntry(name string, uuid *[16]byte) (*vmEntry, error) {
 // QEMU's user (recorded, so a restarted bridge can restore it).
 func (d *Daemon) Started(ctx context.Context, name string, xml []byte) (vm *control.VM, err error) {
 	defer d.count(control.OpStarted, &err)
+	return d.adopt("started", name, xml, true)
+}
+
+// adopt finds the live identity of the domain in xml and makes sure its
+// listeners are open: the common part of "started begin" and "reconnect
+// begin". started also checks that the vsock CID did not change since
+// prepare and records the serial socket's owner.
+func (d *Daemon) adopt(op, name string, xml []byte, started bool) (*control.VM, error) {
 	dom, err := libvirt.ParseDomain(xml)
 	if err != nil {
-		return nil, fmt.Errorf("started: %w", err)
+		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	if name != "" && name != dom.Name {
-		return nil, fmt.Errorf("started: hook names domain %q, its XML %q", name, dom.Name)
+		return nil, fmt.Errorf("%s: hook names domain %q, its XML %q", op, name, dom.Name)
 	}
 	if ok, why := d.wanted(dom); !ok {
 		return skipped(dom, why), nil
@@ -202,27 +210,31 @@ func (d *Daemon) Started(ctx context.Context, name string, xml []byte) (vm *cont
 	defer unlock()
 	e, err := d.liveEntry(dom.Name, &dom.UUID)
 	if err != nil {
-		return nil, fmt.Errorf("started: %w", err)
+		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	plan, err := d.planFor(dom)
 	if err != nil {
 		return nil, err
 	}
-	cid := e.getCID()
-	if cid != 0 && plan.cid != 0 && plan.cid != cid {
-		return nil, fmt.Errorf("started %s: vsock cid is %d, was %d at prepare", dom.Name, plan.cid, cid)
+	if cid := e.getCID(); started && cid != 0 && plan.cid != 0 && plan.cid != cid {
+		return nil, fmt.Errorf("%s %s: vsock cid is %d, was %d at prepare", op, dom.Name, plan.cid, cid)
 	}
 	if err := d.openListeners(e, plan); err != nil {
-		return nil, fmt.Errorf("started %s: %w", dom.Name, err)
+		return nil, fmt.Errorf("%s %s: %w", op, dom.Name, err)
 	}
-	e.mu.Lock()
-	if e.serial != "" {
-		if o := socketOwner(e.serial); o != nil {
-			e.owner = o
+	if started {
+		e.mu.Lock()
+		if e.serial != "" {
+			if o := socketOwner(e.serial); o != nil {
+				e.owner = o
+			}
 		}
+		e.mu.Unlock()
 	}
-	e.mu.Unlock()
 	d.saveState(e)
+	if !started {
+		d.log.Info("vm re-adopted after a libvirtd restart", "vm", dom.Name)
+	}
 	return d.vmInfo(e, d.identity(e.id)), nil
 }
 
@@ -240,29 +252,7 @@ func (d *Daemon) identity(id conceal.Digest) *conceal.Identity {
 // without the VM's listener state opens them from this XML).
 func (d *Daemon) Reconnect(ctx context.Context, xml []byte) (vm *control.VM, err error) {
 	defer d.count(control.OpReconnect, &err)
-	dom, err := libvirt.ParseDomain(xml)
-	if err != nil {
-		return nil, fmt.Errorf("reconnect: %w", err)
-	}
-	if ok, why := d.wanted(dom); !ok {
-		return skipped(dom, why), nil
-	}
-	unlock := d.names.Lock(dom.Name)
-	defer unlock()
-	e, err := d.liveEntry(dom.Name, &dom.UUID)
-	if err != nil {
-		return nil, fmt.Errorf("reconnect: %w", err)
-	}
-	plan, err := d.planFor(dom)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.openListeners(e, plan); err != nil {
-		return nil, fmt.Errorf("reconnect %s: %w", dom.Name, err)
-	}
-	d.saveState(e)
-	d.log.Info("vm re-adopted after a libvirtd restart", "vm", dom.Name)
-	return d.vmInfo(e, d.identity(e.id)), nil
+	return d.adopt("reconnect", "", xml, false)
 }
 
 // pendingStop is a teardown that waits for "release end" and its reason.
