@@ -12,13 +12,11 @@ import (
 	"fmt"
 
 	"github.com/tpmmux/tpmmux/internal/canon"
+	"github.com/tpmmux/tpmmux/internal/conceal"
 )
 
 // Version is the evidence format version this package reads and writes.
 const Version = 1
-
-// EntrySize is the size of one public log entry, t_s || c_s.
-const EntrySize = 64
 
 // Kinds of evidence: a fresh quote for a verifier's nonce, or the
 // post-mortem quote the bridge kept when the VM's teardown was extended.
@@ -136,19 +134,15 @@ func (h *Hex) UnmarshalJSON(b []byte) error {
 type Entries []byte
 
 // Len returns the number of entries.
-func (e Entries) Len() int { return len(e) / EntrySize }
+func (e Entries) Len() int { return conceal.EntryCount(e) }
 
 // At returns entry i's tag and commitment.
-func (e Entries) At(i int) (t, c [32]byte) {
-	copy(t[:], e[i*EntrySize:])
-	copy(c[:], e[i*EntrySize+32:])
-	return t, c
-}
+func (e Entries) At(i int) (t, c [32]byte) { return conceal.EntryAt(e, i) }
 
 // MarshalJSON lists the entries as hex strings.
 func (e Entries) MarshalJSON() ([]byte, error) {
-	if len(e)%EntrySize != 0 {
-		return nil, fmt.Errorf("entries of %d bytes is not a multiple of %d", len(e), EntrySize)
+	if len(e)%conceal.EntrySize != 0 {
+		return nil, fmt.Errorf("entries of %d bytes is not a multiple of %d", len(e), conceal.EntrySize)
 	}
 	var buf bytes.Buffer
 	buf.Grow(len(e)*2 + 4*e.Len() + 2)
@@ -158,8 +152,8 @@ func (e Entries) MarshalJSON() ([]byte, error) {
 			buf.WriteByte(',')
 		}
 		buf.WriteByte('"')
-		var h [2 * EntrySize]byte
-		hex.Encode(h[:], e[i*EntrySize:(i+1)*EntrySize])
+		var h [2 * conceal.EntrySize]byte
+		hex.Encode(h[:], e[i*conceal.EntrySize:(i+1)*conceal.EntrySize])
 		buf.Write(h[:])
 		buf.WriteByte('"')
 	}
@@ -173,12 +167,12 @@ func (e *Entries) UnmarshalJSON(b []byte) error {
 	if err := json.Unmarshal(b, &list); err != nil {
 		return err
 	}
-	out := make([]byte, 0, len(list)*EntrySize)
+	out := make([]byte, 0, len(list)*conceal.EntrySize)
 	for i, s := range list {
-		if len(s) != 2*EntrySize {
-			return fmt.Errorf("entry %d has %d hex digits, want %d", i, len(s), 2*EntrySize)
+		if len(s) != 2*conceal.EntrySize {
+			return fmt.Errorf("entry %d has %d hex digits, want %d", i, len(s), 2*conceal.EntrySize)
 		}
-		var v [EntrySize]byte
+		var v [conceal.EntrySize]byte
 		if _, err := hex.Decode(v[:], []byte(s)); err != nil {
 			return fmt.Errorf("entry %d: %w", i, err)
 		}
@@ -194,8 +188,8 @@ func (e *Entries) UnmarshalCBOR(b []byte) error {
 	if err := decMode.Unmarshal(b, &raw); err != nil {
 		return err
 	}
-	if len(raw)%EntrySize != 0 {
-		return fmt.Errorf("entries of %d bytes is not a multiple of %d", len(raw), EntrySize)
+	if len(raw)%conceal.EntrySize != 0 {
+		return fmt.Errorf("entries of %d bytes is not a multiple of %d", len(raw), conceal.EntrySize)
 	}
 	*e = raw
 	return nil

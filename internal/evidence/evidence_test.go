@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
 )
 
 func sample() *Evidence {
@@ -93,7 +95,7 @@ func FuzzDecode(f *testing.F) {
 			return
 		}
 		for _, bt := range ev.Log {
-			if len(bt.Entries)%EntrySize != 0 {
+			if len(bt.Entries)%conceal.EntrySize != 0 {
 				t.Fatalf("accepted entries of %d bytes", len(bt.Entries))
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/conceal"
 )
 
 // BenchmarkCommit is the log store's share of one group commit: a batch of
@@ -28,7 +29,7 @@ func BenchmarkCommit(b *testing.B) {
 				var g uint64
 				b.ReportAllocs()
 				for i := 0; b.Loop(); i++ {
-					c := &Commit{Epoch: 1, Index: uint64(i), Batch: Batch{G0: g, N: uint32(n), Entries: make([]byte, n*EntrySize)}}
+					c := &Commit{Epoch: 1, Index: uint64(i), Batch: Batch{G0: g, N: uint32(n), Entries: make([]byte, n*conceal.EntrySize)}}
 					c.Records = make([]Put, n)
 					for j := range c.Records {
 						v := (j / 64) % vms // frames of 64 records of one VM

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/conceal"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -33,9 +34,6 @@ var (
 // formatVersion is the on-disk layout version; Open refuses any other.
 const formatVersion = 1
 
-// EntrySize is the size of one public log entry: t_s || c_s.
-const EntrySize = 64
-
 // ErrNotFound reports a VM, record or quote the store does not hold.
 var ErrNotFound = errors.New("not found")
 
@@ -46,12 +44,12 @@ type Batch struct {
 	G0      uint64   `cbor:"1,keyasint"`
 	N       uint32   `cbor:"2,keyasint"`
 	Epoch   []byte   `cbor:"3,keyasint,omitempty"` // canonical epoch record (first batch only)
-	Entries []byte   `cbor:"4,keyasint"`           // concatenated t||c, EntrySize bytes each
+	Entries []byte   `cbor:"4,keyasint"`           // concatenated t||c, conceal.EntrySize bytes each
 	V       [32]byte `cbor:"5,keyasint"`           // batch digest v_b that is extended
 }
 
 // EntryCount returns how many t||c entries the batch holds.
-func (b *Batch) EntryCount() int { return len(b.Entries) / EntrySize }
+func (b *Batch) EntryCount() int { return conceal.EntryCount(b.Entries) }
 
 // VM is the bridge's state for one VM instance.
 type VM struct {

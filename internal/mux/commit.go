@@ -129,7 +129,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 	n := len(items)
 	g0 := m.nextG
 	index := m.nextBatch
-	entries := make([]byte, 0, n*logstore.EntrySize)
+	entries := make([]byte, 0, n*conceal.EntrySize)
 	puts := make([]logstore.Put, n)
 	acks := make([]Ack, n)
 	bh := conceal.NewBatchHasher(g0, uint32(n))

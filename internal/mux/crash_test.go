@@ -774,8 +774,8 @@ func crashReplay(t *testing.T, st *logstore.Store) (conceal.Digest, int) {
 			}
 			for i := range b.EntryCount() {
 				var tg, c conceal.Digest
-				copy(tg[:], b.Entries[i*logstore.EntrySize:])
-				copy(c[:], b.Entries[i*logstore.EntrySize+32:])
+				copy(tg[:], b.Entries[i*conceal.EntrySize:])
+				copy(c[:], b.Entries[i*conceal.EntrySize+32:])
 				leaves = append(leaves, conceal.Leaf(tg, c))
 			}
 			if int(b.N) != len(leaves) {

@@ -327,31 +327,16 @@ func (m *Mux) replay(info logstore.EpochInfo) (replayResult, error) {
 			if b.G0 != rp.nextG {
 				return fmt.Errorf("batch %d starts at global index %d, want %d", index, b.G0, rp.nextG)
 			}
-			if len(b.Entries)%logstore.EntrySize != 0 {
-				return fmt.Errorf("batch %d entries are %d bytes", index, len(b.Entries))
+			if index == 0 && len(b.Epoch) == 0 {
+				return fmt.Errorf("batch 0 lacks the epoch record")
 			}
-			n := b.EntryCount()
-			epochLeaf := index == 0
-			if epochLeaf {
-				n++
-				if len(b.Epoch) == 0 {
-					return fmt.Errorf("batch 0 lacks the epoch record")
-				}
+			v, n, err := conceal.BatchValue(b.G0, b.Epoch, b.Entries)
+			if err != nil {
+				return fmt.Errorf("batch %d: %w", index, err)
 			}
-			if uint32(n) != b.N {
+			if n != b.N {
 				return fmt.Errorf("batch %d says %d leaves, holds %d", index, b.N, n)
 			}
-			bh := conceal.NewBatchHasher(b.G0, b.N)
-			if epochLeaf {
-				bh.Add(conceal.EpochLeaf(b.Epoch))
-			}
-			for i := 0; i < b.EntryCount(); i++ {
-				var t, c conceal.Digest
-				copy(t[:], b.Entries[i*64:])
-				copy(c[:], b.Entries[i*64+32:])
-				bh.Add(conceal.Leaf(t, c))
-			}
-			v, _ := bh.Sum()
 			if v != b.V {
 				return fmt.Errorf("batch %d digest does not match its entries (store corrupted)", index)
 			}

@@ -108,6 +108,9 @@ func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 	if err == nil {
 		err = rep.checkBindings(opts.BindKeys)
 	}
+	if err == nil {
+		err = rep.judge()
+	}
 	if err != nil {
 		var rj *Rejection
 		if errors.As(err, &rj) {
@@ -115,13 +118,48 @@ func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 		}
 		return rep, err
 	}
-	rep.Trusted = len(rep.Violations) == 0
-	if !rep.Trusted {
-		v := rep.Violations[0]
-		rep.Reason = fmt.Sprintf("policy: %d violation(s), first at record %d: %s %s: %s", len(rep.Violations), v.Seq, v.Path, v.Digest, v.Reason)
-		return rep, &Rejection{Step: 5, Reason: rep.Reason}
-	}
 	return rep, nil
+}
+
+// judge is step 5's verdict: the evidence is trusted when no record
+// violated the policy.
+func (rep *Report) judge() error {
+	rep.Trusted = len(rep.Violations) == 0
+	if rep.Trusted {
+		return nil
+	}
+	v := rep.Violations[0]
+	return reject(5, "policy: %d violation(s), first at record %d: %s %s: %s", len(rep.Violations), v.Seq, v.Path, v.Digest, v.Reason)
+}
+
+// verification is one run of the checks over one evidence: its inputs, the
+// report it fills, and what each step hands the next.
+type verification struct {
+	ev    *evidence.Evidence
+	opts  Options
+	rep   *Report
+	ident *conceal.Identity
+	id    conceal.Digest
+	keys  *conceal.Keys
+
+	// Set by step 1.
+	info       *quote.Info
+	quoted     conceal.Digest // the quoted value of the multiplexer PCR
+	finalCheck []byte         // a final quote's extraData, checked in step 4
+
+	// Set by step 2.
+	epochRec   *record.Epoch
+	epochHash  conceal.Digest
+	pcr        conceal.Digest // the log replayed (from the checkpoint)
+	next       uint64         // the global index after the log
+	firstBatch uint64         // the number of the log's first batch
+	total      int            // how many entries the log holds
+	s0         uint64         // the first record the evidence must hold
+	prevG      uint64         // the global index of record s0-1
+	last       []byte         // the last record verified
+
+	// Set by step 3: tags[i] is the global index of record s0+i.
+	tags []uint64
 }
 
 func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
@@ -131,16 +169,36 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	if ev.Version != evidence.Version {
 		return reject(1, "evidence version %d, want %d", ev.Version, evidence.Version)
 	}
-	ident := opts.Identity
-	id := ident.ID()
-	keys := ident.Keys()
-	rep.VM = VMReport{UUID: conceal.FormatUUID(ident.UUID), Instance: hex.EncodeToString(ident.Instance[:]), ID: hex.EncodeToString(id[:])}
+	v := &verification{ev: ev, opts: opts, rep: rep, ident: opts.Identity, id: opts.Identity.ID(), keys: opts.Identity.Keys()}
+	rep.VM = VMReport{UUID: conceal.FormatUUID(v.ident.UUID), Instance: hex.EncodeToString(v.ident.Instance[:]), ID: hex.EncodeToString(v.id[:])}
+	steps := []func() error{
+		v.checkQuote,   // 1: the quote and the PCR values it covers
+		v.checkFresh,   // 1: extraData binds the nonce and this VM
+		v.start,        // 2: the epoch record and the verifier's checkpoint
+		v.replay,       // 2: the log replays to the quoted PCR
+		v.findTags,     // 3: this VM's records, by their tags
+		v.checkRecords, // 4 (and 5, per record): records match commitments
+		v.checkFinal,   // 4: a post-mortem quote covers the teardown
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	rep.Checkpoint = v.checkpoint()
+	return nil
+}
 
-	// Step 1: the quote.
-	info, err := quote.Check(ev.Quote.Attest, ev.Quote.Signature, opts.AK)
+// checkQuote is step 1: the quote is signed by the AK, its clock is safe,
+// and the evidence's PCR values are the ones it covers, the multiplexer PCR
+// among them.
+func (v *verification) checkQuote() error {
+	ev, rep := v.ev, v.rep
+	info, err := quote.Check(ev.Quote.Attest, ev.Quote.Signature, v.opts.AK)
 	if err != nil {
 		return reject(1, "quote: %v", err)
 	}
+	v.info = info
 	rep.Quote = QuoteReport{Clock: info.Clock, ResetCount: info.ResetCount, RestartCount: info.RestartCount, Safe: info.Safe, FirmwareVersion: info.FirmwareVersion}
 	if !info.Safe {
 		return reject(1, "quote clockInfo.safe is false: the TPM clock may have gone back, so the quote's time cannot be trusted")
@@ -168,205 +226,233 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	if pcrIdx < 0 {
 		return reject(1, "quote does not cover the multiplexer PCR %d", ev.PCR)
 	}
-	if opts.PCR != 0 && int(ev.PCR) != opts.PCR {
-		return reject(1, "evidence is for PCR %d, verifier expects PCR %d", ev.PCR, opts.PCR)
+	if v.opts.PCR != 0 && int(ev.PCR) != v.opts.PCR {
+		return reject(1, "evidence is for PCR %d, verifier expects PCR %d", ev.PCR, v.opts.PCR)
 	}
+	v.quoted = vals[pcrIdx]
 	rep.PCR = int(ev.PCR)
-	rep.PCRValue = hex.EncodeToString(vals[pcrIdx][:])
+	rep.PCRValue = hex.EncodeToString(v.quoted[:])
 	for i, pv := range ev.PCRValues {
 		rep.HostPCRs = append(rep.HostPCRs, PCRReport{Index: int(pv.Index), SHA256: hex.EncodeToString(vals[i][:])})
 	}
-	// extraData: fresh for our nonce and this VM, or the final quote of
-	// this VM's teardown (checked in step 4 once the records are known).
-	var finalCheck []byte
+	return nil
+}
+
+// checkFresh is the rest of step 1: the quote's extraData is fresh for the
+// verifier's nonce and this VM, or it is the final quote of this VM's
+// teardown (checked in step 4 once the records are known).
+func (v *verification) checkFresh() error {
+	ev, info := v.ev, v.info
 	switch ev.Kind {
 	case evidence.KindQuote:
-		if len(opts.Nonce) == 0 {
+		if len(v.opts.Nonce) == 0 {
 			return reject(1, "no nonce given for fresh evidence")
 		}
-		want := conceal.NonceData(opts.Nonce, id)
+		want := conceal.NonceData(v.opts.Nonce, v.id)
 		if b := ev.Batched; b != nil {
-			// One quote served many requests: extraData is a Merkle root
-			// and the path must lead from this request's value to it.
-			if b.Count < 2 || b.Count > 1<<32 || len(b.Path) > 64 {
-				return reject(1, "batched quote proof of %d leaves with a %d-step path is malformed", b.Count, len(b.Path))
+			if err := checkBatched(b, want, info.ExtraData); err != nil {
+				return err
 			}
-			path := make([]conceal.Digest, len(b.Path))
-			for i, p := range b.Path {
-				if len(p) != 32 {
-					return reject(1, "batched quote proof step %d has %d bytes", i, len(p))
-				}
-				copy(path[i][:], p)
-			}
-			root, ok := conceal.MerkleVerify(want, b.Index, b.Count, path)
-			if !ok || !bytes.Equal(info.ExtraData, root[:]) {
-				return reject(1, "batched quote does not cover H(nonce || id): stale or replayed evidence, or evidence for another VM")
-			}
-			rep.Batched = true
+			v.rep.Batched = true
 		} else if !bytes.Equal(info.ExtraData, want[:]) {
 			return reject(1, "quote extraData does not match H(nonce || id): stale or replayed evidence, or evidence for another VM")
 		}
-		rep.Fresh = true
+		v.rep.Fresh = true
 	case evidence.KindFinal:
-		if !opts.PostMortem {
+		if !v.opts.PostMortem {
 			return reject(1, "evidence is a post-mortem quote, not fresh for the nonce (use post-mortem verification)")
 		}
-		finalCheck = info.ExtraData
+		v.finalCheck = info.ExtraData
 	default:
 		return reject(1, "unknown evidence kind %q", ev.Kind)
 	}
+	return nil
+}
 
-	// Step 2: replay the public log to the quoted PCR, from zero or from
-	// the verifier's own checkpoint.
+// checkBatched checks a quote that served many requests at once: its
+// extraData is a Merkle root and the path must lead from this request's
+// value want to it.
+func checkBatched(b *evidence.Batched, want conceal.Digest, extraData []byte) error {
+	if b.Count < 2 || b.Count > 1<<32 || len(b.Path) > 64 {
+		return reject(1, "batched quote proof of %d leaves with a %d-step path is malformed", b.Count, len(b.Path))
+	}
+	path := make([]conceal.Digest, len(b.Path))
+	for i, p := range b.Path {
+		if len(p) != 32 {
+			return reject(1, "batched quote proof step %d has %d bytes", i, len(p))
+		}
+		copy(path[i][:], p)
+	}
+	root, ok := conceal.MerkleVerify(want, b.Index, b.Count, path)
+	if !ok || !bytes.Equal(extraData, root[:]) {
+		return reject(1, "batched quote does not cover H(nonce || id): stale or replayed evidence, or evidence for another VM")
+	}
+	return nil
+}
+
+// start opens step 2: the log is replayed from zero, or from the
+// verifier's own checkpoint when it has one, and then the evidence must be
+// exactly the delta after it.
+func (v *verification) start() error {
+	ev, cp := v.ev, v.opts.Checkpoint
 	epochRec, err := record.UnmarshalEpoch(ev.Epoch.Record)
 	if err != nil {
 		return reject(2, "epoch record: %v", err)
 	}
-	epochHash := record.Hash(ev.Epoch.Record)
-	cp := opts.Checkpoint
-	var pcr conceal.Digest
-	var next, s0, prevG, firstBatch uint64
-	var last []byte
-	if cp != nil {
-		if ev.From == nil || ev.From.Batch != cp.Batch || ev.From.Records != cp.Records {
-			return reject(2, "evidence is not the delta after the verifier's checkpoint (batch %d, %d records)", cp.Batch, cp.Records)
+	v.epochRec = epochRec
+	v.epochHash = record.Hash(ev.Epoch.Record)
+	if cp == nil {
+		if ev.From != nil {
+			return reject(2, "evidence is a delta from batch %d but the verifier has no checkpoint", ev.From.Batch)
 		}
-		if !bytes.Equal(cp.ID, id[:]) {
-			return reject(2, "the checkpoint belongs to another VM instance")
-		}
-		if !bytes.Equal(cp.EpochHash, epochHash[:]) {
-			return reject(2, "evidence is for another epoch than the checkpoint: the host rebooted; verify in full")
-		}
-		copy(pcr[:], cp.PCR)
-		next, s0, prevG, firstBatch = cp.NextG, cp.Records, cp.LastG, cp.Batch+1
-		last = cp.LastRecord
-		rep.Ended = cp.Ended
-		if err := rep.loadBindings(cp.Bindings); err != nil {
-			return err
-		}
-	} else if ev.From != nil {
-		return reject(2, "evidence is a delta from batch %d but the verifier has no checkpoint", ev.From.Batch)
+		return nil
 	}
-	total := 0
+	if ev.From == nil || ev.From.Batch != cp.Batch || ev.From.Records != cp.Records {
+		return reject(2, "evidence is not the delta after the verifier's checkpoint (batch %d, %d records)", cp.Batch, cp.Records)
+	}
+	if !bytes.Equal(cp.ID, v.id[:]) {
+		return reject(2, "the checkpoint belongs to another VM instance")
+	}
+	if !bytes.Equal(cp.EpochHash, v.epochHash[:]) {
+		return reject(2, "evidence is for another epoch than the checkpoint: the host rebooted; verify in full")
+	}
+	copy(v.pcr[:], cp.PCR)
+	v.next, v.s0, v.prevG, v.firstBatch = cp.NextG, cp.Records, cp.LastG, cp.Batch+1
+	v.last = cp.LastRecord
+	v.rep.Ended = cp.Ended
+	return v.rep.loadBindings(cp.Bindings)
+}
+
+// replay is step 2: every batch of the public log, in order and without a
+// gap, replays to the quoted value of the multiplexer PCR.
+func (v *verification) replay() error {
+	ev, rep, epochRec := v.ev, v.rep, v.epochRec
 	for i, b := range ev.Log {
-		if b.G0 != next {
-			return reject(2, "batch %d starts at global index %d, expected %d: a batch was dropped, added or reordered", firstBatch+uint64(i), b.G0, next)
+		batch := v.firstBatch + uint64(i)
+		if b.G0 != v.next {
+			return reject(2, "batch %d starts at global index %d, expected %d: a batch was dropped, added or reordered", batch, b.G0, v.next)
 		}
-		if len(b.Entries)%evidence.EntrySize != 0 {
-			return reject(2, "batch %d entries are %d bytes", firstBatch+uint64(i), len(b.Entries))
-		}
-		n := b.Entries.Len()
-		first := b.G0 == 0
-		if first {
-			n++
+		d, n, err := conceal.BatchValue(b.G0, ev.Epoch.Record, b.Entries)
+		if err != nil {
+			return reject(2, "batch %d: %v", batch, err)
 		}
 		if n == 0 {
-			return reject(2, "batch %d is empty", firstBatch+uint64(i))
+			return reject(2, "batch %d is empty", batch)
 		}
-		bh := conceal.NewBatchHasher(b.G0, uint32(n))
-		if first {
-			bh.Add(conceal.EpochLeaf(ev.Epoch.Record))
-		}
-		for j := 0; j < b.Entries.Len(); j++ {
-			bh.Add(conceal.Leaf(b.Entries.At(j)))
-		}
-		v, _ := bh.Sum()
-		pcr = conceal.ExtendPCR(pcr, v)
-		next += uint64(n)
-		total += b.Entries.Len()
+		v.pcr = conceal.ExtendPCR(v.pcr, d)
+		v.next += uint64(n)
+		v.total += b.Entries.Len()
 	}
-	if len(ev.Log) == 0 && cp == nil {
+	if len(ev.Log) == 0 && v.opts.Checkpoint == nil {
 		return reject(2, "evidence has no log")
 	}
-	if pcr != vals[pcrIdx] {
-		return reject(2, "log of %d batches replays to %x but quoted PCR %d is %x: the log was altered (a leaf changed, moved, dropped or reordered)", len(ev.Log), pcr[:8], ev.PCR, vals[pcrIdx][:8])
+	if v.pcr != v.quoted {
+		return reject(2, "log of %d batches replays to %x but quoted PCR %d is %x: the log was altered (a leaf changed, moved, dropped or reordered)", len(ev.Log), v.pcr[:8], ev.PCR, v.quoted[:8])
 	}
 	if epochRec.PCR != ev.PCR {
 		return reject(2, "epoch record is for PCR %d, evidence claims PCR %d", epochRec.PCR, ev.PCR)
 	}
 	rep.Epoch = EpochReport{Number: ev.Epoch.Number, Host: epochRec.Host, BridgeVersion: epochRec.BridgeVersion, Time: epochRec.Time, Nonce: hex.EncodeToString(epochRec.Nonce[:])}
-	rep.Batches, rep.LogEntries = int(firstBatch)+len(ev.Log), int(next)
+	rep.Batches, rep.LogEntries = int(v.firstBatch)+len(ev.Log), int(v.next)
+	return nil
+}
 
-	// Step 3: find this VM's records by their tags: n is the first s whose
-	// tag is absent. With a checkpoint, records before it were found then;
-	// the later ones can only be in the delta, since batches are in order.
-	// Only this VM's own tags are looked for: those of the records the
-	// evidence gives plus one more (so a hidden record shows), found in one
-	// pass over the log; in the rare case the log holds more of them, the
-	// window doubles and the log is scanned again.
-	const dup = math.MaxUint64
-	var where map[conceal.Digest]uint64
-	for window := uint64(len(ev.Records)) + 1; ; window *= 2 {
+// dupTag marks a tag found at more than one global index.
+const dupTag = math.MaxUint64
+
+// findTags is step 3: this VM's records are found by their tags, and the
+// count n is the first s whose tag is absent. With a checkpoint, records
+// before it were found then; the later ones can only be in the delta,
+// since batches are in order.
+func (v *verification) findTags() error {
+	where := v.tagWindow()
+	for s := v.s0; ; s++ {
+		g, ok := where[v.keys.Tag(s)]
+		if !ok {
+			break
+		}
+		if g == dupTag {
+			return reject(3, "record %d: its tag appears more than once in the log", s)
+		}
+		v.tags = append(v.tags, g)
+	}
+	n := v.s0 + uint64(len(v.tags))
+	v.rep.Records = int(n)
+	if n == 0 {
+		return reject(3, "no record of this VM instance is in the log: wrong identity, or the log is another host's")
+	}
+	return nil
+}
+
+// tagWindow maps the tags of this VM's records from s0 on to their global
+// indices (dupTag for a tag seen twice). Only this VM's own tags are looked
+// for: those of the records the evidence gives plus one more (so a hidden
+// record shows), found in one pass over the log; in the rare case the log
+// holds more of them, the window doubles and the log is scanned again.
+func (v *verification) tagWindow() map[conceal.Digest]uint64 {
+	s0 := v.s0
+	for window := uint64(len(v.ev.Records)) + 1; ; window *= 2 {
 		want := make(map[conceal.Digest]uint64, window) // tag -> s
 		for s := s0; s < s0+window; s++ {
-			want[keys.Tag(s)] = s
+			want[v.keys.Tag(s)] = s
 		}
-		where = make(map[conceal.Digest]uint64, window) // tag -> global index
-		for _, b := range ev.Log {
+		where := make(map[conceal.Digest]uint64, window) // tag -> global index
+		for _, b := range v.ev.Log {
 			g := b.G0
 			if b.G0 == 0 {
 				g = 1
 			}
-			for j := 0; j < b.Entries.Len(); j++ {
-				var t conceal.Digest
-				copy(t[:], b.Entries[j*evidence.EntrySize:])
+			for j := range b.Entries.Len() {
+				t, _ := b.Entries.At(j)
 				if _, ours := want[t]; !ours {
 					continue
 				}
 				if _, seen := where[t]; seen {
-					where[t] = dup
+					where[t] = dupTag
 				} else {
 					where[t] = g + uint64(j)
 				}
 			}
 		}
-		if _, last := where[keys.Tag(s0+window-1)]; !last || window >= uint64(total)+1 {
-			break
+		if _, last := where[v.keys.Tag(s0+window-1)]; !last || window >= uint64(v.total)+1 {
+			return where
 		}
 	}
-	entry := func(g uint64) (t, c conceal.Digest) {
-		lo, hi := 0, len(ev.Log)-1
-		for lo < hi {
-			mid := (lo + hi + 1) / 2
-			if ev.Log[mid].G0 <= g {
-				lo = mid
-			} else {
-				hi = mid - 1
-			}
-		}
-		b := ev.Log[lo]
-		off := int(g - b.G0)
-		if b.G0 == 0 {
-			off--
-		}
-		return b.Entries.At(off)
-	}
-	var tags []uint64 // tags[i] is the global index of record s0+i
-	for s := s0; ; s++ {
-		g, ok := where[keys.Tag(s)]
-		if !ok {
-			break
-		}
-		if g == dup {
-			return reject(3, "record %d: its tag appears more than once in the log", s)
-		}
-		tags = append(tags, g)
-	}
-	n := s0 + uint64(len(tags))
-	rep.Records = int(n)
-	if n == 0 {
-		return reject(3, "no record of this VM instance is in the log: wrong identity, or the log is another host's")
-	}
+}
 
-	// Step 4: every record matches its commitment, in order, genesis first,
-	// nothing after teardown.
-	bySeq := make(map[uint64]uint64, len(tags)) // global index -> s
-	for i, g := range tags {
+// entry returns the tag and commitment at global index g of the log.
+func (v *verification) entry(g uint64) (t, c conceal.Digest) {
+	log := v.ev.Log
+	lo, hi := 0, len(log)-1
+	for lo < hi {
+		mid := (lo + hi + 1) / 2
+		if log[mid].G0 <= g {
+			lo = mid
+		} else {
+			hi = mid - 1
+		}
+	}
+	b := log[lo]
+	off := int(g - b.G0)
+	if b.G0 == 0 {
+		off--
+	}
+	return b.Entries.At(off)
+}
+
+// checkRecords is step 4: every record the tags found is in the evidence,
+// in order, genesis first, nothing after teardown, and matches its
+// commitment; each is folded into the report and appraised (step 5).
+func (v *verification) checkRecords() error {
+	ev, s0 := v.ev, v.s0
+	n := s0 + uint64(len(v.tags))
+	bySeq := make(map[uint64]uint64, len(v.tags)) // global index -> s
+	for i, g := range v.tags {
 		bySeq[g] = s0 + uint64(i)
 	}
 	for s := s0; s < n; s++ {
 		i := s - s0
-		g := tags[i]
+		g := v.tags[i]
 		if i >= uint64(len(ev.Records)) {
 			return reject(4, "record %d missing: its tag is at global index %d", s, g)
 		}
@@ -382,43 +468,60 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 				return reject(4, "records out of order: position %d holds record %d (global index %d), expected record %d (global index %d)", s, other, r.G, s, g)
 			}
 		}
-		if s > 0 && g <= prevG {
-			return reject(4, "record %d at global index %d does not follow record %d at %d", s, g, s-1, prevG)
+		if s > 0 && g <= v.prevG {
+			return reject(4, "record %d at global index %d does not follow record %d at %d", s, g, s-1, v.prevG)
 		}
-		prevG = g
-		_, c := entry(g)
-		if want := keys.Commit(id, s, record.Hash(r.R)); want != c {
-			return reject(4, "record %d does not match its commitment at global index %d: its content was altered or it belongs to another VM", s, g)
-		}
-		rec, err := record.Unmarshal(r.R)
-		if err != nil {
-			return reject(4, "record %d: %v", s, err)
-		}
-		if rep.Ended {
-			return reject(4, "record %d follows the teardown record %d", s, s-1)
-		}
-		if err := rep.add(s, g, rec, ident, opts); err != nil {
+		v.prevG = g
+		if err := v.checkRecord(s, g, r.R); err != nil {
 			return err
 		}
-		last = r.R
+		v.last = r.R
 	}
 	if uint64(len(ev.Records)) > n-s0 {
 		return reject(4, "record %d has no tag in the log: the evidence holds %d records, the log %d", n, s0+uint64(len(ev.Records)), n)
 	}
-	if finalCheck != nil {
-		if !rep.Ended {
-			return reject(4, "post-mortem evidence but the VM's last record is not a teardown")
-		}
-		want := conceal.FinalData(id, record.Hash(last))
-		if !bytes.Equal(finalCheck, want[:]) {
-			return reject(1, "final quote extraData does not match H(final || id || H(teardown)): it is not this VM's post-mortem quote")
-		}
+	return nil
+}
+
+// checkRecord checks record s, found at global index g, against its
+// commitment and adds it to the report.
+func (v *verification) checkRecord(s, g uint64, raw []byte) error {
+	_, c := v.entry(g)
+	if want := v.keys.Commit(v.id, s, record.Hash(raw)); want != c {
+		return reject(4, "record %d does not match its commitment at global index %d: its content was altered or it belongs to another VM", s, g)
 	}
-	rep.Checkpoint = &Checkpoint{
-		ID: id[:], EpochHash: epochHash[:], Batch: firstBatch + uint64(len(ev.Log)) - 1, NextG: next,
-		PCR: pcr[:], Records: n, LastG: prevG, LastRecord: last, Ended: rep.Ended, Bindings: rep.boundList(),
+	rec, err := record.Unmarshal(raw)
+	if err != nil {
+		return reject(4, "record %d: %v", s, err)
+	}
+	if v.rep.Ended {
+		return reject(4, "record %d follows the teardown record %d", s, s-1)
+	}
+	return v.rep.add(s, g, rec, v.ident, v.opts)
+}
+
+// checkFinal ends step 4 for post-mortem evidence: the VM ended, and the
+// final quote's extraData binds its teardown record.
+func (v *verification) checkFinal() error {
+	if v.finalCheck == nil {
+		return nil
+	}
+	if !v.rep.Ended {
+		return reject(4, "post-mortem evidence but the VM's last record is not a teardown")
+	}
+	want := conceal.FinalData(v.id, record.Hash(v.last))
+	if !bytes.Equal(v.finalCheck, want[:]) {
+		return reject(1, "final quote extraData does not match H(final || id || H(teardown)): it is not this VM's post-mortem quote")
 	}
 	return nil
+}
+
+// checkpoint is what step 6 leaves the verifier for next time.
+func (v *verification) checkpoint() *Checkpoint {
+	return &Checkpoint{
+		ID: v.id[:], EpochHash: v.epochHash[:], Batch: v.firstBatch + uint64(len(v.ev.Log)) - 1, NextG: v.next,
+		PCR: v.pcr[:], Records: v.s0 + uint64(len(v.tags)), LastG: v.prevG, LastRecord: v.last, Ended: v.rep.Ended, Bindings: v.rep.boundList(),
+	}
 }
 
 func recordAt(recs []evidence.Record, g uint64) bool {
