@@ -65,7 +65,7 @@ if [ ! -e /etc/tpmmux/bridge.json ]; then
 {
   "tpm": "device",
   "state_dir": "/var/lib/tpmmux",
-  "pcr": 23,
+  "pcr": 13,
   "host_pcrs": "0-7,10",
   "control_socket": "/run/tpmmux/control.sock",
   "serial_dir": "/run/tpmmux/serial",

@@ -239,7 +239,7 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 		t.Fatalf("verify: exit %d %+v %s", code, rep, errs)
 	}
 	// A wrong nonce is rejected (exit 1).
-	if code, _, errs := runVerify(t, verifyBin, out1, "evidence.json", "ffff"); code != 1 {
+	if code, _, errs := runVerify(t, verifyBin, out1, "evidence.json", "ffffffffffffffffffffffffffffffff"); code != 1 {
 		t.Fatalf("verify with another nonce: exit %d %s", code, errs)
 	}
 
@@ -298,7 +298,7 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 	key := sha256.Sum256([]byte("tls key"))
 	runCmd(t, agentBin, "bind", "--purpose", "tls", "--key-hash", hex.EncodeToString(key[:]), "--control", control)
 	out3 := filepath.Join(work, "bound")
-	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0a0b", "--out", out3)
+	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0a0b0a0b0a0b0a0b0a0b0a0b0a0b0a0b", "--out", out3)
 	if code, rep, errs := runVerify(t, verifyBin, out3, "evidence.json", ""); code != 0 || rep.Counts.Measurements != 454 || rep.Counts.Bindings != 1 {
 		t.Fatalf("verify after bind: exit %d %+v %s", code, rep, errs)
 	}
@@ -316,12 +316,12 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 	tlsPEM, otherPEM := writePub("tls.pem", tlsKey), writePub("other.pem", otherKey)
 	runCmd(t, agentBin, "bind", "--purpose", "tls", "--key", tlsPEM, "--control", control)
 	out4 := filepath.Join(work, "bound-pem")
-	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0c0d", "--out", out4)
+	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0c0d0c0d0c0d0c0d0c0d0c0d0c0d0c0d", "--out", out4)
 	for _, tt := range []struct {
 		key  string
 		code int
 	}{{tlsPEM, 0}, {otherPEM, 1}} {
-		cmd := exec.Command(verifyBin, "--evidence", filepath.Join(out4, "evidence.json"), "--nonce", "0c0d",
+		cmd := exec.Command(verifyBin, "--evidence", filepath.Join(out4, "evidence.json"), "--nonce", "0c0d0c0d0c0d0c0d0c0d0c0d0c0d0c0d",
 			"--identity", filepath.Join(out4, "identity.json"), "--ak", filepath.Join(out4, "ak.pem"), "--bind-key", tt.key)
 		var errb bytes.Buffer
 		cmd.Stderr = &errb

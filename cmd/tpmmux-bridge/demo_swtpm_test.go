@@ -295,7 +295,7 @@ func TestVerifyCLIOnDemoFiles(t *testing.T) {
 		{"missing ak file", []string{"--evidence", f(0, "evidence.json"), "--nonce", nonce(0), "--identity", f(0, "identity.json"), "--ak", missing}, 2, "", ""},
 		{"post-mortem own final evidence", []string{"--evidence", f(2, "final-evidence.json"), "--post-mortem", "--identity", f(2, "identity.json"), "--ak", ak}, 0, "trusted:", ""},
 		{"post-mortem another VM's identity", []string{"--evidence", f(2, "final-evidence.json"), "--post-mortem", "--identity", f(0, "identity.json"), "--ak", ak}, 1, "", "rejected:"},
-		{"final evidence without --post-mortem", []string{"--evidence", f(2, "final-evidence.json"), "--nonce", nonce(2), "--identity", f(2, "identity.json"), "--ak", ak}, 1, "", "rejected:"},
+		{"final evidence without --post-mortem", []string{"--evidence", f(2, "final-evidence.json"), "--nonce", nonce(2), "--identity", f(2, "identity.json"), "--ak", ak}, 2, "", "usage error: --evidence"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

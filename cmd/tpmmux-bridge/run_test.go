@@ -213,7 +213,7 @@ func TestHostFlow(t *testing.T) {
 	}
 
 	evDir := filepath.Join(h.dir, "ev")
-	nonce := "c0ffee0123456789"
+	nonce := "c0ffee0123456789c0ffee0123456789"
 	code, out, stderr = h.cli("evidence", "--vm", "vm-a", "--nonce", nonce, "--out", evDir)
 	if code != 0 {
 		t.Fatalf("evidence: exit %d: %s", code, stderr)
@@ -379,7 +379,7 @@ func TestRunSIGTERMAndRestart(t *testing.T) {
 	}
 	a.Stream(es, int(w.Resume), len(es))
 	evDir := filepath.Join(h.dir, "ev")
-	nonce := hex.EncodeToString([]byte("after restart"))
+	nonce := hex.EncodeToString([]byte("after restart of the bridge"))
 	if code, _, stderr := h.cli("evidence", "--vm", "vm-a", "--nonce", nonce, "--out", evDir); code != 0 {
 		t.Fatalf("evidence: %s", stderr)
 	}

@@ -118,7 +118,7 @@ func TestTenantFlow(t *testing.T) {
 		"excludes": []string{}, "keyrings": map[string]any{}, "ima": map[string]any{"ignored_keyrings": []string{}, "log_hash_alg": "sha1", "dm_policy": nil},
 		"ima-buf": map[string]any{}, "verification-keys": ""})
 	os.WriteFile(w("policy.json"), pol, 0o644)
-	nonce := "5eed0001"
+	nonce := "5eed00015eed00015eed00015eed0001"
 	if code, _, errs := h.cli("evidence", "--vm", "vm-a", "--nonce", nonce, "--out", w("ev1")); code != 0 {
 		t.Fatalf("evidence: %s", errs)
 	}
@@ -150,7 +150,7 @@ func TestTenantFlow(t *testing.T) {
 		t.Fatalf("webhook got %+v", hooks)
 	}
 	hookMu.Unlock()
-	nonce2 := "5eed0002"
+	nonce2 := "5eed00025eed00025eed00025eed0002"
 	if code, _, errs := h.cli("evidence", "--vm", "vm-a", "--nonce", nonce2, "--out", w("ev2")); code != 0 {
 		t.Fatalf("evidence: %s", errs)
 	}

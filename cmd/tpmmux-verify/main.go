@@ -71,7 +71,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&imaKeys, "ima-keys", "X.509 certificates or public keys (PEM or DER) that verify IMA signatures (repeatable)")
 	fs.Var(&bindKeys, "bind-key", "PEM public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
 	postMortem := fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
-	pcr := fs.Int("pcr", 23, "the multiplexer PCR this host uses")
+	pcr := fs.Int("pcr", conceal.DefaultPCR, "the multiplexer PCR this host uses")
+	expectUUID := fs.String("expect-uuid", "", "the uuid of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
+	allowResettable := fs.Bool("insecure-allow-resettable-pcr", false, "accept evidence anchored in PCR 16-23, which can be reset without a reboot (tests only)")
 	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
 	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification: the evidence is the delta after it")
 	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification here (mode 0600) when trusted")
@@ -79,7 +81,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, `usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
            (--ak PEMFILE | --ek-ca CA.pem --enrolled DIR)
            [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key PEM]...
-           [--checkpoint FILE] [--save-checkpoint FILE] [--json]
+           [--expect-uuid UUID] [--checkpoint FILE] [--save-checkpoint FILE] [--json]
        tpmmux-verify enroll (challenge | finish | list) ...   (tpmmux-verify enroll -h)`)
 		fs.PrintDefaults()
 	}
@@ -108,28 +110,40 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if len(imaKeys) > 0 && *policyPath == "" {
 		return usage("--ima-keys needs --policy")
 	}
-	opts := verify.Options{PostMortem: *postMortem, PCR: *pcr}
+	opts := verify.Options{PostMortem: *postMortem, PCR: *pcr, AllowResettablePCR: *allowResettable}
 	if *nonceHex != "" {
 		n, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
 		if err != nil || len(n) == 0 {
 			return usage("--nonce %q is not hex", *nonceHex)
 		}
+		if len(n) < verify.MinNonce {
+			return usage("--nonce is %d bytes; use at least %d random bytes (e.g. openssl rand -hex 32)", len(n), verify.MinNonce)
+		}
 		opts.Nonce = n
+	}
+	if *expectUUID != "" {
+		u, err := conceal.ParseUUID(*expectUUID)
+		if err != nil {
+			return usage("--expect-uuid %q: %v", *expectUUID, err)
+		}
+		opts.ExpectUUID = u
 	}
 	raw, err := os.ReadFile(*evPath)
 	if err != nil {
-		return usage("%v", err)
+		return usage("--evidence: %v", err)
 	}
 	ev, err := evidence.Decode(raw)
 	if err != nil {
-		// Undecodable evidence is a rejection, not a usage error: the
-		// verifier was used correctly, and what it was given is bad.
-		fmt.Fprintf(stderr, "rejected: %v\n", err)
-		return exitRejected
+		// Undecodable input is an input error (exit 2), not a verdict:
+		// nothing was verified.
+		return usage("--evidence %s: %v (want tpmmux evidence as written by tpmmux-bridge evidence or tpmmux-agent attest: evidence.json, or the binary CBOR evidence.cbor)", *evPath, err)
+	}
+	if ev.Kind == evidence.KindFinal && !*postMortem {
+		return usage("--evidence %s is post-mortem evidence (the bridge's final quote of an ended VM): its quote holds no nonce; verify it with --post-mortem instead of --nonce", *evPath)
 	}
 	identRaw, err := os.ReadFile(*identPath)
 	if err != nil {
-		return usage("%v", err)
+		return usage("--identity: %v", err)
 	}
 	var ident conceal.Identity
 	if err := json.Unmarshal(identRaw, &ident); err != nil {
@@ -150,7 +164,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	} else {
 		caPEM, err := os.ReadFile(*ekCA)
 		if err != nil {
-			return usage("%v", err)
+			return usage("--ek-ca: %v", err)
 		}
 		roots, _, err := enroll.ParseCAs(caPEM)
 		if err != nil {
@@ -184,7 +198,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *policyPath != "" {
 		pb, err := os.ReadFile(*policyPath)
 		if err != nil {
-			return usage("%v", err)
+			return usage("--policy: %v", err)
 		}
 		rt, err := policy.Parse(pb)
 		if err != nil {
@@ -203,7 +217,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *launchPath != "" {
 		lb, err := os.ReadFile(*launchPath)
 		if err != nil {
-			return usage("%v", err)
+			return usage("--launch-policy: %v", err)
 		}
 		ext, err := policy.ParseLaunch(lb)
 		if err != nil {
@@ -220,7 +234,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, p := range bindKeys {
 		b, err := os.ReadFile(p)
 		if err != nil {
-			return usage("%v", err)
+			return usage("--bind-key: %v", err)
 		}
 		h, err := verify.KeyHashPEM(b)
 		if err != nil {
@@ -231,7 +245,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *cpIn != "" {
 		b, err := os.ReadFile(*cpIn)
 		if err != nil {
-			return usage("%v", err)
+			return usage("--checkpoint: %v", err)
 		}
 		var cp verify.Checkpoint
 		if err := json.Unmarshal(b, &cp); err != nil {
@@ -279,8 +293,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %d; AK %s\n",
-			rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.Number, trust.AK)
+		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %.16s (TPM resetCount %d); AK %s\n",
+			rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.SHA256, rep.Epoch.ResetCount, trust.AK)
 		if a := rep.Appraisal; a != nil {
 			fmt.Fprintf(stdout, "  policy: %d appraised, %d excluded, %d ignored", a.Appraised, a.Excluded, len(a.Ignored))
 			if s := a.Signatures; s != nil && s.Signed > 0 {

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -35,7 +36,7 @@ func TestAttest(t *testing.T) {
 	}{
 		{"empty nonce", nil, "nonce of 0 bytes"},
 		{"long nonce", make([]byte, 65), "nonce of 65 bytes"},
-		{"good nonce", []byte("nonce-1"), ""},
+		{"good nonce", []byte("nonce-1 of the verifier"), ""},
 	}
 	a, err := New(cfg)
 	if err != nil {
@@ -93,7 +94,7 @@ func TestAttest(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n := []byte{byte(i), 'x'}
+			n := []byte(fmt.Sprintf("concurrent nonce %d of 4", i))
 			resp, err := AttestControl(ctx, cfg.ControlSocket, n)
 			if err == nil {
 				checkEvidence(t, resp, n, v.ident)

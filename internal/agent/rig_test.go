@@ -257,12 +257,12 @@ func (v *vm) waitNext(n uint64, within time.Duration) {
 func (v *vm) verified(n int, bootID, alg string) *verify.Report {
 	t := v.r.t
 	t.Helper()
-	nonce := []byte("rig-nonce")
+	nonce := []byte("rig-nonce of the verifier")
 	ev, err := v.r.b.Mux.Evidence(context.Background(), v.id, nonce)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: v.ident, AK: v.r.b.Mux.AK(), PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: v.ident, AK: v.r.b.Mux.AK(), PCR: 13})
 	if err != nil {
 		t.Fatalf("evidence of %s does not verify: %v", v.name, err)
 	}

@@ -200,7 +200,7 @@ func checkEvidence(t *testing.T, resp *wire.EvidenceResponse, nonce []byte, want
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AK: ak, PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AK: ak, PCR: 13})
 	if err != nil {
 		t.Fatalf("evidence does not verify: %v", err)
 	}
@@ -252,7 +252,7 @@ func TestSerialStream(t *testing.T) {
 				hostRestarts++
 			case 2:
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				nonce := []byte{byte(step), 1, 2, 3}
+				nonce := []byte{byte(step), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
 				resp, err := cur.a.Attest(ctx, nonce)
 				cancel()
 				if err != nil {
@@ -276,7 +276,7 @@ func TestSerialStream(t *testing.T) {
 	v.verified(realEntries, g.boot, "sha1")
 
 	// After the stream: an attest on the idle session, then the agent ends.
-	nonce := []byte("after")
+	nonce := []byte("after the reconnect: a nonce")
 	resp, err := cur.a.Attest(context.Background(), nonce)
 	if err != nil {
 		t.Fatal(err)
@@ -303,7 +303,7 @@ func TestSerialAttestThenRun(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	nonce := []byte("before the agent")
+	nonce := []byte("before the agent started")
 	resp, err := a.Attest(ctx, nonce)
 	if err != nil {
 		t.Fatal(err)

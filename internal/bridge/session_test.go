@@ -76,7 +76,7 @@ func TestSessionStreamResumeAttest(t *testing.T) {
 		t.Fatalf("ack next %d, want %d", ack.Next, len(es))
 	}
 	// Evidence from inside the guest, verified with what came with it.
-	if err := a.C.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 7, Nonce: []byte("guest-nonce")}); err != nil {
+	if err := a.C.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 7, Nonce: []byte("guest-nonce of the verifier")}); err != nil {
 		t.Fatal(err)
 	}
 	var resp wire.EvidenceResponse
@@ -94,7 +94,7 @@ func TestSessionStreamResumeAttest(t *testing.T) {
 	if *got != *ident {
 		t.Fatal("the guest was handed another identity")
 	}
-	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("guest-nonce"), Identity: ident, AK: b.Mux.AK(), PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("guest-nonce of the verifier"), Identity: ident, AK: b.Mux.AK(), PCR: 13})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +213,7 @@ func TestSerialRestartOnSameStream(t *testing.T) {
 	c, h2 := net.Pipe()
 	go b.Serve(context.Background(), ident.ID(), h2, false)
 	wc := wire.NewConn(c, false)
-	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 1, Nonce: []byte("n")}); err != nil {
+	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 1, Nonce: []byte("n of the verifier, 16+")}); err != nil {
 		t.Fatal(err)
 	}
 	f, err := wc.Recv()
@@ -224,7 +224,7 @@ func TestSerialRestartOnSameStream(t *testing.T) {
 	var resp wire.EvidenceResponse
 	wire.Decode(f, &resp)
 	ev, _ := evidence.Decode(resp.Evidence)
-	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("n"), Identity: ident, AK: b.Mux.AK(), PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("n of the verifier, 16+"), Identity: ident, AK: b.Mux.AK(), PCR: 13})
 	if err != nil || rep.Counts.Measurements != len(es) {
 		t.Fatalf("verify: %v, %d measurements, want %d", err, rep.Counts.Measurements, len(es))
 	}

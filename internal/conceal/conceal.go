@@ -27,6 +27,12 @@ const (
 	LabelFinal   = "tpmmux/v1/final"
 )
 
+// DefaultPCR is the PCR the bridge anchors in and the verifier expects by
+// default: PCR 13, which only a TPM Reset (host reboot) resets and which
+// nothing extends after the host kernel starts on a typical libvirt host
+// (docs/protocol.md "Choosing the PCR").
+const DefaultPCR = 13
+
 // Digest is a SHA-256 value.
 type Digest = [32]byte
 

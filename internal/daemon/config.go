@@ -48,8 +48,12 @@ type Config struct {
 	TPM string `json:"tpm"`
 	// StateDir holds the log store (log.db) and the per-VM listener state.
 	StateDir string `json:"state_dir"`
-	// PCR is the PCR the bridge owns (sha256 bank).
+	// PCR is the PCR the bridge owns (sha256 bank): one of 0-15, which
+	// only a host reboot resets (docs/protocol.md "Choosing the PCR").
 	PCR int `json:"pcr"`
+	// InsecureResettablePCR allows a PCR that can be reset without a
+	// reboot (16, 23). For tests of that attack only.
+	InsecureResettablePCR bool `json:"insecure_resettable_pcr"`
 	// HostPCRs are the host PCRs every quote covers, e.g. "0-7,10"; "none"
 	// for none.
 	HostPCRs string `json:"host_pcrs"`

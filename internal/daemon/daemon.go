@@ -170,7 +170,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	}
 	d.metrics = newMetrics(d)
 	d.mux, err = mux.Open(ctx, d.tpm, d.store, mux.Config{
-		PCR: cfg.PCR, HostPCRs: set.hostPCRs, Host: d.host, Version: opts.Version,
+		PCR: cfg.PCR, InsecureResettablePCR: cfg.InsecureResettablePCR, HostPCRs: set.hostPCRs, Host: d.host, Version: opts.Version,
 		Logger: log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention),
 	})
 	if err != nil {

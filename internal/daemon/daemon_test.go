@@ -40,7 +40,7 @@ func verifyEvidence(t *testing.T, ev *control.Evidence, nonce []byte) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := verify.Options{Identity: &ev.Identity, AK: ak.(*ecdsa.PublicKey), PCR: 23}
+	opts := verify.Options{Identity: &ev.Identity, AK: ak.(*ecdsa.PublicKey), PCR: 13}
 	if ev.PostMortem {
 		opts.PostMortem = true
 	} else {
@@ -219,7 +219,7 @@ func TestRestartResumes(t *testing.T) {
 		t.Fatalf("resume at %d, want %d", w.Resume, half)
 	}
 	g.Stream(es, half, len(es))
-	nonce := []byte("after restart")
+	nonce := []byte("after restart of the bridge")
 	ev := e.mustCall(&control.Request{Op: control.OpEvidence, VM: "vm-r", Nonce: nonce}).Evidence
 	if n := verifyEvidence(t, ev, nonce); n != len(es) {
 		t.Fatalf("%d measurements after restart, want %d (none lost or doubled)", n, len(es))

@@ -107,7 +107,7 @@ func reportOf(t *testing.T, e *env, vm string) *verify.Report {
 	}
 	blk, _ := pem.Decode([]byte(ev.AKPEM))
 	ak, _ := x509.ParsePKIXPublicKey(blk.Bytes)
-	rep, err := verify.Verify(dec, verify.Options{Nonce: nonce, Identity: &ev.Identity, AK: ak.(*ecdsa.PublicKey), PCR: 23})
+	rep, err := verify.Verify(dec, verify.Options{Nonce: nonce, Identity: &ev.Identity, AK: ak.(*ecdsa.PublicKey), PCR: 13})
 	if err != nil {
 		t.Fatalf("evidence after the violation rejected: %v", err)
 	}

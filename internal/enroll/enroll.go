@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/tpmmux/tpmmux/internal/quote"
 )
 
 // SecretSize is the size of the credential secret (the EK templates'
@@ -339,11 +341,10 @@ func Finish(st *State, ans *Answer, now time.Time) (*Record, error) {
 // AKFingerprint is the SHA-256 of the AK's PKIX DER encoding, in hex: the
 // enrolled AK's file name in a store.
 func AKFingerprint(ak *ecdsa.PublicKey) (string, error) {
-	der, err := x509.MarshalPKIXPublicKey(ak)
-	if err != nil {
+	if _, err := x509.MarshalPKIXPublicKey(ak); err != nil {
 		return "", err
 	}
-	sum := sha256.Sum256(der)
+	sum := quote.AKFingerprint(ak)
 	return hex.EncodeToString(sum[:]), nil
 }
 

@@ -276,7 +276,7 @@ func (m *Mux) healLocked(ctx context.Context) error {
 		return nil
 	case m.pcrPrev:
 		info := logstore.EpochInfo{Number: m.epoch}
-		rp, err := m.replay(info)
+		rp, err := m.replay(info, m.epochInfo.StartValue)
 		if err != nil {
 			return err
 		}

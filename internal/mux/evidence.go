@@ -218,6 +218,13 @@ func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conce
 		if err != nil {
 			return tpm.Quote{}, nil, fmt.Errorf("check own quote: %w", err)
 		}
+		if er := m.epochInfo; info.ResetCount != er.ResetCount || info.RestartCount != er.RestartCount {
+			err := &ReplayError{PCR: m.cfg.PCR, Epoch: m.epoch, Batches: m.nextBatch, Detail: fmt.Sprintf(
+				"the TPM left the epoch's power cycle (resetCount %d -> %d, restartCount %d -> %d: a suspend/resume or hibernation); a TPM Restart can reset PCRs, so this epoch's history cannot be quoted any more: restart tpmmux-bridge to open a new epoch",
+				er.ResetCount, info.ResetCount, er.RestartCount, info.RestartCount)}
+			m.setFault(err)
+			return tpm.Quote{}, nil, err
+		}
 		if bytes.Equal(info.PCRDigest, quote.PCRDigest(vals)) {
 			return q, vals, nil
 		}

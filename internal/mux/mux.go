@@ -18,15 +18,22 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/quote"
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 )
 
 // Defaults of the multiplexer's configuration.
 const (
-	DefaultPCR      = 23
+	// DefaultPCR is the protocol's default anchor, PCR 13 (see conceal).
+	DefaultPCR      = conceal.DefaultPCR
 	DefaultMaxBatch = 8192
 )
+
+// ErrResettablePCR is returned by Open when the configured PCR can be reset
+// at locality 0 without a reboot (PC-client PCRs 16 and 23): whoever reaches
+// the TPM could then roll anchored history back.
+var ErrResettablePCR = errors.New("PCR can be reset without a reboot")
 
 // DefaultHostPCRs are the host PCRs every quote covers besides the mux PCR,
 // so a verifier can appraise the host's boot and IMA state.
@@ -41,13 +48,17 @@ var (
 
 // Config configures a Mux.
 type Config struct {
-	PCR      int          // the PCR the mux owns (sha256 bank); default 23
-	HostPCRs []int        // host PCRs quoted alongside; default 0–7 and 10
-	MaxBatch int          // most records in one batch; default 8192
-	Host     string       // host name written into epoch records
-	Version  string       // bridge version written into epoch records
-	Logger   *slog.Logger // default slog.Default()
-	Now      func() time.Time
+	PCR int // the PCR the mux owns (sha256 bank); default 13
+	// InsecureResettablePCR lets the mux anchor in a PCR that can be
+	// reset at locality 0 (16, 23). Only for tests of the attack it
+	// allows: anyone who reaches the TPM can then truncate history.
+	InsecureResettablePCR bool
+	HostPCRs              []int        // host PCRs quoted alongside; default 0–7 and 10
+	MaxBatch              int          // most records in one batch; default 8192
+	Host                  string       // host name written into epoch records
+	Version               string       // bridge version written into epoch records
+	Logger                *slog.Logger // default slog.Default()
+	Now                   func() time.Time
 	// NoQuoteBatching takes one quote per evidence request (the baseline
 	// of the benchmarks) instead of sharing quotes between concurrent ones.
 	NoQuoteBatching bool
@@ -86,6 +97,7 @@ type Mux struct {
 	commitMu  sync.Mutex
 	epoch     uint64
 	epochRec  []byte
+	epochInfo *record.Epoch // epochRec decoded
 	nextG     uint64
 	nextBatch uint64
 	pcrPrev   conceal.Digest // PCR value before the last batch
@@ -259,10 +271,39 @@ func (e *ReplayError) Error() string {
 	return fmt.Sprintf("PCR %d is %x but the log store (epoch %d, %d batches) replays to %x", e.PCR, e.Got[:8], e.Epoch, e.Batches, e.Want[:8])
 }
 
-// recover replays the store's current epoch against the PCR.
+// checkAnchor refuses a PCR that anyone can reset at locality 0 without a
+// reboot, unless the configuration says the risk is taken on purpose.
+func (m *Mux) checkAnchor(ctx context.Context) error {
+	resettable, err := m.tpm.ResettablePCRs(ctx)
+	if err != nil {
+		return fmt.Errorf("check pcr %d: %w", m.cfg.PCR, err)
+	}
+	if !slices.Contains(resettable, m.cfg.PCR) && m.cfg.PCR != 16 && m.cfg.PCR != 23 {
+		return nil
+	}
+	if m.cfg.InsecureResettablePCR {
+		m.log.Warn("anchoring in a PCR that can be reset without a reboot: anyone who reaches the TPM can truncate history (insecure, for tests only)", "pcr", m.cfg.PCR)
+		return nil
+	}
+	return fmt.Errorf("pcr %d: %w (this TPM resets PCRs %v at locality 0): anyone who reaches the TPM could truncate anchored history; use a PCR of 0-15, e.g. the default %d (docs/protocol.md)", m.cfg.PCR, ErrResettablePCR, resettable, DefaultPCR)
+}
+
+// recover replays the store's current epoch against the PCR and the TPM's
+// counters (docs/protocol.md "PCR and epochs"). A new epoch opens only when
+// the TPM's power cycle changed: another resetCount or restartCount, a
+// cleared TPM (its clock went back) or another TPM (another AK). Within the
+// same power cycle the PCR must replay from the store; a PCR found back at
+// the epoch's start value is a reset without a reboot and faults the mux.
 func (m *Mux) recover(ctx context.Context) error {
 	m.commitMu.Lock()
 	defer m.commitMu.Unlock()
+	if err := m.checkAnchor(ctx); err != nil {
+		return err
+	}
+	ci, err := m.tpm.ClockInfo(ctx)
+	if err != nil {
+		return fmt.Errorf("recover: %w", err)
+	}
 	vals, err := m.tpm.ReadPCRs(ctx, []int{m.cfg.PCR})
 	if err != nil {
 		return fmt.Errorf("read pcr %d: %w", m.cfg.PCR, err)
@@ -272,39 +313,59 @@ func (m *Mux) recover(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if ok {
-		rp, err := m.replay(info)
-		if err != nil {
-			if got == (conceal.Digest{}) {
-				m.log.Warn("current epoch does not replay, but the PCR was reset: starting a new epoch", "err", err)
-				return m.beginEpoch(ctx, info.Number+1)
-			}
-			return &ReplayError{PCR: m.cfg.PCR, Got: got, Epoch: info.Number, Detail: err.Error()}
-		}
-		m.epoch, m.epochRec = info.Number, info.Record
-		m.nextG, m.nextBatch = rp.nextG, rp.batches
-		m.pcrPrev, m.pcrValue = rp.prev, rp.value
-		switch {
-		case got == rp.value:
-			m.log.Info("log store replays to the PCR", "epoch", m.epoch, "batches", m.nextBatch, "entries", m.nextG)
-			return nil
-		case got == rp.prev:
-			m.log.Info("last batch was durable but not extended: extending it now", "epoch", m.epoch, "batch", m.nextBatch-1)
-			if err := m.extend(ctx, rp.lastV); err != nil {
-				return fmt.Errorf("extend recovered batch %d: %w", m.nextBatch-1, err)
-			}
-			return nil
-		case got == conceal.Digest{}:
-			m.log.Info("PCR is at its reset value: the host rebooted; beginning a new epoch", "pcr", m.cfg.PCR, "previous_epoch", info.Number)
-			return m.beginEpoch(ctx, info.Number+1)
-		default:
-			return &ReplayError{PCR: m.cfg.PCR, Got: got, Want: rp.value, Epoch: info.Number, Batches: rp.batches}
-		}
+	if !ok {
+		return m.beginEpoch(ctx, 1, got, ci)
 	}
-	if got != (conceal.Digest{}) {
-		return &ReplayError{PCR: m.cfg.PCR, Got: got, Detail: fmt.Sprintf("the store is empty but PCR %d is not at its reset value (%x); another program may be extending it", m.cfg.PCR, got[:8])}
+	er, err := record.UnmarshalEpoch(info.Record)
+	if err != nil {
+		return fmt.Errorf("epoch %d in the log store: %w (a store written by an older tpmmux; move it aside to start afresh)", info.Number, err)
 	}
-	return m.beginEpoch(ctx, 1)
+	if why := newPowerCycle(er, ci, quote.AKFingerprint(m.tpm.AK())); why != "" {
+		m.log.Info("the TPM's power cycle changed: beginning a new epoch", "why", why, "pcr", m.cfg.PCR, "previous_epoch", info.Number)
+		return m.beginEpoch(ctx, info.Number+1, got, ci)
+	}
+	if int(er.PCR) != m.cfg.PCR {
+		return fmt.Errorf("epoch %d anchors in PCR %d but the bridge is configured for PCR %d in the same TPM power cycle: configure pcr %d until the host reboots", info.Number, er.PCR, m.cfg.PCR, er.PCR)
+	}
+	m.epoch, m.epochRec, m.epochInfo = info.Number, info.Record, er
+	rp, err := m.replay(info, er.StartValue)
+	if err != nil {
+		return &ReplayError{PCR: m.cfg.PCR, Got: got, Epoch: info.Number, Detail: err.Error()}
+	}
+	m.nextG, m.nextBatch = rp.nextG, rp.batches
+	m.pcrPrev, m.pcrValue = rp.prev, rp.value
+	switch got {
+	case rp.value:
+		m.log.Info("log store replays to the PCR", "epoch", m.epoch, "batches", m.nextBatch, "entries", m.nextG)
+		return nil
+	case rp.prev:
+		m.log.Info("last batch was durable but not extended: extending it now", "epoch", m.epoch, "batch", m.nextBatch-1)
+		if err := m.extend(ctx, rp.lastV); err != nil {
+			return fmt.Errorf("extend recovered batch %d: %w", m.nextBatch-1, err)
+		}
+		return nil
+	case er.StartValue, conceal.Digest{}:
+		return &ReplayError{PCR: m.cfg.PCR, Got: got, Want: rp.value, Epoch: info.Number, Batches: rp.batches,
+			Detail: fmt.Sprintf("PCR %d is back at its reset value but the TPM's resetCount (%d) has not changed: it was reset without a reboot, which would truncate anchored history; refusing to open a new epoch", m.cfg.PCR, ci.ResetCount)}
+	default:
+		return &ReplayError{PCR: m.cfg.PCR, Got: got, Want: rp.value, Epoch: info.Number, Batches: rp.batches}
+	}
+}
+
+// newPowerCycle says why the TPM is no longer in the power cycle the epoch
+// was opened in, or "" if it still is.
+func newPowerCycle(er *record.Epoch, ci tpm.ClockInfo, ak conceal.Digest) string {
+	switch {
+	case er.AK != ak:
+		return "another TPM (the AK differs from the epoch's)"
+	case ci.ResetCount != er.ResetCount:
+		return fmt.Sprintf("TPM reset (host reboot): resetCount %d -> %d", er.ResetCount, ci.ResetCount)
+	case ci.Clock < er.Clock:
+		return fmt.Sprintf("TPM cleared: its clock went back from %d to %d ms", er.Clock, ci.Clock)
+	case ci.RestartCount != er.RestartCount:
+		return fmt.Sprintf("TPM restart or resume (suspend): restartCount %d -> %d", er.RestartCount, ci.RestartCount)
+	}
+	return ""
 }
 
 type replayResult struct {
@@ -317,8 +378,8 @@ type replayResult struct {
 
 // replay recomputes every batch digest of an epoch from its entries and
 // folds them into the PCR value they extend to.
-func (m *Mux) replay(info logstore.EpochInfo) (replayResult, error) {
-	var rp replayResult
+func (m *Mux) replay(info logstore.EpochInfo, start conceal.Digest) (replayResult, error) {
+	rp := replayResult{value: start}
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		return sn.Batches(info.Number, 0, func(index uint64, b *logstore.Batch) error {
 			if index != rp.batches {
@@ -357,9 +418,13 @@ func (m *Mux) replay(info logstore.EpochInfo) (replayResult, error) {
 	return rp, nil
 }
 
-// beginEpoch writes the epoch record as batch 0 of a new epoch and extends it.
-func (m *Mux) beginEpoch(ctx context.Context, number uint64) error {
-	er := record.Epoch{Host: m.cfg.Host, BridgeVersion: m.cfg.Version, PCR: uint32(m.cfg.PCR), Time: m.cfg.Now().UnixNano()}
+// beginEpoch writes the epoch record as batch 0 of a new epoch and extends
+// it. The record binds the epoch to the TPM's power cycle (resetCount,
+// restartCount, clock, AK) and to the value PCR p holds now, which host
+// boot components may have extended.
+func (m *Mux) beginEpoch(ctx context.Context, number uint64, start conceal.Digest, ci tpm.ClockInfo) error {
+	er := &record.Epoch{Host: m.cfg.Host, BridgeVersion: m.cfg.Version, PCR: uint32(m.cfg.PCR), Time: m.cfg.Now().UnixNano(),
+		StartValue: start, ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Clock: ci.Clock, AK: quote.AKFingerprint(m.tpm.AK())}
 	if _, err := rand.Read(er.Nonce[:]); err != nil {
 		return fmt.Errorf("draw epoch nonce: %w", err)
 	}
@@ -372,13 +437,13 @@ func (m *Mux) beginEpoch(ctx context.Context, number uint64) error {
 	if err := m.store.BeginEpoch(number, raw, b, m.cfg.Now()); err != nil {
 		return err
 	}
-	m.epoch, m.epochRec = number, raw
+	m.epoch, m.epochRec, m.epochInfo = number, raw, er
 	m.nextG, m.nextBatch = 1, 1
-	m.pcrPrev, m.pcrValue = conceal.Digest{}, conceal.ExtendPCR(conceal.Digest{}, v)
+	m.pcrPrev, m.pcrValue = start, conceal.ExtendPCR(start, v)
 	if err := m.extend(ctx, v); err != nil {
 		return fmt.Errorf("extend epoch record: %w", err)
 	}
-	m.log.Info("began epoch", "epoch", number, "pcr", m.cfg.PCR)
+	m.log.Info("began epoch", "epoch", number, "pcr", m.cfg.PCR, "reset_count", ci.ResetCount, "restart_count", ci.RestartCount, "start_value", fmt.Sprintf("%x", start[:8]))
 	return nil
 }
 

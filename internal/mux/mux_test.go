@@ -146,7 +146,7 @@ func (r *rig) verified(ident *conceal.Identity) int {
 	if err != nil {
 		r.t.Fatalf("evidence: %v", err)
 	}
-	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AK: r.tpm.AK(), PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AK: r.tpm.AK(), PCR: 13})
 	if err != nil {
 		r.t.Fatalf("verify: %v", err)
 	}
@@ -328,12 +328,12 @@ func TestForeignExtendRefused(t *testing.T) {
 	r := newRig(t, mux.Config{})
 	a := r.vm("vm-a")
 	r.close()
-	if err := r.tpm.TPM.Extend(context.Background(), 23, [32]byte{1}); err != nil {
+	if err := r.tpm.TPM.Extend(context.Background(), mux.DefaultPCR, [32]byte{1}); err != nil {
 		t.Fatal(err)
 	}
 	r.open(mux.Config{})
 	st := r.m.Status()
-	if !strings.Contains(st.Fault, "PCR 23 is") || !strings.Contains(st.Fault, "replays to") {
+	if !strings.Contains(st.Fault, "PCR 13 is") || !strings.Contains(st.Fault, "replays to") {
 		t.Fatalf("fault = %q", st.Fault)
 	}
 	if _, err := r.m.Evidence(context.Background(), a.ID(), []byte("n")); err == nil || !strings.Contains(err.Error(), "not serving evidence") {
@@ -415,7 +415,7 @@ func TestHostReboot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: a, AK: r.tpm.AK(), PCR: 23})
+	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: a, AK: r.tpm.AK(), PCR: 13})
 	if err != nil || rep.Teardown == nil || rep.Teardown.Detail != "shutdown" {
 		t.Fatalf("post-mortem after reboot: %v %+v", err, rep)
 	}
@@ -470,7 +470,7 @@ func TestBatchedQuotes(t *testing.T) {
 		if i%2 == 1 {
 			ident = b
 		}
-		nonce := []byte(fmt.Sprintf("nonce-%d", i))
+		nonce := []byte(fmt.Sprintf("nonce-%d of the verifier", i))
 		go func() {
 			ev, err := r.m.Evidence(context.Background(), ident.ID(), nonce)
 			out <- result{ident, nonce, ev, err}
@@ -484,7 +484,7 @@ func TestBatchedQuotes(t *testing.T) {
 			t.Fatal(res.err)
 		}
 		results = append(results, res)
-		rep, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 23})
+		rep, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 13})
 		if err != nil {
 			t.Fatalf("batched evidence rejected: %v", err)
 		}
@@ -506,14 +506,14 @@ func TestBatchedQuotes(t *testing.T) {
 		if other.ev == res.ev {
 			other = results[1]
 		}
-		if _, err := verify.Verify(res.ev, verify.Options{Nonce: other.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 23}); err == nil {
+		if _, err := verify.Verify(res.ev, verify.Options{Nonce: other.nonce, Identity: res.ident, AK: r.tpm.AK(), PCR: 13}); err == nil {
 			t.Fatal("batched evidence verified for another request's nonce")
 		}
 		wrong := a
 		if res.ident == a {
 			wrong = b
 		}
-		if _, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: wrong, AK: r.tpm.AK(), PCR: 23}); err == nil {
+		if _, err := verify.Verify(res.ev, verify.Options{Nonce: res.nonce, Identity: wrong, AK: r.tpm.AK(), PCR: 13}); err == nil {
 			t.Fatal("batched evidence verified for another VM")
 		}
 		break

@@ -36,13 +36,14 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 		UUID: l.UUID, Name: l.Name, Instance: ident.Instance, CID: l.CID,
 		DomainXML: l.DomainXML, Files: l.Files, Host: m.cfg.Host,
 	}}
+	m.commitMu.Lock()
+	epoch := m.epoch
+	gen.Genesis.Epoch = record.EpochHash(m.epochRec)
+	m.commitMu.Unlock()
 	raw, err := gen.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("new vm %s: %w", l.Name, err)
 	}
-	m.commitMu.Lock()
-	epoch := m.epoch
-	m.commitMu.Unlock()
 	vs := &vmState{
 		vm: logstore.VM{ID: id, UUID: l.UUID, Instance: ident.Instance, Name: l.Name, CID: l.CID,
 			Epoch: epoch, Created: now.UnixNano()},

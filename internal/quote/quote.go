@@ -13,6 +13,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -221,4 +222,15 @@ func sha256Selection(sel tpm2.TPMLPCRSelection) ([]int, error) {
 		}
 	}
 	return pcrs, nil
+}
+
+// AKFingerprint is SHA-256 of the AK's DER SubjectPublicKeyInfo: the name
+// epoch records give the AK they were opened with, and the fingerprint
+// enrollment and tpm2-tools users compare.
+func AKFingerprint(pub *ecdsa.PublicKey) [32]byte {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return [32]byte{}
+	}
+	return sha256.Sum256(der)
 }

@@ -78,6 +78,11 @@ type Genesis struct {
 	DomainXML [32]byte `cbor:"5,keyasint" json:"domain_xml_sha256"`
 	Files     []File   `cbor:"6,keyasint,omitempty" json:"files,omitempty"`
 	Host      string   `cbor:"7,keyasint,omitempty" json:"host,omitempty"`
+	// Epoch is H(R_epoch) of the epoch this instance was launched in. It
+	// binds the VM's history to one epoch, so a host root who later opens
+	// a forged epoch (say, after a reboot) cannot replant a prefix of the
+	// VM's public leaves in it: the genesis commitment names the real one.
+	Epoch [32]byte `cbor:"8,keyasint" json:"epoch_sha256"`
 }
 
 // File is the digest of a file the domain XML names (kernel, initrd, loader,
@@ -126,15 +131,27 @@ type Action struct {
 	Detail string `cbor:"2,keyasint,omitempty" json:"detail,omitempty"`
 }
 
-// Epoch is the public record that opens an epoch (global index 0 of the
-// first batch after PCR p was found at its reset value).
+// Epoch is the public record that opens an epoch: global index 0 of the
+// first batch the bridge extends after a TPM Reset (host reboot). It binds
+// the epoch to that power cycle of the TPM: a verifier requires the quote's
+// resetCount to equal ResetCount, and replays the batches from StartValue,
+// the value PCR p held when the epoch opened (host boot components may have
+// extended it before the bridge started).
 type Epoch struct {
 	Host          string   `cbor:"1,keyasint" json:"host"`
 	BridgeVersion string   `cbor:"2,keyasint" json:"bridge_version"`
 	PCR           uint32   `cbor:"3,keyasint" json:"pcr"`
 	Time          int64    `cbor:"4,keyasint" json:"time"`
 	Nonce         [32]byte `cbor:"5,keyasint" json:"nonce"`
+	StartValue    [32]byte `cbor:"6,keyasint" json:"start_value"`   // PCR p when the epoch opened
+	ResetCount    uint32   `cbor:"7,keyasint" json:"reset_count"`   // TPM resetCount at opening
+	RestartCount  uint32   `cbor:"8,keyasint" json:"restart_count"` // TPM restartCount at opening
+	Clock         uint64   `cbor:"9,keyasint" json:"clock"`         // TPM clock (ms) at opening
+	AK            [32]byte `cbor:"10,keyasint" json:"ak_sha256"`    // SHA-256 of the AK's DER SubjectPublicKeyInfo
 }
+
+// EpochHash returns H(R_epoch), the value each genesis record of the epoch names.
+func EpochHash(encoded []byte) [32]byte { return sha256.Sum256(encoded) }
 
 var (
 	encMode = canon.Enc()

@@ -78,6 +78,12 @@ type TPM interface {
 	// (TPM2_Quote's qualifyingData; at most sizeof(TPMT_HA) bytes, which is
 	// 66 on a TPM with SHA-512 and 34 on one with only SHA-256).
 	Quote(ctx context.Context, pcrs []int, extraData []byte) (Quote, error)
+	// ClockInfo reads the TPM's clock, resetCount and restartCount
+	// (TPM2_ReadClock): the multiplexer binds each epoch to them.
+	ClockInfo(ctx context.Context) (ClockInfo, error)
+	// ResettablePCRs lists the PCRs the TPM lets anyone reset at locality
+	// 0; the multiplexer refuses to anchor history in one of them.
+	ResettablePCRs(ctx context.Context) ([]int, error)
 	// Close flushes the AK and releases the connection (and, for "sim", the
 	// process-wide simulator).
 	Close() error

@@ -74,11 +74,11 @@ func BenchmarkVerify(b *testing.B) {
 				add(i, n/vms)
 			}
 			test := idents[0]
-			opts := verify.Options{Nonce: []byte("full"), Identity: test, AK: tp.AK(), PCR: mux.DefaultPCR}
+			opts := verify.Options{Nonce: []byte("full verification nonce"), Identity: test, AK: tp.AK(), PCR: mux.DefaultPCR}
 			full := encode(b, m, test.ID(), opts.Nonce, nil)
 			rep := mustVerify(b, full, opts)
 			add(0, 1000)
-			incOpts := verify.Options{Nonce: []byte("incremental"), Identity: test, AK: tp.AK(), PCR: mux.DefaultPCR, Checkpoint: rep.Checkpoint}
+			incOpts := verify.Options{Nonce: []byte("incremental verification nonce"), Identity: test, AK: tp.AK(), PCR: mux.DefaultPCR, Checkpoint: rep.Checkpoint}
 			delta := encode(b, m, test.ID(), incOpts.Nonce, rep.Checkpoint.Since())
 			b.Run("full", func(b *testing.B) {
 				b.SetBytes(int64(len(full)))

@@ -19,6 +19,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/quote"
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 )
@@ -126,7 +127,7 @@ func buildWorld() (*world, error) {
 			return nil, err
 		}
 	}
-	w.nonce = []byte("nonce-1")
+	w.nonce = []byte("nonce-1 of the verifier")
 	if w.evA, err = m.Evidence(ctx, w.a.ID(), w.nonce); err != nil {
 		return nil, err
 	}
@@ -169,13 +170,28 @@ func clone(t *testing.T, ev *evidence.Evidence) *evidence.Evidence {
 // quotes it genuinely. Each call must use a PCR no other test extends and
 // whose reset value is zero (11-16 on the simulator).
 func forge(t *testing.T, tp tpm.TPM, pcr int, ident *conceal.Identity, recs []*record.Record, nonce []byte) *evidence.Evidence {
+	return forgeEpoch(t, tp, pcr, ident, recs, nonce, nil)
+}
+
+// forgeEpoch is forge with the epoch record changed by mutate (when not
+// nil) before it is extended: an epoch that lies about the power cycle.
+func forgeEpoch(t *testing.T, tp tpm.TPM, pcr int, ident *conceal.Identity, recs []*record.Record, nonce []byte, mutate func(*record.Epoch)) *evidence.Evidence {
 	t.Helper()
 	ctx := context.Background()
-	er := record.Epoch{Host: "forger", BridgeVersion: "x", PCR: uint32(pcr), Time: 1}
+	ci, err := tp.ClockInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	er := record.Epoch{Host: "forger", BridgeVersion: "x", PCR: uint32(pcr), Time: 1,
+		ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Clock: ci.Clock, AK: quote.AKFingerprint(tp.AK())}
+	if mutate != nil {
+		mutate(&er)
+	}
 	erRaw, err := er.Marshal()
 	if err != nil {
 		t.Fatal(err)
 	}
+	epochHash := record.EpochHash(erRaw)
 	keys := ident.Keys()
 	id := ident.ID()
 	leaves := []conceal.Digest{conceal.EpochLeaf(erRaw)}
@@ -184,6 +200,11 @@ func forge(t *testing.T, tp tpm.TPM, pcr int, ident *conceal.Identity, recs []*r
 		Epoch: evidence.Epoch{Number: 1, Record: erRaw},
 		VM:    evidence.VM{UUID: conceal.FormatUUID(ident.UUID), Instance: ident.Instance[:]}}
 	for s, r := range recs {
+		if r.Kind == record.KindGenesis && r.Genesis.Epoch == ([32]byte{}) {
+			g := *r.Genesis
+			g.Epoch = epochHash
+			r = &record.Record{Kind: r.Kind, Time: r.Time, Genesis: &g}
+		}
 		raw, err := r.Marshal()
 		if err != nil {
 			t.Fatal(err)

@@ -67,11 +67,15 @@ type PCRReport struct {
 // EpochReport describes the epoch the log belongs to (from its
 // authenticated epoch record).
 type EpochReport struct {
-	Number        uint64 `json:"number"`
+	SHA256        string `json:"sha256"` // H(R_epoch): names the epoch
 	Host          string `json:"host"`
 	BridgeVersion string `json:"bridge_version"`
 	Time          int64  `json:"time"`
 	Nonce         string `json:"nonce"`
+	ResetCount    uint32 `json:"reset_count"`
+	RestartCount  uint32 `json:"restart_count"`
+	Clock         uint64 `json:"clock"`
+	StartValue    string `json:"start_value"`
 }
 
 // GenesisReport is the launch measurement of the VM instance.

@@ -17,7 +17,7 @@ import (
 )
 
 func opts(w *world, ident *conceal.Identity, nonce []byte) verify.Options {
-	return verify.Options{Nonce: nonce, Identity: ident, AK: w.tpm.AK(), PCR: 23}
+	return verify.Options{Nonce: nonce, Identity: ident, AK: w.tpm.AK(), PCR: 13}
 }
 
 // gOf returns the global index of record s in ev.
@@ -133,7 +133,7 @@ func TestTamper(t *testing.T) {
 		{name: "reorder batches", mutate: func(ev *evidence.Evidence) {
 			ev.Log[2], ev.Log[3] = ev.Log[3], ev.Log[2]
 		}, step: 2, want: "batch 2 starts at global index"},
-		{name: "wrong nonce", opts: func(o *verify.Options) { o.Nonce = []byte("another nonce") }, step: 1, want: "extraData does not match"},
+		{name: "wrong nonce", opts: func(o *verify.Options) { o.Nonce = []byte("another nonce, of the verifier") }, step: 1, want: "extraData does not match"},
 		{name: "old evidence replayed for a new nonce", base: w.evA, opts: func(o *verify.Options) { o.Nonce = w.nonceE }, step: 1, want: "extraData does not match"},
 		{name: "A's evidence checked with B's identity", opts: func(o *verify.Options) { o.Identity = w.b }, step: 1, want: "extraData does not match"},
 		{name: "B's evidence presented for A", base: w.evB, step: 1, want: "extraData does not match"},
@@ -158,7 +158,7 @@ func TestTamper(t *testing.T) {
 			ev.Records = append(ev.Records, w.evB.Records[3])
 		}, step: 4, want: "record 13 has no tag in the log"},
 		{name: "altered epoch record", mutate: func(ev *evidence.Evidence) {
-			ev.Epoch.Record[len(ev.Epoch.Record)-1] ^= 1
+			ev.Epoch.Record[bytes.Index(ev.Epoch.Record, []byte("test-host"))] ^= 1
 		}, step: 2, want: "replays to"},
 		{name: "post-mortem quote as fresh evidence", base: w.finalA, step: 1, want: "post-mortem quote, not fresh"},
 		{name: "fresh evidence relabelled post-mortem", mutate: func(ev *evidence.Evidence) { ev.Kind = evidence.KindFinal },
@@ -217,6 +217,9 @@ func TestForgedHistories(t *testing.T) {
 	gen := &record.Record{Kind: record.KindGenesis, Genesis: &record.Genesis{UUID: ident.UUID, Instance: ident.Instance, Name: "vm-c"}}
 	td := &record.Record{Kind: record.KindTeardown, Teardown: &record.Teardown{Reason: "destroyed"}}
 	otherGen := &record.Record{Kind: record.KindGenesis, Genesis: &record.Genesis{UUID: [16]byte{0xdd}, Instance: ident.Instance, Name: "vm-d"}}
+	// A genesis committed in another epoch (the real one the VM started
+	// in), re-rooted by a host root into a forged epoch.
+	replanted := &record.Record{Kind: record.KindGenesis, Genesis: &record.Genesis{UUID: ident.UUID, Instance: ident.Instance, Name: "vm-c", Epoch: [32]byte{0xee}}}
 	tests := []struct {
 		name string
 		pcr  int
@@ -225,13 +228,14 @@ func TestForgedHistories(t *testing.T) {
 	}{
 		{"honest forge is accepted", 11, []*record.Record{gen, measurement("vm-c", 1), td}, ""},
 		{"record after teardown", 12, []*record.Record{gen, measurement("vm-c", 1), td, measurement("vm-c", 2)}, "record 3 follows the teardown record 2"},
-		{"no genesis first", 13, []*record.Record{measurement("vm-c", 1), td}, "record 0 is a measurement record, not genesis"},
+		{"no genesis first", 8, []*record.Record{measurement("vm-c", 1), td}, "record 0 is a measurement record, not genesis"},
 		{"second genesis", 14, []*record.Record{gen, gen}, "record 1 is a second genesis record"},
 		{"genesis of another domain", 15, []*record.Record{otherGen}, "genesis record is for uuid"},
+		{"genesis replanted from another epoch", 9, []*record.Record{replanted, measurement("vm-c", 1)}, "the VM's leaves were replanted in another epoch"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			nonce := []byte(tt.name)
+			nonce := []byte(tt.name + ": a nonce")
 			ev := forge(t, w.tpm, tt.pcr, ident, tt.recs, nonce)
 			o := opts(w, ident, nonce)
 			o.PCR = tt.pcr
@@ -402,7 +406,7 @@ func TestIncremental(t *testing.T) {
 	if cp == nil || cp.Records != 13 {
 		t.Fatalf("checkpoint %+v", cp)
 	}
-	nonce := []byte("delta-nonce")
+	nonce := []byte("delta-nonce of the verifier")
 	delta, err := w.m.EvidenceSince(context.Background(), w.a.ID(), nonce, cp.Since())
 	if err != nil {
 		t.Fatal(err)

@@ -35,6 +35,14 @@ type Options struct {
 	AK *ecdsa.PublicKey
 	// PCR, when non-zero, is the multiplexer PCR the verifier expects.
 	PCR int
+	// AllowResettablePCR accepts evidence anchored in a PCR above 15 (16
+	// and 23 can be reset at locality 0 without a reboot, so whoever
+	// reaches the host TPM could truncate the history). For tests only.
+	AllowResettablePCR bool
+	// ExpectUUID, when non-zero, is the VM the verifier means to attest,
+	// known to it independently of the evidence and identity files (which
+	// come from the party being attested): the identity's uuid must be it.
+	ExpectUUID [16]byte
 	// Appraise, when set, appraises each measurement record (step 5).
 	Appraise func(m *record.Measurement) []Violation
 	// Appraiser, when set, appraises the genesis record's launch
@@ -47,8 +55,12 @@ type Options struct {
 	// (relay attack; appraise.go).
 	BindKeys [][32]byte
 	// Checkpoint, when set, is what an earlier verification of this VM
-	// left (Report.Checkpoint): the evidence must then be the delta after
-	// it, and only the delta is replayed and checked.
+	// left (Report.Checkpoint). Delta evidence (evidence.From set) must be
+	// the delta after it, and only the delta is replayed and checked; full
+	// evidence is verified in full. Either way the checkpoint is a
+	// high-water mark: evidence that shows less of the VM's history than
+	// it, another TPM power cycle, or an older TPM clock, is rejected as a
+	// rollback.
 	Checkpoint *Checkpoint
 }
 
@@ -59,8 +71,12 @@ type Options struct {
 // whether it had ended. Keep it with the identity: it is the verifier's
 // state, never taken from evidence.
 type Checkpoint struct {
-	ID         []byte `json:"id"` // the VM instance it belongs to
-	EpochHash  []byte `json:"epoch_sha256"`
+	ID        []byte `json:"id"` // the VM instance it belongs to
+	EpochHash []byte `json:"epoch_sha256"`
+	// ResetCount and Clock are the TPM's counters in the quote that was
+	// verified: the high-water mark later evidence must not fall below.
+	ResetCount uint32 `json:"reset_count"`
+	Clock      uint64 `json:"clock"`
 	Batch      uint64 `json:"batch"`
 	NextG      uint64 `json:"next_g"`
 	PCR        []byte `json:"pcr"`
@@ -72,6 +88,10 @@ type Checkpoint struct {
 	// Options.BindKeys holds across incremental verifications.
 	Bindings []BoundKey `json:"bindings,omitempty"`
 }
+
+// MinNonce is the shortest verifier nonce accepted: a nonce must be
+// unpredictable to the host, so shorter ones are refused as misuse.
+const MinNonce = 16
 
 // Since returns what to ask the bridge for to get the delta after c.
 func (c *Checkpoint) Since() *evidence.Since {
@@ -112,6 +132,7 @@ func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 		err = rep.judge()
 	}
 	if err != nil {
+		rep.Checkpoint = nil // a rejected report leaves nothing to build on
 		var rj *Rejection
 		if errors.As(err, &rj) {
 			rep.Reason = rj.Reason
@@ -166,6 +187,12 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	if opts.Identity == nil || opts.AK == nil {
 		return errors.New("verify: identity and AK are required")
 	}
+	if ev.Kind == evidence.KindQuote && len(opts.Nonce) > 0 && len(opts.Nonce) < MinNonce {
+		return fmt.Errorf("verify: the nonce is %d bytes; use at least %d random bytes", len(opts.Nonce), MinNonce)
+	}
+	if opts.ExpectUUID != ([16]byte{}) && opts.ExpectUUID != opts.Identity.UUID {
+		return reject(4, "identity is for vm uuid %s, but the verifier expects %s: this is another VM's evidence", conceal.FormatUUID(opts.Identity.UUID), conceal.FormatUUID(opts.ExpectUUID))
+	}
 	if ev.Version != evidence.Version {
 		return reject(1, "evidence version %d, want %d", ev.Version, evidence.Version)
 	}
@@ -177,6 +204,7 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		v.start,        // 2: the epoch record and the verifier's checkpoint
 		v.replay,       // 2: the log replays to the quoted PCR
 		v.findTags,     // 3: this VM's records, by their tags
+		v.highWater,    // 3: no less history than the verifier saw before
 		v.checkRecords, // 4 (and 5, per record): records match commitments
 		v.checkFinal,   // 4: a post-mortem quote covers the teardown
 	}
@@ -228,6 +256,9 @@ func (v *verification) checkQuote() error {
 	}
 	if v.opts.PCR != 0 && int(ev.PCR) != v.opts.PCR {
 		return reject(1, "evidence is for PCR %d, verifier expects PCR %d", ev.PCR, v.opts.PCR)
+	}
+	if ev.PCR > 15 && !v.opts.AllowResettablePCR {
+		return reject(1, "evidence is anchored in PCR %d, which can be reset without a reboot: whoever reaches the host TPM could truncate this history (the bridge must use a PCR of 0-15)", ev.PCR)
 	}
 	v.quoted = vals[pcrIdx]
 	rep.PCR = int(ev.PCR)
@@ -300,27 +331,78 @@ func (v *verification) start() error {
 		return reject(2, "epoch record: %v", err)
 	}
 	v.epochRec = epochRec
-	v.epochHash = record.Hash(ev.Epoch.Record)
-	if cp == nil {
+	v.epochHash = record.EpochHash(ev.Epoch.Record)
+	if err := v.checkEpoch(); err != nil {
+		return err
+	}
+	v.pcr = epochRec.StartValue
+	if cp == nil || ev.From == nil {
 		if ev.From != nil {
 			return reject(2, "evidence is a delta from batch %d but the verifier has no checkpoint", ev.From.Batch)
 		}
 		return nil
 	}
-	if ev.From == nil || ev.From.Batch != cp.Batch || ev.From.Records != cp.Records {
+	if ev.From.Batch != cp.Batch || ev.From.Records != cp.Records {
 		return reject(2, "evidence is not the delta after the verifier's checkpoint (batch %d, %d records)", cp.Batch, cp.Records)
 	}
 	if !bytes.Equal(cp.ID, v.id[:]) {
 		return reject(2, "the checkpoint belongs to another VM instance")
-	}
-	if !bytes.Equal(cp.EpochHash, v.epochHash[:]) {
-		return reject(2, "evidence is for another epoch than the checkpoint: the host rebooted; verify in full")
 	}
 	copy(v.pcr[:], cp.PCR)
 	v.next, v.s0, v.prevG, v.firstBatch = cp.NextG, cp.Records, cp.LastG, cp.Batch+1
 	v.last = cp.LastRecord
 	v.rep.Ended = cp.Ended
 	return v.rep.loadBindings(cp.Bindings)
+}
+
+// checkEpoch binds the epoch record to the quote: the quote was taken in
+// the TPM power cycle the epoch was opened in (same resetCount and
+// restartCount: a TPM Reset or Restart can reset PCRs, and only a new epoch
+// may follow one), by the AK the epoch names, and not before the epoch
+// opened on the TPM's clock.
+func (v *verification) checkEpoch() error {
+	er, info := v.epochRec, v.info
+	if info.ResetCount != er.ResetCount {
+		return reject(2, "the quote's TPM resetCount is %d but the epoch was opened at resetCount %d: the log belongs to another power cycle of the TPM (a replayed or re-rooted log)", info.ResetCount, er.ResetCount)
+	}
+	if info.RestartCount != er.RestartCount {
+		return reject(2, "the quote's TPM restartCount is %d but the epoch was opened at restartCount %d: the TPM was restarted (suspend or hibernation), which can reset PCRs, so this epoch's history cannot be proven live", info.RestartCount, er.RestartCount)
+	}
+	if info.Clock < er.Clock {
+		return reject(2, "the quote's TPM clock (%d ms) is before the epoch opened (%d ms): the TPM was cleared since", info.Clock, er.Clock)
+	}
+	if ak := quote.AKFingerprint(v.opts.AK); er.AK != ak {
+		return reject(2, "the epoch was opened with AK sha256:%x, not the trusted AK sha256:%x", er.AK, ak)
+	}
+	return nil
+}
+
+// highWater enforces the verifier's checkpoint as a high-water mark: the
+// same VM instance, epoch and TPM power cycle, a TPM clock not older, and
+// no fewer of the VM's records or log entries than it saw before. Host
+// root who resets an insecure PCR and re-extends a prefix of the log can
+// fool a first-time verifier but not one that checked before.
+func (v *verification) highWater() error {
+	cp := v.opts.Checkpoint
+	if cp == nil {
+		return nil
+	}
+	n := v.s0 + uint64(len(v.tags))
+	switch {
+	case !bytes.Equal(cp.ID, v.id[:]):
+		return reject(2, "the checkpoint belongs to another VM instance")
+	case !bytes.Equal(cp.EpochHash, v.epochHash[:]):
+		return reject(2, "rollback: evidence is for another epoch than the checkpoint (a VM instance lives in one epoch)")
+	case v.info.ResetCount != cp.ResetCount:
+		return reject(2, "rollback: the quote's TPM resetCount is %d, the checkpoint's %d", v.info.ResetCount, cp.ResetCount)
+	case v.info.Clock < cp.Clock:
+		return reject(2, "rollback: the quote's TPM clock (%d ms) is older than the checkpoint's (%d ms)", v.info.Clock, cp.Clock)
+	case n < cp.Records:
+		return reject(3, "rollback: the log holds %d records of this VM but %d were verified before: history was truncated", n, cp.Records)
+	case v.next < cp.NextG:
+		return reject(2, "rollback: the log ends at global index %d but reached %d before", v.next, cp.NextG)
+	}
+	return nil
 }
 
 // replay is step 2: every batch of the public log, in order and without a
@@ -352,7 +434,9 @@ func (v *verification) replay() error {
 	if epochRec.PCR != ev.PCR {
 		return reject(2, "epoch record is for PCR %d, evidence claims PCR %d", epochRec.PCR, ev.PCR)
 	}
-	rep.Epoch = EpochReport{Number: ev.Epoch.Number, Host: epochRec.Host, BridgeVersion: epochRec.BridgeVersion, Time: epochRec.Time, Nonce: hex.EncodeToString(epochRec.Nonce[:])}
+	rep.Epoch = EpochReport{SHA256: hex.EncodeToString(v.epochHash[:]), Host: epochRec.Host, BridgeVersion: epochRec.BridgeVersion, Time: epochRec.Time,
+		Nonce: hex.EncodeToString(epochRec.Nonce[:]), ResetCount: epochRec.ResetCount, RestartCount: epochRec.RestartCount, Clock: epochRec.Clock,
+		StartValue: hex.EncodeToString(epochRec.StartValue[:])}
 	rep.Batches, rep.LogEntries = int(v.firstBatch)+len(ev.Log), int(v.next)
 	return nil
 }
@@ -494,6 +578,9 @@ func (v *verification) checkRecord(s, g uint64, raw []byte) error {
 	if err != nil {
 		return reject(4, "record %d: %v", s, err)
 	}
+	if rec.Kind == record.KindGenesis && rec.Genesis.Epoch != v.epochHash {
+		return reject(4, "genesis record names epoch %x but the log is epoch %x: the VM's leaves were replanted in another epoch", rec.Genesis.Epoch[:8], v.epochHash[:8])
+	}
 	if v.rep.Ended {
 		return reject(4, "record %d follows the teardown record %d", s, s-1)
 	}
@@ -521,6 +608,7 @@ func (v *verification) checkpoint() *Checkpoint {
 	return &Checkpoint{
 		ID: v.id[:], EpochHash: v.epochHash[:], Batch: v.firstBatch + uint64(len(v.ev.Log)) - 1, NextG: v.next,
 		PCR: v.pcr[:], Records: v.s0 + uint64(len(v.tags)), LastG: v.prevG, LastRecord: v.last, Ended: v.rep.Ended, Bindings: v.rep.boundList(),
+		ResetCount: v.info.ResetCount, Clock: v.info.Clock,
 	}
 }
 

@@ -190,6 +190,28 @@ func (t *TPM) Quote(ctx context.Context, pcrs []int, extraData []byte) (tpm.Quot
 	return q, err
 }
 
+// ClockInfo implements tpm.TPM, charged as one PCR read (a small command).
+func (t *TPM) ClockInfo(ctx context.Context) (tpm.ClockInfo, error) {
+	var ci tpm.ClockInfo
+	err := t.serve(ctx, t.p.PCRRead, func() error {
+		var err error
+		ci, err = t.inner.ClockInfo(ctx)
+		return err
+	})
+	return ci, err
+}
+
+// ResettablePCRs implements tpm.TPM, charged as one PCR read.
+func (t *TPM) ResettablePCRs(ctx context.Context) ([]int, error) {
+	var out []int
+	err := t.serve(ctx, t.p.PCRRead, func() error {
+		var err error
+		out, err = t.inner.ResettablePCRs(ctx)
+		return err
+	})
+	return out, err
+}
+
 // AK implements tpm.TPM (no command: the AK's public key is cached).
 func (t *TPM) AK() *ecdsa.PublicKey { return t.inner.AK() }
 

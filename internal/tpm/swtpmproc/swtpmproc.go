@@ -72,6 +72,7 @@ const stopTimeout = 5 * time.Second
 // Control channel command codes (swtpm's tpm_ioctl.h).
 const (
 	cmdGetCapability = 1
+	cmdInit          = 2
 	cmdShutdown      = 3
 	cmdStoreVolatile = 10
 )
@@ -261,6 +262,12 @@ func (p *Proc) probe(ctx context.Context) error {
 // ctrl sends one control-channel command (no payload) and reads n response
 // bytes.
 func (p *Proc) ctrl(ctx context.Context, cmd uint32, n int) ([]byte, error) {
+	return p.ctrlWith(ctx, cmd, nil, n)
+}
+
+// ctrlWith sends one control-channel command with payload and reads n
+// response bytes.
+func (p *Proc) ctrlWith(ctx context.Context, cmd uint32, payload []byte, n int) ([]byte, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", p.ctrlAddr)
 	if err != nil {
@@ -272,9 +279,8 @@ func (p *Proc) ctrl(ctx context.Context, cmd uint32, n int) ([]byte, error) {
 	} else {
 		_ = c.SetDeadline(time.Now().Add(stopTimeout))
 	}
-	var req [4]byte
-	binary.BigEndian.PutUint32(req[:], cmd)
-	if _, err := c.Write(req[:]); err != nil {
+	req := binary.BigEndian.AppendUint32(nil, cmd)
+	if _, err := c.Write(append(req, payload...)); err != nil {
 		return nil, fmt.Errorf("control command %d: %w", cmd, err)
 	}
 	rsp := make([]byte, n)
@@ -292,6 +298,23 @@ func (p *Proc) ctrlResult(ctx context.Context, cmd uint32) error {
 	}
 	if rc := binary.BigEndian.Uint32(rsp); rc != 0 {
 		return fmt.Errorf("control command %d: swtpm result 0x%x", cmd, rc)
+	}
+	return nil
+}
+
+// Init sends CMD_INIT: the TPM's _TPM_Init, as a platform reset or resume
+// does. What follows decides what it was: TPM2_Startup(STATE) after a
+// TPM2_Shutdown(STATE) is a TPM Resume (suspend to RAM: PCRs 0-15 kept,
+// restartCount+1), TPM2_Startup(CLEAR) after it a TPM Restart (hibernation:
+// PCRs reset, restartCount+1), and TPM2_Startup(CLEAR) otherwise a TPM
+// Reset (reboot: resetCount+1). The client must then send TPM2_Startup.
+func (p *Proc) Init(ctx context.Context) error {
+	rsp, err := p.ctrlWith(ctx, cmdInit, make([]byte, 4), 4)
+	if err != nil {
+		return err
+	}
+	if rc := binary.BigEndian.Uint32(rsp); rc != 0 {
+		return fmt.Errorf("control command INIT: swtpm result 0x%x", rc)
 	}
 	return nil
 }
