@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 
 	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
@@ -228,6 +229,9 @@ func Decode(b []byte) (*Evidence, error) {
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&ev); err != nil {
 			return nil, fmt.Errorf("decode evidence JSON: %w", err)
+		}
+		if _, err := dec.Token(); err != io.EOF {
+			return nil, fmt.Errorf("decode evidence JSON: data after the evidence object (at byte %d)", dec.InputOffset())
 		}
 	} else {
 		type plain Evidence

@@ -3,6 +3,7 @@ package evidence
 import (
 	"bytes"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 
@@ -11,7 +12,7 @@ import (
 
 func sample() *Evidence {
 	return &Evidence{
-		Version: Version, Kind: KindQuote, PCR: 23,
+		Version: Version, Kind: KindQuote, PCR: 13,
 		Quote:     Quote{Attest: []byte{1, 2}, Signature: []byte{3}},
 		PCRValues: []PCRValue{{Index: 23, SHA256: bytes.Repeat([]byte{7}, 32)}},
 		Epoch:     Epoch{Number: 1, Record: []byte{0xa0}},
@@ -103,4 +104,40 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("decoded evidence does not re-encode: %v", err)
 		}
 	})
+}
+
+// TestTrailingBytesRejected: evidence is exactly one JSON object or one CBOR
+// item; anything after it (a second object, garbage) is refused, so two
+// parsers can never read different evidence from one file. Trailing
+// whitespace (a newline at the end of a file) is fine.
+func TestTrailingBytesRejected(t *testing.T) {
+	ev := sample()
+	js, err := json.Marshal(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb, err := ev.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name string
+		in   []byte
+		ok   bool
+	}{
+		{"json", js, true},
+		{"json with a newline", append(slices.Clone(js), '\n', ' '), true},
+		{"json then another object", append(slices.Clone(js), js...), false},
+		{"json then garbage", append(slices.Clone(js), 'x'), false},
+		{"cbor", cb, true},
+		{"cbor then a byte", append(slices.Clone(cb), 0), false},
+		{"cbor twice", append(slices.Clone(cb), cb...), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Decode(tt.in)
+			if (err == nil) != tt.ok {
+				t.Fatalf("Decode: %v, want ok=%v", err, tt.ok)
+			}
+		})
+	}
 }

@@ -392,6 +392,14 @@ func TestKeylimeRules(t *testing.T) {
 		{"kexec-cmdline not allowed", buf("kexec-cmdline", "init=/bin/sh"), "buffer digest not allowed"},
 		{"unlisted ima-buf name", buf("some-buffer", "x"), "not in the policy's ima-buf"},
 		{"boot_aggregate not listed: skipped", ngEntry("boot_aggregate", make([]byte, 32), nil, 10), ""},
+		// A program a guest user named boot_aggregate (IMA records a bare
+		// name when the path is too long): not the first entry of a boot.
+		{"boot_aggregate later in the log", func() *record.Measurement {
+			m := ngEntry("boot_aggregate", d("a user's binary"), nil, 10)
+			m.LogIndex = 57
+			return m
+		}(), "path not in policy"},
+		{"boot_aggregate in an ima-buf entry", buf("boot_aggregate", "x"), "not in the policy's ima-buf"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			v := New(rt, nil).AppraiseMeasurement(1, tt.m)

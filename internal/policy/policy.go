@@ -35,7 +35,9 @@
 // One difference is forced by the design: Keylime adds the boot aggregate
 // it computes from the quoted PCRs 0-9 to digests["boot_aggregate"]. A
 // tpmmux guest's PCRs are not in the evidence (the host's TPM quotes the
-// host's PCRs), so a boot_aggregate entry is appraised only when the policy
+// host's PCRs), so the kernel's own boot_aggregate entry (the first of a boot:
+// guest log index 0, unsigned; a later entry of that name is a file a guest
+// user named so) is appraised only when the policy
 // lists it, and otherwise skipped with a note; the genesis record's launch
 // measurement, pinned by the tpmmux section, is what vouches for the
 // guest's boot.
@@ -303,17 +305,32 @@ func (a *Appraisal) AppraiseMeasurement(seq uint64, m *record.Measurement) []ver
 			return nil
 		}
 	}
-	return a.file(&f)
+	return a.file(&f, genuineBootAggregate(m, &f))
 }
 
-// file is Keylime's _validate_ima_ng over digests.
-func (a *Appraisal) file(f *ima.Fields) []verify.Violation {
+// genuineBootAggregate says whether an entry named boot_aggregate is the
+// kernel's own: the first entry of a boot (guest log index 0), unsigned, of
+// a template that carries it. IMA records a bare file name when a path is
+// too long or unreachable, so a guest user can make any later entry say
+// "boot_aggregate"; only the genuine one is skipped unappraised.
+func genuineBootAggregate(m *record.Measurement, f *ima.Fields) bool {
+	switch m.Template {
+	case "ima", "ima-ng", "ima-sig":
+	default:
+		return false
+	}
+	return f.Path == "boot_aggregate" && m.LogIndex == 0 && len(f.Sig) == 0
+}
+
+// file is Keylime's _validate_ima_ng over digests; bootAggregate marks the
+// kernel's own boot_aggregate entry.
+func (a *Appraisal) file(f *ima.Fields, bootAggregate bool) []verify.Violation {
 	if a.excluded(f.Path) {
 		return nil
 	}
 	set, ok := a.rt.digests[f.Path]
 	if !ok {
-		if f.Path == "boot_aggregate" {
+		if bootAggregate {
 			v := viol(f, "boot_aggregate not appraised: the policy does not list it, and the guest's PCRs 0-9 are not in tpmmux evidence (the launch measurement pins the boot)")
 			a.rep.Ignored = append(a.rep.Ignored, v[0])
 			return nil

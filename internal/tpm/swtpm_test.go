@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -302,5 +303,47 @@ func TestSealBoundToTPM(t *testing.T) {
 	got, err := t1.(Sealer).Unseal(ctx, blob)
 	if err != nil || string(got) != "per-vm key wrapping key" {
 		t.Fatalf("unseal on the sealing TPM: %q %v", got, err)
+	}
+}
+
+// TestClearDestroysAK: TPM2_Clear (lockout auth, empty on most hosts) is
+// the one command that sets resetCount and the clock back, which would let
+// a host root replay an old epoch's power cycle. It also replaces the
+// storage seed, and the AK is an owner-hierarchy primary: after a Clear the
+// TPM can no longer sign for the AK verifiers trust.
+func TestClearDestroysAK(t *testing.T) {
+	needTool(t, "tpm2_clear")
+	p := swtpmproc.StartTest(t)
+	before := openOnce(t, p.Spec())
+	if again := openOnce(t, p.Spec()); !before.Equal(again) {
+		t.Fatal("AK not stable before the clear")
+	}
+	runTool(t, "tpm2_clear", "-T", tcti(p), "-c", "l")
+	after := openOnce(t, p.Spec())
+	if before.Equal(after) {
+		t.Fatal("the AK survived TPM2_Clear")
+	}
+	tp := openT(t, p.Spec())
+	ci, err := tp.ClockInfo(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after TPM2_Clear: resetCount %d, clock %d ms; AK replaced", ci.ResetCount, ci.Clock)
+}
+
+// TestResettablePCRs: the simulator and swtpm follow the PC-client rules
+// the bridge relies on: 16 and 23 are resettable at locality 0, 0-15 not.
+func TestResettablePCRs(t *testing.T) {
+	for _, b := range backends() {
+		t.Run(b.name, func(t *testing.T) {
+			tp := b.open(t)
+			got, err := tp.ResettablePCRs(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, []int{16, 23}) {
+				t.Fatalf("resettable at locality 0: %v, want [16 23]", got)
+			}
+		})
 	}
 }
