@@ -75,7 +75,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	expectUUID := fs.String("expect-uuid", "", "the uuid of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
 	allowResettable := fs.Bool("insecure-allow-resettable-pcr", false, "accept evidence anchored in PCR 16-23, which can be reset without a reboot (tests only)")
 	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
-	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification: the evidence is the delta after it")
+	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification of this VM: a high-water mark (less history is a rollback); delta evidence must be the delta after it")
 	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification here (mode 0600) when trusted")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, `usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
