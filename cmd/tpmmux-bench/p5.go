@@ -109,7 +109,7 @@ func (r *bridgeRig) prepareN(ctx context.Context, n int) ([]float64, error) {
 	for i := r.n; i < r.n+n; i++ {
 		xml := domainXML(fmt.Sprintf("vm-%04d", i), uint32(3+i), r.socks)
 		t := time.Now()
-		if _, err := r.d.Prepare(ctx, xml, false); err != nil {
+		if _, err := r.d.ControlHandler().Prepare(ctx, xml, false); err != nil {
 			return nil, err
 		}
 		ds = append(ds, float64(time.Since(t)))
