@@ -401,18 +401,13 @@ func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error)
 	epoch := d.mux.Status().Epoch
 	var out []control.VM
 	for _, v := range infos {
-		live := !v.Ended && v.Epoch == epoch
-		if live {
-			if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-				live = false
-			}
-		}
+		live := v.Live
 		if !live && !all {
 			continue
 		}
 		vm := control.VM{Name: v.Name, UUID: conceal.FormatUUID(v.UUID), Instance: hex.EncodeToString(v.Instance[:]),
 			ID: hex.EncodeToString(v.ID[:]), CID: v.CID, Epoch: v.Epoch, Records: v.Records, Live: live, EndedBy: v.EndedBy}
-		if !v.Ended && !live {
+		if !v.Ended && v.Epoch != epoch {
 			vm.EndedBy = "epoch-ended"
 		}
 		if live {
@@ -490,10 +485,7 @@ func (d *Daemon) resolve(vm string) (conceal.Digest, bool, error) {
 	if b, err := hex.DecodeString(vm); err == nil && len(b) == len(conceal.Digest{}) {
 		for _, v := range infos {
 			if hex.EncodeToString(v.ID[:]) == strings.ToLower(vm) {
-				if lid, ok := d.mux.Lookup(v.Name); ok && lid == v.ID {
-					return v.ID, true, nil
-				}
-				return v.ID, false, nil
+				return v.ID, v.Live, nil
 			}
 		}
 		return conceal.Digest{}, false, fmt.Errorf("no vm instance with id %s", vm)

@@ -25,19 +25,12 @@ import (
 
 // LiveVMs lists the VM instances whose identity is live (libvirt.Host).
 func (d libvirtHost) LiveVMs() ([]libvirt.KnownVM, error) {
-	infos, err := d.mux.VMs()
+	infos, err := d.mux.LiveVMs()
 	if err != nil {
 		return nil, err
 	}
-	epoch := d.mux.Status().Epoch
 	var out []libvirt.KnownVM
 	for _, v := range infos {
-		if v.Ended || v.Epoch != epoch {
-			continue
-		}
-		if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-			continue
-		}
 		out = append(out, libvirt.KnownVM{ID: v.ID, Name: v.Name, UUID: v.UUID})
 	}
 	return out, nil
@@ -100,17 +93,12 @@ func (h libvirtHost) Stopped(ctx context.Context, name string, uuid [16]byte, de
 // VM's vsock listener would admit another VM's connections: the bridge
 // records an action record in the VM's log and logs an error.
 func (h libvirtHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt.Client) {
-	var want uint32
-	infos, err := h.mux.VMs()
+	info, err := h.mux.Info(vm.ID)
 	if err != nil {
-		h.log.Warn("qmp check: list vms", "vm", vm.Name, "err", err)
+		h.log.Warn("qmp check: read the vm", "vm", vm.Name, "err", err)
 		return
 	}
-	for _, v := range infos {
-		if v.ID == vm.ID {
-			want = v.CID
-		}
-	}
+	want := info.CID
 	go func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 		defer cancel()

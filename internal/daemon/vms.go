@@ -410,20 +410,13 @@ func (d *Daemon) refusedTotal() uint64 {
 // recorded at prepare, so QEMU's channel (with <reconnect>) finds it again,
 // vsock by the recorded CID, the dev unix socket by name.
 func (d *Daemon) restoreLive(ctx context.Context) {
-	infos, err := d.mux.VMs()
+	infos, err := d.mux.LiveVMs()
 	if err != nil {
 		d.log.Error("listing live VMs", "err", err)
 		return
 	}
-	epoch := d.mux.Status().Epoch
 	live := map[string]bool{}
 	for _, v := range infos {
-		if v.Ended || v.Epoch != epoch {
-			continue
-		}
-		if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-			continue
-		}
 		live[hex.EncodeToString(v.ID[:])] = true
 		e := d.newEntry(v.Name, v.ID, v.UUID)
 		p := listenPlan{cid: v.CID}
