@@ -35,16 +35,7 @@ func (d *Daemon) ControlHandler() control.Handler { return controlHandler{d} }
 
 // wanted says whether the domain gets an identity under the bridge's mode.
 func (d *Daemon) wanted(dom *libvirt.Domain) (bool, string) {
-	if d.cfg.Hook.Mode == ModeOptIn {
-		if dom.Attest == "yes" {
-			return true, ""
-		}
-		return false, "not opted in (mode opt-in; metadata <tpmmux:attest enabled=\"yes\"/> absent)"
-	}
-	if dom.Attest == "no" {
-		return false, "opted out (metadata <tpmmux:attest enabled=\"no\"/>)"
-	}
-	return true, ""
+	return dom.Attested(d.cfg.Hook.Mode)
 }
 
 func skipped(dom *libvirt.Domain, note string) *control.VM {

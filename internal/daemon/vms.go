@@ -108,7 +108,7 @@ func (d *Daemon) planFor(dom *libvirt.Domain) (listenPlan, error) {
 	p := listenPlan{cid: dom.CID}
 	if dom.SerialSocket != "" {
 		if dom.SerialMode != "" && dom.SerialMode != "connect" {
-			return p, fmt.Errorf("domain %s: channel %s has <source mode='%s'>: the bridge listens and QEMU connects, so it must be mode='connect'", dom.Name, libvirt.SerialPortName, dom.SerialMode)
+			return p, fmt.Errorf("domain %s: channel %s has <source mode='%s'>: the bridge listens and QEMU connects, so it must be mode='connect'", dom.Name, transport.SerialPortName, dom.SerialMode)
 		}
 		path, err := d.checkSerialPath(dom.SerialSocket)
 		if err != nil {
@@ -126,7 +126,7 @@ func (d *Daemon) checkSerialPath(p string) (string, error) {
 	c := filepath.Clean(p)
 	base := filepath.Base(c)
 	if !filepath.IsAbs(p) || filepath.Dir(c) != dir || base == "." || base == ".." || strings.HasPrefix(base, ".") {
-		return "", fmt.Errorf("channel %s socket %q is not in the bridge's serial directory %s", libvirt.SerialPortName, p, dir)
+		return "", fmt.Errorf("channel %s socket %q is not in the bridge's serial directory %s", transport.SerialPortName, p, dir)
 	}
 	return c, nil
 }
