@@ -206,7 +206,7 @@ func forge(t *testing.T, tp tpm.TPM, pcr int, ident *conceal.Identity, recs []*r
 	if err := tp.Extend(ctx, pcr, v); err != nil {
 		t.Fatal(err)
 	}
-	ev.Log = []evidence.Batch{{G0: 0, Entries: entries}}
+	ev.Log = []evidence.LogBatch{{G0: 0, Entries: entries}}
 	sel := []int{pcr}
 	nd := conceal.NonceData(nonce, id)
 	q, err := tp.Quote(ctx, sel, nd[:])
