@@ -244,3 +244,15 @@ func resign(t *testing.T, attest []byte) (sig []byte, key *ecdsa.PrivateKey) {
 	b = append(b, sb...)
 	return b, key
 }
+
+// tenantInputs gives ExampleVerify what a tenant holds for VM B of the
+// honest bridge run: its fresh evidence, the nonce, its identity and the
+// simulator's AK.
+func tenantInputs() (*evidence.Evidence, []byte, *conceal.Identity, *ecdsa.PublicKey) {
+	worldOnce.Do(func() { theWorld, worldErr = buildWorld() })
+	if worldErr != nil {
+		panic(fmt.Sprintf("build honest bridge run: %v", worldErr))
+	}
+	w := theWorld
+	return w.evB, w.nonce, w.b, w.tpm.AK()
+}
