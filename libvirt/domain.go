@@ -20,6 +20,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/transport"
 )
 
 // MaxDomainXML bounds the domain XML the bridge accepts from a hook.
@@ -30,8 +31,29 @@ const MaxDomainXML = 1 << 20
 // opts a domain out (or in, on an opt-in host).
 const MetadataNS = "https://tpmmux.dev/xmlns/domain/1"
 
-// SerialPortName is the virtio-serial port name the guest agent looks for.
-const SerialPortName = "org.tpmmux.0"
+// Modes say which domains get an identity: the bridge's hook.mode and the
+// hook's own mode (hook.json) take these values.
+const (
+	ModeOptOut = "opt-out" // every domain, unless its metadata says enabled="no"
+	ModeOptIn  = "opt-in"  // only domains whose metadata says enabled="yes"
+)
+
+// Attested says whether the domain takes part in attestation under mode,
+// from its metadata's choice (Attest), and when it does not, why. This is
+// the one place the rule is written: the hook decides with it whether to
+// call the bridge at all, and the bridge whether to give an identity.
+func (d *Domain) Attested(mode string) (ok bool, why string) {
+	if mode == ModeOptIn {
+		if d.Attest == "yes" {
+			return true, ""
+		}
+		return false, "not opted in (mode opt-in; metadata <tpmmux:attest enabled=\"yes\"/> absent)"
+	}
+	if d.Attest == "no" {
+		return false, "opted out (metadata <tpmmux:attest enabled=\"no\"/>)"
+	}
+	return true, ""
+}
 
 // Domain is what tpmmux needs from a domain XML.
 type Domain struct {
@@ -81,11 +103,11 @@ func ParseDomain(doc []byte) (*Domain, error) {
 			d.CID = uint32(cid)
 		}
 		for _, ch := range dx.Devices.Channels {
-			if ch.Target == nil || ch.Target.VirtIO == nil || ch.Target.VirtIO.Name != SerialPortName {
+			if ch.Target == nil || ch.Target.VirtIO == nil || ch.Target.VirtIO.Name != transport.SerialPortName {
 				continue
 			}
 			if ch.Source == nil || ch.Source.UNIX == nil || ch.Source.UNIX.Path == "" {
-				return nil, fmt.Errorf("domain %s: channel %s is not a unix socket channel", d.Name, SerialPortName)
+				return nil, fmt.Errorf("domain %s: channel %s is not a unix socket channel", d.Name, transport.SerialPortName)
 			}
 			d.SerialSocket, d.SerialMode = ch.Source.UNIX.Path, ch.Source.UNIX.Mode
 		}

@@ -16,7 +16,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/daemon"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
-	"github.com/tpmmux/tpmmux/libvirt"
+	"github.com/tpmmux/tpmmux/internal/transport"
 )
 
 // domainXML is a typical libvirt domain: disk boot (so no launch files to
@@ -44,7 +44,7 @@ func domainXML(name string, cid uint32, sockDir string) []byte {
     </channel>
   </devices>
 </domain>
-`, name, conceal.FormatUUID(u), name, cid, sockDir, name, libvirt.SerialPortName))
+`, name, conceal.FormatUUID(u), name, cid, sockDir, name, transport.SerialPortName))
 }
 
 // bridgeRig is the bridge daemon (internal/daemon, as tpmmux-bridge run
@@ -109,7 +109,7 @@ func (r *bridgeRig) prepareN(ctx context.Context, n int) ([]float64, error) {
 	for i := r.n; i < r.n+n; i++ {
 		xml := domainXML(fmt.Sprintf("vm-%04d", i), uint32(3+i), r.socks)
 		t := time.Now()
-		if _, err := r.d.Prepare(ctx, xml, false); err != nil {
+		if _, err := r.d.ControlHandler().Prepare(ctx, xml, false); err != nil {
 			return nil, err
 		}
 		ds = append(ds, float64(time.Since(t)))

@@ -89,7 +89,7 @@ func readEvidence(t *testing.T, path string) *evidence.Evidence {
 }
 
 // replayLog folds the evidence's public log into the PCR value it extends
-// to (DESIGN.md §4), computed here with conceal alone.
+// to (docs/protocol.md, Group commit), computed here with conceal alone.
 func replayLog(t *testing.T, ev *evidence.Evidence) conceal.Digest {
 	t.Helper()
 	var pcr conceal.Digest

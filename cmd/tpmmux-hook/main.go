@@ -30,6 +30,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/await"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
@@ -168,7 +169,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
 	case err != nil && what.name == control.OpReconnect:
 		return fail(true, "%s %s: %v", o, domain, err)
-	case dom != nil && !attested(cfg.Mode, dom.Attest):
+	case dom != nil && !attested(cfg.Mode, dom):
 		return 0 // opted out (or not in): the bridge is not involved
 	}
 	// stopped and release go to the bridge by name even without a
@@ -203,40 +204,27 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	return 0
 }
 
-// attested says whether a domain takes part under mode, from its
-// metadata's choice ("", "yes" or "no").
-func attested(mode, choice string) bool {
-	if mode == "opt-in" {
-		return choice == "yes"
-	}
-	return choice != "no"
+// attested says whether a domain takes part under mode (libvirt's rule).
+func attested(mode string, dom *libvirt.Domain) bool {
+	ok, _ := dom.Attested(mode)
+	return ok
 }
 
 // readXML reads the domain XML from stdin within ctx, at most
 // libvirt.MaxDomainXML bytes.
 func readXML(ctx context.Context, r io.Reader) ([]byte, error) {
-	type result struct {
-		b   []byte
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		b, err := io.ReadAll(io.LimitReader(r, libvirt.MaxDomainXML+1))
-		ch <- result{b, err}
-	}()
-	select {
-	case res := <-ch:
-		if res.err != nil {
-			return nil, fmt.Errorf("read domain XML from stdin: %w", res.err)
-		}
-		if len(res.b) > libvirt.MaxDomainXML {
-			return nil, fmt.Errorf("domain XML on stdin exceeds %d bytes", libvirt.MaxDomainXML)
-		}
-		if len(bytes.TrimSpace(res.b)) == 0 {
-			return nil, errors.New("no domain XML on stdin")
-		}
-		return res.b, nil
-	case <-ctx.Done():
+	b, err := await.Do(ctx, func() ([]byte, error) {
+		return io.ReadAll(io.LimitReader(r, libvirt.MaxDomainXML+1))
+	})
+	switch {
+	case err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()):
 		return nil, errors.New("domain XML not received on stdin in time")
+	case err != nil:
+		return nil, fmt.Errorf("read domain XML from stdin: %w", err)
+	case len(b) > libvirt.MaxDomainXML:
+		return nil, fmt.Errorf("domain XML on stdin exceeds %d bytes", libvirt.MaxDomainXML)
+	case len(bytes.TrimSpace(b)) == 0:
+		return nil, errors.New("no domain XML on stdin")
 	}
+	return b, nil
 }

@@ -1,6 +1,16 @@
-// Package bridge ties the multiplexer to the host: it turns libvirt
-// lifecycle events (from the hook, or from the demo, which uses the same
-// path) into VM identities, genesis and teardown records.
+// Package bridge ties the multiplexer to the host and to the guests. It has
+// two halves, one per side:
+//
+//   - lifecycle.go turns libvirt lifecycle events (from the hook, or from
+//     the demo, which uses the same path) into VM identities, genesis and
+//     teardown records (Bridge.Prepare).
+//   - session.go is the guest server: it runs the guest protocol on a
+//     connection that a transport has already tied to one VM instance,
+//     turns the agent's measurements into that VM's records, and answers
+//     its evidence requests (Bridge.Serve).
+//
+// The daemon (internal/daemon) owns the listeners and the control socket
+// and calls both; the tpmmux-bridge binary runs the daemon.
 package bridge
 
 import (

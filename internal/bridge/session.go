@@ -19,7 +19,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/wire"
 )
 
-// Session limits, the bridge's side of DESIGN.md §6: a guest that floods
+// Session limits, the bridge's side of docs/security.md's threat model: a guest that floods
 // is slowed by the window (its frames wait in its own socket), one that
 // sends garbage or breaks the protocol is dropped, one that stalls is cut
 // off by the timeouts; none of it touches other VMs' sessions.

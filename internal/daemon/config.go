@@ -21,6 +21,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/libvirt"
 )
 
 // Defaults of the daemon's configuration.
@@ -36,8 +37,8 @@ const (
 
 // The attestation modes: which domains get an identity.
 const (
-	ModeOptOut = "opt-out" // every domain, unless its metadata says enabled="no"
-	ModeOptIn  = "opt-in"  // only domains whose metadata says enabled="yes"
+	ModeOptOut = libvirt.ModeOptOut // every domain, unless its metadata says enabled="no"
+	ModeOptIn  = libvirt.ModeOptIn  // only domains whose metadata says enabled="yes"
 )
 
 // Config is the daemon's configuration: a JSON file (every key optional;

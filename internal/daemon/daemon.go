@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,7 +35,8 @@ type Options struct {
 	TPM tpm.TPM
 	// Libvirt, if set, is the hook point for keeping the bridge in step
 	// with libvirtd: it is called once the daemon is up, with the daemon
-	// as the libvirt.Host, and the Runner it returns runs until shutdown.
+	// (whose LibvirtHost is the libvirt.Host), and the Runner it returns
+	// runs until shutdown.
 	// See libvirt.go.
 	Libvirt func(h *Daemon) Runner
 	// VsockAvailable replaces transport.VsockAvailable, the check that
@@ -72,9 +74,10 @@ type Daemon struct {
 	vsockOn   bool
 	vsockNote string
 
-	mu      sync.Mutex
-	vms     map[string]*vmEntry // live VM instances by name
-	pending map[string]*pendingStop
+	mu     sync.Mutex
+	vms    map[string]*vmEntry // live VM instances by name
+	stops  *stopQueue          // teardowns waiting for their reason
+	states stateFiles          // per-VM listener state, for a restart
 	// following is set when libvirt's events are followed, so a release
 	// can wait for the stopped event that names the reason.
 	following atomic.Bool
@@ -134,7 +137,9 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		}
 	}
 	d := &Daemon{cfg: cfg, set: set, opts: opts, log: log, started: time.Now(),
-		vms: make(map[string]*vmEntry), pending: make(map[string]*pendingStop)}
+		vms: make(map[string]*vmEntry)}
+	d.stops = newStopQueue(&d.names, d.endInstance)
+	d.states = stateFiles{dir: filepath.Join(cfg.StateDir, "vms"), log: log}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -195,7 +200,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		return nil, err
 	}
 	d.ctrlLn = ln
-	d.ctrl = &control.Server{Handler: d, Log: log, Timeout: time.Duration(cfg.ControlTimeout)}
+	d.ctrl = &control.Server{Handler: controlHandler{d}, Log: log, Timeout: time.Duration(cfg.ControlTimeout)}
 	d.ctrlDone = make(chan struct{})
 	go func() {
 		defer close(d.ctrlDone)
@@ -302,16 +307,8 @@ func (d *Daemon) Shutdown() error {
 		}
 		d.bgCancel()
 		d.bg.Wait()
-		d.flushPendingStops()
-		d.mu.Lock()
-		entries := make([]*vmEntry, 0, len(d.vms))
-		for _, e := range d.vms {
-			entries = append(entries, e)
-		}
-		d.mu.Unlock()
-		for _, e := range entries {
-			d.closeEntry(e, true)
-		}
+		d.stops.flush()
+		d.closeAllVMs()
 		if d.metricsSrv != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			d.metricsSrv.Shutdown(sctx)
@@ -344,16 +341,7 @@ func (d *Daemon) teardownStart() {
 	} else if d.ctrlLn != nil {
 		d.ctrlLn.Close()
 	}
-	d.mu.Lock()
-	d.closing = true
-	entries := make([]*vmEntry, 0, len(d.vms))
-	for _, e := range d.vms {
-		entries = append(entries, e)
-	}
-	d.mu.Unlock()
-	for _, e := range entries {
-		d.closeEntry(e, true)
-	}
+	d.closeAllVMs()
 	if d.metricsSrv != nil {
 		d.metricsSrv.Close()
 	}

@@ -424,7 +424,7 @@ func TestLibvirtHost(t *testing.T) {
 	e := newEnv(t)
 	e.start()
 	e.mustCall(&control.Request{Op: control.OpPrepare, XML: e.domainXML("vm-h", "")})
-	var h libvirt.Host = e.d
+	var h libvirt.Host = e.d.LibvirtHost()
 	live, err := h.LiveVMs()
 	if err != nil || len(live) != 1 || live[0].Name != "vm-h" {
 		t.Fatalf("live %+v %v", live, err)

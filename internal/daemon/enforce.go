@@ -100,12 +100,12 @@ func (c *Config) parseEnforce() error {
 	return nil
 }
 
-var _ control.ViolationHandler = (*Daemon)(nil)
+var _ control.ViolationHandler = controlHandler{}
 
 // Violation carries out the configured actions for a violation a trusted
 // verifier reported on the live VM vm (a name or an instance id) and
 // records each in the VM's log.
-func (d *Daemon) Violation(ctx context.Context, vm, reason, detail string) (_ *control.Enforcement, err error) {
+func (d controlHandler) Violation(ctx context.Context, vm, reason, detail string) (_ *control.Enforcement, err error) {
 	defer d.count(control.OpViolation, &err)
 	reason, detail = printable(reason), printable(detail)
 	id, live, err := d.resolve(vm)

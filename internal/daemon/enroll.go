@@ -18,7 +18,7 @@ import (
 // a verifier sends can make the TPM do more than release a secret made for
 // this TPM's own AK.
 
-var _ control.EnrollHandler = (*Daemon)(nil)
+var _ control.EnrollHandler = controlHandler{}
 
 func (d *Daemon) enroller() (tpm.Enroller, error) {
 	en, ok := d.tpm.(tpm.Enroller)
@@ -30,7 +30,7 @@ func (d *Daemon) enroller() (tpm.Enroller, error) {
 
 // EnrollRequest returns the host's enrollment request: the EK certificate
 // the TPM vendor provisioned (RSA, else ECC), the EK and AK public areas.
-func (d *Daemon) EnrollRequest(ctx context.Context) (_ *enroll.Request, err error) {
+func (d controlHandler) EnrollRequest(ctx context.Context) (_ *enroll.Request, err error) {
 	defer d.count(control.OpEnrollRequest, &err)
 	en, err := d.enroller()
 	if err != nil {
@@ -50,7 +50,7 @@ func (d *Daemon) EnrollRequest(ctx context.Context) (_ *enroll.Request, err erro
 
 // EnrollAnswer has the TPM activate a verifier's credential for the AK and
 // returns the secret.
-func (d *Daemon) EnrollAnswer(ctx context.Context, c *enroll.Challenge) (_ *enroll.Answer, err error) {
+func (d controlHandler) EnrollAnswer(ctx context.Context, c *enroll.Challenge) (_ *enroll.Answer, err error) {
 	defer d.count(control.OpEnrollAnswer, &err)
 	if c.Version != enroll.Version {
 		return nil, fmt.Errorf("enroll-answer: challenge version %d, want %d", c.Version, enroll.Version)

@@ -20,21 +20,22 @@ import (
 // depend on the hook's patience.
 const lifecycleTimeout = 30 * time.Second
 
-var _ control.Handler = (*Daemon)(nil)
-var _ control.Undoer = (*Daemon)(nil)
+// controlHandler is the daemon as the control socket's handler: the
+// hook's lifecycle calls and the operator's queries (control.Handler,
+// control.Undoer, control.EnrollHandler, control.ViolationHandler). It
+// keeps those methods off the Daemon's own API.
+type controlHandler struct{ *Daemon }
+
+var _ control.Handler = controlHandler{}
+var _ control.Undoer = controlHandler{}
+
+// ControlHandler is the daemon as a control.Handler, the methods the
+// control socket serves, for callers in the same process (benchmarks).
+func (d *Daemon) ControlHandler() control.Handler { return controlHandler{d} }
 
 // wanted says whether the domain gets an identity under the bridge's mode.
 func (d *Daemon) wanted(dom *libvirt.Domain) (bool, string) {
-	if d.cfg.Hook.Mode == ModeOptIn {
-		if dom.Attest == "yes" {
-			return true, ""
-		}
-		return false, "not opted in (mode opt-in; metadata <tpmmux:attest enabled=\"yes\"/> absent)"
-	}
-	if dom.Attest == "no" {
-		return false, "opted out (metadata <tpmmux:attest enabled=\"no\"/>)"
-	}
-	return true, ""
+	return dom.Attested(d.cfg.Hook.Mode)
 }
 
 func skipped(dom *libvirt.Domain, note string) *control.VM {
@@ -53,7 +54,7 @@ func (d *Daemon) count(op string, err *error) {
 // virtio-serial socket must exist before QEMU starts, since QEMU connects
 // to it), then the bridge measures the launch and gives the VM its identity
 // and genesis record, then the listeners start serving it.
-func (d *Daemon) Prepare(ctx context.Context, xml []byte, failOpen bool) (vm *control.VM, err error) {
+func (d controlHandler) Prepare(ctx context.Context, xml []byte, failOpen bool) (vm *control.VM, err error) {
 	defer d.count(control.OpPrepare, &err)
 	dom, err := libvirt.ParseDomain(xml)
 	if err != nil {
@@ -76,7 +77,7 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 	defer unlock()
 	// A teardown still waiting for "release end" belongs to the previous
 	// instance: record it now.
-	d.finishPendingStop(dom.Name)
+	d.stops.finish(dom.Name)
 	plan, err := d.planFor(dom)
 	if err != nil {
 		return nil, err
@@ -85,7 +86,7 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 		// A previous instance whose stop the bridge missed: bridge.Prepare
 		// tears it down; its listeners go first (same socket path).
 		d.closeEntry(old, true)
-		d.removeState(old.id)
+		d.states.remove(old.id)
 	}
 	e := d.newEntry(dom.Name, conceal.Digest{}, dom.UUID)
 	ls, err := d.listen(e, plan)
@@ -136,7 +137,7 @@ func (d *Daemon) vmInfo(e *vmEntry, ident *conceal.Identity) *control.VM {
 
 // UndoPrepare ends an instance whose prepare answer never reached a
 // fail-closed hook: libvirt aborts that start.
-func (d *Daemon) UndoPrepare(ctx context.Context, vm *control.VM, cause error) {
+func (d controlHandler) UndoPrepare(ctx context.Context, vm *control.VM, cause error) {
 	unlock := d.names.Lock(vm.Name)
 	defer unlock()
 	e := d.entry(vm.Name)
@@ -148,7 +149,7 @@ func (d *Daemon) UndoPrepare(ctx context.Context, vm *control.VM, cause error) {
 	if _, err := d.mux.Teardown(ctx, e.id, "start-aborted"); err != nil {
 		d.log.Error("teardown after an aborted start", "vm", vm.Name, "err", err)
 	}
-	d.removeState(e.id)
+	d.states.remove(e.id)
 }
 
 // liveEntry returns the entry of the live instance named name, adopting
@@ -186,7 +187,7 @@ func (d *Daemon) liveEntry(name string, uuid *[16]byte) (*vmEntry, error) {
 // Started handles "started begin". QEMU runs: the live XML now holds an
 // auto-assigned vsock CID, and libvirt has labelled the serial socket for
 // QEMU's user (recorded, so a restarted bridge can restore it).
-func (d *Daemon) Started(ctx context.Context, name string, xml []byte) (vm *control.VM, err error) {
+func (d controlHandler) Started(ctx context.Context, name string, xml []byte) (vm *control.VM, err error) {
 	defer d.count(control.OpStarted, &err)
 	return d.adopt("started", name, xml, true)
 }
@@ -250,16 +251,9 @@ func (d *Daemon) identity(id conceal.Digest) *conceal.Identity {
 // to a running domain. The bridge finds the domain's live identity (name
 // and uuid) and makes sure its listeners are open (a bridge that restarted
 // without the VM's listener state opens them from this XML).
-func (d *Daemon) Reconnect(ctx context.Context, xml []byte) (vm *control.VM, err error) {
+func (d controlHandler) Reconnect(ctx context.Context, xml []byte) (vm *control.VM, err error) {
 	defer d.count(control.OpReconnect, &err)
 	return d.adopt("reconnect", "", xml, false)
-}
-
-// pendingStop is a teardown that waits for "release end" and its reason.
-type pendingStop struct {
-	id         conceal.Digest
-	timer      *time.Timer
-	awaitEvent bool // released; waiting for libvirt's stopped event's reason
 }
 
 // Stopped handles "stopped end". QEMU is gone, but libvirt gives the
@@ -267,7 +261,7 @@ type pendingStop struct {
 // has restored the labels of the VM's files, the serial socket among
 // them); the teardown and the closing of the listeners wait for it, at most
 // stop_grace. A reason given here tears down at once.
-func (d *Daemon) Stopped(ctx context.Context, name, reason string) (err error) {
+func (d controlHandler) Stopped(ctx context.Context, name, reason string) (err error) {
 	defer d.count(control.OpStopped, &err)
 	unlock := d.names.Lock(name)
 	defer unlock()
@@ -281,26 +275,7 @@ func (d *Daemon) Stopped(ctx context.Context, name, reason string) (err error) {
 	if r := normReason(reason); r != "" || d.cfg.StopGrace == 0 {
 		return d.endInstance(name, id, orStopped(r))
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if p := d.pending[name]; p != nil && p.id == id {
-		return nil
-	}
-	p := &pendingStop{id: id}
-	p.timer = time.AfterFunc(time.Duration(d.cfg.StopGrace), func() {
-		unlock := d.names.Lock(name)
-		defer unlock()
-		d.mu.Lock()
-		mine := d.pending[name] == p
-		if mine {
-			delete(d.pending, name)
-		}
-		d.mu.Unlock()
-		if mine {
-			d.endInstance(name, id, "stopped")
-		}
-	})
-	d.pending[name] = p
+	d.stops.wait(name, id, time.Duration(d.cfg.StopGrace), false)
 	return nil
 }
 
@@ -308,17 +283,12 @@ func (d *Daemon) Stopped(ctx context.Context, name, reason string) (err error) {
 // recorded with libvirt's shutoff reason (recent libvirt passes it as the
 // hook's last argument), or "stopped" when it gives none. A second call is
 // a no-op.
-func (d *Daemon) Release(ctx context.Context, name, reason string) (err error) {
+func (d controlHandler) Release(ctx context.Context, name, reason string) (err error) {
 	defer d.count(control.OpRelease, &err)
 	unlock := d.names.Lock(name)
 	defer unlock()
-	d.mu.Lock()
-	p := d.pending[name]
-	delete(d.pending, name)
-	d.mu.Unlock()
 	var id conceal.Digest
-	if p != nil {
-		p.timer.Stop()
+	if p := d.stops.take(name); p != nil {
 		id = p.id
 	} else {
 		var ok bool
@@ -337,54 +307,10 @@ func (d *Daemon) Release(ctx context.Context, name, reason string) (err error) {
 		if e := d.entry(name); e != nil && e.id == id {
 			d.closeEntry(e, true)
 		}
-		d.waitStopEvent(name, id)
+		d.stops.wait(name, id, stopEventWait, true)
 		return nil
 	}
 	return d.endInstance(name, id, orStopped(r))
-}
-
-// stopEventWait bounds how long a teardown waits for libvirt's stopped
-// event to learn the reason.
-const stopEventWait = 1500 * time.Millisecond
-
-// waitStopEvent makes instance id's teardown pending until libvirt's
-// stopped event names the reason, or stopEventWait passes ("stopped").
-// The caller holds the name's lock.
-func (d *Daemon) waitStopEvent(name string, id conceal.Digest) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p := &pendingStop{id: id, awaitEvent: true}
-	p.timer = time.AfterFunc(stopEventWait, func() { d.completeStop(name, p, "stopped") })
-	d.pending[name] = p
-}
-
-// completeStop records pending stop p of name with reason, unless it was
-// completed or replaced meanwhile.
-func (d *Daemon) completeStop(name string, p *pendingStop, reason string) {
-	unlock := d.names.Lock(name)
-	defer unlock()
-	d.mu.Lock()
-	mine := d.pending[name] == p
-	if mine {
-		delete(d.pending, name)
-	}
-	d.mu.Unlock()
-	if mine {
-		p.timer.Stop()
-		d.endInstance(name, p.id, reason)
-	}
-}
-
-// stopEvent is libvirt's stopped event for domain name: it completes a
-// teardown waiting for its reason.
-func (d *Daemon) stopEvent(name string, detail string) {
-	d.mu.Lock()
-	p := d.pending[name]
-	d.mu.Unlock()
-	if p == nil || !p.awaitEvent {
-		return
-	}
-	d.completeStop(name, p, orStopped(normReason(detail)))
 }
 
 // endInstance closes instance id's listeners and records its teardown.
@@ -396,33 +322,6 @@ func (d *Daemon) endInstance(name string, id conceal.Digest, reason string) erro
 	return d.teardown(name, id, reason)
 }
 
-// finishPendingStop records a waiting teardown now. The caller holds the
-// name's lock.
-func (d *Daemon) finishPendingStop(name string) {
-	d.mu.Lock()
-	p := d.pending[name]
-	delete(d.pending, name)
-	d.mu.Unlock()
-	if p != nil {
-		p.timer.Stop()
-		d.endInstance(name, p.id, "stopped")
-	}
-}
-
-func (d *Daemon) flushPendingStops() {
-	d.mu.Lock()
-	names := make([]string, 0, len(d.pending))
-	for n := range d.pending {
-		names = append(names, n)
-	}
-	d.mu.Unlock()
-	for _, n := range names {
-		unlock := d.names.Lock(n)
-		d.finishPendingStop(n)
-		unlock()
-	}
-}
-
 // teardown records the teardown of instance id (and its post-mortem
 // quote) on the bridge's own clock, not the hook's.
 func (d *Daemon) teardown(name string, id conceal.Digest, reason string) error {
@@ -432,7 +331,7 @@ func (d *Daemon) teardown(name string, id conceal.Digest, reason string) error {
 		d.log.Error("teardown not recorded", "vm", name, "reason", reason, "err", err)
 		return fmt.Errorf("teardown %s: %w", name, err)
 	}
-	d.removeState(id)
+	d.states.remove(id)
 	d.log.Info("vm torn down", "vm", name, "reason", reason)
 	return nil
 }
@@ -463,7 +362,7 @@ func orStopped(r string) string {
 }
 
 // Status reports the bridge's state.
-func (d *Daemon) Status(ctx context.Context) (*control.Status, error) {
+func (d controlHandler) Status(ctx context.Context) (*control.Status, error) {
 	st := d.mux.Status()
 	out := &control.Status{
 		Version: d.opts.Version, Host: d.host, TPM: d.tpmName(), Started: d.started,
@@ -485,7 +384,7 @@ func (d *Daemon) Status(ctx context.Context) (*control.Status, error) {
 
 // VMs lists the live VM instances, or with all every instance the store
 // holds.
-func (d *Daemon) VMs(ctx context.Context, all bool) ([]control.VM, error) {
+func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error) {
 	infos, err := d.mux.VMs()
 	if err != nil {
 		return nil, err
@@ -493,18 +392,13 @@ func (d *Daemon) VMs(ctx context.Context, all bool) ([]control.VM, error) {
 	epoch := d.mux.Status().Epoch
 	var out []control.VM
 	for _, v := range infos {
-		live := !v.Ended && v.Epoch == epoch
-		if live {
-			if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-				live = false
-			}
-		}
+		live := v.Live
 		if !live && !all {
 			continue
 		}
 		vm := control.VM{Name: v.Name, UUID: conceal.FormatUUID(v.UUID), Instance: hex.EncodeToString(v.Instance[:]),
 			ID: hex.EncodeToString(v.ID[:]), CID: v.CID, Epoch: v.Epoch, Records: v.Records, Live: live, EndedBy: v.EndedBy}
-		if !v.Ended && !live {
+		if !v.Ended && v.Epoch != epoch {
 			vm.EndedBy = "epoch-ended"
 		}
 		if live {
@@ -525,7 +419,7 @@ func (d *Daemon) VMs(ctx context.Context, all bool) ([]control.VM, error) {
 // over the nonce; for an ended one the post-mortem quote the bridge kept at
 // its teardown. vm is a name (the live instance, else the only ended one of
 // that name) or an instance id in hex.
-func (d *Daemon) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
+func (d controlHandler) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
 	defer d.count(control.OpEvidence, &err)
 	if vm == "" {
 		return nil, errors.New("evidence: no vm named")
@@ -582,10 +476,7 @@ func (d *Daemon) resolve(vm string) (conceal.Digest, bool, error) {
 	if b, err := hex.DecodeString(vm); err == nil && len(b) == len(conceal.Digest{}) {
 		for _, v := range infos {
 			if hex.EncodeToString(v.ID[:]) == strings.ToLower(vm) {
-				if lid, ok := d.mux.Lookup(v.Name); ok && lid == v.ID {
-					return v.ID, true, nil
-				}
-				return v.ID, false, nil
+				return v.ID, v.Live, nil
 			}
 		}
 		return conceal.Digest{}, false, fmt.Errorf("no vm instance with id %s", vm)

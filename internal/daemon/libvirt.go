@@ -16,30 +16,21 @@ import (
 //
 // The daemon itself never calls the libvirt API. Options.Libvirt plugs in
 // whatever keeps the bridge in step with libvirtd; it gets the Daemon,
-// which implements libvirt.Host (below), so the libvirt package's
-// Follow(target, host, log) fits as is (cmd/tpmmux-bridge does that when
+// whose LibvirtHost (below) is a libvirt.Host, so the libvirt package's
+// Follow(target, d.LibvirtHost(), log) fits as is (cmd/tpmmux-bridge does that when
 // the configuration's "libvirt" key is set): on every (re)connection it
 // reconciles the running domains with the live identities (identities
 // whose domain is gone get a teardown with reason "missed-stop"), and it
 // records guest resets.
 
-var _ libvirt.Host = (*Daemon)(nil)
-
 // LiveVMs lists the VM instances whose identity is live (libvirt.Host).
-func (d *Daemon) LiveVMs() ([]libvirt.KnownVM, error) {
-	infos, err := d.mux.VMs()
+func (d libvirtHost) LiveVMs() ([]libvirt.KnownVM, error) {
+	infos, err := d.mux.LiveVMs()
 	if err != nil {
 		return nil, err
 	}
-	epoch := d.mux.Status().Epoch
 	var out []libvirt.KnownVM
 	for _, v := range infos {
-		if v.Ended || v.Epoch != epoch {
-			continue
-		}
-		if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-			continue
-		}
 		out = append(out, libvirt.KnownVM{ID: v.ID, Name: v.Name, UUID: v.UUID})
 	}
 	return out, nil
@@ -47,27 +38,22 @@ func (d *Daemon) LiveVMs() ([]libvirt.KnownVM, error) {
 
 // Teardown ends VM instance vm.ID with reason and closes its listeners
 // (libvirt.Host). An instance that has ended already is done.
-func (d *Daemon) Teardown(ctx context.Context, vm libvirt.KnownVM, reason string) error {
+func (d libvirtHost) Teardown(ctx context.Context, vm libvirt.KnownVM, reason string) error {
 	unlock := d.names.Lock(vm.Name)
 	defer unlock()
-	d.mu.Lock()
-	if p := d.pending[vm.Name]; p != nil && p.id == vm.ID {
-		p.timer.Stop()
-		delete(d.pending, vm.Name)
-	}
-	d.mu.Unlock()
+	d.stops.drop(vm.Name, vm.ID)
 	if e := d.entry(vm.Name); e != nil && e.id == vm.ID {
 		d.closeEntry(e, true)
 	}
 	if _, err := d.mux.Teardown(ctx, vm.ID, reason); err != nil && !errors.Is(err, mux.ErrEnded) {
 		return err
 	}
-	d.removeState(vm.ID)
+	d.states.remove(vm.ID)
 	return nil
 }
 
 // Reset records that the host saw vm's guest reset (libvirt.Host).
-func (d *Daemon) Reset(ctx context.Context, vm libvirt.KnownVM) error {
+func (d libvirtHost) Reset(ctx context.Context, vm libvirt.KnownVM) error {
 	_, err := d.mux.Append(ctx, vm.ID, libvirt.RebootRecord(time.Now()))
 	if errors.Is(err, mux.ErrEnded) || errors.Is(err, mux.ErrUnknownVM) {
 		return nil
@@ -84,16 +70,21 @@ func (d *Daemon) Reset(ctx context.Context, vm libvirt.KnownVM) error {
 // event, after the hook has returned, because libvirtd holds the domain's
 // job while a hook runs and a monitor command from inside it would wait for
 // itself.)
-func (d *Daemon) LibvirtHost() libvirt.StartHost { return startHost{d} }
+func (d *Daemon) LibvirtHost() libvirt.StartHost { return libvirtHost{d} }
 
-type startHost struct{ *Daemon }
+// libvirtHost is the daemon as libvirt's Host, StartHost and StopHost: it
+// keeps those methods off the Daemon's own API.
+type libvirtHost struct{ *Daemon }
 
-var _ libvirt.StopHost = startHost{}
+var (
+	_ libvirt.StartHost = libvirtHost{}
+	_ libvirt.StopHost  = libvirtHost{}
+)
 
 // Stopped takes libvirt's stopped event: its detail (shutdown, destroyed,
 // crashed, …) is the teardown reason of a released VM waiting for it.
-func (h startHost) Stopped(ctx context.Context, name string, uuid [16]byte, detail string) {
-	h.stopEvent(name, detail)
+func (h libvirtHost) Stopped(ctx context.Context, name string, uuid [16]byte, detail string) {
+	h.stops.event(name, detail)
 }
 
 // Started checks, in the background, that the running QEMU's vsock
@@ -101,18 +92,13 @@ func (h startHost) Stopped(ctx context.Context, name string, uuid [16]byte, deta
 // device when it named none). A mismatch means the peer-CID check of the
 // VM's vsock listener would admit another VM's connections: the bridge
 // records an action record in the VM's log and logs an error.
-func (h startHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt.Client) {
-	var want uint32
-	infos, err := h.mux.VMs()
+func (h libvirtHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt.Client) {
+	info, err := h.mux.Info(vm.ID)
 	if err != nil {
-		h.log.Warn("qmp check: list vms", "vm", vm.Name, "err", err)
+		h.log.Warn("qmp check: read the vm", "vm", vm.Name, "err", err)
 		return
 	}
-	for _, v := range infos {
-		if v.ID == vm.ID {
-			want = v.CID
-		}
-	}
+	want := info.CID
 	go func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 		defer cancel()

@@ -3,10 +3,8 @@ package daemon
 import (
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -49,16 +47,20 @@ type vmEntry struct {
 	wg        sync.WaitGroup
 }
 
-// owner is a socket file's owner.
-type owner struct {
-	UID int `json:"uid"`
-	GID int `json:"gid"`
-}
-
 func (d *Daemon) newEntry(name string, id conceal.Digest, uuid [16]byte) *vmEntry {
 	ctx, cancel := context.WithCancel(d.bgCtx)
 	return &vmEntry{name: name, id: id, uuid: uuid, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
 }
+
+// state is what a restarted bridge needs to reopen e's listeners.
+func (e *vmEntry) state() listenerState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return listenerState{ID: hex.EncodeToString(e.id[:]), Name: e.name, UUID: conceal.FormatUUID(e.uuid), CID: e.cid, Serial: e.serial, Owner: e.owner}
+}
+
+// saveState records e's listeners for a restarted bridge.
+func (d *Daemon) saveState(e *vmEntry) { d.states.save(e.id, e.state()) }
 
 func (e *vmEntry) listenerInfo() []control.Listener {
 	e.mu.Lock()
@@ -106,7 +108,7 @@ func (d *Daemon) planFor(dom *libvirt.Domain) (listenPlan, error) {
 	p := listenPlan{cid: dom.CID}
 	if dom.SerialSocket != "" {
 		if dom.SerialMode != "" && dom.SerialMode != "connect" {
-			return p, fmt.Errorf("domain %s: channel %s has <source mode='%s'>: the bridge listens and QEMU connects, so it must be mode='connect'", dom.Name, libvirt.SerialPortName, dom.SerialMode)
+			return p, fmt.Errorf("domain %s: channel %s has <source mode='%s'>: the bridge listens and QEMU connects, so it must be mode='connect'", dom.Name, transport.SerialPortName, dom.SerialMode)
 		}
 		path, err := d.checkSerialPath(dom.SerialSocket)
 		if err != nil {
@@ -124,7 +126,7 @@ func (d *Daemon) checkSerialPath(p string) (string, error) {
 	c := filepath.Clean(p)
 	base := filepath.Base(c)
 	if !filepath.IsAbs(p) || filepath.Dir(c) != dir || base == "." || base == ".." || strings.HasPrefix(base, ".") {
-		return "", fmt.Errorf("channel %s socket %q is not in the bridge's serial directory %s", libvirt.SerialPortName, p, dir)
+		return "", fmt.Errorf("channel %s socket %q is not in the bridge's serial directory %s", transport.SerialPortName, p, dir)
 	}
 	return c, nil
 }
@@ -305,144 +307,15 @@ func (d *Daemon) acceptLoop(e *vmEntry, l transport.Listener) {
 			d.sessions.Add(1)
 			defer d.sessions.Add(-1)
 			if l.Resync() {
-				d.serveStream(e, c)
+				transport.ServeSessions(e.ctx, c, func(ctx context.Context, s transport.SessionConn) {
+					d.br.Serve(ctx, e.id, s, true)
+				})
 			} else {
 				d.br.Serve(e.ctx, e.id, c, false)
 			}
 		}()
 	}
 }
-
-// serveStream serves a virtio-serial connection. QEMU holds it for the
-// VM's life (the guest agent opening and closing its port does not end
-// it), so a guest session that ends (agent restarted, a protocol error,
-// replaced by a session on another transport) does not close it: the
-// bridge serves the next session on the same stream, which the wire
-// reader resynchronizes to the next Hello. It ends when QEMU disconnects.
-func (d *Daemon) serveStream(e *vmEntry, c net.Conn) {
-	s := &stream{c: c}
-	for e.ctx.Err() == nil {
-		v := s.next()
-		d.br.Serve(e.ctx, e.id, v, true)
-		if s.isDead() {
-			return
-		}
-		select {
-		case <-time.After(100 * time.Millisecond):
-		case <-e.ctx.Done():
-			return
-		}
-	}
-}
-
-// stream hands one underlying connection to successive sessions. Each
-// session gets a view whose Close ends only that session (it unblocks the
-// view's pending reads and writes with a past deadline) and whose read
-// deadlines are ignored (an idle virtio-serial stream is normal: the guest
-// agent may not run yet).
-type stream struct {
-	c    net.Conn
-	mu   sync.Mutex
-	gen  int
-	dead bool
-}
-
-func (s *stream) next() *streamView {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.gen++
-	s.c.SetDeadline(time.Time{})
-	return &streamView{s: s, gen: s.gen}
-}
-
-func (s *stream) isDead() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.dead
-}
-
-type streamView struct {
-	s      *stream
-	gen    int
-	mu     sync.Mutex
-	closed bool
-}
-
-var errViewClosed = fmt.Errorf("session ended: %w", net.ErrClosed)
-
-func (v *streamView) isClosed() bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.closed
-}
-
-func (v *streamView) Read(p []byte) (int, error) {
-	if v.isClosed() {
-		return 0, errViewClosed
-	}
-	n, err := v.s.c.Read(p)
-	if err != nil {
-		if v.isClosed() {
-			return n, errViewClosed
-		}
-		var ne net.Error
-		if !(errors.As(err, &ne) && ne.Timeout()) {
-			v.s.mu.Lock()
-			v.s.dead = true
-			v.s.mu.Unlock()
-		}
-	}
-	return n, err
-}
-
-func (v *streamView) Write(p []byte) (int, error) {
-	if v.isClosed() {
-		return 0, errViewClosed
-	}
-	n, err := v.s.c.Write(p)
-	if err != nil && !v.isClosed() {
-		var ne net.Error
-		if !(errors.As(err, &ne) && ne.Timeout()) {
-			v.s.mu.Lock()
-			v.s.dead = true
-			v.s.mu.Unlock()
-		}
-	}
-	if err != nil && v.isClosed() {
-		err = errViewClosed
-	}
-	return n, err
-}
-
-// Close ends this view's session without closing the stream.
-func (v *streamView) Close() error {
-	v.mu.Lock()
-	already := v.closed
-	v.closed = true
-	v.mu.Unlock()
-	if already {
-		return nil
-	}
-	v.s.mu.Lock()
-	if v.s.gen == v.gen {
-		v.s.c.SetDeadline(time.Unix(1, 0))
-	}
-	v.s.mu.Unlock()
-	return nil
-}
-
-// SetReadDeadline is ignored: see stream.
-func (v *streamView) SetReadDeadline(time.Time) error { return nil }
-
-// SetWriteDeadline bounds writes to a guest that does not read.
-func (v *streamView) SetWriteDeadline(t time.Time) error {
-	if v.isClosed() {
-		return nil
-	}
-	return v.s.c.SetWriteDeadline(t)
-}
-
-var _ io.ReadWriteCloser = (*streamView)(nil)
 
 // register makes e the live entry for its name.
 func (d *Daemon) register(e *vmEntry) error {
@@ -499,6 +372,21 @@ func (d *Daemon) closeEntry(e *vmEntry, unregister bool) {
 	}
 }
 
+// closeAllVMs makes the daemon refuse new VMs and closes every VM's
+// listeners and connections (shutdown, or a failed start).
+func (d *Daemon) closeAllVMs() {
+	d.mu.Lock()
+	d.closing = true
+	entries := make([]*vmEntry, 0, len(d.vms))
+	for _, e := range d.vms {
+		entries = append(entries, e)
+	}
+	d.mu.Unlock()
+	for _, e := range entries {
+		d.closeEntry(e, true)
+	}
+}
+
 // refusedTotal is the number of connections refused by peer checks, on
 // open and closed listeners.
 func (d *Daemon) refusedTotal() uint64 {
@@ -517,84 +405,22 @@ func (d *Daemon) refusedTotal() uint64 {
 	return n
 }
 
-// vmState is what the daemon keeps about a live VM's listeners, so that
-// a restarted bridge can open them again: STATEDIR/vms/<id>.json.
-type vmState struct {
-	ID     string `json:"id"`
-	Name   string `json:"name"`
-	UUID   string `json:"uuid"`
-	CID    uint32 `json:"cid,omitempty"`
-	Serial string `json:"serial,omitempty"`
-	Owner  *owner `json:"serial_owner,omitempty"`
-}
-
-func (d *Daemon) stateDir() string { return filepath.Join(d.cfg.StateDir, "vms") }
-
-func (d *Daemon) statePath(id conceal.Digest) string {
-	return filepath.Join(d.stateDir(), hex.EncodeToString(id[:])+".json")
-}
-
-func (d *Daemon) saveState(e *vmEntry) {
-	e.mu.Lock()
-	st := vmState{ID: hex.EncodeToString(e.id[:]), Name: e.name, UUID: conceal.FormatUUID(e.uuid), CID: e.cid, Serial: e.serial, Owner: e.owner}
-	e.mu.Unlock()
-	b, _ := json.MarshalIndent(st, "", "  ")
-	if err := os.MkdirAll(d.stateDir(), 0o700); err != nil {
-		d.log.Warn("vm state not saved", "vm", e.name, "err", err)
-		return
-	}
-	tmp := d.statePath(e.id) + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		d.log.Warn("vm state not saved", "vm", e.name, "err", err)
-		return
-	}
-	if err := os.Rename(tmp, d.statePath(e.id)); err != nil {
-		d.log.Warn("vm state not saved", "vm", e.name, "err", err)
-	}
-}
-
-func (d *Daemon) loadState(id conceal.Digest) *vmState {
-	b, err := os.ReadFile(d.statePath(id))
-	if err != nil {
-		return nil
-	}
-	var st vmState
-	if err := json.Unmarshal(b, &st); err != nil {
-		d.log.Warn("vm state unreadable", "file", d.statePath(id), "err", err)
-		return nil
-	}
-	return &st
-}
-
-func (d *Daemon) removeState(id conceal.Digest) {
-	if err := os.Remove(d.statePath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		d.log.Warn("vm state not removed", "err", err)
-	}
-}
-
 // restoreLive opens the listeners of every VM instance that is live in the
 // store (the bridge restarted while VMs run): the serial socket at the path
 // recorded at prepare, so QEMU's channel (with <reconnect>) finds it again,
 // vsock by the recorded CID, the dev unix socket by name.
 func (d *Daemon) restoreLive(ctx context.Context) {
-	infos, err := d.mux.VMs()
+	infos, err := d.mux.LiveVMs()
 	if err != nil {
 		d.log.Error("listing live VMs", "err", err)
 		return
 	}
-	epoch := d.mux.Status().Epoch
 	live := map[string]bool{}
 	for _, v := range infos {
-		if v.Ended || v.Epoch != epoch {
-			continue
-		}
-		if id, ok := d.mux.Lookup(v.Name); !ok || id != v.ID {
-			continue
-		}
 		live[hex.EncodeToString(v.ID[:])] = true
 		e := d.newEntry(v.Name, v.ID, v.UUID)
 		p := listenPlan{cid: v.CID}
-		if st := d.loadState(v.ID); st != nil {
+		if st := d.states.load(v.ID); st != nil {
 			if st.CID != 0 {
 				p.cid = st.CID
 			}
@@ -618,11 +444,5 @@ func (d *Daemon) restoreLive(ctx context.Context) {
 		d.log.Info("live VM re-adopted", "vm", v.Name, "listeners", len(e.listenerInfo()))
 	}
 	// Drop the state of instances that are no longer live.
-	ents, _ := os.ReadDir(d.stateDir())
-	for _, ent := range ents {
-		n := strings.TrimSuffix(ent.Name(), ".json")
-		if !live[n] {
-			os.Remove(filepath.Join(d.stateDir(), ent.Name()))
-		}
-	}
+	d.states.keepOnly(live)
 }

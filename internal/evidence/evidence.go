@@ -37,19 +37,19 @@ const (
 // Evidence is the whole evidence for one VM. docs/evidence.md says, field
 // by field, what authenticates it.
 type Evidence struct {
-	Version   uint32     `cbor:"1,keyasint" json:"version"`
-	Kind      string     `cbor:"2,keyasint" json:"kind"`
-	PCR       uint32     `cbor:"3,keyasint" json:"pcr"`
-	Quote     Quote      `cbor:"4,keyasint" json:"quote"`
-	PCRValues []PCRValue `cbor:"5,keyasint" json:"pcr_values"`
-	AK        Hex        `cbor:"6,keyasint,omitempty" json:"ak,omitempty"`
-	Epoch     Epoch      `cbor:"7,keyasint" json:"epoch"`
-	Log       []Batch    `cbor:"8,keyasint" json:"log"`
-	VM        VM         `cbor:"9,keyasint" json:"vm"`
-	Records   []Record   `cbor:"10,keyasint" json:"records"`
-	Batched   *Batched   `cbor:"11,keyasint,omitempty" json:"batched,omitempty"`
-	Host      string     `cbor:"12,keyasint,omitempty" json:"host,omitempty"`
-	From      *Since     `cbor:"13,keyasint,omitempty" json:"from,omitempty"`
+	Version   uint32      `cbor:"1,keyasint" json:"version"`
+	Kind      string      `cbor:"2,keyasint" json:"kind"`
+	PCR       uint32      `cbor:"3,keyasint" json:"pcr"`
+	Quote     Quote       `cbor:"4,keyasint" json:"quote"`
+	PCRValues []PCRValue  `cbor:"5,keyasint" json:"pcr_values"`
+	AK        Hex         `cbor:"6,keyasint,omitempty" json:"ak,omitempty"`
+	Epoch     Epoch       `cbor:"7,keyasint" json:"epoch"`
+	Log       []LogBatch  `cbor:"8,keyasint" json:"log"`
+	VM        VM          `cbor:"9,keyasint" json:"vm"`
+	Records   []Record    `cbor:"10,keyasint" json:"records"`
+	Batched   *QuoteProof `cbor:"11,keyasint,omitempty" json:"batched,omitempty"`
+	Host      string      `cbor:"12,keyasint,omitempty" json:"host,omitempty"`
+	From      *Since      `cbor:"13,keyasint,omitempty" json:"from,omitempty"`
 }
 
 // Since marks incremental evidence: Log holds only the batches after batch
@@ -80,9 +80,11 @@ type Epoch struct {
 	Record Hex    `cbor:"2,keyasint" json:"record"`
 }
 
-// Batch is one group commit of the public log. The batch with G0 = 0 starts
-// with the epoch record's leaf, so its Entries start at global index 1.
-type Batch struct {
+// LogBatch is one batch (group commit) of the public log as evidence
+// carries it: where it starts and its t||c entries. The batch with G0 = 0
+// starts with the epoch record's leaf, so its Entries start at global
+// index 1.
+type LogBatch struct {
 	G0      uint64  `cbor:"1,keyasint" json:"g0"`
 	Entries Entries `cbor:"2,keyasint" json:"entries"`
 }
@@ -101,10 +103,10 @@ type Record struct {
 	R Hex    `cbor:"2,keyasint" json:"r"`
 }
 
-// Batched is present when one quote served many requests: the quote's
-// extraData is the root of a Merkle tree over their H(nonce || id) values,
-// and Path proves this request's leaf is under it.
-type Batched struct {
+// QuoteProof is present (as Evidence.Batched) when one quote served many
+// requests: the quote's extraData is the root of a Merkle tree over their
+// H(nonce || id) values, and Path proves this request's leaf is under it.
+type QuoteProof struct {
 	Index uint64 `cbor:"1,keyasint" json:"index"`
 	Count uint64 `cbor:"2,keyasint" json:"count"`
 	Path  []Hex  `cbor:"3,keyasint" json:"path"`

@@ -16,7 +16,7 @@ func sample() *Evidence {
 		Quote:     Quote{Attest: []byte{1, 2}, Signature: []byte{3}},
 		PCRValues: []PCRValue{{Index: 23, SHA256: bytes.Repeat([]byte{7}, 32)}},
 		Epoch:     Epoch{Number: 1, Record: []byte{0xa0}},
-		Log:       []Batch{{G0: 0, Entries: bytes.Repeat([]byte{9}, 128)}, {G0: 3, Entries: bytes.Repeat([]byte{8}, 64)}},
+		Log:       []LogBatch{{G0: 0, Entries: bytes.Repeat([]byte{9}, 128)}, {G0: 3, Entries: bytes.Repeat([]byte{8}, 64)}},
 		VM:        VM{UUID: "u", Instance: []byte{1}},
 		Records:   []Record{{G: 1, R: []byte{0xa1}}},
 	}

@@ -1,7 +1,7 @@
 // Package logstore is the durable host log of tpmmux: epochs, batches of
 // public leaves, per-VM records and identities, and post-mortem quotes, kept
 // in one bbolt file. Every Commit is one fsynced transaction, which is what
-// makes the write-ahead rule of DESIGN.md §7 hold: a batch is durable before
+// makes the write-ahead rule (docs/protocol.md, Group commit) hold: a batch is durable before
 // the bridge extends it into the TPM.
 package logstore
 
@@ -11,7 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
@@ -64,7 +66,7 @@ type VM struct {
 	Created  int64    `cbor:"9,keyasint"`
 	Ended    bool     `cbor:"10,keyasint,omitempty"` // teardown durable, or the epoch ended under it
 	EndedBy  string   `cbor:"11,keyasint,omitempty"`
-	Guest    []byte   `cbor:"12,keyasint,omitempty"` // transport-specific guest state (e.g. resume point)
+	// Key 12 (per-VM guest state) was never written: do not reuse it.
 	// WrappedKey is K encrypted under the store's data key, which only the
 	// TPM can unseal; Key is then zero.
 	WrappedKey []byte `cbor:"13,keyasint,omitempty"`
@@ -120,8 +122,26 @@ type Put struct {
 // Store is an open log store. It is safe for concurrent use; bbolt allows
 // one writer and many readers, and readers see consistent snapshots.
 type Store struct {
+	// mu is held shared by every transaction and exclusively by Compact,
+	// which swaps db for a rewritten file while the store is in use.
+	mu   sync.RWMutex
 	db   *bolt.DB
+	bo   *bolt.Options
 	path string
+}
+
+// view runs a read transaction.
+func (s *Store) view(fn func(tx *bolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.db.View(fn)
+}
+
+// update runs a write transaction.
+func (s *Store) update(fn func(tx *bolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.db.Update(fn)
 }
 
 // Options tune durability; the zero value is the safe default.
@@ -164,18 +184,19 @@ func Open(path string, opts *Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open log store %s: %w", path, err)
 	}
-	return &Store{db: db, path: path}, nil
+	return &Store{db: db, bo: bo, path: path}, nil
 }
 
 // Close closes the store.
-func (s *Store) Close() error { return s.db.Close() }
-
-// Path returns the file the store lives in.
-func (s *Store) Path() string { return s.path }
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.db.Close()
+}
 
 // CurrentEpoch returns the newest epoch, or ok=false when none has begun.
 func (s *Store) CurrentEpoch() (info EpochInfo, ok bool, err error) {
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err = s.view(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketMeta).Get(keyEpoch)
 		if v == nil {
 			return nil
@@ -204,7 +225,7 @@ func (s *Store) CurrentEpoch() (info EpochInfo, ok bool, err error) {
 // marked ended, and every VM still live in it is ended with reason
 // "epoch-ended": its PCR history is gone, so it cannot continue.
 func (s *Store) BeginEpoch(number uint64, epochRecord []byte, first Batch, now time.Time) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		epochs := tx.Bucket(bucketEpochs)
 		if prev := meta.Get(keyEpoch); prev != nil {
@@ -266,7 +287,7 @@ func endLiveVMs(tx *bolt.Tx, epoch uint64, why string) error {
 // Commit makes one batch, its records and the VM state changes durable in
 // one fsynced transaction.
 func (s *Store) Commit(c *Commit) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		batches := tx.Bucket(bucketBatches)
 		key := batchKey(c.Epoch, c.Index)
 		if batches.Get(key) != nil {
@@ -292,21 +313,9 @@ func (s *Store) Commit(c *Commit) error {
 	return nil
 }
 
-// PutVM writes a VM's state on its own (e.g. a new identity before its
-// genesis record is committed, or updated guest state).
-func (s *Store) PutVM(vm *VM) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		return putCBOR(tx.Bucket(bucketVMs), vm.ID[:], vm)
-	})
-	if err != nil {
-		return fmt.Errorf("store vm %s: %w", vm.Name, err)
-	}
-	return nil
-}
-
 // PutFinal stores the post-mortem quote of VM id.
 func (s *Store) PutFinal(id [32]byte, q *FinalQuote) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		return putCBOR(tx.Bucket(bucketFinal), id[:], q)
 	})
 	if err != nil {
@@ -317,7 +326,7 @@ func (s *Store) PutFinal(id [32]byte, q *FinalQuote) error {
 
 // View runs fn on a consistent read-only snapshot of the store.
 func (s *Store) View(fn func(*Snapshot) error) error {
-	return s.db.View(func(tx *bolt.Tx) error { return fn(&Snapshot{tx: tx}) })
+	return s.view(func(tx *bolt.Tx) error { return fn(&Snapshot{tx: tx}) })
 }
 
 // Snapshot is a consistent read-only view of the store, valid only inside
@@ -463,7 +472,7 @@ func (sn *Snapshot) LastRecords(id [32]byte, fn func(*Record) bool) error {
 // SealedDataKey returns the sealed data key blob, or nil if none was stored.
 func (s *Store) SealedDataKey() ([]byte, error) {
 	var out []byte
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		out = bytes.Clone(tx.Bucket(bucketMeta).Get(keyDataKey))
 		return nil
 	})
@@ -473,7 +482,7 @@ func (s *Store) SealedDataKey() ([]byte, error) {
 // PutSealedDataKey stores the sealed data key blob once; a second, different
 // one is refused, since every wrapped VM key depends on the first.
 func (s *Store) PutSealedDataKey(blob []byte) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		if old := meta.Get(keyDataKey); old != nil && !bytes.Equal(old, blob) {
 			return errors.New("the store already has a data key")
@@ -488,10 +497,10 @@ func (s *Store) PutSealedDataKey(blob []byte) error {
 
 // Forget destroys an ended VM's key, records and final quote and marks it
 // forgotten. Its leaves stay in the public log, unlinkable. bbolt reuses
-// freed pages but does not wipe them: run Compact to leave no copy in the
-// file.
+// freed pages but does not wipe them: Compact leaves no copy in the file
+// (the multiplexer's ForgetExpired runs it).
 func (s *Store) Forget(id [32]byte) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		vms := tx.Bucket(bucketVMs)
 		raw := vms.Get(id[:])
 		if raw == nil {
@@ -513,7 +522,7 @@ func (s *Store) Forget(id [32]byte) error {
 		if err := tx.Bucket(bucketFinal).Delete(id[:]); err != nil {
 			return err
 		}
-		vm.Key, vm.WrappedKey, vm.Guest, vm.Forgotten = [32]byte{}, nil, nil, true
+		vm.Key, vm.WrappedKey, vm.Forgotten = [32]byte{}, nil, true
 		return putCBOR(vms, id[:], &vm)
 	})
 	if err != nil {
@@ -523,9 +532,12 @@ func (s *Store) Forget(id [32]byte) error {
 }
 
 // Compact rewrites the store into a fresh file and replaces the old one,
-// so that pages freed by Forget leave no copy in the state directory. The
-// store must not be in use; it is reopened.
+// so that pages freed by Forget leave no copy in the state directory. It
+// may run while the store is in use: transactions wait for it. A crash
+// leaves either file whole (the new one is renamed over the old).
 func (s *Store) Compact() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	tmp := s.path + ".compact"
 	os.Remove(tmp)
 	dst, err := bolt.Open(tmp, 0o600, nil)
@@ -538,20 +550,36 @@ func (s *Store) Compact() error {
 		return fmt.Errorf("compact: %w", err)
 	}
 	if err := dst.Close(); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("compact: %w", err)
 	}
 	if err := s.db.Close(); err != nil {
 		return fmt.Errorf("compact: %w", err)
 	}
-	if err := os.Rename(tmp, s.path); err != nil {
-		return fmt.Errorf("compact: %w", err)
+	renameErr := os.Rename(tmp, s.path)
+	if renameErr == nil {
+		syncDir(filepath.Dir(s.path))
+	} else {
+		os.Remove(tmp)
 	}
-	db, err := bolt.Open(s.path, 0o600, &bolt.Options{Timeout: 2 * time.Second, FreelistType: bolt.FreelistMapType})
+	// Reopen whichever file is in place, so the store stays usable.
+	db, err := bolt.Open(s.path, 0o600, s.bo)
 	if err != nil {
-		return fmt.Errorf("compact: reopen: %w", err)
+		return fmt.Errorf("compact: reopen %s: %w", s.path, err)
 	}
 	s.db = db
+	if renameErr != nil {
+		return fmt.Errorf("compact: %w", renameErr)
+	}
 	return nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
 }
 
 // recordsFill is how full bbolt packs a records page it splits. Each VM's

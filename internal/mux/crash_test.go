@@ -34,7 +34,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
-// The crash test of DESIGN.md §7: a child process runs the bridge's ingest
+// The crash test of the write-ahead rule (docs/protocol.md, Group commit): a child process runs the bridge's ingest
 // path (tpm.Open on a swtpm, logstore.Open, mux.Open, three VMs streaming
 // measurements) and is killed with SIGKILL at random points; swtpm keeps
 // running, as a hardware TPM outlives a crashed bridge. After the last kill

@@ -63,14 +63,14 @@ type quoteRes struct {
 	q           tpm.Quote
 	vals        []conceal.Digest
 	epoch, last uint64
-	batched     *evidence.Batched
+	batched     *evidence.QuoteProof
 	err         error
 }
 
 // quoteFor gets a quote covering extra. Requests that arrive while a quote
 // is being taken wait for the next one and share it: its extraData is the
 // root of a Merkle tree over their values, and each gets its audit path
-// (DESIGN.md §4). A lone request gets a plain quote over its own value.
+// (docs/protocol.md, Batched quotes). A lone request gets a plain quote over its own value.
 func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	if m.cfg.NoQuoteBatching {
 		m.commitMu.Lock()
@@ -149,7 +149,7 @@ func (m *Mux) quoteLoop() {
 		for i, r := range reqs {
 			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
 			if n > 1 && err == nil {
-				b := &evidence.Batched{Index: uint64(i), Count: uint64(n)}
+				b := &evidence.QuoteProof{Index: uint64(i), Count: uint64(n)}
 				for _, p := range paths[i] {
 					b.Path = append(b.Path, append([]byte(nil), p[:]...))
 				}
@@ -280,7 +280,7 @@ func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Qu
 			if index > last {
 				return errStop
 			}
-			ev.Log = append(ev.Log, evidence.Batch{G0: b.G0, Entries: append([]byte(nil), b.Entries...)})
+			ev.Log = append(ev.Log, evidence.LogBatch{G0: b.G0, Entries: append([]byte(nil), b.Entries...)})
 			return nil
 		})
 		if err != nil && err != errStop {

@@ -106,7 +106,8 @@ func (m *Mux) unwrapKey(vm *logstore.VM) (conceal.Key, error) {
 func (m *Mux) KeysSealed() bool { return m.aead != nil }
 
 // ForgetExpired destroys the keys and records of VMs that ended more than
-// the configured retention ago, and returns how many it forgot. The daemon
+// the configured retention ago, compacts the store so the file keeps no
+// copy of them, and returns how many it forgot. The daemon
 // calls it periodically; with no retention configured it does nothing.
 func (m *Mux) ForgetExpired(now time.Time) (int, error) {
 	if m.cfg.KeyRetention <= 0 {
@@ -129,6 +130,15 @@ func (m *Mux) ForgetExpired(now time.Time) (int, error) {
 			return 0, err
 		}
 		m.log.Info("vm key destroyed after retention", "id", fmt.Sprintf("%x", id[:6]))
+	}
+	if len(expired) > 0 {
+		// bbolt reuses freed pages but does not wipe them: only a rewrite
+		// of the file leaves no copy of the forgotten VMs' keys and records.
+		start := time.Now()
+		if err := m.store.Compact(); err != nil {
+			return len(expired), fmt.Errorf("compact after forgetting %d vm(s): %w", len(expired), err)
+		}
+		m.log.Info("log store compacted: no copy of the forgotten VMs remains", "count", len(expired), "elapsed", time.Since(start).Round(time.Millisecond))
 	}
 	return len(expired), nil
 }

@@ -168,7 +168,7 @@ type Stats struct {
 	MaxBatch    int
 }
 
-// Open recovers the mux state from the store and the TPM (DESIGN.md §7) and
+// Open recovers the mux state from the store and the TPM (docs/protocol.md, PCR and epochs) and
 // starts the committer. When PCR p is at its reset value a new epoch begins;
 // when the store's last batch is durable but not extended, it is extended
 // now; when the PCR matches no replay of the store, Open still succeeds but

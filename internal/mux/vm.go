@@ -1,6 +1,7 @@
 package mux
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"errors"
@@ -97,16 +98,22 @@ func (m *Mux) Teardown(ctx context.Context, id conceal.Digest, reason string) (A
 }
 
 func (m *Mux) isEnded(id conceal.Digest) (bool, error) {
-	var ended bool
+	return viewVM(m, id, func(vm *logstore.VM) (bool, error) { return vm.Ended, nil })
+}
+
+// viewVM reads VM instance id's stored state in one read transaction and
+// returns what f makes of it.
+func viewVM[T any](m *Mux, id conceal.Digest, f func(vm *logstore.VM) (T, error)) (T, error) {
+	var out T
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		vm, err := sn.VM(id)
 		if err != nil {
 			return err
 		}
-		ended = vm.Ended
-		return nil
+		out, err = f(vm)
+		return err
 	})
-	return ended, err
+	return out, err
 }
 
 // takeFinal quotes the log with extraData = H("tpmmux/v1/final" || id ||
@@ -160,6 +167,14 @@ type VMInfo struct {
 	Records  uint64
 	Ended    bool
 	EndedBy  string
+	// Live says the instance is the live one of its name (see Lookup):
+	// it has an identity in the current epoch and no durable teardown.
+	Live bool
+}
+
+func infoOf(vm *logstore.VM) VMInfo {
+	return VMInfo{ID: vm.ID, UUID: vm.UUID, Instance: vm.Instance, Name: vm.Name, CID: vm.CID,
+		Epoch: vm.Epoch, Records: vm.NextSeq, Ended: vm.Ended, EndedBy: vm.EndedBy}
 }
 
 // VMs lists every VM instance the store knows, live ones first, by name.
@@ -167,11 +182,11 @@ func (m *Mux) VMs() ([]VMInfo, error) {
 	var out []VMInfo
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		return sn.VMs(func(vm *logstore.VM) error {
-			out = append(out, VMInfo{ID: vm.ID, UUID: vm.UUID, Instance: vm.Instance, Name: vm.Name, CID: vm.CID,
-				Epoch: vm.Epoch, Records: vm.NextSeq, Ended: vm.Ended, EndedBy: vm.EndedBy})
+			out = append(out, infoOf(vm))
 			return nil
 		})
 	})
+	m.markLive(out)
 	sort.SliceStable(out, func(i, j int) bool {
 		if out[i].Ended != out[j].Ended {
 			return !out[i].Ended
@@ -184,65 +199,101 @@ func (m *Mux) VMs() ([]VMInfo, error) {
 	return out, err
 }
 
+// LiveVMs lists the live VM instances, one per name, by name.
+func (m *Mux) LiveVMs() ([]VMInfo, error) {
+	all, err := m.VMs()
+	live := all[:0]
+	for _, v := range all {
+		if v.Live {
+			live = append(live, v)
+		}
+	}
+	return live, err
+}
+
 // Info returns what VMs reports about VM instance id alone, with one store
 // lookup where VMs reads and sorts every VM the store knows.
 func (m *Mux) Info(id conceal.Digest) (VMInfo, error) {
-	var info VMInfo
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
-		if err != nil {
-			return err
-		}
-		info = VMInfo{ID: vm.ID, UUID: vm.UUID, Instance: vm.Instance, Name: vm.Name, CID: vm.CID,
-			Epoch: vm.Epoch, Records: vm.NextSeq, Ended: vm.Ended, EndedBy: vm.EndedBy}
-		return nil
-	})
-	return info, err
+	info, err := viewVM(m, id, func(vm *logstore.VM) (VMInfo, error) { return infoOf(vm), nil })
+	if err != nil {
+		return info, err
+	}
+	infos := []VMInfo{info}
+	m.markLive(infos)
+	return infos[0], nil
 }
 
-// Lookup returns the live VM instance named name.
+// markLive sets Live on each of infos, read from the store before, by the
+// one rule of what is live: the instance Lookup returns for its name, and
+// no durable teardown. An instance leaves m.vms only after its teardown is
+// durable, and enters it before its genesis is, so a listing read from the
+// store and then checked here never calls a torn-down instance live.
+func (m *Mux) markLive(infos []VMInfo) {
+	m.mu.Lock()
+	live := m.liveLocked()
+	m.mu.Unlock()
+	for i := range infos {
+		infos[i].Live = !infos[i].Ended && live[infos[i].Name] == infos[i].ID
+	}
+}
+
+// liveLocked maps each name to its live instance: of the current epoch's
+// instances not torn down (m.vms), the newest of that name (a new instance
+// can be given its identity before an older one's teardown is durable).
+// m.vms only ever holds instances of the current epoch (NewVM, loadVMs),
+// so "live" needs no separate epoch check. The caller holds m.mu.
+func (m *Mux) liveLocked() map[string]conceal.Digest {
+	out := make(map[string]conceal.Digest, len(m.vms))
+	for id, vs := range m.vms {
+		if cur, ok := out[vs.vm.Name]; ok && !newer(vs, m.vms[cur]) {
+			continue
+		}
+		out[vs.vm.Name] = id
+	}
+	return out
+}
+
+// newer orders two instances of one name by creation, then by id so the
+// choice never depends on map order.
+func newer(a, b *vmState) bool {
+	if a.vm.Created != b.vm.Created {
+		return a.vm.Created > b.vm.Created
+	}
+	return bytes.Compare(a.id[:], b.id[:]) > 0
+}
+
+// Lookup returns the live VM instance named name: the one definition of
+// "live" (VMInfo.Live, LiveVMs and Info agree with it).
 func (m *Mux) Lookup(name string) (conceal.Digest, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for id, vs := range m.vms {
-		if vs.vm.Name == name {
-			return id, true
+	var found *vmState
+	for _, vs := range m.vms {
+		if vs.vm.Name == name && (found == nil || newer(vs, found)) {
+			found = vs
 		}
 	}
-	return conceal.Digest{}, false
+	if found == nil {
+		return conceal.Digest{}, false
+	}
+	return found.id, true
 }
 
 // Identity returns the concealment identity of VM instance id, secret
 // included: only the VM's own channel and its owner may be given it.
 func (m *Mux) Identity(id conceal.Digest) (*conceal.Identity, error) {
-	var ident *conceal.Identity
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
-		if err != nil {
-			return err
-		}
+	return viewVM(m, id, func(vm *logstore.VM) (*conceal.Identity, error) {
 		k, err := m.unwrapKey(vm)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		ident = &conceal.Identity{UUID: vm.UUID, Instance: vm.Instance, Key: k}
-		return nil
+		return &conceal.Identity{UUID: vm.UUID, Instance: vm.Instance, Key: k}, nil
 	})
-	return ident, err
 }
 
 // NextSeq returns how many of VM id's records are durable.
 func (m *Mux) NextSeq(id conceal.Digest) (uint64, error) {
-	var n uint64
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
-		if err != nil {
-			return err
-		}
-		n = vm.NextSeq
-		return nil
-	})
-	return n, err
+	return viewVM(m, id, func(vm *logstore.VM) (uint64, error) { return vm.NextSeq, nil })
 }
 
 // Status is a point-in-time summary of the multiplexer.

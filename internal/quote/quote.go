@@ -1,7 +1,7 @@
 // Package quote checks TPM2_Quote results for the verifier. It is pure: it
 // parses and verifies bytes with go-tpm's TPM 2.0 structure definitions and
 // the standard library's ECDSA, and imports no TPM transport, store or
-// network, so a tenant can run it anywhere (DESIGN.md §8).
+// network, so a tenant can run it anywhere (README.md, the package table).
 //
 // Check answers "did the TPM holding this AK sign this quote, and what does
 // it say"; deciding whether the extraData, the PCR digest and the clock

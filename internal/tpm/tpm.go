@@ -13,7 +13,7 @@
 //     when the TPM has not been started.
 //   - "device" or "device:/dev/tpmrm0": the kernel's TPM resource manager.
 //
-// The bridge is the TPM's one owner (see DESIGN.md §2): every value returned
+// The bridge is the TPM's one owner (docs/protocol.md, PCR and epochs): every value returned
 // by Open serializes its commands with a mutex, so it is safe for concurrent
 // use, and the swtpm backend assumes nobody else is using the swtpm while it
 // is open (it flushes transient objects that a crashed predecessor left).

@@ -227,7 +227,7 @@ func forgeEpoch(t *testing.T, tp tpm.TPM, pcr int, ident *conceal.Identity, recs
 	if err := tp.Extend(ctx, pcr, v); err != nil {
 		t.Fatal(err)
 	}
-	ev.Log = []evidence.Batch{{G0: 0, Entries: entries}}
+	ev.Log = []evidence.LogBatch{{G0: 0, Entries: entries}}
 	sel := []int{pcr}
 	nd := conceal.NonceData(nonce, id)
 	q, err := tp.Quote(ctx, sel, nd[:])
@@ -264,4 +264,16 @@ func resign(t *testing.T, attest []byte) (sig []byte, key *ecdsa.PrivateKey) {
 	b = binary.BigEndian.AppendUint16(b, 32)
 	b = append(b, sb...)
 	return b, key
+}
+
+// tenantInputs gives ExampleVerify what a tenant holds for VM B of the
+// honest bridge run: its fresh evidence, the nonce, its identity and the
+// simulator's AK.
+func tenantInputs() (*evidence.Evidence, []byte, *conceal.Identity, *ecdsa.PublicKey) {
+	worldOnce.Do(func() { theWorld, worldErr = buildWorld() })
+	if worldErr != nil {
+		panic(fmt.Sprintf("build honest bridge run: %v", worldErr))
+	}
+	w := theWorld
+	return w.evB, w.nonce, w.b, w.tpm.AK()
 }

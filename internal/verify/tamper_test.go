@@ -165,9 +165,9 @@ func TestTamper(t *testing.T) {
 			opts: func(o *verify.Options) { o.PostMortem = true }, step: 4, want: "last record is not a teardown"},
 		{name: "A's final quote for B", base: w.finalA, opts: func(o *verify.Options) { o.PostMortem = true; o.Identity = w.b }, step: 4, want: ""},
 		{name: "batched proof on a plain quote", mutate: func(ev *evidence.Evidence) {
-			ev.Batched = &evidence.Batched{Index: 0, Count: 2, Path: []evidence.Hex{make([]byte, 32)}}
+			ev.Batched = &evidence.QuoteProof{Index: 0, Count: 2, Path: []evidence.Hex{make([]byte, 32)}}
 		}, step: 1, want: "batched quote does not cover"},
-		{name: "malformed batched proof", mutate: func(ev *evidence.Evidence) { ev.Batched = &evidence.Batched{Count: 1} }, step: 1, want: "malformed"},
+		{name: "malformed batched proof", mutate: func(ev *evidence.Evidence) { ev.Batched = &evidence.QuoteProof{Count: 1} }, step: 1, want: "malformed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,6 +1,6 @@
 // Package verify is the tenant's verifier: given evidence for one VM, the
 // verifier's nonce, the VM's identity (with its key K) and a trusted AK, it
-// performs the six checks of DESIGN.md §4 and reports what it found. It is
+// performs the six checks of docs/protocol.md (Verification) and reports what it found. It is
 // pure: it talks to no TPM, store or network, so a tenant can run it
 // anywhere, and it shares conceal and evidence with the bridge.
 package verify
@@ -303,7 +303,7 @@ func (v *verification) checkFresh() error {
 // checkBatched checks a quote that served many requests at once: its
 // extraData is a Merkle root and the path must lead from this request's
 // value want to it.
-func checkBatched(b *evidence.Batched, want conceal.Digest, extraData []byte) error {
+func checkBatched(b *evidence.QuoteProof, want conceal.Digest, extraData []byte) error {
 	if b.Count < 2 || b.Count > 1<<32 || len(b.Path) > 64 {
 		return reject(1, "batched quote proof of %d leaves with a %d-step path is malformed", b.Count, len(b.Path))
 	}
