@@ -424,7 +424,8 @@ func (m *Mux) replay(info logstore.EpochInfo, start conceal.Digest) (replayResul
 // boot components may have extended.
 func (m *Mux) beginEpoch(ctx context.Context, number uint64, start conceal.Digest, ci tpm.ClockInfo) error {
 	er := &record.Epoch{Host: m.cfg.Host, BridgeVersion: m.cfg.Version, PCR: uint32(m.cfg.PCR), Time: m.cfg.Now().UnixNano(),
-		StartValue: start, ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Clock: ci.Clock, AK: quote.AKFingerprint(m.tpm.AK())}
+		StartValue: start, ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Clock: ci.Clock, AK: quote.AKFingerprint(m.tpm.AK()),
+		ClearDisabled: ci.ClearDisabled}
 	if _, err := rand.Read(er.Nonce[:]); err != nil {
 		return fmt.Errorf("draw epoch nonce: %w", err)
 	}
@@ -442,6 +443,9 @@ func (m *Mux) beginEpoch(ctx context.Context, number uint64, start conceal.Diges
 	m.pcrPrev, m.pcrValue = start, conceal.ExtendPCR(start, v)
 	if err := m.extend(ctx, v); err != nil {
 		return fmt.Errorf("extend epoch record: %w", err)
+	}
+	if !ci.ClearDisabled {
+		m.log.Warn("TPM2_Clear is enabled on this TPM: a host root could clear it (resetting resetCount and the clock) and replay this epoch's power cycle to a first-time verifier; disable it with `tpm2_clearcontrol -C l s` (docs/security.md)")
 	}
 	m.log.Info("began epoch", "epoch", number, "pcr", m.cfg.PCR, "reset_count", ci.ResetCount, "restart_count", ci.RestartCount, "start_value", fmt.Sprintf("%x", start[:8]))
 	return nil

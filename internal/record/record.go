@@ -148,6 +148,10 @@ type Epoch struct {
 	RestartCount  uint32   `cbor:"8,keyasint" json:"restart_count"` // TPM restartCount at opening
 	Clock         uint64   `cbor:"9,keyasint" json:"clock"`         // TPM clock (ms) at opening
 	AK            [32]byte `cbor:"10,keyasint" json:"ak_sha256"`    // SHA-256 of the AK's DER SubjectPublicKeyInfo
+	// ClearDisabled says TPM2_Clear was disabled when the epoch opened:
+	// then no host root can set resetCount back (and replay this power
+	// cycle) without the platform's authority.
+	ClearDisabled bool `cbor:"11,keyasint" json:"clear_disabled"`
 }
 
 // EpochHash returns H(R_epoch), the value each genesis record of the epoch names.

@@ -19,9 +19,17 @@ type ClockInfo struct {
 	ResetCount   uint32
 	RestartCount uint32
 	Safe         bool
+	// ClearDisabled is TPM_PT_PERMANENT's disableClear: TPM2_Clear, the
+	// one command that sets resetCount and the clock back, is refused
+	// until the platform (firmware) authority allows it again.
+	ClearDisabled bool
 }
 
-// ClockInfo reads the TPM's clock and counters (TPM2_ReadClock).
+// ptPermanentDisableClear is disableClear's bit in TPM_PT_PERMANENT.
+const ptPermanentDisableClear = 1 << 8
+
+// ClockInfo reads the TPM's clock and counters (TPM2_ReadClock) and
+// whether TPM2_Clear is disabled (TPM_PT_PERMANENT).
 func (d *dev) ClockInfo(ctx context.Context) (ClockInfo, error) {
 	if err := d.lock("read clock"); err != nil {
 		return ClockInfo{}, err
@@ -31,8 +39,13 @@ func (d *dev) ClockInfo(ctx context.Context) (ClockInfo, error) {
 	if err != nil {
 		return ClockInfo{}, fmt.Errorf("tpm %s: read clock: %w", d.spec, err)
 	}
+	perm, err := d.property(ctx, tpm2.TPMPTPermanent)
+	if err != nil {
+		return ClockInfo{}, fmt.Errorf("tpm %s: read TPM_PT_PERMANENT: %w", d.spec, err)
+	}
 	ci := rsp.CurrentTime.ClockInfo
-	return ClockInfo{Clock: ci.Clock, ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Safe: ci.Safe}, nil
+	return ClockInfo{Clock: ci.Clock, ResetCount: ci.ResetCount, RestartCount: ci.RestartCount, Safe: ci.Safe,
+		ClearDisabled: perm&ptPermanentDisableClear != 0}, nil
 }
 
 // ResettablePCRs returns the PCRs this TPM lets anyone reset at locality 0

@@ -65,7 +65,7 @@ func openSim(ctx context.Context, spec string, seed int64) (TPM, error) {
 		return nil, fmt.Errorf("open tpm %q: start simulator: %w", spec, err)
 	}
 	c := &simConn{sim: sim, buf: make([]byte, 0, 4096)}
-	d := &dev{spec: spec, conn: c, onClose: func() error { simInUse.Store(false); return nil }, akHierarchy: tpm2.TPMRHEndorsement}
+	d := &dev{spec: spec, conn: c, onClose: func() error { simInUse.Store(false); return nil }}
 	err = d.persistSeeds(ctx)
 	if err == nil {
 		err = d.init(ctx, false)

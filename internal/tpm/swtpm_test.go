@@ -306,29 +306,38 @@ func TestSealBoundToTPM(t *testing.T) {
 	}
 }
 
-// TestClearDestroysAK: TPM2_Clear (lockout auth, empty on most hosts) is
-// the one command that sets resetCount and the clock back, which would let
-// a host root replay an old epoch's power cycle. It also replaces the
-// storage seed, and the AK is an owner-hierarchy primary: after a Clear the
-// TPM can no longer sign for the AK verifiers trust.
-func TestClearDestroysAK(t *testing.T) {
+// TestClearControl: TPM2_Clear (lockout authorization, empty on most hosts)
+// sets resetCount and the clock back to zero, which is why epochs record
+// whether it was disabled; tpm2_clearcontrol disables it, and then it is
+// refused, and ClockInfo says so.
+func TestClearControl(t *testing.T) {
 	needTool(t, "tpm2_clear")
 	p := swtpmproc.StartTest(t)
-	before := openOnce(t, p.Spec())
-	if again := openOnce(t, p.Spec()); !before.Equal(again) {
-		t.Fatal("AK not stable before the clear")
+	info := func() ClockInfo {
+		tp := openT(t, p.Spec())
+		defer tp.Close()
+		ci, err := tp.ClockInfo(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ci
+	}
+	before := info()
+	if before.ClearDisabled {
+		t.Fatal("a fresh swtpm has TPM2_Clear disabled")
 	}
 	runTool(t, "tpm2_clear", "-T", tcti(p), "-c", "l")
-	after := openOnce(t, p.Spec())
-	if before.Equal(after) {
-		t.Fatal("the AK survived TPM2_Clear")
+	after := info()
+	if after.ResetCount != 0 || after.Clock >= before.Clock+1000 {
+		t.Fatalf("after TPM2_Clear: resetCount %d clock %d (before: %d, %d)", after.ResetCount, after.Clock, before.ResetCount, before.Clock)
 	}
-	tp := openT(t, p.Spec())
-	ci, err := tp.ClockInfo(t.Context())
-	if err != nil {
-		t.Fatal(err)
+	runTool(t, "tpm2_clearcontrol", "-T", tcti(p), "-C", "l", "s")
+	if !info().ClearDisabled {
+		t.Fatal("ClearDisabled not set after tpm2_clearcontrol")
 	}
-	t.Logf("after TPM2_Clear: resetCount %d, clock %d ms; AK replaced", ci.ResetCount, ci.Clock)
+	if out, err := exec.Command(needTool(t, "tpm2_clear"), "-T", tcti(p), "-c", "l").CombinedOutput(); err == nil {
+		t.Fatalf("TPM2_Clear succeeded with clear disabled:\n%s", out)
+	}
 }
 
 // TestResettablePCRs: the simulator and swtpm follow the PC-client rules

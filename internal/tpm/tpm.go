@@ -165,7 +165,7 @@ func AKPEM(pub *ecdsa.PublicKey) ([]byte, error) {
 }
 
 // AKTemplate returns the public template the AK is created from with
-// TPM2_CreatePrimary (under the owner hierarchy; see loadAK): the TCG default AK
+// TPM2_CreatePrimary under the endorsement hierarchy: the TCG default AK
 // shape (as go-tpm-tools' AKTemplateECC): ECC NIST P-256, nameAlg SHA-256,
 // restricted signing key with the ECDSA-SHA256 scheme, attributes
 // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|sign|noDA,
@@ -219,9 +219,6 @@ type dev struct {
 	extendCmd [extendCmdLen]byte
 	// onClose runs after the connection is closed (releases the simulator).
 	onClose func() error
-	// akHierarchy is the hierarchy the AK is a primary of: the owner
-	// (storage) hierarchy, except on the simulator (endorsement).
-	akHierarchy tpm2.TPMHandle
 }
 
 // exclusive marks a backend without a resource manager whose TPM this
@@ -330,34 +327,16 @@ func (d *dev) flushStale(ctx context.Context) error {
 	return nil
 }
 
-// loadAK creates the AK with TPM2_CreatePrimary and keeps its handle. If an
-// AK was loaded before (Reset), the new key must be the same key.
-//
-// The AK is a primary of the owner (storage) hierarchy, so it is derived
-// from the storage primary seed, which TPM2_Clear replaces. TPM2_Clear is
-// also the one command that sets the TPM's resetCount and clock back; with
-// an AK that survived it, a host root could clear the TPM, reboot until
-// resetCount matches an old epoch, move the clock forward and re-extend a
-// prefix of that epoch's log. With this AK, a cleared TPM can no longer sign
-// for the AK verifiers enrolled (docs/protocol.md). The simulator keeps its
-// AK in the endorsement hierarchy: its seeds are fixed and public anyway, and
-// only the endorsement seed survives its manufacture-time Clear.
+// loadAK creates the AK with TPM2_CreatePrimary under the endorsement
+// hierarchy and keeps its handle. If an AK was loaded before (Reset), the new
+// key must be the same key.
 func (d *dev) loadAK(ctx context.Context) error {
-	h, name := d.akHierarchy, "owner"
-	if h == 0 {
-		h = tpm2.TPMRHOwner
-	} else if h == tpm2.TPMRHEndorsement {
-		name = "endorsement"
-	}
 	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: h, Auth: tpm2.PasswordAuth(nil)},
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
 		InPublic:      tpm2.New2B(AKTemplate()),
 	}.Execute(d.tr(ctx))
 	if err != nil {
-		if errors.Is(err, tpm2.TPMRCBadAuth) || errors.Is(err, tpm2.TPMRCAuthFail) {
-			return fmt.Errorf("create AK under the %s hierarchy: %w (the TPM's %s authorization is set; tpmmux needs it empty)", name, err, name)
-		}
-		return fmt.Errorf("create AK under the %s hierarchy: %w", name, err)
+		return fmt.Errorf("create AK under the endorsement hierarchy: %w", err)
 	}
 	pub, err := akPublic(rsp.OutPublic)
 	if err != nil {
@@ -366,7 +345,7 @@ func (d *dev) loadAK(ctx context.Context) error {
 	}
 	if d.akPub != nil && !d.akPub.Equal(pub) {
 		_, ferr := tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(d.tr(ctx))
-		return errors.Join(fmt.Errorf("re-created AK differs from the previous AK (the %s seed changed: was the TPM cleared?)", name), ferr)
+		return errors.Join(errors.New("re-created AK differs from the previous AK (endorsement seed changed?)"), ferr)
 	}
 	d.ak, d.akName, d.akPub = rsp.ObjectHandle, rsp.Name, pub
 	return nil

@@ -29,7 +29,7 @@ func ExampleVerify() {
 		Nonce:     nonce,
 		Identity:  ident,
 		AK:        ak,
-		PCR:       23,
+		PCR:       13, // the host's anchor PCR (the default)
 		Appraiser: policy.New(rt, nil),
 	})
 	switch {

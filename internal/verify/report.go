@@ -76,6 +76,9 @@ type EpochReport struct {
 	RestartCount  uint32 `json:"restart_count"`
 	Clock         uint64 `json:"clock"`
 	StartValue    string `json:"start_value"`
+	// ClearDisabled: TPM2_Clear was disabled when the epoch opened, so
+	// this power cycle cannot be replayed by clearing the TPM.
+	ClearDisabled bool `json:"clear_disabled"`
 }
 
 // GenesisReport is the launch measurement of the VM instance.

@@ -436,7 +436,7 @@ func (v *verification) replay() error {
 	}
 	rep.Epoch = EpochReport{SHA256: hex.EncodeToString(v.epochHash[:]), Host: epochRec.Host, BridgeVersion: epochRec.BridgeVersion, Time: epochRec.Time,
 		Nonce: hex.EncodeToString(epochRec.Nonce[:]), ResetCount: epochRec.ResetCount, RestartCount: epochRec.RestartCount, Clock: epochRec.Clock,
-		StartValue: hex.EncodeToString(epochRec.StartValue[:])}
+		StartValue: hex.EncodeToString(epochRec.StartValue[:]), ClearDisabled: epochRec.ClearDisabled}
 	rep.Batches, rep.LogEntries = int(v.firstBatch)+len(ev.Log), int(v.next)
 	return nil
 }
