@@ -165,6 +165,9 @@ func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 		if err != nil {
 			return err
 		}
+		if v.trace != nil {
+			v.trace(true, code, binary.BigEndian.Uint32(resp))
+		}
 		if _, err := ctrl.Write(resp); err != nil {
 			return fmt.Errorf("vtpm: write control response: %w", err)
 		}

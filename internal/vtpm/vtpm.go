@@ -59,6 +59,11 @@ type Config struct {
 	Rand io.Reader
 	// Now is the clock for ReadClock (default time.Now).
 	Now func() time.Time
+	// Trace, if set, is called after every control command (Control true,
+	// code a CMD_* number, rc its result) and every TPM command (code the
+	// command code, rc the response code; code 0 for bytes too short to
+	// hold one), for metrics and tests. It must not block.
+	Trace func(control bool, code, rc uint32)
 }
 
 // DefaultBanks are the banks of a VTPM whose Config.Banks is empty.
@@ -87,6 +92,7 @@ type VTPM struct {
 	log     *slog.Logger
 	rand    io.Reader
 	now     func() time.Time
+	trace   func(control bool, code, rc uint32)
 
 	mu       sync.Mutex
 	st       *vpcr.State
@@ -126,6 +132,7 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 		log:     cfg.Logger,
 		rand:    cfg.Rand,
 		now:     cfg.Now,
+		trace:   cfg.Trace,
 		st:      st,
 		bufSize: DefaultBufferSize,
 		auth:    map[uint32][]byte{},
@@ -246,7 +253,14 @@ func (v *VTPM) Execute(ctx context.Context, cmd []byte) []byte {
 	resp := v.execute(ctx, cmd)
 	if len(resp) > int(v.bufSize) {
 		v.log.Error("vtpm: response larger than the buffer; answering TPM_RC_FAILURE", "size", len(resp), "buffer", v.bufSize)
-		return errorResponse(rcFailure)
+		resp = errorResponse(rcFailure)
+	}
+	if v.trace != nil {
+		var cc uint32
+		if len(cmd) >= headerSize {
+			cc = uint32(cmd[6])<<24 | uint32(cmd[7])<<16 | uint32(cmd[8])<<8 | uint32(cmd[9])
+		}
+		v.trace(false, cc, uint32(resp[6])<<24|uint32(resp[7])<<16|uint32(resp[8])<<8|uint32(resp[9]))
 	}
 	return resp
 }
