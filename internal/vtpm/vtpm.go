@@ -176,8 +176,7 @@ func (v *VTPM) Locality() uint8 {
 // held. On error nothing changed.
 func (v *VTPM) record(ctx context.Context, e vpcr.Event) error {
 	e.Seq = v.st.Seq() + 1
-	next := v.st.Clone()
-	if err := next.Apply(e); err != nil {
+	if err := v.st.Check(e); err != nil {
 		// The processor checked the rules before; this is a bug, not a
 		// guest error. Do not journal something replay would refuse.
 		return fmt.Errorf("vtpm: refusing to journal %v: %w", e, err)
@@ -185,7 +184,9 @@ func (v *VTPM) record(ctx context.Context, e vpcr.Event) error {
 	if err := v.journal.Append(ctx, e); err != nil {
 		return fmt.Errorf("vtpm: journal %v: %w", e, err)
 	}
-	v.st = next
+	if err := v.st.Apply(e); err != nil {
+		panic(fmt.Sprintf("vtpm: checked event %v no longer applies: %v", e, err)) // unreachable: v.mu is held
+	}
 	return nil
 }
 

@@ -397,6 +397,15 @@ func (s *State) Read(a Alg, i int) []byte {
 // Apply checks e against the state and the PC-client rules and applies it.
 // On error the state is unchanged.
 func (s *State) Apply(e Event) error {
+	if err := s.Check(e); err != nil {
+		return err
+	}
+	s.apply(e)
+	return nil
+}
+
+// Check reports whether Apply(e) would succeed, changing nothing.
+func (s *State) Check(e Event) error {
 	if e.Seq != s.seq+1 {
 		return fmt.Errorf("vpcr: event %v out of order: want seq %d", e, s.seq+1)
 	}
@@ -405,7 +414,6 @@ func (s *State) Apply(e Event) error {
 	}
 	switch e.Kind {
 	case KindInit:
-		s.phase = PhaseInit
 	case KindStartup:
 		if s.phase != PhaseInit {
 			return fmt.Errorf("vpcr: event %v: Startup without a preceding Init (phase %v)", e, s.phase)
@@ -417,11 +425,6 @@ func (s *State) Apply(e Event) error {
 		if !slices.Equal(e.Banks, next) {
 			return fmt.Errorf("vpcr: event %v: banks %v after startup, want %v", e, e.Banks, next)
 		}
-		s.activate(next, e.Locality)
-		s.pending = nil
-		s.updates = 0
-		s.resets++
-		s.phase = PhaseRunning
 	case KindExtend:
 		if err := s.checkPCROp(e, CanExtend); err != nil {
 			return err
@@ -440,22 +443,10 @@ func (s *State) Apply(e Event) error {
 		if len(e.Data) > 1024 {
 			return fmt.Errorf("vpcr: event %v: event data of %d bytes (max 1024)", e, len(e.Data))
 		}
-		for _, d := range e.Digests {
-			b := slices.Index(s.active, d.Alg)
-			h := d.Alg.Hash().New()
-			h.Write(s.values[b][e.PCR])
-			h.Write(d.Value)
-			s.values[b][e.PCR] = h.Sum(nil)
-		}
-		s.updates++
 	case KindReset:
 		if err := s.checkPCROp(e, CanReset); err != nil {
 			return err
 		}
-		for b, a := range s.active {
-			s.values[b][e.PCR] = make([]byte, a.Size())
-		}
-		s.updates++
 	case KindAllocate:
 		banks, err := CheckBanks(e.Banks)
 		if err != nil || !slices.Equal(banks, e.Banks) {
@@ -469,12 +460,45 @@ func (s *State) Apply(e Event) error {
 		if s.phase != PhaseRunning {
 			return fmt.Errorf("vpcr: event %v: TPM not running", e)
 		}
-		s.pending = slices.Clone(banks)
 	default:
 		return fmt.Errorf("vpcr: event %v: unknown kind", e)
 	}
-	s.seq = e.Seq
 	return nil
+}
+
+// apply applies a checked event.
+func (s *State) apply(e Event) {
+	switch e.Kind {
+	case KindInit:
+		s.phase = PhaseInit
+	case KindStartup:
+		next := s.active
+		if s.pending != nil {
+			next = s.pending
+		}
+		s.activate(next, e.Locality)
+		s.pending = nil
+		s.updates = 0
+		s.resets++
+		s.phase = PhaseRunning
+	case KindExtend:
+		for _, d := range e.Digests {
+			b := slices.Index(s.active, d.Alg)
+			h := d.Alg.Hash().New()
+			h.Write(s.values[b][e.PCR])
+			h.Write(d.Value)
+			s.values[b][e.PCR] = h.Sum(s.values[b][e.PCR][:0])
+		}
+		s.updates++
+	case KindReset:
+		for b, a := range s.active {
+			s.values[b][e.PCR] = make([]byte, a.Size())
+		}
+		s.updates++
+	case KindAllocate:
+		s.pending = slices.Clone(e.Banks)
+	}
+	s.seq = e.Seq
 }
 
 func (s *State) checkPCROp(e Event, allowed func(int, uint8) bool) error {
