@@ -57,6 +57,21 @@ for t in /opt/vtpm/tool-*; do "$t"; done
 cat /opt/vtpm/data >/dev/null
 ls /sys/class/tpm/ | sed 's/^/VTPM-TEST: tpm-dev /'
 dmesg | grep -i -E 'tpm|ima' | sed 's/^/VTPM-TEST: dmesg /'
+# Guest root sends raw TPM commands through /dev/tpm0 (printf + dd).
+tpmcmd() { # tpmcmd NAME HEX-ESCAPED-COMMAND
+  exec 3<>/dev/tpm0
+  printf "$2" >&3
+  echo "VTPM-TEST: tpmcmd $1 $(dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+  exec 3>&-
+}
+p0=$(cat /sys/class/tpm/tpm0/pcr-sha256/10)
+tpmcmd startup '\x80\x01\x00\x00\x00\x0c\x00\x00\x01\x44\x00\x00'
+tpmcmd reset10 '\x80\x02\x00\x00\x00\x1b\x00\x00\x01\x3d\x00\x00\x00\x0a\x00\x00\x00\x09\x40\x00\x00\x09\x00\x00\x01\x00\x00'
+tpmcmd reset0 '\x80\x02\x00\x00\x00\x1b\x00\x00\x01\x3d\x00\x00\x00\x00\x00\x00\x00\x09\x40\x00\x00\x09\x00\x00\x01\x00\x00'
+tpmcmd reset17 '\x80\x02\x00\x00\x00\x1b\x00\x00\x01\x3d\x00\x00\x00\x11\x00\x00\x00\x09\x40\x00\x00\x09\x00\x00\x01\x00\x00'
+tpmcmd reset16 '\x80\x02\x00\x00\x00\x1b\x00\x00\x01\x3d\x00\x00\x00\x10\x00\x00\x00\x09\x40\x00\x00\x09\x00\x00\x01\x00\x00'
+tpmcmd createprimary '\x80\x01\x00\x00\x00\x0a\x00\x00\x01\x31'
+echo "VTPM-TEST: pcr10-before-user-cmds $p0"
 a=$(cat /sys/class/tpm/tpm0/pcr-sha256/10)
 cp /sys/kernel/security/ima/binary_runtime_measurements /run/ima.bin
 b=$(cat /sys/class/tpm/tpm0/pcr-sha256/10)
@@ -281,6 +296,8 @@ func TestQEMUGuestIMA(t *testing.T) {
 	var pcrA, pcrB, pcr1 string
 	var b64 strings.Builder
 	var doneSeen, policy bool
+	userCmds := map[string]string{}
+	var pcrBefore string
 	var dmesg []string
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -307,6 +324,14 @@ func TestQEMUGuestIMA(t *testing.T) {
 			if len(f) == 2 {
 				b64.WriteString(f[1])
 			}
+		case "tpmcmd":
+			if len(f) == 3 {
+				userCmds[f[1]] = f[2]
+			}
+		case "pcr10-before-user-cmds":
+			if len(f) == 2 {
+				pcrBefore = f[1]
+			}
 		case "dmesg":
 			dmesg = append(dmesg, strings.Join(f[1:], " "))
 		case "policy":
@@ -326,6 +351,25 @@ func TestQEMUGuestIMA(t *testing.T) {
 	}
 	if pcrA == "" || pcrA != pcrB {
 		t.Fatalf("guest PCR 10 %q then %q (changed while the list was copied, or unreadable)", pcrA, pcrB)
+	}
+	// The TPM's state rules hold against guest root (/dev/tpm0): a
+	// Startup(CLEAR) is refused and resets nothing, PCR_Reset works only on
+	// 16 (and 23) at locality 0, never on 0-15 or the D-RTM PCRs, and
+	// unimplemented commands get TPM_RC_COMMAND_CODE.
+	for name, want := range map[string]string{
+		"startup":       "80010000000a00000100", // TPM_RC_INITIALIZE
+		"reset10":       "80010000000a00000907", // TPM_RC_LOCALITY
+		"reset0":        "80010000000a00000907",
+		"reset17":       "80010000000a00000907",
+		"reset16":       "80020000001300000000000000000000010000", // success, password session echo
+		"createprimary": "80010000000a00000143", // TPM_RC_COMMAND_CODE
+	} {
+		if got := userCmds[name]; got != want {
+			t.Errorf("guest root's %s through /dev/tpm0: response %q, want %q", name, got, want)
+		}
+	}
+	if pcrBefore != pcrA {
+		t.Errorf("guest PCR 10 %s before its user-space Startup/PCR_Reset, %s after", pcrBefore, pcrA)
 	}
 	list, err := base64.StdEncoding.DecodeString(b64.String())
 	if err != nil {
