@@ -362,7 +362,7 @@ func TestQEMUGuestIMA(t *testing.T) {
 		"reset0":        "80010000000a00000907",
 		"reset17":       "80010000000a00000907",
 		"reset16":       "80020000001300000000000000000000010000", // success, password session echo
-		"createprimary": "80010000000a00000143", // TPM_RC_COMMAND_CODE
+		"createprimary": "80010000000a00000143",                   // TPM_RC_COMMAND_CODE
 	} {
 		if got := userCmds[name]; got != want {
 			t.Errorf("guest root's %s through /dev/tpm0: response %q, want %q", name, got, want)
