@@ -148,8 +148,9 @@ func startSwtpm(b testing.TB) net.Conn {
 // swtpmPID is the pid of the last swtpm startSwtpm ran (for its RSS).
 var swtpmPID int
 
-// vmRSS returns a process's VmRSS in bytes.
-func vmRSS(pid int) (int64, error) {
+// procStatus returns a size field ("VmRSS", "RssAnon") of a process's
+// /proc status in bytes.
+func procStatus(pid int, field string) (int64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
@@ -157,12 +158,12 @@ func vmRSS(pid int) (int64, error) {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
 			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 			return kb * 1024, err
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+	return 0, fmt.Errorf("no %s for pid %d", field, pid)
 }
 
 // TestPerVTPMMemory measures what one served vTPM costs the bridge: the
@@ -222,8 +223,10 @@ func TestPerVTPMMemory(t *testing.T) {
 		for k := range 20 {
 			respRC(t, data, twoBankExtend(k))
 		}
-		if rss, err := vmRSS(swtpmPID); err == nil {
-			t.Logf("swtpm per VM: VmRSS %d bytes (%.0f× the vTPM)", rss, float64(rss)/float64(per))
+		rss, err1 := procStatus(swtpmPID, "VmRSS")
+		anon, err2 := procStatus(swtpmPID, "RssAnon")
+		if err1 == nil && err2 == nil {
+			t.Logf("swtpm per VM: VmRSS %d bytes (%.0f× the vTPM), RssAnon %d bytes (%.0f×)", rss, float64(rss)/float64(per), anon, float64(anon)/float64(per))
 		}
 	}
 	runtime.KeepAlive(keep)
