@@ -141,19 +141,31 @@ func (r *cmdReader) next(ctx context.Context, limit int) ([]byte, error) {
 	return cmd, nil
 }
 
-// more reads more bytes of a started command; false on timeout.
+// more reads more bytes of a started command; false on timeout. A
+// cancellation of the serving context (which sets a past read deadline)
+// does not cut a started command short: it is read to its end, within
+// the partial-command timeout, so a handover never splits one.
 func (r *cmdReader) more() (bool, error) {
 	if r.n == len(r.buf) {
 		return false, nil
 	}
-	r.c.SetReadDeadline(time.Now().Add(dataPartialTimeout))
-	m, err := r.c.Read(r.buf[r.n:])
-	r.n += m
-	if err != nil {
+	until := time.Now().Add(dataPartialTimeout)
+	for {
+		r.c.SetReadDeadline(until)
+		m, err := r.c.Read(r.buf[r.n:])
+		r.n += m
+		if m > 0 {
+			return true, nil
+		}
+		if err == nil {
+			continue
+		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if time.Now().Before(until) {
+				continue // the context's cancellation, not our timeout
+			}
 			return false, nil
 		}
 		return false, err
 	}
-	return true, nil
 }
