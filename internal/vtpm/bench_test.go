@@ -1,0 +1,242 @@
+package vtpm_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tpmmux/tpmmux/internal/vtpm"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
+)
+
+// BenchmarkExtendLatency is the guest-visible latency of one PCR_Extend
+// (sha1 + sha256 digests, as Linux IMA sends on a two-bank TPM) through a
+// data socket, as QEMU's TPM backend sends it: the bridge's vTPM with the
+// in-memory journal, and swtpm as a per-VM vTPM (the baseline, same
+// machine, same run, same data-socket path via CMD_SET_DATAFD). Reports
+// p50 and p99 besides the mean.
+//
+//	go test -run '^$' -bench ExtendLatency -benchtime 3000x ./internal/vtpm/
+func BenchmarkExtendLatency(b *testing.B) {
+	b.Run("vtpm-memjournal", func(b *testing.B) {
+		r := newRig(b, nil, nil)
+		r.powerOn(b)
+		benchExtends(b, r.raw)
+	})
+	b.Run("swtpm", func(b *testing.B) {
+		data := startSwtpm(b)
+		benchExtends(b, data)
+	})
+}
+
+// twoBankExtend is a PCR_Extend of PCR 10 with a sha1 and a sha256 digest.
+func twoBankExtend(i int) []byte {
+	d := sha256.Sum256([]byte(strconv.Itoa(i)))
+	var p []byte
+	p = binary.BigEndian.AppendUint32(p, 2)
+	p = binary.BigEndian.AppendUint16(p, 0x0004)
+	p = append(p, d[:20]...)
+	p = binary.BigEndian.AppendUint16(p, 0x000B)
+	p = append(p, d[:]...)
+	var c []byte
+	c = binary.BigEndian.AppendUint16(c, 0x8002)
+	c = binary.BigEndian.AppendUint32(c, 0)
+	c = binary.BigEndian.AppendUint32(c, 0x182)
+	c = binary.BigEndian.AppendUint32(c, 10)
+	c = binary.BigEndian.AppendUint32(c, 9)
+	c = binary.BigEndian.AppendUint32(c, 0x40000009)
+	c = append(c, 0, 0, 1, 0, 0)
+	c = append(c, p...)
+	binary.BigEndian.PutUint32(c[2:], uint32(len(c)))
+	return c
+}
+
+func benchExtends(b *testing.B, c net.Conn) {
+	cmds := make([][]byte, 64)
+	for i := range cmds {
+		cmds[i] = twoBankExtend(i)
+	}
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		t := time.Now()
+		if rc := respRC(b, c, cmds[i%len(cmds)]); rc != 0 {
+			b.Fatalf("PCR_Extend: rc %#x", rc)
+		}
+		lat = append(lat, time.Since(t))
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds())/1e3, "p99-µs")
+}
+
+// startSwtpm runs swtpm as QEMU's per-VM vTPM (control channel on a unix
+// socket, data channel by CMD_SET_DATAFD), powered on with
+// --flags startup-clear, and returns the data socket.
+func startSwtpm(b testing.TB) net.Conn {
+	b.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		b.Skip("swtpm not installed (Debian: swtpm)")
+	}
+	dir := b.TempDir()
+	ctrlPath := filepath.Join(dir, "ctrl.sock")
+	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
+		"--ctrl", "type=unixio,path="+ctrlPath)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var c *net.UnixConn
+	var err error
+	for range 100 {
+		if c, err = net.DialUnix("unix", nil, &net.UnixAddr{Name: ctrlPath, Net: "unix"}); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		b.Fatalf("swtpm control socket: %v", err)
+	}
+	b.Cleanup(func() { c.Close() })
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	call := func(code uint32, body []byte, oob []byte) {
+		msg := append(binary.BigEndian.AppendUint32(nil, code), body...)
+		if _, _, err := c.WriteMsgUnix(msg, oob, nil); err != nil {
+			b.Fatal(err)
+		}
+		resp := make([]byte, 4)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(resp); err != nil || binary.BigEndian.Uint32(resp) != 0 {
+			b.Fatalf("swtpm control command %d: %x %v", code, resp, err)
+		}
+	}
+	call(16, nil, unix.UnixRights(fds[1]))
+	unix.Close(fds[1])
+	call(2, []byte{0, 0, 0, 0}, nil)
+	f := os.NewFile(uintptr(fds[0]), "swtpm-data")
+	data, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { data.Close() })
+	if rc := respRC(b, data, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}); rc != 0 {
+		b.Fatalf("swtpm Startup: %#x", rc)
+	}
+	swtpmPID = cmd.Process.Pid
+	return data
+}
+
+// swtpmPID is the pid of the last swtpm startSwtpm ran (for its RSS).
+var swtpmPID int
+
+// procStatus returns a size field ("VmRSS", "RssAnon") of a process's
+// /proc status in bytes.
+func procStatus(pid int, field string) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb * 1024, err
+		}
+	}
+	return 0, fmt.Errorf("no %s for pid %d", field, pid)
+}
+
+// TestPerVTPMMemory measures what one served vTPM costs the bridge: the
+// heap and goroutine stacks of n vTPMs, each powered on, started, with 20
+// extends journaled elsewhere and its control and data connections served
+// (goroutines parked in reads), divided by n. Target: at most 64 KiB. It
+// logs swtpm's RSS for the same job (the per-VM baseline).
+func TestPerVTPMMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocates a few hundred vTPMs")
+	}
+	const n = 200
+	mem := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc + m.StackInuse
+	}
+	// Journals are the multiplexer's memory, not the vTPM's: share one
+	// that forgets.
+	j := forgetJournal{}
+	before := mem()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var keep []any
+	for i := range n {
+		v, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctrlA, ctrlB := unixPair(t)
+		go v.ServeControl(ctx, ctrlB)
+		fds, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		ctrlCall(t, ctrlA, 16, nil, []int{fds[1]}, 4)
+		unix.Close(fds[1])
+		ctrlCall(t, ctrlA, 2, []byte{0, 0, 0, 0}, nil, 4)
+		f := os.NewFile(uintptr(fds[0]), "d")
+		dc, _ := net.FileConn(f)
+		f.Close()
+		respRC(t, dc, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0})
+		for k := range 20 {
+			if rc := respRC(t, dc, twoBankExtend(i*100+k)); rc != 0 {
+				t.Fatalf("extend: %#x", rc)
+			}
+		}
+		keep = append(keep, v, ctrlA, dc)
+	}
+	after := mem()
+	per := (int64(after) - int64(before)) / n
+	t.Logf("per served vTPM: %d bytes (heap + goroutine stacks, %d vTPMs, buffers of %d-byte commands included)", per, n, vtpm.MaxBufferSize)
+	if per > 64<<10 {
+		t.Errorf("a served vTPM costs %d bytes, over the 64 KiB target", per)
+	}
+	if _, err := exec.LookPath("swtpm"); err == nil {
+		data := startSwtpm(t)
+		for k := range 20 {
+			respRC(t, data, twoBankExtend(k))
+		}
+		rss, err1 := procStatus(swtpmPID, "VmRSS")
+		anon, err2 := procStatus(swtpmPID, "RssAnon")
+		if err1 == nil && err2 == nil {
+			t.Logf("swtpm per VM: VmRSS %d bytes (%.0f× the vTPM), RssAnon %d bytes (%.0f×)", rss, float64(rss)/float64(per), anon, float64(anon)/float64(per))
+		}
+	}
+	runtime.KeepAlive(keep)
+}
+
+type forgetJournal struct{}
+
+func (forgetJournal) Append(context.Context, vpcr.Event) error { return nil }
+
+func unixPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
+	a, b := socketPair(t)
+	return a.(*net.UnixConn), b.(*net.UnixConn)
+}

@@ -1,0 +1,366 @@
+package vtpm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Control-channel command codes (swtpm-ioctls(3), QEMU's tpm_ioctl.h). On
+// the socket a command is its code as a big-endian u32 followed by the
+// request structure; the answer is the response structure. All fields are
+// big-endian.
+const (
+	cmdGetCapability       uint32 = 1
+	cmdInit                uint32 = 2
+	cmdShutdown            uint32 = 3
+	cmdGetTPMEstablished   uint32 = 4
+	cmdSetLocality         uint32 = 5
+	cmdHashStart           uint32 = 6
+	cmdHashData            uint32 = 7
+	cmdHashEnd             uint32 = 8
+	cmdCancelTPMCmd        uint32 = 9
+	cmdStoreVolatile       uint32 = 10
+	cmdResetTPMEstablished uint32 = 11
+	cmdGetStateBlob        uint32 = 12
+	cmdSetStateBlob        uint32 = 13
+	cmdStop                uint32 = 14
+	cmdGetConfig           uint32 = 15
+	cmdSetDataFD           uint32 = 16
+	cmdSetBufferSize       uint32 = 17
+)
+
+// Control-channel result codes: TPM 1.2 error codes, as swtpm returns them.
+const (
+	ptmSuccess      uint32 = 0
+	ptmBadParameter uint32 = 3
+	ptmFail         uint32 = 9
+	ptmBadOrdinal   uint32 = 10
+	ptmIOError      uint32 = 0x1F
+	ptmBadLocality  uint32 = 0x3D
+)
+
+// PTM_CAP_* bits of CMD_GET_CAPABILITY.
+const (
+	capInit                = 1 << 0
+	capShutdown            = 1 << 1
+	capGetTPMEstablished   = 1 << 2
+	capSetLocality         = 1 << 3
+	capHashing             = 1 << 4
+	capCancelTPMCmd        = 1 << 5
+	capStoreVolatile       = 1 << 6
+	capResetTPMEstablished = 1 << 7
+	capGetStateBlob        = 1 << 8
+	capSetStateBlob        = 1 << 9
+	capStop                = 1 << 10
+	capGetConfig           = 1 << 11
+	capSetDataFD           = 1 << 12
+	capSetBufferSize       = 1 << 13
+)
+
+// ControlCapabilities is what CMD_GET_CAPABILITY reports. It covers QEMU's
+// minimum for a TPM 2.0 (INIT, SHUTDOWN, GET_TPMESTABLISHED, SET_LOCALITY,
+// RESET_TPMESTABLISHED, SET_DATAFD, STOP, SET_BUFFERSIZE) plus CANCEL,
+// STORE_VOLATILE and GET_CONFIG. It leaves out HASHING (the locality-4
+// D-RTM hash interface) and GET/SET_STATEBLOB: without those two QEMU
+// refuses to migrate the VM ("Migration disabled: TPM emulator does not
+// support migration") instead of migrating a TPM whose history would not
+// follow; see docs/vtpm.md.
+const ControlCapabilities uint64 = capInit | capShutdown | capGetTPMEstablished | capSetLocality |
+	capCancelTPMCmd | capStoreVolatile | capResetTPMEstablished | capStop | capGetConfig |
+	capSetDataFD | capSetBufferSize
+
+// Limits of the control channel.
+const (
+	// ctrlBodyMax is the largest fixed request read with a command
+	// (CMD_HASH_DATA: a u32 length and 4096 bytes).
+	ctrlBodyMax = 4 + 4096
+	// ctrlPartialTimeout bounds the wait for the rest of a request whose
+	// first bytes arrived (swtpm allows 500 ms).
+	ctrlPartialTimeout = time.Second
+	// maxDiscardBlob is the largest CMD_SET_STATEBLOB body read and
+	// dropped; a larger one closes the connection.
+	maxDiscardBlob = 16 << 20
+)
+
+// ServeControl serves the swtpm control channel on ctrl, QEMU's
+// connection to the VM's vTPM socket, until the peer closes it (nil), an
+// I/O error (returned), or ctx ends (ctx.Err(); ctrl and the data
+// connection stay open, so a new process can take them over). A data
+// socket passed with CMD_SET_DATAFD is served by ServeData; ServeControl
+// returns only after that has ended too. ctrl may come from a listener or
+// from outside (an fd kept in systemd's FDSTORE, or inherited across a
+// re-exec); the caller closes it.
+func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
+	ctx, cancel := context.WithCancel(parent)
+	var wg sync.WaitGroup
+	defer func() {
+		// The control peer is gone (not a handover): so is the VM, or
+		// the peer was not QEMU. End the data channel with it.
+		if parent.Err() == nil {
+			if d := v.DataConn(); d != nil {
+				d.Close()
+			}
+		}
+		wg.Wait()
+		cancel()
+	}()
+	stop := context.AfterFunc(ctx, func() { ctrl.SetReadDeadline(time.Now()) })
+	defer stop()
+
+	buf := make([]byte, 4+ctrlBodyMax)
+	oob := make([]byte, unix.CmsgSpace(4*8))
+	for {
+		ctrl.SetReadDeadline(time.Time{})
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		n, oobn, _, _, err := ctrl.ReadMsgUnix(buf, oob)
+		fds := receivedFDs(oob[:oobn])
+		if err != nil {
+			closeAll(fds)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("vtpm: read control channel: %w", err)
+		}
+		if n == 0 {
+			closeAll(fds)
+			return nil
+		}
+		msg := buf[:n]
+		for len(msg) < 4 {
+			m, err := v.readMore(ctrl, buf[len(msg):4])
+			if err != nil {
+				closeAll(fds)
+				return fmt.Errorf("vtpm: control channel: truncated command: %w", err)
+			}
+			msg = buf[:len(msg)+m]
+		}
+		code := binary.BigEndian.Uint32(msg)
+		body := msg[4:]
+		if need := ctrlBodySize(code, body); need > len(body) {
+			for len(body) < need {
+				m, err := v.readMore(ctrl, buf[4+len(body):4+need])
+				if err != nil {
+					closeAll(fds)
+					return fmt.Errorf("vtpm: control channel: truncated command %d: %w", code, err)
+				}
+				body = buf[4 : 4+len(body)+m]
+			}
+		}
+		resp, err := v.control(ctx, ctrl, code, body, &fds, &wg)
+		closeAll(fds)
+		if err != nil {
+			return err
+		}
+		if v.trace != nil {
+			v.trace(true, code, binary.BigEndian.Uint32(resp))
+		}
+		if _, err := ctrl.Write(resp); err != nil {
+			return fmt.Errorf("vtpm: write control response: %w", err)
+		}
+	}
+}
+
+// readMore reads into b with the partial-request deadline.
+func (v *VTPM) readMore(c net.Conn, b []byte) (int, error) {
+	c.SetReadDeadline(time.Now().Add(ctrlPartialTimeout))
+	defer c.SetReadDeadline(time.Time{})
+	return c.Read(b)
+}
+
+// ctrlBodySize is the request size a command needs (as swtpm reads it);
+// bytes beyond it in the same message (QEMU pads SET_LOCALITY's one byte to
+// four) are ignored.
+func ctrlBodySize(code uint32, body []byte) int {
+	switch code {
+	case cmdInit, cmdSetBufferSize:
+		return 4
+	case cmdSetLocality, cmdResetTPMEstablished:
+		return 1
+	case cmdGetStateBlob:
+		return 12
+	case cmdSetStateBlob:
+		return 12 // the blob follows; it is drained separately
+	case cmdHashData:
+		if len(body) < 4 {
+			return 4
+		}
+		return 4 + int(min(binary.BigEndian.Uint32(body), 4096))
+	}
+	return 0
+}
+
+func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+
+// control executes one control command and returns its response.
+func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, body []byte, fds *[]int, wg *sync.WaitGroup) ([]byte, error) {
+	switch code {
+	case cmdGetCapability:
+		return binary.BigEndian.AppendUint64(nil, ControlCapabilities), nil
+	case cmdInit:
+		if len(body) < 4 {
+			return be32(ptmBadParameter), nil
+		}
+		// init_flags (DELETE_VOLATILE) has nothing to delete here.
+		return be32(v.Init(ctx)), nil
+	case cmdShutdown, cmdStop:
+		v.Stop()
+		return be32(ptmSuccess), nil
+	case cmdGetTPMEstablished:
+		// No D-RTM (_TPM_Hash_Start) exists here, so the flag is clear.
+		return append(be32(ptmSuccess), 0, 0, 0, 0), nil
+	case cmdSetLocality:
+		if len(body) < 1 {
+			return be32(ptmBadParameter), nil
+		}
+		return be32(v.SetLocality(body[0])), nil
+	case cmdResetTPMEstablished:
+		if len(body) < 1 {
+			return be32(ptmBadParameter), nil
+		}
+		if body[0] != 3 && body[0] != 4 {
+			return be32(ptmBadLocality), nil
+		}
+		return be32(ptmSuccess), nil
+	case cmdCancelTPMCmd:
+		// Commands do not run long enough to cancel; a journal wait is not
+		// cancellable (the record may already be durable).
+		return be32(ptmSuccess), nil
+	case cmdStoreVolatile:
+		// The state is always in the journal; nothing to store.
+		return be32(ptmSuccess), nil
+	case cmdGetConfig:
+		return append(be32(ptmSuccess), be32(0)...), nil
+	case cmdSetBufferSize:
+		if len(body) < 4 {
+			return be32(ptmBadParameter), nil
+		}
+		n := v.SetBufferSize(binary.BigEndian.Uint32(body))
+		resp := be32(ptmSuccess)
+		resp = binary.BigEndian.AppendUint32(resp, n)
+		resp = binary.BigEndian.AppendUint32(resp, MinBufferSize)
+		return binary.BigEndian.AppendUint32(resp, MaxBufferSize), nil
+	case cmdGetStateBlob:
+		// Not supported (not advertised). QEMU reads the 16-byte header
+		// (result, flags, totlength, length) even on error.
+		v.log.Warn("vtpm: CMD_GET_STATEBLOB refused: migration of a vTPM is not supported")
+		return append(be32(ptmBadOrdinal), make([]byte, 12)...), nil
+	case cmdSetStateBlob:
+		v.log.Warn("vtpm: CMD_SET_STATEBLOB refused: migration of a vTPM is not supported")
+		if len(body) < 12 {
+			return be32(ptmBadParameter), nil
+		}
+		// Bytes of the blob that came with the header are already read.
+		length := int64(binary.BigEndian.Uint32(body[8:12])) - int64(len(body)-12)
+		if length > maxDiscardBlob {
+			return nil, fmt.Errorf("vtpm: control channel: state blob of %d bytes; closing", length)
+		}
+		ctrl.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := io.CopyN(io.Discard, ctrl, max(length, 0))
+		ctrl.SetReadDeadline(time.Time{})
+		if err != nil {
+			return nil, fmt.Errorf("vtpm: control channel: drain state blob: %w", err)
+		}
+		return be32(ptmBadOrdinal), nil
+	case cmdHashStart, cmdHashData, cmdHashEnd:
+		// The locality-4 hash interface (D-RTM) is not implemented (not
+		// advertised; QEMU never sends it).
+		return be32(ptmBadOrdinal), nil
+	case cmdSetDataFD:
+		if len(*fds) != 1 {
+			v.log.Warn("vtpm: CMD_SET_DATAFD without exactly one fd", "fds", len(*fds))
+			return be32(ptmBadParameter), nil
+		}
+		fd := (*fds)[0]
+		*fds = nil
+		conn, err := fdConn(fd)
+		if err != nil {
+			v.log.Warn("vtpm: CMD_SET_DATAFD: not a socket", "err", err)
+			return be32(ptmBadParameter), nil
+		}
+		if !v.claimData(conn) {
+			conn.Close()
+			return be32(ptmIOError), nil
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := v.serveData(ctx, conn); err != nil && ctx.Err() == nil {
+				v.log.Warn("vtpm: data channel ended", "err", err)
+			}
+		}()
+		return be32(ptmSuccess), nil
+	}
+	v.log.Warn("vtpm: unknown control command", "code", code)
+	return be32(ptmBadOrdinal), nil
+}
+
+// receivedFDs extracts the fds of SCM_RIGHTS messages.
+func receivedFDs(oob []byte) []int {
+	if len(oob) == 0 {
+		return nil
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for _, m := range msgs {
+		if f, err := unix.ParseUnixRights(&m); err == nil {
+			fds = append(fds, f...)
+		}
+	}
+	return fds
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+// fdConn makes a net.Conn of a received socket fd (and takes the fd).
+func fdConn(fd int) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), "vtpm-data")
+	defer f.Close() // FileConn dups it
+	return net.FileConn(f)
+}
+
+// ServeListener accepts control connections on l and serves them one at a
+// time with ServeControl (as swtpm does: QEMU connects once per VM run),
+// until ctx ends or l fails. A connection whose peer hung up is closed; on
+// ctx's end the current one stays open for a handover.
+func (v *VTPM) ServeListener(ctx context.Context, l *net.UnixListener) error {
+	stop := context.AfterFunc(ctx, func() { l.SetDeadline(time.Now()) })
+	defer stop()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("vtpm: accept control connection: %w", err)
+		}
+		err = v.ServeControl(ctx, c)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c.Close()
+		if err != nil {
+			v.log.Warn("vtpm: control connection ended", "err", err)
+		}
+	}
+}

@@ -1,0 +1,171 @@
+package vtpm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+)
+
+// dataPartialTimeout bounds the wait for the rest of a TPM command whose
+// first bytes arrived. QEMU writes each command with one write, so only a
+// malformed or hostile peer ever waits this long; it then gets
+// TPM_RC_COMMAND_SIZE.
+const dataPartialTimeout = 2 * time.Second
+
+// dataWriteTimeout bounds a response write: a peer that stops reading
+// responses loses its data connection, and nobody else waits for it.
+const dataWriteTimeout = 30 * time.Second
+
+// claimData makes c the vTPM's data connection unless it has one.
+func (v *VTPM) claimData(c net.Conn) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.data != nil {
+		return false
+	}
+	v.data = c
+	return true
+}
+
+// DataConn returns the data connection in use (received by
+// CMD_SET_DATAFD or given to ServeData), or nil: what a bridge hands over,
+// with the control connection, to the process that replaces it.
+func (v *VTPM) DataConn() net.Conn {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.data
+}
+
+// ServeData serves TPM commands on data, a data connection taken over from
+// a previous bridge process (whose control connection goes to
+// ServeControl), until the peer closes it (nil), an I/O error, or ctx ends
+// (ctx.Err(); data stays open). It fails if the vTPM already has a data
+// connection.
+func (v *VTPM) ServeData(ctx context.Context, data net.Conn) error {
+	if !v.claimData(data) {
+		return errors.New("vtpm: the vTPM already has a data connection")
+	}
+	return v.serveData(ctx, data)
+}
+
+// serveData is the data channel loop. It closes c when the peer is gone,
+// and leaves it open when ctx ends (for a handover).
+func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
+	defer func() {
+		v.mu.Lock()
+		if v.data == c {
+			v.data = nil
+		}
+		v.mu.Unlock()
+		if ctx.Err() == nil {
+			c.Close()
+		}
+	}()
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	defer stop()
+	r := &cmdReader{c: c, buf: make([]byte, MaxBufferSize+1)}
+	for {
+		cmd, err := r.next(ctx, int(v.BufferSize()))
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("vtpm: read TPM command: %w", err)
+		}
+		var resp []byte
+		if cmd == nil {
+			v.log.Warn("vtpm: malformed TPM command (size field and bytes disagree); answering TPM_RC_COMMAND_SIZE")
+			resp = errorResponse(rcCommandSize)
+		} else {
+			resp = v.Execute(ctx, cmd)
+		}
+		c.SetWriteDeadline(time.Now().Add(dataWriteTimeout))
+		if _, err := c.Write(resp); err != nil {
+			return fmt.Errorf("vtpm: write TPM response: %w", err)
+		}
+		c.SetWriteDeadline(time.Time{})
+	}
+}
+
+// cmdReader splits a byte stream into TPM commands by their size field.
+type cmdReader struct {
+	c   net.Conn
+	buf []byte
+	n   int // buf[:n] is read and not yet consumed
+}
+
+// next returns the next command, or nil for a malformed one (shorter than
+// a header, a size field below 10 or above limit, or its bytes not
+// arriving within dataPartialTimeout), whose bytes it drops.
+func (r *cmdReader) next(ctx context.Context, limit int) ([]byte, error) {
+	if r.n == 0 {
+		// Idle: wait without a deadline, but let ctx interrupt.
+		r.c.SetReadDeadline(time.Time{})
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		m, err := r.c.Read(r.buf)
+		if err != nil {
+			return nil, err
+		}
+		r.n = m
+	}
+	for r.n < headerSize {
+		if ok, err := r.more(); err != nil || !ok {
+			r.n = 0
+			return nil, err
+		}
+	}
+	size := int(binary.BigEndian.Uint32(r.buf[2:6]))
+	if size < headerSize || size > limit {
+		r.n = 0 // QEMU sends min(size, buffer) bytes, all read by now
+		return nil, nil
+	}
+	for r.n < size {
+		if ok, err := r.more(); err != nil || !ok {
+			r.n = 0
+			return nil, err
+		}
+	}
+	cmd := make([]byte, size)
+	copy(cmd, r.buf[:size])
+	r.n = copy(r.buf, r.buf[size:r.n])
+	return cmd, nil
+}
+
+// more reads more bytes of a started command; false on timeout. A
+// cancellation of the serving context (which sets a past read deadline)
+// does not cut a started command short: it is read to its end, within
+// the partial-command timeout, so a handover never splits one.
+func (r *cmdReader) more() (bool, error) {
+	if r.n == len(r.buf) {
+		return false, nil
+	}
+	until := time.Now().Add(dataPartialTimeout)
+	for {
+		r.c.SetReadDeadline(until)
+		m, err := r.c.Read(r.buf[r.n:])
+		r.n += m
+		if m > 0 {
+			return true, nil
+		}
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if time.Now().Before(until) {
+				continue // the context's cancellation, not our timeout
+			}
+			return false, nil
+		}
+		return false, err
+	}
+}
