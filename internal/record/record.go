@@ -34,6 +34,7 @@ const (
 	KindBinding     Kind = 4 // a guest key bound to this VM (relay-attack countermeasure)
 	KindTeardown    Kind = 5 // the last record: the VM instance ended
 	KindAction      Kind = 6 // an enforcement action the bridge took on this VM
+	KindTPM         Kind = 7 // an event of the VM's bridge-served vTPM (vTPM mode)
 )
 
 // String names the kind as docs/protocol.md and the verifier's report do.
@@ -51,6 +52,8 @@ func (k Kind) String() string {
 		return "teardown"
 	case KindAction:
 		return "action"
+	case KindTPM:
+		return "tpm"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -66,6 +69,7 @@ type Record struct {
 	Binding     *Binding     `cbor:"6,keyasint,omitempty" json:"binding,omitempty"`
 	Teardown    *Teardown    `cbor:"7,keyasint,omitempty" json:"teardown,omitempty"`
 	Action      *Action      `cbor:"8,keyasint,omitempty" json:"action,omitempty"`
+	TPM         *TPMEvent    `cbor:"9,keyasint,omitempty" json:"tpm,omitempty"`
 }
 
 // Genesis is record 0 of a VM instance: who it is and what it was launched
@@ -83,6 +87,10 @@ type Genesis struct {
 	// a forged epoch (say, after a reboot) cannot replant a prefix of the
 	// VM's public leaves in it: the genesis commitment names the real one.
 	Epoch [32]byte `cbor:"8,keyasint" json:"epoch_sha256"`
+	// VTPMBanks, for a VM with a bridge-served vTPM, are the PCR banks
+	// (TPM_ALG_IDs) its vTPM may allocate: what a verifier replays its
+	// TPM event records with (vpcr.Replay). Empty without a vTPM.
+	VTPMBanks []uint16 `cbor:"9,keyasint,omitempty" json:"vtpm_banks,omitempty"`
 }
 
 // File is the digest of a file the domain XML names (kernel, initrd, loader,
@@ -170,7 +178,7 @@ var ErrNotCanonical = errors.New("record is not canonically encoded")
 // fields are within protocol bounds.
 func (r *Record) Validate() error {
 	bodies := 0
-	for _, set := range []bool{r.Genesis != nil, r.Measurement != nil, r.Reboot != nil, r.Binding != nil, r.Teardown != nil, r.Action != nil} {
+	for _, set := range []bool{r.Genesis != nil, r.Measurement != nil, r.Reboot != nil, r.Binding != nil, r.Teardown != nil, r.Action != nil, r.TPM != nil} {
 		if set {
 			bodies++
 		}
@@ -197,6 +205,13 @@ func (r *Record) Validate() error {
 		ok = r.Teardown != nil
 	case KindAction:
 		ok = r.Action != nil
+	case KindTPM:
+		ok = r.TPM != nil
+		if ok {
+			if _, err := r.TPM.Event(); err != nil {
+				return err
+			}
+		}
 	default:
 		return fmt.Errorf("unknown record kind %d", uint8(r.Kind))
 	}

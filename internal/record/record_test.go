@@ -6,6 +6,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
 // TestCanonicalBytes pins the canonical encoding of a small record, worked
@@ -118,5 +120,41 @@ func TestEpochRoundTrip(t *testing.T) {
 	}
 	if _, err := UnmarshalEpoch(append(b, 0)); err == nil {
 		t.Fatal("accepted trailing byte")
+	}
+}
+
+// TestTPMEventRoundTrip: a vTPM event survives the canonical encoding and
+// converts back to the same event; malformed ones are refused.
+func TestTPMEventRoundTrip(t *testing.T) {
+	d1, d256 := make([]byte, 20), make([]byte, 32)
+	d1[0], d256[0] = 1, 2
+	e := vpcr.Event{Seq: 7, Kind: vpcr.KindExtend, Command: 0x182, Locality: 0, PCR: 10,
+		Digests: []vpcr.Digest{{Alg: vpcr.SHA1, Value: d1}, {Alg: vpcr.SHA256, Value: d256}}}
+	r := NewTPM(e, 5)
+	b, err := r.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := Unmarshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := back.TPM.Event()
+	if err != nil || got.String() != e.String() {
+		t.Fatalf("round trip: %v %v, want %v", got, err, e)
+	}
+	for name, bad := range map[string]func(*TPMEvent){
+		"unknown kind":  func(t *TPMEvent) { t.Kind = 9 },
+		"pcr 24":        func(t *TPMEvent) { t.PCR = 24 },
+		"locality 5":    func(t *TPMEvent) { t.Locality = 5 },
+		"short digest":  func(t *TPMEvent) { t.Digests[1].Digest = d256[:31] },
+		"unknown bank":  func(t *TPMEvent) { t.Digests[0].Alg = 0x99 },
+		"oversize data": func(t *TPMEvent) { t.Data = make([]byte, 1025) },
+	} {
+		r := NewTPM(e, 5)
+		bad(r.TPM)
+		if _, err := r.Marshal(); err == nil {
+			t.Errorf("%s: marshalled", name)
+		}
 	}
 }
