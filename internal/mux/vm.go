@@ -21,6 +21,9 @@ type Launch struct {
 	CID       uint32
 	DomainXML [32]byte      // SHA-256 of the domain XML
 	Files     []record.File // launch files the XML names, with digests
+	// VTPMBanks are the PCR banks (TPM_ALG_IDs) of the VM's bridge-served
+	// vTPM; empty when it has none.
+	VTPMBanks []uint16
 }
 
 // NewVM gives a starting VM a fresh concealment identity (new instance and
@@ -35,7 +38,7 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	now := m.cfg.Now()
 	gen := &record.Record{Kind: record.KindGenesis, Time: now.UnixNano(), Genesis: &record.Genesis{
 		UUID: l.UUID, Name: l.Name, Instance: ident.Instance, CID: l.CID,
-		DomainXML: l.DomainXML, Files: l.Files, Host: m.cfg.Host,
+		DomainXML: l.DomainXML, Files: l.Files, Host: m.cfg.Host, VTPMBanks: l.VTPMBanks,
 	}}
 	m.commitMu.Lock()
 	epoch := m.epoch

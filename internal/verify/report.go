@@ -31,6 +31,7 @@ type Report struct {
 	Ended      bool           `json:"ended"`
 	Teardown   *RecordRef     `json:"teardown,omitempty"`
 	Violations []Violation    `json:"violations,omitempty"`
+	VTPM       *VTPMReport    `json:"vtpm,omitempty"`
 	Checkpoint *Checkpoint    `json:"checkpoint,omitempty"`
 	// BoundKeys, Appraisal and Trust: appraise.go.
 	BoundKeys []BoundKey   `json:"bound_keys,omitempty"`

@@ -77,6 +77,9 @@ type Checkpoint struct {
 	// verified: the high-water mark later evidence must not fall below.
 	ResetCount uint32 `json:"reset_count"`
 	Clock      uint64 `json:"clock"`
+	// VTPM says the VM has a bridge-served vTPM: its evidence must then be
+	// verified in full.
+	VTPM       bool   `json:"vtpm,omitempty"`
 	Batch      uint64 `json:"batch"`
 	NextG      uint64 `json:"next_g"`
 	PCR        []byte `json:"pcr"`
@@ -181,6 +184,9 @@ type verification struct {
 
 	// Set by step 3: tags[i] is the global index of record s0+i.
 	tags []uint64
+
+	// Set by step 4 for a VM with a bridge-served vTPM.
+	vt *vtpmTrack
 }
 
 func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
@@ -206,6 +212,7 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 		v.findTags,     // 3: this VM's records, by their tags
 		v.highWater,    // 3: no less history than the verifier saw before
 		v.checkRecords, // 4 (and 5, per record): records match commitments
+		v.checkVTPM,    // 4: vTPM mode: IMA entries pair with anchored extends
 		v.checkFinal,   // 4: a post-mortem quote covers the teardown
 	}
 	for _, step := range steps {
@@ -581,10 +588,37 @@ func (v *verification) checkRecord(s, g uint64, raw []byte) error {
 	if rec.Kind == record.KindGenesis && rec.Genesis.Epoch != v.epochHash {
 		return reject(4, "genesis record names epoch %x but the log is epoch %x: the VM's leaves were replanted in another epoch", rec.Genesis.Epoch[:8], v.epochHash[:8])
 	}
+	if rec.Kind == record.KindGenesis && len(rec.Genesis.VTPMBanks) > 0 {
+		if v.vt, err = newVTPMTrack(rec.Genesis.VTPMBanks); err != nil {
+			return reject(4, "genesis record's vTPM banks: %v", err)
+		}
+	}
+	if rec.Kind == record.KindTPM && v.vt == nil && v.s0 == 0 {
+		return reject(4, "record %d is a vTPM event but the VM's genesis declares no vTPM", s)
+	}
+	if v.vt != nil {
+		if err := v.vt.add(s, rec); err != nil {
+			return err
+		}
+	}
 	if v.rep.Ended {
 		return reject(4, "record %d follows the teardown record %d", s, s-1)
 	}
 	return v.rep.add(s, g, rec, v.ident, v.opts)
+}
+
+// checkVTPM ends step 4 for a VM with a bridge-served vTPM: its vPCRs are
+// the replay of its event records, and the agent's IMA entries pair one to
+// one with the anchored PCR 10 extends (vtpm.go). The pairing needs every
+// record from genesis on, so delta evidence of a vTPM VM is refused.
+func (v *verification) checkVTPM() error {
+	if v.vt == nil {
+		if v.s0 > 0 && v.opts.Checkpoint != nil && v.opts.Checkpoint.VTPM {
+			return reject(4, "the VM has a vTPM: verify its evidence in full (incremental pairing of IMA entries with anchored extends is not supported)")
+		}
+		return nil
+	}
+	return v.vt.check(v.rep)
 }
 
 // checkFinal ends step 4 for post-mortem evidence: the VM ended, and the
@@ -608,7 +642,7 @@ func (v *verification) checkpoint() *Checkpoint {
 	return &Checkpoint{
 		ID: v.id[:], EpochHash: v.epochHash[:], Batch: v.firstBatch + uint64(len(v.ev.Log)) - 1, NextG: v.next,
 		PCR: v.pcr[:], Records: v.s0 + uint64(len(v.tags)), LastG: v.prevG, LastRecord: v.last, Ended: v.rep.Ended, Bindings: v.rep.boundList(),
-		ResetCount: v.info.ResetCount, Clock: v.info.Clock,
+		ResetCount: v.info.ResetCount, Clock: v.info.Clock, VTPM: v.vt != nil,
 	}
 }
 
