@@ -65,6 +65,11 @@ type Domain struct {
 	// target is the org.tpmmux.0 virtio-serial port, if any.
 	SerialSocket string
 	SerialMode   string // "connect" or "bind"
+	// VTPMSocket is the host path of an external TPM backend
+	// (<tpm><backend type='external'><source type='unix' mode='connect'
+	// path='…'/>): QEMU's TPM emulator connects there, and when it is in
+	// the bridge's vTPM directory the bridge serves the VM's vTPM on it.
+	VTPMSocket string
 	// Attest is the domain's own choice from its tpmmux metadata: "" (none
 	// given), "yes" or "no".
 	Attest string
@@ -110,6 +115,19 @@ func ParseDomain(doc []byte) (*Domain, error) {
 				return nil, fmt.Errorf("domain %s: channel %s is not a unix socket channel", d.Name, transport.SerialPortName)
 			}
 			d.SerialSocket, d.SerialMode = ch.Source.UNIX.Path, ch.Source.UNIX.Mode
+		}
+		for _, t := range dx.Devices.TPMs {
+			if t.Backend == nil || t.Backend.External == nil {
+				continue
+			}
+			src := t.Backend.External.Source
+			if src == nil || src.UNIX == nil || src.UNIX.Path == "" {
+				return nil, fmt.Errorf("domain %s: external TPM backend is not a unix socket", d.Name)
+			}
+			if d.VTPMSocket != "" {
+				return nil, fmt.Errorf("domain %s: more than one external TPM backend", d.Name)
+			}
+			d.VTPMSocket = src.UNIX.Path
 		}
 	}
 	if os := dx.OS; os != nil {

@@ -70,3 +70,32 @@ func FuzzParseDomain(f *testing.F) {
 		}
 	})
 }
+
+// TestParseExternalTPM: the external TPM backend libvirt 9.0 connects QEMU's
+// TPM emulator with (docs/vtpm.md) names the VM's vTPM socket.
+func TestParseExternalTPM(t *testing.T) {
+	good, _ := os.ReadFile("testdata/vm-a.xml")
+	tpmXML := func(path string) string {
+		return "<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='" + path + "'/></backend></tpm>"
+	}
+	withTPM := func(devs ...string) []byte {
+		return []byte(strings.Replace(string(good), "</devices>", strings.Join(devs, "")+"</devices>", 1))
+	}
+	d, err := ParseDomain(withTPM(tpmXML("/run/tpmmux/vtpm/vm-a.sock")))
+	if err != nil || d.VTPMSocket != "/run/tpmmux/vtpm/vm-a.sock" {
+		t.Fatalf("parsed %v, %+v", err, d)
+	}
+	if d, err := ParseDomain(good); err != nil || d.VTPMSocket != "" {
+		t.Fatalf("no tpm: %v, %q", err, d.VTPMSocket)
+	}
+	emu := "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
+	if d, err := ParseDomain(withTPM(emu)); err != nil || d.VTPMSocket != "" {
+		t.Fatalf("swtpm emulator backend: %v, %q", err, d.VTPMSocket)
+	}
+	if _, err := ParseDomain(withTPM(tpmXML("/a"), tpmXML("/b"))); err == nil || !strings.Contains(err.Error(), "more than one") {
+		t.Fatalf("two external TPMs: %v", err)
+	}
+	if _, err := ParseDomain(withTPM("<tpm model='tpm-crb'><backend type='external' version='2.0'/></tpm>")); err == nil || !strings.Contains(err.Error(), "not a unix socket") {
+		t.Fatalf("external TPM without a source: %v", err)
+	}
+}
