@@ -42,6 +42,10 @@ type Bridge struct {
 	// MaxQueued bounds the guest records submitted and not yet settled
 	// across all VMs (default DefaultMaxQueued).
 	MaxQueued int
+	// VTPMBanks are the PCR banks (TPM_ALG_IDs) of the vTPM of a domain
+	// that has an external TPM backend (DESIGN.md §9): Prepare writes
+	// them into its genesis. Nil: the bridge serves no vTPMs.
+	VTPMBanks []uint16
 
 	budgetOnce sync.Once
 	budget     *semaphore.Weighted
@@ -67,6 +71,9 @@ func (b *Bridge) Prepare(ctx context.Context, domainXML []byte) (*libvirt.Domain
 		}
 	}
 	l := mux.Launch{UUID: dom.UUID, Name: dom.Name, CID: dom.CID, DomainXML: sha256.Sum256(domainXML)}
+	if dom.VTPMSocket != "" {
+		l.VTPMBanks = b.VTPMBanks
+	}
 	for _, f := range dom.Files {
 		l.Files = append(l.Files, hashFile(f))
 	}

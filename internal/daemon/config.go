@@ -21,6 +21,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
 
@@ -30,6 +31,8 @@ const (
 	DefaultTPM        = "device"
 	DefaultStateDir   = "/var/lib/tpmmux"
 	DefaultSerialDir  = "/run/tpmmux/serial"
+	DefaultVTPMDir    = "/run/tpmmux/vtpm"
+	DefaultVTPMBanks  = "sha1,sha256"
 	DefaultHostPCRs   = "0-7,10"
 	DefaultSerialMode = "0660"
 	DefaultStopGrace  = 3 * time.Second
@@ -60,6 +63,12 @@ type Config struct {
 	HostPCRs string `json:"host_pcrs"`
 	// ControlSocket is the control socket (mode 0600, root only).
 	ControlSocket string `json:"control_socket"`
+	// VTPMDir is where per-VM vTPM sockets may be: a domain whose
+	// external TPM backend's socket is directly in it gets a vTPM served by
+	// the bridge (docs/vtpm.md). Its mode and group are the serial ones.
+	VTPMDir string `json:"vtpm_dir"`
+	// VTPMBanks are the PCR banks each vTPM offers, e.g. "sha1,sha256".
+	VTPMBanks string `json:"vtpm_banks"`
 	// SerialDir is where per-VM virtio-serial sockets may be: a domain's
 	// org.tpmmux.0 channel path must be directly in it.
 	SerialDir string `json:"serial_dir"`
@@ -149,6 +158,8 @@ func DefaultConfig() Config {
 		HostPCRs:       DefaultHostPCRs,
 		ControlSocket:  control.DefaultSocket,
 		SerialDir:      DefaultSerialDir,
+		VTPMDir:        DefaultVTPMDir,
+		VTPMBanks:      DefaultVTPMBanks,
 		SerialMode:     DefaultSerialMode,
 		Vsock:          "auto",
 		LogLevel:       "info",
@@ -186,6 +197,7 @@ type settings struct {
 	hostPCRs   []int
 	serialMode os.FileMode
 	serialGID  int // -1: leave
+	vtpmBanks  []vpcr.Alg
 	metrics    string
 }
 
@@ -210,7 +222,17 @@ func (c *Config) parse() (*settings, error) {
 	if slices.Contains(s.hostPCRs, c.PCR) {
 		return nil, fmt.Errorf("config: host_pcrs %q contains the bridge's own pcr %d", c.HostPCRs, c.PCR)
 	}
-	for name, p := range map[string]string{"state_dir": c.StateDir, "control_socket": c.ControlSocket, "serial_dir": c.SerialDir} {
+	for _, b := range strings.Split(c.VTPMBanks, ",") {
+		a, err := vpcr.ParseAlg(strings.TrimSpace(b))
+		if err != nil {
+			return nil, fmt.Errorf("config: vtpm_banks: %w", err)
+		}
+		s.vtpmBanks = append(s.vtpmBanks, a)
+	}
+	if s.vtpmBanks, err = vpcr.CheckBanks(s.vtpmBanks); err != nil {
+		return nil, fmt.Errorf("config: vtpm_banks: %w", err)
+	}
+	for name, p := range map[string]string{"state_dir": c.StateDir, "control_socket": c.ControlSocket, "serial_dir": c.SerialDir, "vtpm_dir": c.VTPMDir} {
 		if p == "" || !filepath.IsAbs(p) {
 			return nil, fmt.Errorf("config: %s %q must be an absolute path", name, p)
 		}

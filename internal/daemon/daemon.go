@@ -185,7 +185,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	if st.Fault != "" {
 		log.Error("the bridge will not give VMs identities or serve evidence until an operator resolves this", "fault", st.Fault)
 	}
-	d.br = &bridge.Bridge{Mux: d.mux, Log: log}
+	d.br = &bridge.Bridge{Mux: d.mux, Log: log, VTPMBanks: bankIDs(set.vtpmBanks)}
 
 	d.decideVsock()
 	if set.metrics != "" {

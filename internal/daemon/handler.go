@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
@@ -93,9 +94,23 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 	if err != nil {
 		return nil, fmt.Errorf("prepare %s: %w", dom.Name, err)
 	}
+	// The vTPM socket must exist before QEMU starts: QEMU's TPM emulator
+	// connects once, at start, and a domain without it does not start.
+	var vl *net.UnixListener
+	if plan.vtpm != "" {
+		if vl, err = d.listenVTPM(plan.vtpm); err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return nil, fmt.Errorf("prepare %s: %w", dom.Name, err)
+		}
+	}
 	closeAll := func() {
 		for _, l := range ls {
 			l.Close()
+		}
+		if vl != nil {
+			vl.Close()
 		}
 	}
 	// The listeners accept only once the identity exists; until then
@@ -118,6 +133,11 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 	}
 	if err := d.serveListeners(e, ls); err != nil {
 		return nil, err
+	}
+	if vl != nil {
+		if err := d.serveVTPM(e, plan.vtpm, vl, nil); err != nil {
+			return nil, err
+		}
 	}
 	d.saveState(e)
 	return d.vmInfo(e, ident), nil

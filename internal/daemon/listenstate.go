@@ -24,6 +24,7 @@ type listenerState struct {
 	CID    uint32 `json:"cid,omitempty"`
 	Serial string `json:"serial,omitempty"`
 	Owner  *owner `json:"serial_owner,omitempty"`
+	VTPM   string `json:"vtpm,omitempty"` // the vTPM socket path
 }
 
 // owner is a socket file's owner.

@@ -33,9 +33,10 @@ type vmEntry struct {
 	name   string
 	id     conceal.Digest
 	uuid   [16]byte
-	cid    uint32 // the CID its vsock listener checks, 0 if none
-	serial string // its virtio-serial socket path, "" if none
-	owner  *owner // the serial socket's owner as libvirt labelled it
+	cid    uint32      // the CID its vsock listener checks, 0 if none
+	serial string      // its virtio-serial socket path, "" if none
+	owner  *owner      // the serial socket's owner as libvirt labelled it
+	vtpm   *vtpmServer // its bridge-served vTPM, nil if none
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -56,7 +57,11 @@ func (d *Daemon) newEntry(name string, id conceal.Digest, uuid [16]byte) *vmEntr
 func (e *vmEntry) state() listenerState {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return listenerState{ID: hex.EncodeToString(e.id[:]), Name: e.name, UUID: conceal.FormatUUID(e.uuid), CID: e.cid, Serial: e.serial, Owner: e.owner}
+	st := listenerState{ID: hex.EncodeToString(e.id[:]), Name: e.name, UUID: conceal.FormatUUID(e.uuid), CID: e.cid, Serial: e.serial, Owner: e.owner}
+	if e.vtpm != nil {
+		st.VTPM = e.vtpm.path
+	}
+	return st
 }
 
 // saveState records e's listeners for a restarted bridge.
@@ -100,6 +105,7 @@ type listenPlan struct {
 	serial string
 	owner  *owner
 	cid    uint32
+	vtpm   string // the vTPM socket path, "" if none
 }
 
 // planFor derives the listeners of a domain from its XML, refusing a
@@ -115,6 +121,13 @@ func (d *Daemon) planFor(dom *libvirt.Domain) (listenPlan, error) {
 			return p, fmt.Errorf("domain %s: %w", dom.Name, err)
 		}
 		p.serial = path
+	}
+	if dom.VTPMSocket != "" {
+		path, err := d.checkVTPMPath(dom.VTPMSocket)
+		if err != nil {
+			return p, fmt.Errorf("domain %s: %w", dom.Name, err)
+		}
+		p.vtpm = path
 	}
 	return p, nil
 }
@@ -350,6 +363,9 @@ func (d *Daemon) closeEntry(e *vmEntry, unregister bool) {
 		return
 	}
 	e.closed = true
+	if e.vtpm != nil {
+		e.vtpm.close()
+	}
 	ls := e.listeners
 	for _, l := range ls {
 		d.refused.Add(l.Refused())
@@ -424,6 +440,13 @@ func (d *Daemon) restoreLive(ctx context.Context) {
 			if st.CID != 0 {
 				p.cid = st.CID
 			}
+			if st.VTPM != "" {
+				if path, err := d.checkVTPMPath(st.VTPM); err == nil {
+					p.vtpm = path
+				} else {
+					d.log.Warn("recorded vTPM socket no longer allowed", "vm", v.Name, "err", err)
+				}
+			}
 			if st.Serial != "" {
 				if path, err := d.checkSerialPath(st.Serial); err == nil {
 					p.serial, p.owner = path, st.Owner
@@ -439,6 +462,11 @@ func (d *Daemon) restoreLive(ctx context.Context) {
 		}
 		if err := d.openListeners(e, p); err != nil {
 			d.log.Error("live VM: listeners not reopened", "vm", v.Name, "err", err)
+		}
+		if p.vtpm != "" {
+			if err := d.restoreVTPM(e, p.vtpm); err != nil {
+				d.log.Error("live VM: vTPM not restored", "vm", v.Name, "err", err)
+			}
 		}
 		d.saveState(e)
 		d.log.Info("live VM re-adopted", "vm", v.Name, "listeners", len(e.listenerInfo()))
