@@ -21,11 +21,11 @@ const dataPartialTimeout = 2 * time.Second
 // responses loses its data connection, and nobody else waits for it.
 const dataWriteTimeout = 30 * time.Second
 
-// claimData makes c the vTPM's data connection unless it has one.
+// claimData makes c the vTPM's data connection unless it has another.
 func (v *VTPM) claimData(c net.Conn) bool {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.data != nil {
+	if v.data != nil && v.data != c {
 		return false
 	}
 	v.data = c
@@ -44,8 +44,8 @@ func (v *VTPM) DataConn() net.Conn {
 // ServeData serves TPM commands on data, a data connection taken over from
 // a previous bridge process (whose control connection goes to
 // ServeControl), until the peer closes it (nil), an I/O error, or ctx ends
-// (ctx.Err(); data stays open). It fails if the vTPM already has a data
-// connection.
+// (ctx.Err(); data stays open). It fails if the vTPM already serves another
+// data connection.
 func (v *VTPM) ServeData(ctx context.Context, data net.Conn) error {
 	if !v.claimData(data) {
 		return errors.New("vtpm: the vTPM already has a data connection")
@@ -57,14 +57,15 @@ func (v *VTPM) ServeData(ctx context.Context, data net.Conn) error {
 // and leaves it open when ctx ends (for a handover).
 func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 	defer func() {
+		if ctx.Err() != nil {
+			return // a handover: c stays open and reported by DataConn
+		}
 		v.mu.Lock()
 		if v.data == c {
 			v.data = nil
 		}
 		v.mu.Unlock()
-		if ctx.Err() == nil {
-			c.Close()
-		}
+		c.Close()
 	}()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
 	defer stop()

@@ -66,7 +66,7 @@ type Config struct {
 	Trace func(control bool, code, rc uint32)
 }
 
-// DefaultBanks are the banks of a VTPM whose Config.Banks is empty.
+// defaultBanks are the banks of a VTPM whose Config.Banks is empty.
 var defaultBanks = []vpcr.Alg{vpcr.SHA1, vpcr.SHA256}
 
 // DefaultBanks returns the default PCR banks (sha1, sha256).
@@ -99,9 +99,10 @@ type VTPM struct {
 	locality uint8
 	stopped  bool // CMD_STOP or CMD_SHUTDOWN until the next CMD_INIT
 	bufSize  uint32
-	data     net.Conn  // the data connection being served, if any
-	created  time.Time // origin of TPMS_CLOCK_INFO.clock
-	started  time.Time // origin of TPMS_TIME_INFO.time
+	data     net.Conn      // the data connection being served, if any
+	ctrl     *net.UnixConn // the control connection being served, if any
+	created  time.Time     // origin of TPMS_CLOCK_INFO.clock
+	started  time.Time     // origin of TPMS_TIME_INFO.time
 	// Hierarchy state. The enables and platformAuth are reset by every
 	// Startup(CLEAR), as on hardware. ownerAuth, endorsementAuth and
 	// lockoutAuth would be persistent on hardware; here they live as long
@@ -222,7 +223,7 @@ func (v *VTPM) SetLocality(l uint8) uint32 {
 	return ptmSuccess
 }
 
-// Running reports whether TPM commands run (after CMD_INIT, not stopped).
+// running reports whether TPM commands run (after CMD_INIT, not stopped).
 func (v *VTPM) running() bool { return !v.stopped && v.st.Phase() != vpcr.PhaseOff }
 
 // SetBufferSize is CMD_SET_BUFFERSIZE: 0 queries, anything else is clamped
