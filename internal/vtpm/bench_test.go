@@ -21,6 +21,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
 )
 
 // BenchmarkExtendLatency is the guest-visible latency of one PCR_Extend
@@ -36,6 +37,28 @@ func BenchmarkExtendLatency(b *testing.B) {
 		r := newRig(b, nil, nil)
 		r.powerOn(b)
 		benchExtends(b, r.raw)
+	})
+	b.Run("vtpm-memjournal-inflight", func(b *testing.B) {
+		f, err := os.CreateTemp(b.TempDir(), "inflight")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		fi, err := vtpm.NewFileInflight(f)
+		if err != nil {
+			b.Fatal(err)
+		}
+		v, err := vtpm.New(vtpm.Config{Journal: &vtpmtest.Journal{}, Logger: quietLog(), Inflight: fi}, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		client, server := socketPair(b)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go v.ServeData(ctx, server)
+		v.Init(ctx)
+		respRC(b, client, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0})
+		benchExtends(b, client)
 	})
 	b.Run("swtpm", func(b *testing.B) {
 		data := startSwtpm(b)

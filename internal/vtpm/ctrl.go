@@ -303,6 +303,13 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 			conn.Close()
 			return be32(ptmIOError), nil
 		}
+		if v.inf != nil {
+			// A new data socket is a new QEMU: nobody waits for an
+			// answer to an older command.
+			if err := v.inf.Done(); err != nil {
+				v.log.Error("vtpm: clear in-flight record", "err", err)
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
