@@ -233,6 +233,12 @@ func ccName(c uint32) string {
 // vPCRs 0-9, and the guest's own PCR 10 equal to the vTPM's vPCR 10, to the
 // replay of the journal and to the replay of the guest's IMA list.
 func TestQEMUGuestIMA(t *testing.T) {
+	for _, model := range []string{"tpm-crb", "tpm-tis"} {
+		t.Run(model, func(t *testing.T) { testQEMUGuestIMA(t, model) })
+	}
+}
+
+func testQEMUGuestIMA(t *testing.T, model string) {
 	qemu, kernel, initrd := guestSetup(t)
 	dir := t.TempDir()
 	var tr traceLog
@@ -244,7 +250,7 @@ func TestQEMUGuestIMA(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	ctrlPath, served := serveVTPM(t, ctx, v, dir)
-	out, took := runGuest(t, ctx, qemu, kernel, initrd, dir, tpmArgs(ctrlPath)...)
+	out, took := runGuest(t, ctx, qemu, kernel, initrd, dir, tpmArgsModel(ctrlPath, model)...)
 	t.Logf("guest ran to power-off in %v", took.Round(10*time.Millisecond))
 
 	// Parse the guest's report.
@@ -456,9 +462,12 @@ func serveVTPM(t testing.TB, ctx context.Context, v *vtpm.VTPM, dir string) (str
 }
 
 // tpmArgs are QEMU's arguments for a TPM emulator backend on ctrlPath.
-func tpmArgs(ctrlPath string) []string {
+func tpmArgs(ctrlPath string) []string { return tpmArgsModel(ctrlPath, "tpm-crb") }
+
+// tpmArgsModel is tpmArgs with another TPM device model (tpm-tis).
+func tpmArgsModel(ctrlPath, model string) []string {
 	return []string{"-chardev", "socket,id=chrtpm,path=" + ctrlPath,
-		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0"}
+		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", model + ",tpmdev=tpm0"}
 }
 
 // runGuest boots the test guest until it powers off and returns its
