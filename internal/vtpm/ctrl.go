@@ -102,6 +102,9 @@ const (
 func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 	ctx, cancel := context.WithCancel(parent)
 	var wg sync.WaitGroup
+	v.mu.Lock()
+	v.ctrl = ctrl
+	v.mu.Unlock()
 	defer func() {
 		// The control peer is gone (not a handover): so is the VM, or
 		// the peer was not QEMU. End the data channel with it.
@@ -109,6 +112,11 @@ func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 			if d := v.DataConn(); d != nil {
 				d.Close()
 			}
+			v.mu.Lock()
+			if v.ctrl == ctrl {
+				v.ctrl = nil
+			}
+			v.mu.Unlock()
 		}
 		wg.Wait()
 		cancel()
@@ -295,6 +303,13 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 			conn.Close()
 			return be32(ptmIOError), nil
 		}
+		if v.inf != nil {
+			// A new data socket is a new QEMU: nobody waits for an
+			// answer to an older command.
+			if err := v.inf.Done(); err != nil {
+				v.log.Error("vtpm: clear in-flight record", "err", err)
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -337,6 +352,16 @@ func fdConn(fd int) (net.Conn, error) {
 	f := os.NewFile(uintptr(fd), "vtpm-data")
 	defer f.Close() // FileConn dups it
 	return net.FileConn(f)
+}
+
+// ControlConn returns the control connection being served, or the one
+// whose serving stopped because its context ended (nil once its peer hung
+// up): with DataConn, what a bridge hands over to the process that
+// replaces it, for example in systemd's FDSTORE.
+func (v *VTPM) ControlConn() *net.UnixConn {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.ctrl
 }
 
 // ServeListener accepts control connections on l and serves them one at a

@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
 // dataPartialTimeout bounds the wait for the rest of a TPM command whose
@@ -21,11 +23,11 @@ const dataPartialTimeout = 2 * time.Second
 // responses loses its data connection, and nobody else waits for it.
 const dataWriteTimeout = 30 * time.Second
 
-// claimData makes c the vTPM's data connection unless it has one.
+// claimData makes c the vTPM's data connection unless it has another.
 func (v *VTPM) claimData(c net.Conn) bool {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.data != nil {
+	if v.data != nil && v.data != c {
 		return false
 	}
 	v.data = c
@@ -44,27 +46,71 @@ func (v *VTPM) DataConn() net.Conn {
 // ServeData serves TPM commands on data, a data connection taken over from
 // a previous bridge process (whose control connection goes to
 // ServeControl), until the peer closes it (nil), an I/O error, or ctx ends
-// (ctx.Err(); data stays open). It fails if the vTPM already has a data
-// connection.
+// (ctx.Err(); data stays open). It fails if the vTPM already serves another
+// data connection.
 func (v *VTPM) ServeData(ctx context.Context, data net.Conn) error {
 	if !v.claimData(data) {
 		return errors.New("vtpm: the vTPM already has a data connection")
 	}
+	if err := v.finishPending(ctx, data); err != nil {
+		return err
+	}
 	return v.serveData(ctx, data)
+}
+
+// finishPending answers the command a crashed process had read from data
+// (Config.Inflight) before anything else is read. If its journal event is
+// already recorded (the event after the recorded Seq is this command's), it
+// is answered without being journaled again; if not, it runs now.
+func (v *VTPM) finishPending(ctx context.Context, data net.Conn) error {
+	if v.inf == nil {
+		return nil
+	}
+	seq, cmd, ok, err := v.inf.Pending()
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return nil
+	}
+	cc := binary.BigEndian.Uint32(cmd[6:10])
+	v.mu.Lock()
+	var resp []byte
+	switch {
+	case v.st.Seq() == seq:
+		resp = v.executeLocked(ctx, cmd)
+	case v.st.Seq() == seq+1 && v.last.Kind != vpcr.KindInit && v.last.Command == cc:
+		v.replay = true
+		resp = v.executeLocked(ctx, cmd)
+		v.replay = false
+	default:
+		v.log.Error("vtpm: cannot tell whether the in-flight command ran; answering TPM_RC_RETRY",
+			"cc", cc, "recorded_seq", seq, "journal_seq", v.st.Seq())
+		resp = errorResponse(rcRetry)
+	}
+	v.mu.Unlock()
+	v.log.Info("vtpm: answered the command in flight at the previous process's end", "cc", cc, "rc", binary.BigEndian.Uint32(resp[6:10]))
+	data.SetWriteDeadline(time.Now().Add(dataWriteTimeout))
+	defer data.SetWriteDeadline(time.Time{})
+	if _, err := data.Write(resp); err != nil {
+		return fmt.Errorf("vtpm: write the in-flight command's answer: %w", err)
+	}
+	return v.inf.Done()
 }
 
 // serveData is the data channel loop. It closes c when the peer is gone,
 // and leaves it open when ctx ends (for a handover).
 func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 	defer func() {
+		if ctx.Err() != nil {
+			return // a handover: c stays open and reported by DataConn
+		}
 		v.mu.Lock()
 		if v.data == c {
 			v.data = nil
 		}
 		v.mu.Unlock()
-		if ctx.Err() == nil {
-			c.Close()
-		}
+		c.Close()
 	}()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
 	defer stop()
@@ -92,6 +138,11 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 			return fmt.Errorf("vtpm: write TPM response: %w", err)
 		}
 		c.SetWriteDeadline(time.Time{})
+		if v.inf != nil && cmd != nil {
+			if err := v.inf.Done(); err != nil {
+				v.log.Error("vtpm: in-flight record not cleared; a takeover would answer twice", "err", err)
+			}
+		}
 	}
 }
 

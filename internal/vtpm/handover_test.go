@@ -67,14 +67,17 @@ func TestHandover(t *testing.T) {
 		t.Fatal(rc)
 	}
 	bridgeData := v1.DataConn()
-	if bridgeData == nil {
-		t.Fatal("no data connection after SET_DATAFD")
+	if bridgeData == nil || v1.ControlConn() != bridgeCtrl {
+		t.Fatal("the vTPM does not report its connections")
 	}
 
 	// The old process lets go.
 	stop1()
 	if err := <-served1; !errors.Is(err, context.Canceled) {
 		t.Fatalf("ServeControl after cancel: %v", err)
+	}
+	if v1.ControlConn() != bridgeCtrl || v1.DataConn() != bridgeData {
+		t.Fatal("after a cancel the vTPM no longer reports the connections to hand over")
 	}
 	// The guest sends a command while no process serves: it waits.
 	d2 := sha256.Sum256([]byte("during the handover"))

@@ -59,6 +59,12 @@ type Config struct {
 	Rand io.Reader
 	// Now is the clock for ReadClock (default time.Now).
 	Now func() time.Time
+	// Inflight, if set, keeps the command being executed and the locality
+	// where they survive the process, so that a process that takes over
+	// the connections after a crash answers the command the dead one had
+	// read, exactly once (see FileInflight). Without it a command in
+	// flight at a kill -9 is lost and QEMU waits for its answer forever.
+	Inflight Inflight
 	// Trace, if set, is called after every control command (Control true,
 	// code a CMD_* number, rc its result) and every TPM command (code the
 	// command code, rc the response code; code 0 for bytes too short to
@@ -66,7 +72,7 @@ type Config struct {
 	Trace func(control bool, code, rc uint32)
 }
 
-// DefaultBanks are the banks of a VTPM whose Config.Banks is empty.
+// defaultBanks are the banks of a VTPM whose Config.Banks is empty.
 var defaultBanks = []vpcr.Alg{vpcr.SHA1, vpcr.SHA256}
 
 // DefaultBanks returns the default PCR banks (sha1, sha256).
@@ -93,15 +99,19 @@ type VTPM struct {
 	rand    io.Reader
 	now     func() time.Time
 	trace   func(control bool, code, rc uint32)
+	inf     Inflight
 
 	mu       sync.Mutex
 	st       *vpcr.State
+	last     vpcr.Event // the last applied event
+	replay   bool       // finishing a dead process's command whose event is journaled
 	locality uint8
 	stopped  bool // CMD_STOP or CMD_SHUTDOWN until the next CMD_INIT
 	bufSize  uint32
-	data     net.Conn  // the data connection being served, if any
-	created  time.Time // origin of TPMS_CLOCK_INFO.clock
-	started  time.Time // origin of TPMS_TIME_INFO.time
+	data     net.Conn      // the data connection being served, if any
+	ctrl     *net.UnixConn // the control connection being served, if any
+	created  time.Time     // origin of TPMS_CLOCK_INFO.clock
+	started  time.Time     // origin of TPMS_TIME_INFO.time
 	// Hierarchy state. The enables and platformAuth are reset by every
 	// Startup(CLEAR), as on hardware. ownerAuth, endorsementAuth and
 	// lockoutAuth would be persistent on hardware; here they live as long
@@ -133,12 +143,21 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 		rand:    cfg.Rand,
 		now:     cfg.Now,
 		trace:   cfg.Trace,
+		inf:     cfg.Inflight,
 		st:      st,
 		bufSize: DefaultBufferSize,
 		auth:    map[uint32][]byte{},
 	}
 	if v.log == nil {
 		v.log = slog.Default()
+	}
+	if len(past) > 0 {
+		v.last = past[len(past)-1]
+	}
+	if v.inf != nil {
+		if v.locality, err = v.inf.Locality(); err != nil {
+			return nil, err
+		}
 	}
 	if v.rand == nil {
 		v.rand = rand.Reader
@@ -175,6 +194,11 @@ func (v *VTPM) Locality() uint8 {
 // record journals e (with the next Seq) and applies it. Called with v.mu
 // held. On error nothing changed.
 func (v *VTPM) record(ctx context.Context, e vpcr.Event) error {
+	if v.replay {
+		// The dead process journaled (and the restore applied) this
+		// command's event: only its answer is missing.
+		return nil
+	}
 	e.Seq = v.st.Seq() + 1
 	if err := v.st.Check(e); err != nil {
 		// The processor checked the rules before; this is a bug, not a
@@ -187,6 +211,7 @@ func (v *VTPM) record(ctx context.Context, e vpcr.Event) error {
 	if err := v.st.Apply(e); err != nil {
 		panic(fmt.Sprintf("vtpm: checked event %v no longer applies: %v", e, err)) // unreachable: v.mu is held
 	}
+	v.last = e
 	return nil
 }
 
@@ -219,10 +244,15 @@ func (v *VTPM) SetLocality(l uint8) uint32 {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.locality = l
+	if v.inf != nil {
+		if err := v.inf.SetLocality(l); err != nil {
+			v.log.Error("vtpm: locality not recorded; a takeover after a crash would use the old one", "err", err)
+		}
+	}
 	return ptmSuccess
 }
 
-// Running reports whether TPM commands run (after CMD_INIT, not stopped).
+// running reports whether TPM commands run (after CMD_INIT, not stopped).
 func (v *VTPM) running() bool { return !v.stopped && v.st.Phase() != vpcr.PhaseOff }
 
 // SetBufferSize is CMD_SET_BUFFERSIZE: 0 queries, anything else is clamped
@@ -251,6 +281,16 @@ func (v *VTPM) BufferSize() uint32 {
 func (v *VTPM) Execute(ctx context.Context, cmd []byte) []byte {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.inf != nil {
+		if err := v.inf.Begin(v.st.Seq(), cmd); err != nil {
+			v.log.Error("vtpm: in-flight command not recorded; a crash now would lose it", "err", err)
+		}
+	}
+	return v.executeLocked(ctx, cmd)
+}
+
+// executeLocked is Execute with v.mu held.
+func (v *VTPM) executeLocked(ctx context.Context, cmd []byte) []byte {
 	resp := v.execute(ctx, cmd)
 	if len(resp) > int(v.bufSize) {
 		v.log.Error("vtpm: response larger than the buffer; answering TPM_RC_FAILURE", "size", len(resp), "buffer", v.bufSize)
@@ -390,12 +430,14 @@ func (v *VTPM) execute(ctx context.Context, cmd []byte) []byte {
 		// TPM version with a ReadClock here and only looks at the tag.
 		return errorResponse(rcFailure)
 	}
-	switch v.st.Phase() {
-	case vpcr.PhaseInit:
+	switch phase := v.st.Phase(); {
+	case v.replay:
+		// The restored phase is the one after this command.
+	case phase == vpcr.PhaseInit:
 		if cc != ccStartup {
 			return errorResponse(rcInitialize)
 		}
-	case vpcr.PhaseRunning:
+	case phase == vpcr.PhaseRunning:
 		if cc == ccStartup {
 			// Startup is accepted once after TPM_Init; a Startup from the
 			// guest's user space later resets nothing.
