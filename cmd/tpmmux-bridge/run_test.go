@@ -72,6 +72,8 @@ type host struct {
 	dir     string
 	cfg     daemon.Config
 	hookCfg string
+	// xmlOverride, when set, is the domain XML the hook is given.
+	xmlOverride []byte
 }
 
 func newHost(t *testing.T) *host {
@@ -104,6 +106,9 @@ func (h *host) serial(name string) string { return filepath.Join(h.cfg.SerialDir
 // domain (<vsock> with CID 42, the org.tpmmux.0 channel), pointed at this
 // host's serial directory.
 func (h *host) xml() []byte {
+	if h.xmlOverride != nil {
+		return h.xmlOverride
+	}
 	b, err := os.ReadFile("../../libvirt/testdata/vm-a.xml")
 	if err != nil {
 		h.t.Fatal(err)

@@ -51,6 +51,7 @@ type Runner interface {
 
 // Daemon is a running bridge.
 type Daemon struct {
+	fds     *fdStore // systemd's fd store: keeps the vTPMs' connections
 	cfg     Config
 	set     *settings
 	opts    Options
@@ -137,7 +138,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		}
 	}
 	d := &Daemon{cfg: cfg, set: set, opts: opts, log: log, started: time.Now(),
-		vms: make(map[string]*vmEntry)}
+		vms: make(map[string]*vmEntry), fds: newFDStore(log)}
 	d.stops = newStopQueue(&d.names, d.endInstance)
 	d.states = stateFiles{dir: filepath.Join(cfg.StateDir, "vms"), log: log}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
@@ -194,6 +195,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		}
 	}
 	d.restoreLive(ctx)
+	d.fds.leftovers()
 
 	ln, err := control.Listen(cfg.ControlSocket)
 	if err != nil {
@@ -221,6 +223,9 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 				}
 			}()
 		}
+	}
+	if err := d.fds.notify("READY=1"); err != nil {
+		log.Warn("could not tell systemd the bridge is ready", "err", err)
 	}
 	log.Info("tpmmux bridge ready", "version", opts.Version, "tpm", d.tpmName(), "epoch", st.Epoch, "pcr", st.PCR,
 		"live_vms", st.LiveVMs, "control", cfg.ControlSocket, "vsock", d.vsockOn, "metrics", d.MetricsAddr())

@@ -365,6 +365,14 @@ func (d *Daemon) closeEntry(e *vmEntry, unregister bool) {
 	e.closed = true
 	if e.vtpm != nil {
 		e.vtpm.close()
+		// A VM that ends gives up its kept fds; a bridge that shuts down
+		// leaves them to the next process.
+		d.mu.Lock()
+		shutdown := d.closing
+		d.mu.Unlock()
+		if unregister && !shutdown {
+			d.fds.remove(e.vtpm.fdNames()...)
+		}
 	}
 	ls := e.listeners
 	for _, l := range ls {

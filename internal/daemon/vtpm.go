@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -9,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -19,6 +22,7 @@ import (
 // whose every PCR change is a record in the VM's log (mux.Journal).
 type vtpmServer struct {
 	path string
+	name string // the prefix of its fds' names in the fd store
 	l    *net.UnixListener
 	v    *vtpm.VTPM
 	once sync.Once
@@ -27,6 +31,11 @@ type vtpmServer struct {
 
 func (s *vtpmServer) close() {
 	s.once.Do(func() { s.l.Close() })
+}
+
+// The names of a vTPM's fds in systemd's fd store.
+func (s *vtpmServer) fdNames() []string {
+	return []string{s.name + "-ctrl", s.name + "-data", s.name + "-inflight"}
 }
 
 // checkVTPMPath accepts only a socket directly in the vTPM directory, so a
@@ -72,14 +81,33 @@ func (d *Daemon) listenVTPM(path string) (*net.UnixListener, error) {
 }
 
 // serveVTPM starts e's vTPM on l, its PCRs the replay of past (nil for a
-// new instance). It ends when e closes.
+// new instance). Under systemd its connections, once QEMU has made them,
+// and its in-flight record are kept in the fd store; kept ones a previous
+// process left (a crash or restart) are served first. It ends when e
+// closes.
 func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event) error {
-	v, err := vtpm.New(vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id), Logger: d.log.With("vm", e.name, "vtpm", path)}, past)
+	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
+	names := s.fdNames()
+	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id), Logger: d.log.With("vm", e.name, "vtpm", path)}
+	if d.fds.on() {
+		inf, err := d.inflight(names[2])
+		if err != nil {
+			l.Close()
+			return fmt.Errorf("vtpm of %s: %w", e.name, err)
+		}
+		cfg.Inflight = inf
+		cfg.Trace = func(control bool, code, rc uint32) {
+			if control && code == ctrlSetDataFD && rc == 0 {
+				go d.keepConns(e, s)
+			}
+		}
+	}
+	v, err := vtpm.New(cfg, past)
 	if err != nil {
 		l.Close()
 		return fmt.Errorf("vtpm of %s: %w", e.name, err)
 	}
-	s := &vtpmServer{path: path, l: l, v: v, done: make(chan struct{})}
+	s.v = v
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
@@ -88,6 +116,9 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 	}
 	e.vtpm = s
 	e.mu.Unlock()
+	if ctrl, data := d.fds.take(names[0]), d.fds.take(names[1]); ctrl != nil && data != nil {
+		d.adoptConns(e, s, ctrl, data)
+	}
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
@@ -123,4 +154,94 @@ func bankIDs(banks []vpcr.Alg) []uint16 {
 		out[i] = uint16(b)
 	}
 	return out
+}
+
+// ctrlSetDataFD is the swtpm control command that hands the data socket
+// over: once it succeeded, QEMU's connections are complete.
+const ctrlSetDataFD = 16
+
+// inflight returns the vTPM's in-flight record: the memfd a previous
+// process kept under name, or a new one, kept in the fd store.
+func (d *Daemon) inflight(name string) (vtpm.Inflight, error) {
+	f := d.fds.take(name)
+	if f == nil {
+		fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+		if err != nil {
+			return nil, fmt.Errorf("in-flight record: memfd: %w", err)
+		}
+		f = os.NewFile(uintptr(fd), name)
+		if err := d.fds.put(name, f); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("in-flight record: %w", err)
+		}
+	}
+	return vtpm.NewFileInflight(f)
+}
+
+// keepConns stores the vTPM's control connection and data socket in the fd
+// store, so that a restarted bridge can serve them.
+func (d *Daemon) keepConns(e *vmEntry, s *vtpmServer) {
+	names := s.fdNames()
+	for i, c := range []net.Conn{s.v.ControlConn(), s.v.DataConn()} {
+		fc, ok := c.(interface{ File() (*os.File, error) })
+		if c == nil || !ok {
+			d.log.Warn("vtpm connection cannot be kept", "vm", e.name, "which", names[i])
+			return
+		}
+		f, err := fc.File()
+		if err != nil {
+			d.log.Warn("vtpm connection cannot be kept", "vm", e.name, "which", names[i], "err", err)
+			return
+		}
+		err = d.fds.put(names[i], f)
+		f.Close()
+		if err != nil {
+			d.log.Warn("vtpm connection not kept in the fd store", "vm", e.name, "err", err)
+			return
+		}
+	}
+	d.log.Info("vtpm connections kept in the fd store", "vm", e.name)
+}
+
+// adoptConns serves the control connection and data socket a previous
+// bridge process kept: the guest's TPM goes on where it was.
+func (d *Daemon) adoptConns(e *vmEntry, s *vtpmServer, ctrlF, dataF *os.File) {
+	defer ctrlF.Close()
+	defer dataF.Close()
+	cc, err := net.FileConn(ctrlF)
+	if err != nil {
+		d.log.Error("kept vtpm control connection unusable", "vm", e.name, "err", err)
+		return
+	}
+	ctrl, ok := cc.(*net.UnixConn)
+	if !ok {
+		cc.Close()
+		d.log.Error("kept vtpm control connection is not a unix socket", "vm", e.name)
+		return
+	}
+	data, err := net.FileConn(dataF)
+	if err != nil {
+		ctrl.Close()
+		d.log.Error("kept vtpm data socket unusable", "vm", e.name, "err", err)
+		return
+	}
+	e.wg.Add(2)
+	go func() {
+		defer e.wg.Done()
+		if err := s.v.ServeData(e.ctx, data); err != nil && e.ctx.Err() == nil {
+			d.log.Warn("kept vtpm data socket ended", "vm", e.name, "err", err)
+		}
+	}()
+	go func() {
+		defer e.wg.Done()
+		err := s.v.ServeControl(e.ctx, ctrl)
+		if e.ctx.Err() == nil {
+			ctrl.Close()
+			d.fds.remove(s.fdNames()[:2]...)
+			if err != nil {
+				d.log.Warn("kept vtpm control connection ended", "vm", e.name, "err", err)
+			}
+		}
+	}()
+	d.log.Info("vtpm connections taken over from the previous bridge process", "vm", e.name)
 }
