@@ -69,6 +69,10 @@ type Config struct {
 	VTPMDir string `json:"vtpm_dir"`
 	// VTPMBanks are the PCR banks each vTPM offers, e.g. "sha1,sha256".
 	VTPMBanks string `json:"vtpm_banks"`
+	// VTPMMode is when a guest's TPM command returns: "durable" (its
+	// record is in the log store) or "anchored" (also extended into the
+	// host TPM).
+	VTPMMode string `json:"vtpm_mode"`
 	// SerialDir is where per-VM virtio-serial sockets may be: a domain's
 	// org.tpmmux.0 channel path must be directly in it.
 	SerialDir string `json:"serial_dir"`
@@ -160,6 +164,7 @@ func DefaultConfig() Config {
 		SerialDir:      DefaultSerialDir,
 		VTPMDir:        DefaultVTPMDir,
 		VTPMBanks:      DefaultVTPMBanks,
+		VTPMMode:       "durable",
 		SerialMode:     DefaultSerialMode,
 		Vsock:          "auto",
 		LogLevel:       "info",
@@ -231,6 +236,11 @@ func (c *Config) parse() (*settings, error) {
 	}
 	if s.vtpmBanks, err = vpcr.CheckBanks(s.vtpmBanks); err != nil {
 		return nil, fmt.Errorf("config: vtpm_banks: %w", err)
+	}
+	switch c.VTPMMode {
+	case "durable", "anchored":
+	default:
+		return nil, fmt.Errorf("config: vtpm_mode %q, want durable or anchored", c.VTPMMode)
 	}
 	for name, p := range map[string]string{"state_dir": c.StateDir, "control_socket": c.ControlSocket, "serial_dir": c.SerialDir, "vtpm_dir": c.VTPMDir} {
 		if p == "" || !filepath.IsAbs(p) {

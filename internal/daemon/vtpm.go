@@ -88,7 +88,7 @@ func (d *Daemon) listenVTPM(path string) (*net.UnixListener, error) {
 func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event) error {
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
-	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id), Logger: d.log.With("vm", e.name, "vtpm", path)}
+	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
 	if d.fds.on() {
 		inf, err := d.inflight(names[2])
 		if err != nil {

@@ -45,7 +45,7 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 }
 
 func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
-	t := &Ticket{done: make(chan struct{})}
+	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{})}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -176,6 +176,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		m.setFault(fmt.Errorf("log store write failed: %w", err))
 		return nil, err
 	}
+	markDurable(items)
 	m.nextG += uint64(n)
 	m.nextBatch++
 	m.pcrPrev, m.pcrValue = m.pcrValue, conceal.ExtendPCR(m.pcrValue, v)
@@ -195,6 +196,15 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		}
 	}
 	return acks, nil
+}
+
+// markDurable tells the submissions of a batch that it is in the store.
+func markDurable(items []*item) {
+	for _, it := range items {
+		if it.ticket != nil {
+			close(it.ticket.durable)
+		}
+	}
 }
 
 func ackAll(items []*item, acks []Ack) {

@@ -140,9 +140,31 @@ type Ack struct {
 
 // Ticket completes when a submission's records are durable and extended.
 type Ticket struct {
-	done chan struct{}
-	ack  Ack
-	err  error
+	done    chan struct{}
+	durable chan struct{} // closed once the submission's batch is durable
+	ack     Ack
+	err     error
+}
+
+// WaitDurable blocks until the submission's records are durable in the log
+// store (true; the extend may still be under way or have failed, and the
+// next start or heal extends them), or until the submission failed before
+// it was written (false and the error: nothing of it was recorded), or ctx
+// ends (false and ctx's error: not known).
+func (t *Ticket) WaitDurable(ctx context.Context) (bool, error) {
+	select {
+	case <-t.durable:
+		return true, nil
+	case <-t.done:
+		select {
+		case <-t.durable:
+			return true, nil
+		default:
+		}
+		return false, t.err
+	case <-ctx.Done():
+		return false, fmt.Errorf("wait for durability: %w", ctx.Err())
+	}
 }
 
 // Wait blocks until the submission is acknowledged or fails, or ctx ends.

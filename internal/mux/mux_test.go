@@ -27,10 +27,11 @@ import (
 // flakyTPM wraps a real TPM and injects extend faults.
 type flakyTPM struct {
 	tpm.TPM
-	failBefore atomic.Int32  // fail this many extends without extending, then go down
-	failAfter  atomic.Int32  // extend, then report failure this many times and go down
-	delay      time.Duration // added to every extend (a slow TPM)
-	gate       chan struct{} // when set, each extend waits for a value
+	failBefore atomic.Int32                  // fail this many extends without extending, then go down
+	failAfter  atomic.Int32                  // extend, then report failure this many times and go down
+	delay      time.Duration                 // added to every extend (a slow TPM)
+	gate       chan struct{}                 // when set, each extend waits for a value
+	hold       atomic.Pointer[chan struct{}] // like gate, settable while running
 	extends    atomic.Int64
 	down       atomic.Bool // the TPM answers nothing until cleared
 	quoteDelay time.Duration
@@ -55,6 +56,9 @@ func (f *flakyTPM) ReadPCRs(ctx context.Context, pcrs []int) ([][32]byte, error)
 func (f *flakyTPM) Extend(ctx context.Context, pcr int, d [32]byte) error {
 	if f.gate != nil {
 		<-f.gate
+	}
+	if h := f.hold.Load(); h != nil {
+		<-*h
 	}
 	if f.delay > 0 {
 		time.Sleep(f.delay)

@@ -1,0 +1,105 @@
+package mux_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
+)
+
+// ext is the extend of PCR 8 with digest b,0,0,…; its Seq is 2+b (after
+// the vTPM's Init and Startup).
+func ext(b byte) vpcr.Event {
+	d := make([]byte, 32)
+	d[0] = b
+	return vpcr.Event{Seq: 2 + uint64(b), Kind: vpcr.KindExtend, Command: 0x182, PCR: 8, Digests: []vpcr.Digest{{Alg: vpcr.SHA256, Value: d}}}
+}
+
+// appendAsync runs j.Append and reports when it returned.
+func appendAsync(j *mux.Journal, e vpcr.Event) chan error {
+	done := make(chan error, 1)
+	go func() { done <- j.Append(context.Background(), e) }()
+	return done
+}
+
+func returnsWithin(ch chan error, d time.Duration) (error, bool) {
+	select {
+	case err := <-ch:
+		return err, true
+	case <-time.After(d):
+		return nil, false
+	}
+}
+
+// TestJournalModes: a vTPM event's Append returns once the record is
+// durable (mode durable) or durable and extended (mode anchored); an event
+// that was not recorded is an error; one whose extend failed after it was
+// durable is recorded exactly once, and in mode anchored Append waits
+// until the multiplexer healed.
+func TestJournalModes(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	a, err := r.m.NewVM(context.Background(), mux.Launch{UUID: [16]byte{0x70}, Name: "vm-a", VTPMBanks: []uint16{uint16(vpcr.SHA256)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []vpcr.Event{{Seq: 1, Kind: vpcr.KindInit}, {Seq: 2, Kind: vpcr.KindStartup, Command: 0x144, Banks: []vpcr.Alg{vpcr.SHA256}}} {
+		if err := r.m.Journal(a.ID(), false).Append(context.Background(), e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hold := make(chan struct{})
+	r.tpm.hold.Store(&hold)
+
+	// Durable: returns while the extend is held.
+	if err, ok := returnsWithin(appendAsync(r.m.Journal(a.ID(), false), ext(1)), 5*time.Second); !ok || err != nil {
+		t.Fatalf("durable append with the extend held: returned %v, err %v", ok, err)
+	}
+	// Anchored: does not return until the extend happens.
+	done := appendAsync(r.m.Journal(a.ID(), true), ext(2))
+	if _, ok := returnsWithin(done, 300*time.Millisecond); ok {
+		t.Fatal("anchored append returned before its extend")
+	}
+	r.tpm.hold.Store(nil)
+	close(hold)
+	if err, ok := returnsWithin(done, 5*time.Second); !ok || err != nil {
+		t.Fatalf("anchored append after the extend: returned %v, err %v", ok, err)
+	}
+
+	// The extend fails after the batch is durable: recorded once; anchored
+	// waits for the heal.
+	r.tpm.failAfter.Store(1)
+	done = appendAsync(r.m.Journal(a.ID(), true), ext(3))
+	if _, ok := returnsWithin(done, 300*time.Millisecond); ok {
+		t.Fatal("anchored append returned while the multiplexer is faulted")
+	}
+	r.tpm.down.Store(false)
+	if err, ok := returnsWithin(done, 10*time.Second); !ok || err != nil {
+		t.Fatalf("anchored append after the heal: returned %v, err %v", ok, err)
+	}
+	evs, err := r.m.TPMEvents(a.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs = evs[2:]
+	if len(evs) != 3 || evs[0].Digests[0].Value[0] != 1 || evs[1].Digests[0].Value[0] != 2 || evs[2].Digests[0].Value[0] != 3 {
+		t.Fatalf("journal holds %v, want the three events once each, in order", evs)
+	}
+	if n := r.verified(a); n != 6 {
+		t.Fatalf("%d records, want genesis, init, startup and three extends", n)
+	}
+
+	// Not recorded: the VM has ended.
+	if _, err := r.m.Teardown(context.Background(), a.ID(), "destroyed"); err != nil {
+		t.Fatal(err)
+	}
+	err = r.m.Journal(a.ID(), false).Append(context.Background(), ext(4))
+	if !errors.Is(err, mux.ErrEnded) && !errors.Is(err, mux.ErrUnknownVM) {
+		t.Fatalf("append after teardown: %v", err)
+	}
+	if evs, _ := r.m.TPMEvents(a.ID()); len(evs) != 5 {
+		t.Fatalf("a refused event was recorded: %d events", len(evs))
+	}
+}
