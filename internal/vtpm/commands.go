@@ -140,7 +140,7 @@ func (v *VTPM) readClock(_ context.Context, req *request) ([]byte, uint32) {
 	now := v.now()
 	var w writer
 	w.u64(uint64(max(now.Sub(v.started), 0) / time.Millisecond)) // time
-	w.u64(uint64(max(now.Sub(v.created), 0) / time.Millisecond)) // clock
+	w.u64(uint64(max(now.UnixMilli(), 0)))                       // clock: monotonic across bridge restarts
 	w.u32(v.st.ResetCount())                                     // resetCount
 	w.u32(0)                                                     // restartCount
 	w.u8(1)                                                      // safe

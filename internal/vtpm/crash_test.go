@@ -145,3 +145,40 @@ func TestCrashMidCommand(t *testing.T) {
 		})
 	}
 }
+
+// TestIsolation: one VM's vTPM stuck (its journal never returns, its guest
+// sends half a command and garbage) does not slow another VM's vTPM.
+func TestIsolation(t *testing.T) {
+	stuck := &crashJournal{entered: make(chan struct{}), release: make(chan struct{})}
+	defer close(stuck.release)
+	stuck.mode.Store(2)
+	va, err := vtpm.New(vtpm.Config{Journal: stuck, Logger: quietLog()}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aClient, aServer := socketPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go va.ServeData(ctx, aServer)
+	// INIT is journaled too, so A is stuck from its very first command.
+	go va.Init(ctx)
+	<-stuck.entered
+	aClient.Write([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0}) // half a command
+	aClient.Write(bytes.Repeat([]byte{0xAB}, 4096))      // and garbage
+
+	b := newRig(t, nil, nil)
+	b.powerOn(t)
+	d := sha256.Sum256([]byte("b"))
+	start := time.Now()
+	for range 100 {
+		if rc := respRC(t, b.raw, rawExtendWithSession(0x40000009, 10, d[:])); rc != 0 {
+			t.Fatalf("B's extend: rc %#x", rc)
+		}
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("100 extends on B took %v while A was stuck", el)
+	}
+	if n := len(b.j.Events()); n != 102 {
+		t.Fatalf("B journaled %d events, want 102", n)
+	}
+}

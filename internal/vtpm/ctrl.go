@@ -303,9 +303,12 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 			conn.Close()
 			return be32(ptmIOError), nil
 		}
+		// A new data socket is a new QEMU process: its TPM is off until
+		// its CMD_INIT (as a freshly started swtpm), whatever the phase
+		// restored from the journal of the VM's earlier runs.
+		v.Stop()
 		if v.inf != nil {
-			// A new data socket is a new QEMU: nobody waits for an
-			// answer to an older command.
+			// Nobody waits for an answer to an older command.
 			if err := v.inf.Done(); err != nil {
 				v.log.Error("vtpm: clear in-flight record", "err", err)
 			}

@@ -229,3 +229,40 @@ func TestControlChannelAsQEMU(t *testing.T) {
 		t.Fatalf("data channel after the control peer left: %v, want EOF", err)
 	}
 }
+
+// TestNewQEMURun: a VM whose journal says its TPM was running (an earlier
+// QEMU run) starts again: the new QEMU's data socket finds the TPM off
+// until its CMD_INIT, as with a fresh swtpm, and its firmware's Startup
+// is the reboot record.
+func TestNewQEMURun(t *testing.T) {
+	old := newRig(t, nil, nil)
+	old.powerOn(t)
+	past := old.j.Events()
+
+	j := &vtpmtest.Journal{}
+	v, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, past)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuCtrl, bridgeCtrl := unixPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go v.ServeControl(ctx, bridgeCtrl)
+	fds, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	ctrlCall(t, qemuCtrl, 16, nil, []int{fds[1]}, 4)
+	unix.Close(fds[1])
+	f := os.NewFile(uintptr(fds[0]), "data")
+	dc, _ := net.FileConn(f)
+	f.Close()
+	defer dc.Close()
+	if rc := respRC(t, dc, []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x81}); rc != 0x101 {
+		t.Fatalf("probe before INIT on a restored vTPM: rc %#x, want TPM_RC_FAILURE", rc)
+	}
+	ctrlCall(t, qemuCtrl, 2, []byte{0, 0, 0, 0}, nil, 4)
+	if rc := respRC(t, dc, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}); rc != 0 {
+		t.Fatalf("Startup of the new run: %#x", rc)
+	}
+	if ev := j.Events(); len(ev) != 2 || ev[0].Kind != vpcr.KindInit || ev[1].Kind != vpcr.KindStartup || ev[0].Seq != uint64(len(past))+1 {
+		t.Fatalf("new run's records %v", ev)
+	}
+}

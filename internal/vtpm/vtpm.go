@@ -165,8 +165,7 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 	if v.now == nil {
 		v.now = time.Now
 	}
-	v.created = v.now()
-	v.started = v.created
+	v.started = v.now()
 	v.resetHierarchies()
 	return v, nil
 }

@@ -540,3 +540,59 @@ func TestPCRAllocate(t *testing.T) {
 		t.Fatalf("replay after allocate: %v", err)
 	}
 }
+
+// rawHierarchyControl is TPM2_HierarchyControl(auth, enable, state) with an
+// empty password.
+func rawHierarchyControl(auth, enable uint32, state byte) []byte {
+	var b []byte
+	b = binary.BigEndian.AppendUint16(b, 0x8002)
+	b = binary.BigEndian.AppendUint32(b, 0)
+	b = binary.BigEndian.AppendUint32(b, 0x121)
+	b = binary.BigEndian.AppendUint32(b, auth)
+	b = binary.BigEndian.AppendUint32(b, 9)
+	b = binary.BigEndian.AppendUint32(b, 0x40000009)
+	b = append(b, 0, 0, 1, 0, 0)
+	b = binary.BigEndian.AppendUint32(b, enable)
+	b = append(b, state)
+	binary.BigEndian.PutUint32(b[2:], uint32(len(b)))
+	return b
+}
+
+// TestHierarchyControl: who may turn which hierarchy off or on, that a
+// disabled hierarchy's handle is refused, and that a reboot enables all.
+func TestHierarchyControl(t *testing.T) {
+	r := newRig(t, nil, nil)
+	r.powerOn(t)
+	const owner, endorsement, platform = 0x40000001, 0x4000000B, 0x4000000C
+	changeOwnerAuth := func() error {
+		_, err := (tpm2.HierarchyChangeAuth{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}, NewAuth: tpm2.TPM2BAuth{}}).Execute(r.tpm)
+		return err
+	}
+	tests := []struct {
+		name         string
+		auth, enable uint32
+		state        byte
+		rc           uint32
+	}{
+		{"owner disables endorsement", owner, endorsement, 0, 0},
+		{"owner may not enable", owner, endorsement, 1, 0x1A4}, // TPM_RC_AUTH_TYPE, handle 1
+		{"owner may not touch platform", owner, platform, 0, 0x1A4},
+		{"platform enables endorsement", platform, endorsement, 1, 0},
+		{"platform disables owner", platform, owner, 0, 0},
+		{"owner handle now disabled", owner, endorsement, 0, 0x185}, // TPM_RC_HIERARCHY, handle 1
+		{"bad enable", platform, 0x40000007, 0, 0x1C4},
+		{"bad state", platform, owner, 2, 0x2C4},
+	}
+	for _, tc := range tests {
+		if rc := respRC(t, r.raw, rawHierarchyControl(tc.auth, tc.enable, tc.state)); rc != tc.rc {
+			t.Errorf("%s: rc %#x, want %#x", tc.name, rc, tc.rc)
+		}
+	}
+	if err := changeOwnerAuth(); !errors.Is(err, tpm2.TPMRCHierarchy) {
+		t.Fatalf("HierarchyChangeAuth(owner) with the owner hierarchy off: %v", err)
+	}
+	r.powerOn(t) // a reboot enables every hierarchy again
+	if err := changeOwnerAuth(); err != nil {
+		t.Fatalf("HierarchyChangeAuth(owner) after a reboot: %v", err)
+	}
+}
