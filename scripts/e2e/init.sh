@@ -10,6 +10,10 @@
 #   tpmmux_e2e.nonce=HEX run the agent in the background and attest from inside
 #                        the guest with this nonce, printing the files base64
 #                        between "attest-begin FILE" and "attest-end FILE" marks
+#   tpmmux_e2e.hole=SECS the hole test of a lying guest root: run the agent in
+#                        the background, stop it (SIGSTOP) once it streamed,
+#                        run /opt/NAME/bin/marker, wait SECS, let the agent go
+#                        on (SIGCONT), then print the guest's own PCR 10
 export PATH=/sbin:/bin
 PORT_NAME=org.tpmmux.0
 AGENT=/sbin/tpmmux-agent
@@ -95,6 +99,35 @@ if [ -x "$AGENT" ]; then
   if has_opt tpmmux_e2e.exec; then
     # shellcheck disable=SC2086 # args are split on purpose
     exec "$AGENT" $agent_args
+  fi
+  hole=$(opt_value tpmmux_e2e.hole)
+  if [ -n "$hole" ]; then
+    # shellcheck disable=SC2086
+    "$AGENT" $agent_args 2>/run/agent.log &
+    apid=$!
+    i=0
+    while [ "$i" -lt 100 ] && ! grep -q "streaming to the bridge" /run/agent.log; do
+      i=$((i + 1))
+      usleep 100000
+    done
+    sleep 3 # let it send what the kernel measured so far
+    kill -STOP "$apid"
+    mark "agent stopped"
+    mark "tpm: $( [ -e /dev/tpm0 ] && echo tpm0 || echo none ), TPM-bypass lines: $(dmesg | grep -c 'TPM-bypass')"
+    /opt/"$name"/bin/marker
+    mark "marker ran"
+    sleep "$hole"
+    kill -CONT "$apid"
+    mark "agent resumed"
+    sleep 3
+    for b in sha1 sha256; do
+      f=/sys/class/tpm/tpm0/pcr-$b/10
+      if [ -r "$f" ]; then mark "guest pcr-$b/10 $(cat "$f")"; fi
+    done
+    mark "hole test done"
+    wait "$apid"
+    mark "agent exited $?"
+    finish
   fi
   nonce=$(opt_value tpmmux_e2e.nonce)
   if [ -z "$nonce" ]; then

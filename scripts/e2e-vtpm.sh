@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# End-to-end test of vTPM mode (docs/vtpm.md) on a real libvirtd and QEMU
+# (TCG): the bridge on swtpm serves a virtual TPM to an unmodified Debian
+# guest kernel over libvirt's external TPM backend; IMA runs in TPM mode and
+# every PCR 10 extend is anchored before the measured program runs. It
+# shows the hole of agent-only mode closed: a guest root stops its agent and
+# runs a marker program. In agent mode the evidence taken then has no trace
+# of it (a documented limit); in vTPM mode the verifier rejects the
+# unexplained anchored extend, and once the agent resumes it sees and
+# appraises the marker. The guest's own PCR 10 equals the verifier's
+# reconstruction. Then virsh reset, destroy and post-mortem of the vTPM
+# guest. Prints a table; exits non-zero on any failure.
+#
+#   scripts/e2e-vtpm.sh     (as root; installs what it needs with apt)
+#
+# Environment: TPMMUX_E2E_WORK (default /var/lib/tpmmux-e2e/vtpm; wiped first),
+# TPMMUX_E2E_KEEP=1 keeps the work dir and logs after a success.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${TPMMUX_E2E_WORK:-/var/lib/tpmmux-e2e/vtpm}
+RUN=/run/tpmmux-e2e-vtpm
+BIN=$WORK/bin
+OUT=$WORK/out
+HOLE=25 # seconds the guest keeps its agent stopped
+NAMES=(vt-tpm vt-agent)
+declare -A MODE=([vt-tpm]=vtpm [vt-agent]=agent)
+T0=$(date +%s)
+
+say() { printf '[e2e-vtpm %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+die() { say "FAIL: $*"; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (libvirtd, hooks, swtpm)"
+
+SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED=''
+cleanup() {
+  local rc=$?
+  set +e
+  for n in "${NAMES[@]}"; do
+    virsh -q destroy "$n" >/dev/null 2>&1
+    virsh -q undefine "$n" >/dev/null 2>&1
+  done
+  if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
+  if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
+  if [ -n "$HOOK_INSTALLED" ]; then bash "$ROOT/scripts/install.sh" --prefix "$WORK/prefix" --uninstall >/dev/null 2>&1 || rm -f /etc/libvirt/hooks/qemu.d/tpmmux; fi
+  if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
+  if ((rc != 0)); then
+    say "logs kept in $WORK (bridge.log, console-*.log)"
+    for f in "$WORK"/bridge.log "$WORK"/console-*.log; do
+      [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 30 "$f" >&2; }
+    done
+  elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
+    rm -rf "$OUT" "$WORK/state"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_for() {
+  local secs=$1 what=$2
+  shift 2
+  local end=$(($(date +%s) + secs))
+  until "$@" >/dev/null 2>&1; do
+    (($(date +%s) < end)) || die "timed out after ${secs}s waiting for $what"
+    if [ -n "$BRIDGE_PID" ] && ! kill -0 "$BRIDGE_PID" 2>/dev/null; then die "the bridge exited"; fi
+    sleep 0.3
+  done
+}
+marker() { grep -qF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null; }
+marker_count() { grep -cF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null || true; }
+marker_line() { grep -F "TPMMUX-E2E: $2" "$WORK/console-$1.log" | tail -1 | tr -d '\r'; }
+hexrand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+bridge() { "$BIN/tpmmux-bridge" "$@" --control "$RUN/control.sock"; }
+# evidence VM DIR [verify args...]: host evidence for a fresh nonce, then
+# tpmmux-verify; its exit code is returned, the report is DIR/report.json.
+evidence() {
+  local n=$1 d=$2 nonce
+  shift 2
+  nonce=$(hexrand 20)
+  bridge evidence --vm "$n" --nonce "$nonce" --out "$d" >/dev/null
+  set +e
+  "$BIN/tpmmux-verify" --evidence "$d/evidence.json" --nonce "$nonce" --identity "$d/identity.json" --ak "$d/ak.pem" --json "$@" >"$d/report.json" 2>"$d/verify.err"
+  local rc=$?
+  set -e
+  return $rc
+}
+vm_records() { bridge vms --json | jq -r --arg n "$1" '[.[] | select(.name == $n and .live)][0].records // 0'; }
+vm_ended() { bridge vms --all --json | jq -e --arg n "$1" '[.[] | select(.name == $n)] | length > 0 and all(.live | not)' >/dev/null; }
+settle() {
+  local n=$1 last=-1 cur
+  for _ in $(seq 1 60); do
+    cur=$(vm_records "$n" || echo 0)
+    if [ "$cur" = "$last" ] && [ "${cur:-0}" -gt 3 ]; then echo "$cur"; return 0; fi
+    last=$cur
+    sleep 1
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------- set-up
+say "installing what is missing"
+bash "$ROOT/scripts/setup.sh" test
+command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+rm -rf "$WORK" "$RUN"
+mkdir -p "$BIN" "$OUT" "$RUN/vtpm" "$WORK/state"
+
+say "building"
+(cd "$ROOT" && go build -o "$BIN/" ./cmd/tpmmux-bridge ./cmd/tpmmux-hook ./cmd/tpmmux-verify ./scripts/e2e/e2etool)
+(cd "$ROOT" && CGO_ENABLED=0 go build -o "$BIN/tpmmux-agent" ./cmd/tpmmux-agent)
+
+say "building the guests (the compressed kernel: a TPM needs it, see shared vtpm-observed.md)"
+declare -A INITRD_OF
+for n in "${NAMES[@]}"; do
+  printf '#!/bin/sh\necho "the marker program of %s ran"\n' "$n" >"$WORK/marker-$n"
+  chmod 0755 "$WORK/marker-$n"
+  bash "$ROOT/scripts/e2e/build-guest.sh" "$WORK/guest-$n" --name "$n" --vmlinuz --init-payload "$BIN/tpmmux-agent" \
+    --add "$WORK/marker-$n:/opt/$n/bin/marker" >/dev/null
+  # shellcheck disable=SC1090,SC1091
+  . "$WORK/guest-$n/guest.env"
+  var="INITRD_${n//-/_}"
+  INITRD_OF[$n]=${!var}
+done
+
+say "starting swtpm as the host TPM"
+port=$((20000 + RANDOM % 20000))
+mkdir -p "$WORK/swtpm"
+swtpm socket --tpm2 --tpmstate dir="$WORK/swtpm" \
+  --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
+  --flags not-need-init,startup-clear >"$WORK/swtpm.log" 2>&1 &
+SWTPM_PID=$!
+wait_for 10 "swtpm" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+
+say "starting the bridge (vTPM sockets in $RUN/vtpm)"
+printf '{"vtpm_dir": "%s", "vtpm_mode": "durable"}\n' "$RUN/vtpm" >"$WORK/bridge.json"
+"$BIN/tpmmux-bridge" run --config "$WORK/bridge.json" --tpm "swtpm:127.0.0.1:$port" --state-dir "$WORK/state" \
+  --control "$RUN/control.sock" --serial-dir "$RUN/serial" --serial-group root \
+  --libvirt /var/run/libvirt/libvirt-sock --host e2e-vtpm-host --log-level info >"$WORK/bridge.log" 2>&1 &
+BRIDGE_PID=$!
+wait_for 20 "the bridge's control socket" bridge status
+
+say "installing the hook, then (re)starting libvirtd so it sees the hooks folder"
+HOOK_INSTALLED=1
+bash "$ROOT/scripts/install.sh" --from "$BIN" --prefix "$WORK/prefix" --no-systemd --control "$RUN/control.sock" --hook-timeout 5s >&2
+if bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null; fi
+bash "$ROOT/scripts/libvirtd.sh" start >&2
+STARTED_LIBVIRTD=1
+wait_for 30 "the bridge to follow libvirtd" grep -q "reconcil\|libvirt.*connected\|following libvirt" "$WORK/bridge.log"
+
+# ---------------------------------------------------------------- domains
+for n in "${NAMES[@]}"; do # left over from an interrupted run
+  virsh -q destroy "$n" >/dev/null 2>&1 || true
+  virsh -q undefine "$n" >/dev/null 2>&1 || true
+done
+for n in "${NAMES[@]}"; do
+  tpm=''
+  if [ "${MODE[$n]}" = vtpm ]; then
+    tpm="<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='$RUN/vtpm/$n.sock'/></backend></tpm>"
+  fi
+  cat >"$WORK/$n.xml" <<XML
+<domain type='qemu'>
+  <name>$n</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KERNEL</kernel>
+    <initrd>${INITRD_OF[$n]}</initrd>
+    <cmdline>$CMDLINE tpmmux_e2e.hole=$HOLE</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='$WORK/console-$n.log'/><target port='0'/></serial>
+    <channel type='unix'>
+      <source mode='connect' path='$RUN/serial/$n.sock'><reconnect enabled='yes' timeout='2'/></source>
+      <target type='virtio' name='org.tpmmux.0'/>
+    </channel>
+    $tpm
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+  virsh -q define "$WORK/$n.xml" >/dev/null
+done
+for n in "${NAMES[@]}"; do
+  say "virsh start $n (${MODE[$n]} mode)"
+  virsh -q start "$n" >/dev/null || die "virsh start $n failed"
+done
+
+# ---------------------------------------------------------------- the hole
+declare -A R_TPM R_BYPASS R_STOPPED R_RESUMED R_PCR R_RESET R_TEAR R_POST R_RECS
+for n in "${NAMES[@]}"; do
+  wait_for 180 "$n to run its marker with the agent stopped" marker "$n" "marker ran"
+  line=$(marker_line "$n" "tpm: ")
+  R_TPM[$n]=$(sed -n 's/.*tpm: \([a-z0-9]*\),.*/\1/p' <<<"$line")
+  R_BYPASS[$n]=$(sed -n 's/.*TPM-bypass lines: \([0-9]*\).*/\1/p' <<<"$line")
+  sleep 2 # the marker's extend is anchored before it runs; give the agent nothing: it is stopped
+  d=$OUT/$n/stopped
+  if evidence "$n" "$d"; then
+    paths=$("$BIN/e2etool" paths "$d/evidence.json")
+    if grep -q "/opt/$n/bin/marker" <<<"$paths"; then die "$n: the stopped agent's evidence names the marker"; fi
+    [ "${MODE[$n]}" = agent ] || die "$n: vTPM evidence with the agent stopped was trusted: $(jq -c .vtpm "$d/report.json")"
+    R_STOPPED[$n]="trusted, no marker (limit)"
+  else
+    [ "${MODE[$n]}" = vtpm ] || die "$n: agent-mode evidence rejected: $(head -1 "$d/verify.err")"
+    grep -q "anchored PCR 10 extend with no IMA entry" "$d/verify.err" || die "$n: rejected for another reason: $(head -1 "$d/verify.err")"
+    R_STOPPED[$n]="rejected: unexplained extend"
+  fi
+  say "$n with its agent stopped: ${R_STOPPED[$n]}"
+done
+for n in "${NAMES[@]}"; do
+  wait_for $((HOLE + 60)) "$n's agent to resume and the hole test to end" marker "$n" "hole test done"
+  R_RECS[$n]=$(settle "$n") || die "$n: records never settled"
+  d=$OUT/$n/resumed
+  evidence "$n" "$d" || die "$n: evidence after the agent resumed rejected: $(head -1 "$d/verify.err")"
+  "$BIN/e2etool" paths "$d/evidence.json" | grep -q "/opt/$n/bin/marker" || die "$n: the marker is not in the evidence after the agent resumed"
+  R_RESUMED[$n]="trusted, marker seen"
+  if [ "${MODE[$n]}" = vtpm ]; then
+    [ "${R_TPM[$n]}" = tpm0 ] && [ "${R_BYPASS[$n]}" = 0 ] || die "$n: IMA did not use the vTPM (tpm ${R_TPM[$n]}, TPM-bypass lines ${R_BYPASS[$n]})"
+    jq -e '.vtpm.boot_aggregates_checked >= 1 and .vtpm.paired > 0 and (.vtpm.unexplained // [] | length == 0)' "$d/report.json" >/dev/null ||
+      die "$n: vTPM report $(jq -c '.vtpm | del(.pcrs)' "$d/report.json")"
+    guest=$(marker_line "$n" "guest pcr-sha256/10" | awk '{print $NF}' | tr 'A-F' 'a-f')
+    mine=$(jq -r '.vtpm.pcrs.sha256[10]' "$d/report.json")
+    [ -n "$guest" ] && [ "$guest" = "$mine" ] || die "$n: the guest reads PCR 10 = $guest, the verifier reconstructed $mine"
+    R_PCR[$n]="guest = verifier"
+  else
+    R_PCR[$n]="-"
+  fi
+done
+
+# A policy that allows everything but the marker: the resumed agent's
+# marker entry is appraised (a violation naming it).
+n=vt-tpm
+d=$OUT/$n/resumed
+"$BIN/e2etool" paths "$d/evidence.json" | grep -v "/opt/$n/bin/marker" | jq -R -s '
+  split("\n") | map(select(length > 0)) | {"meta": {"version": 1}, "release": 0, "digests": {}, "excludes": ., "keyrings": {}, "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": null}, "ima-buf": {}, "verification-keys": ""}' >"$WORK/policy.json"
+if evidence "$n" "$OUT/$n/policy" --policy "$WORK/policy.json"; then
+  die "$n: the policy did not catch the marker"
+fi
+grep -q "/opt/$n/bin/marker" "$OUT/$n/policy/verify.err" || die "$n: policy rejection does not name the marker: $(head -1 "$OUT/$n/policy/verify.err")"
+APPRAISED="marker is a violation of a policy that omits it"
+
+# ---------------------------------------------------------------- lifecycle
+n=vt-tpm
+say "virsh reset $n"
+boots=$(marker_count "$n" "init start")
+virsh -q reset "$n" >/dev/null
+wait_for 120 "$n to boot again" bash -c "[ \$(grep -cF 'TPMMUX-E2E: init start' '$WORK/console-$n.log') -gt $boots ]"
+wait_for $((HOLE + 120)) "$n's second hole test" bash -c "[ \$(grep -cF 'TPMMUX-E2E: hole test done' '$WORK/console-$n.log') -gt 1 ]"
+settle "$n" >/dev/null || die "$n: records never settled after the reset"
+d=$OUT/$n/reset
+evidence "$n" "$d" || die "$n: evidence after the reset rejected: $(head -1 "$d/verify.err")"
+jq -e '.vtpm.boots == 2 and .vtpm.boot_aggregates_checked == 2' "$d/report.json" >/dev/null || die "$n: after the reset: $(jq -c '.vtpm | del(.pcrs)' "$d/report.json")"
+guest=$(marker_line "$n" "guest pcr-sha256/10" | awk '{print $NF}' | tr 'A-F' 'a-f')
+[ "$guest" = "$(jq -r '.vtpm.pcrs.sha256[10]' "$d/report.json")" ] || die "$n: after the reset the guest's PCR 10 differs from the verifier's"
+R_RESET[$n]="2 vTPM boots, PCR 10 equal"
+R_RESET[vt-agent]="-"
+for n in "${NAMES[@]}"; do
+  say "virsh destroy $n"
+  virsh -q destroy "$n" >/dev/null
+  wait_for 20 "$n's teardown" vm_ended "$n"
+  p=$OUT/$n/post
+  bridge evidence --vm "$n" --nonce "$(hexrand 20)" --out "$p" >/dev/null
+  "$BIN/tpmmux-verify" --evidence "$p/evidence.json" --post-mortem --identity "$OUT/$n/resumed/identity.json" --ak "$OUT/$n/resumed/ak.pem" --json >"$p/report.json" ||
+    die "$n: post-mortem evidence rejected"
+  R_TEAR[$n]=$(jq -r '.teardown.detail // empty' "$p/report.json")
+  R_POST[$n]=trusted
+done
+
+# ---------------------------------------------------------------- summary
+printf '\n%-9s %-6s %8s  %-6s %-30s %-22s %-17s %-26s %-10s %-11s\n' VM MODE RECORDS TPM "AGENT STOPPED, MARKER RAN" "AGENT RESUMED" "GUEST PCR 10" RESET TEARDOWN POST-MORTEM
+for n in "${NAMES[@]}"; do
+  printf '%-9s %-6s %8s  %-6s %-30s %-22s %-17s %-26s %-10s %-11s\n' "$n" "${MODE[$n]}" "${R_RECS[$n]}" "${R_TPM[$n]}" "${R_STOPPED[$n]}" "${R_RESUMED[$n]}" "${R_PCR[$n]}" "${R_RESET[$n]}" "${R_TEAR[$n]}" "${R_POST[$n]}"
+done
+printf '\npolicy: %s; elapsed %ss\n' "$APPRAISED" "$(($(date +%s) - T0))"
+echo "e2e-vtpm: all checks passed"
