@@ -390,7 +390,7 @@ func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error)
 		return nil, err
 	}
 	epoch := d.mux.Status().Epoch
-	var out []control.VM
+	out := []control.VM{} // [] in JSON, not null, when there is none
 	for _, v := range infos {
 		live := v.Live
 		if !live && !all {
@@ -417,8 +417,8 @@ func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error)
 
 // Evidence returns evidence for a VM: for a live instance a fresh quote
 // over the nonce; for an ended one the post-mortem quote the bridge kept at
-// its teardown. vm is a name (the live instance, else the only ended one of
-// that name) or an instance id in hex.
+// its teardown. vm is a name, uuid, instance or id, or a unique prefix of
+// an instance or id (resolve).
 func (d controlHandler) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
 	defer d.count(control.OpEvidence, &err)
 	if vm == "" {
@@ -462,36 +462,4 @@ func (d controlHandler) Evidence(ctx context.Context, vm string, nonce []byte) (
 	}
 	out.Evidence, out.Identity, out.AKPEM = raw, *ident, string(pemBytes)
 	return out, nil
-}
-
-// resolve finds the instance vm names.
-func (d *Daemon) resolve(vm string) (conceal.Digest, bool, error) {
-	if id, ok := d.mux.Lookup(vm); ok {
-		return id, true, nil
-	}
-	infos, err := d.mux.VMs()
-	if err != nil {
-		return conceal.Digest{}, false, err
-	}
-	if b, err := hex.DecodeString(vm); err == nil && len(b) == len(conceal.Digest{}) {
-		for _, v := range infos {
-			if hex.EncodeToString(v.ID[:]) == strings.ToLower(vm) {
-				return v.ID, v.Live, nil
-			}
-		}
-		return conceal.Digest{}, false, fmt.Errorf("no vm instance with id %s", vm)
-	}
-	var ended []mux.VMInfo
-	for _, v := range infos {
-		if v.Name == vm {
-			ended = append(ended, v)
-		}
-	}
-	switch len(ended) {
-	case 0:
-		return conceal.Digest{}, false, fmt.Errorf("no vm named %s", vm)
-	case 1:
-		return ended[0].ID, false, nil
-	}
-	return conceal.Digest{}, false, fmt.Errorf("vm %s is not live and has %d ended instances: name one by its id (tpmmux-bridge vms --all)", vm, len(ended))
 }
