@@ -167,6 +167,11 @@ func vmsMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", v.Name, state, v.UUID, inst, id, cid, v.Records, v.Sessions, lst)
 	}
 	tw.Flush()
+	for _, v := range resp.VMs {
+		if v.Warning != "" {
+			fmt.Fprintf(stdout, "warning: %s: %s\n", v.Name, v.Warning)
+		}
+	}
 	return 0
 }
 

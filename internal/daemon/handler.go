@@ -82,6 +82,13 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 	if err != nil {
 		return nil, err
 	}
+	if !d.reachable(dom, plan) {
+		if d.cfg.Hook.RequireTransport {
+			return nil, fmt.Errorf("domain %s: %s; add the org.tpmmux.0 channel (docs/hook.md) or a <vsock> device on a host with vsock, or unset hook.require_transport", dom.Name, noTransport)
+		}
+		d.log.Warn("vm gets an identity that no guest transport reaches: add the org.tpmmux.0 channel (docs/hook.md), or set hook.require_transport to refuse such domains",
+			"vm", dom.Name, "serial_channel", false, "vsock_device", dom.Vsock, "vsock_on_host", d.vsockOn)
+	}
 	if old := d.entry(dom.Name); old != nil {
 		// A previous instance whose stop the bridge missed: bridge.Prepare
 		// tears it down; its listeners go first (same socket path).
@@ -126,6 +133,7 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 func (d *Daemon) vmInfo(e *vmEntry, ident *conceal.Identity) *control.VM {
 	vm := &control.VM{Name: e.name, UUID: conceal.FormatUUID(e.uuid), ID: hex.EncodeToString(e.id[:]), CID: e.getCID(),
 		Live: true, Listeners: e.listenerInfo(), Sessions: e.sessionCount(), Epoch: d.mux.Status().Epoch}
+	vm.Warning = transportWarning(vm.Listeners)
 	if ident != nil {
 		vm.Instance = hex.EncodeToString(ident.Instance[:])
 	}
@@ -222,6 +230,10 @@ func (d *Daemon) adopt(op, name string, xml []byte, started bool) (*control.VM, 
 	}
 	if err := d.openListeners(e, plan); err != nil {
 		return nil, fmt.Errorf("%s %s: %w", op, dom.Name, err)
+	}
+	if started && len(e.listenerInfo()) == 0 {
+		d.log.Warn("vm started with no guest transport: its log can hold no measurements", "vm", dom.Name,
+			"serial_channel", plan.serial != "", "vsock_cid", plan.cid, "vsock_on_host", d.vsockOn)
 	}
 	if started {
 		e.mu.Lock()
@@ -409,6 +421,7 @@ func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error)
 					vm.CID = cid
 				}
 			}
+			vm.Warning = transportWarning(vm.Listeners)
 		}
 		out = append(out, vm)
 	}

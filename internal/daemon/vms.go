@@ -119,6 +119,25 @@ func (d *Daemon) planFor(dom *libvirt.Domain) (listenPlan, error) {
 	return p, nil
 }
 
+// noTransport is the warning for a live VM that no guest transport reaches.
+const noTransport = "no guest transport reaches the bridge (no org.tpmmux.0 channel, no usable vsock): the VM's log can hold no measurements"
+
+// reachable says whether some guest transport will reach the bridge for
+// dom under plan: its virtio-serial channel, a <vsock> device on a host
+// that serves vsock (an auto-assigned CID is known only once QEMU runs), or
+// the development unix socket.
+func (d *Daemon) reachable(dom *libvirt.Domain, p listenPlan) bool {
+	return p.serial != "" || (dom.Vsock && d.vsockOn) || d.cfg.GuestUnixDir != ""
+}
+
+// transportWarning is what vms says about a live VM with no listener.
+func transportWarning(listeners []control.Listener) string {
+	if len(listeners) == 0 {
+		return noTransport
+	}
+	return ""
+}
+
 // checkSerialPath accepts only a socket directly in the serial directory,
 // so a domain XML cannot make the bridge create or replace files elsewhere.
 func (d *Daemon) checkSerialPath(p string) (string, error) {
