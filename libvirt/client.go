@@ -66,29 +66,13 @@ func Connect(ctx context.Context, target string) (*Client, error) {
 		}
 		dial = func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) }
 	}
-	type result struct {
-		l   *golibvirt.Libvirt
-		err error
+	l, err := await.DoOr(ctx, dial, func(l *golibvirt.Libvirt) {
+		_ = l.Disconnect() // it came up after all
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, err)
 	}
-	ch := make(chan result, 1)
-	go func() {
-		l, err := dial()
-		ch <- result{l, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("connect to libvirtd %q: %w", target, r.err)
-		}
-		return &Client{l: r.l, target: target}, nil
-	case <-ctx.Done():
-		go func() { // close the connection if it comes up after all
-			if r := <-ch; r.err == nil {
-				_ = r.l.Disconnect()
-			}
-		}()
-		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, ctx.Err())
-	}
+	return &Client{l: l, target: target}, nil
 }
 
 // Libvirt is the underlying go-libvirt connection, e.g. for
