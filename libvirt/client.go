@@ -36,12 +36,7 @@ type Client struct {
 // as qemu:///system or qemu+unix:///system?socket=/path (see go-libvirt's
 // ConnectToURI for the transports).
 func Connect(ctx context.Context, target string) (*Client, error) {
-	timeout := DefaultDialTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		if d := time.Until(dl); d < timeout {
-			timeout = d
-		}
-	}
+	timeout := await.Timeout(ctx, DefaultDialTimeout)
 	if timeout <= 0 {
 		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, context.DeadlineExceeded)
 	}

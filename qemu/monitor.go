@@ -55,12 +55,7 @@ type SocketMonitor struct {
 // DialSocket connects to the QMP unix socket at path and does the
 // capabilities handshake.
 func DialSocket(ctx context.Context, path string) (*SocketMonitor, error) {
-	timeout := DefaultDialTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		if d := time.Until(dl); d < timeout {
-			timeout = d
-		}
-	}
+	timeout := await.Timeout(ctx, DefaultDialTimeout)
 	if timeout <= 0 {
 		return nil, fmt.Errorf("qmp dial %s: %w", path, context.DeadlineExceeded)
 	}

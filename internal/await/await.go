@@ -2,7 +2,10 @@
 // go-qemu's) so that a caller's context still bounds how long it waits.
 package await
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Do runs f and returns its result, or ctx's error as soon as ctx ends
 // first; f then finishes in the background and its result is dropped.
@@ -40,4 +43,14 @@ func DoOr[T any](ctx context.Context, f func() (T, error), abandon func(T)) (T, 
 		}
 		return zero, ctx.Err()
 	}
+}
+
+// Timeout is the time a call that takes a timeout instead of a context
+// (a dial) may have under ctx: def, or what is left of ctx's deadline when
+// that is sooner. It is zero or less when ctx has no time left.
+func Timeout(ctx context.Context, def time.Duration) time.Duration {
+	if dl, ok := ctx.Deadline(); ok {
+		return min(def, time.Until(dl))
+	}
+	return def
 }

@@ -56,3 +56,21 @@ func canceled() context.Context {
 	cancel()
 	return ctx
 }
+
+// TestTimeout: a dial gets the default, or less when the context's
+// deadline is sooner.
+func TestTimeout(t *testing.T) {
+	if got := Timeout(context.Background(), time.Second); got != time.Second {
+		t.Fatalf("no deadline: %s", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if got := Timeout(ctx, time.Minute); got <= 0 || got > 100*time.Millisecond {
+		t.Fatalf("deadline in 100ms: %s", got)
+	}
+	past, cancel2 := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel2()
+	if got := Timeout(past, time.Minute); got > 0 {
+		t.Fatalf("deadline passed: %s", got)
+	}
+}
