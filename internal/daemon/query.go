@@ -73,17 +73,17 @@ func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error)
 func (d controlHandler) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
 	defer d.count(control.OpEvidence, &err)
 	if vm == "" {
-		return nil, errors.New("evidence: no vm named")
+		return nil, errors.New("no vm named: " + resolveHint)
 	}
 	id, live, err := d.resolve(vm)
 	if err != nil {
-		return nil, fmt.Errorf("evidence: %w", err)
+		return nil, err // the CLI and the log name the op already
 	}
 	out = &control.Evidence{VM: vm}
 	var raw []byte
 	if live {
 		if len(nonce) == 0 || len(nonce) > 64 {
-			return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+			return nil, fmt.Errorf("nonce of %d bytes, want 1 to 64", len(nonce))
 		}
 		ev, err := d.mux.Evidence(ctx, id, nonce)
 		if err != nil {
