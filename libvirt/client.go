@@ -36,12 +36,7 @@ type Client struct {
 // as qemu:///system or qemu+unix:///system?socket=/path (see go-libvirt's
 // ConnectToURI for the transports).
 func Connect(ctx context.Context, target string) (*Client, error) {
-	timeout := DefaultDialTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		if d := time.Until(dl); d < timeout {
-			timeout = d
-		}
-	}
+	timeout := await.Timeout(ctx, DefaultDialTimeout)
 	if timeout <= 0 {
 		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, context.DeadlineExceeded)
 	}
@@ -66,29 +61,13 @@ func Connect(ctx context.Context, target string) (*Client, error) {
 		}
 		dial = func() (*golibvirt.Libvirt, error) { return golibvirt.ConnectToURI(u) }
 	}
-	type result struct {
-		l   *golibvirt.Libvirt
-		err error
+	l, err := await.DoOr(ctx, dial, func(l *golibvirt.Libvirt) {
+		_ = l.Disconnect() // it came up after all
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, err)
 	}
-	ch := make(chan result, 1)
-	go func() {
-		l, err := dial()
-		ch <- result{l, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("connect to libvirtd %q: %w", target, r.err)
-		}
-		return &Client{l: r.l, target: target}, nil
-	case <-ctx.Done():
-		go func() { // close the connection if it comes up after all
-			if r := <-ch; r.err == nil {
-				_ = r.l.Disconnect()
-			}
-		}()
-		return nil, fmt.Errorf("connect to libvirtd %q: %w", target, ctx.Err())
-	}
+	return &Client{l: l, target: target}, nil
 }
 
 // Libvirt is the underlying go-libvirt connection, e.g. for

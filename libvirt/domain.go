@@ -57,9 +57,12 @@ func (d *Domain) Attested(mode string) (ok bool, why string) {
 
 // Domain is what tpmmux needs from a domain XML.
 type Domain struct {
-	Name  string
-	UUID  [16]byte
-	CID   uint32 // vsock guest CID; 0 when there is no <vsock> or it is auto-assigned and not yet known
+	Name string
+	UUID [16]byte
+	CID  uint32 // vsock guest CID; 0 when there is no <vsock> or it is auto-assigned and not yet known
+	// Vsock is set when the domain has a <vsock> device, whether its CID
+	// is fixed or auto-assigned (then CID is 0 until QEMU runs).
+	Vsock bool
 	Files []LaunchFile
 	// SerialSocket is the host path of the <channel type='unix'> whose
 	// target is the org.tpmmux.0 virtio-serial port, if any.
@@ -100,6 +103,7 @@ func ParseDomain(doc []byte) (*Domain, error) {
 	}
 	d.UUID = u
 	if dx.Devices != nil {
+		d.Vsock = dx.Devices.VSock != nil
 		if vs := dx.Devices.VSock; vs != nil && vs.CID != nil && vs.CID.Address != "" {
 			cid, err := strconv.ParseUint(vs.CID.Address, 10, 32)
 			if err != nil || cid < 3 || cid == 0xffffffff {

@@ -7,6 +7,7 @@ import (
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 
+	"github.com/tpmmux/tpmmux/internal/await"
 	"github.com/tpmmux/tpmmux/internal/record"
 )
 
@@ -158,26 +159,9 @@ func (c *Client) Events(ctx context.Context) (<-chan Event, error) {
 // blocks on sending to the returned channel, so it must be read until it
 // closes (after sub ends).
 func (c *Client) subscribe(sub context.Context, id golibvirt.DomainEventID) (<-chan any, error) {
-	type result struct {
-		ch  <-chan any
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		ch, err := c.l.SubscribeEvents(sub, id, nil)
-		done <- result{ch, err}
-	}()
-	select {
-	case r := <-done:
-		return r.ch, r.err
-	case <-sub.Done():
-		go func() {
-			if r := <-done; r.err == nil {
-				drain(r.ch)
-			}
-		}()
-		return nil, sub.Err()
-	}
+	return await.DoOr(sub, func() (<-chan any, error) {
+		return c.l.SubscribeEvents(sub, id, nil)
+	}, drain)
 }
 
 // drain reads ch until it closes, in the background.

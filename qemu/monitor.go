@@ -55,12 +55,7 @@ type SocketMonitor struct {
 // DialSocket connects to the QMP unix socket at path and does the
 // capabilities handshake.
 func DialSocket(ctx context.Context, path string) (*SocketMonitor, error) {
-	timeout := DefaultDialTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		if d := time.Until(dl); d < timeout {
-			timeout = d
-		}
-	}
+	timeout := await.Timeout(ctx, DefaultDialTimeout)
 	if timeout <= 0 {
 		return nil, fmt.Errorf("qmp dial %s: %w", path, context.DeadlineExceeded)
 	}
@@ -103,26 +98,16 @@ func (m *SocketMonitor) Run(ctx context.Context, cmd []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", m.path, err)
 	}
-	type result struct {
-		out []byte
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		out, err := m.mon.Run(cmd)
-		ch <- result{out, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("qmp %s: %w", m.path, r.err)
-		}
-		return r.out, nil
-	case <-ctx.Done():
+	out, err := await.Do(ctx, func() ([]byte, error) { return m.mon.Run(cmd) })
+	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		// A reply arriving later could not be matched to its command.
 		_ = m.Close()
-		<-ch
-		return nil, fmt.Errorf("qmp %s: %w (monitor closed)", m.path, ctx.Err())
+		return nil, fmt.Errorf("qmp %s: %w (monitor closed)", m.path, err)
 	}
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", m.path, err)
+	}
+	return out, nil
 }
 
 // Close implements Monitor.

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -95,62 +94,21 @@ type ingestClient struct {
 // guest keeps its window full (saturation); otherwise it sends one frame
 // per pace (random phase), when its window has room.
 func (e *env) runIngest(ctx context.Context, kind string, vms, maxBatch int, fr *frames, pace, warmMax, dur time.Duration) (*ingestResult, error) {
-	rt, err := e.openTPM(ctx, kind)
+	r, err := e.openMuxRig(ctx, kind, "ingest-", vms, nil, mux.Config{MaxBatch: maxBatch})
 	if err != nil {
 		return nil, err
 	}
-	defer rt.Close()
-	dir, err := tempDir(e.work, "ingest-")
-	if err != nil {
-		return nil, err
-	}
-	defer removeAll(dir)
-	st, err := logstore.Open(filepath.Join(dir, "log.db"), nil)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
-	idents, err := makeVMs(ctx, rt.TPM, st, vms)
-	if err != nil {
-		return nil, err
-	}
-	m, err := mux.Open(ctx, rt.TPM, st, mux.Config{MaxBatch: maxBatch, Host: "bench", Version: "bench", Logger: quiet})
-	if err != nil {
-		return nil, err
-	}
-	defer m.Close()
-	if f := m.Status().Fault; f != "" {
-		return nil, fmt.Errorf("multiplexer faulted: %s", f)
-	}
+	defer r.close()
+	m := r.m
 	br := &bridge.Bridge{Mux: m, Log: quiet}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
 	// Connect every guest: hello, welcome.
 	tc := time.Now()
-	clients := make([]*ingestClient, vms)
 	var serveWG sync.WaitGroup
 	defer serveWG.Wait()
-	errs := make([]error, vms)
-	sem := make(chan struct{}, 64)
-	var wg sync.WaitGroup
-	for i := range clients {
-		g, b, err := socketPair()
-		if err != nil {
-			errs[i] = err
-			break
-		}
-		id := idents[i].ID()
-		serveWG.Go(func() { br.Serve(sctx, id, b, false) })
-		c := &ingestClient{conn: g, wc: wire.NewConn(g, false)}
-		clients[i] = c
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			errs[i] = c.hello()
-		})
-	}
-	wg.Wait()
+	clients, err := connectGuests(sctx, br, r.idents, &serveWG)
 	closeAll := func() {
 		for _, c := range clients {
 			if c != nil {
@@ -159,7 +117,7 @@ func (e *env) runIngest(ctx context.Context, kind string, vms, maxBatch int, fr 
 		}
 	}
 	defer closeAll()
-	if err := errors.Join(errs...); err != nil {
+	if err != nil {
 		return nil, err
 	}
 
@@ -196,13 +154,63 @@ func (e *env) runIngest(ctx context.Context, kind string, vms, maxBatch int, fr 
 	cpu := cpuTime() - c0
 
 	// End the run at once: fail whatever is still queued.
-	rt.g.stop()
+	r.rt.g.stop()
 	close(stop)
 	cancel()
 	closeAll()
 	cwg.Wait()
 
-	res := &ingestResult{connect: connect, rate: float64(s1.Records-s0.Records) / el.Seconds(), batches: s1.Batches - s0.Batches}
+	res := &ingestResult{connect: connect}
+	if err := res.collect(clients, s0, s1, el, cpu, t0.Add(el), fr.size); err != nil {
+		return nil, err
+	}
+	// A paced run is saturated when a guest's window was full at one of its
+	// ticks (the bridge did not keep up with the offered load); a streaming
+	// run is in its steady state once every guest has had an ack.
+	if pace > 0 {
+		res.steady = res.skipped == 0 && len(res.lat) > 0
+	} else {
+		res.steady = allAcked && len(res.lat) > 0
+	}
+	return res, nil
+}
+
+// connectGuests connects one guest per identity to br (each served on its
+// own goroutine in serveWG until ctx ends) and has each say hello, 64 at a
+// time. The clients it returns (some nil after an error) are the caller's
+// to close.
+func connectGuests(ctx context.Context, br *bridge.Bridge, idents []*conceal.Identity, serveWG *sync.WaitGroup) ([]*ingestClient, error) {
+	clients := make([]*ingestClient, len(idents))
+	errs := make([]error, len(idents))
+	sem := make(chan struct{}, 64)
+	var wg sync.WaitGroup
+	for i := range clients {
+		g, b, err := socketPair()
+		if err != nil {
+			errs[i] = err
+			break
+		}
+		id := idents[i].ID()
+		serveWG.Go(func() { br.Serve(ctx, id, b, false) })
+		c := &ingestClient{conn: g, wc: wire.NewConn(g, false)}
+		clients[i] = c
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			errs[i] = c.hello()
+		})
+	}
+	wg.Wait()
+	return clients, errors.Join(errs...)
+}
+
+// collect fills res from the multiplexer's statistics before (s0) and
+// after (s1) the measured window el, the process's CPU time in it, and
+// what each client measured; end is the window's end, frame the records
+// per frame.
+func (res *ingestResult) collect(clients []*ingestClient, s0, s1 mux.Stats, el, cpu time.Duration, end time.Time, frame int) error {
+	res.rate = float64(s1.Records-s0.Records) / el.Seconds()
+	res.batches = s1.Batches - s0.Batches
 	if n := s1.Records - s0.Records; n > 0 {
 		res.cpuPerRec = cpu / time.Duration(n)
 	}
@@ -213,33 +221,24 @@ func (e *env) runIngest(ctx context.Context, kind string, vms, maxBatch int, fr 
 		res.extend = time.Duration((s1.ExtendNanos - s0.ExtendNanos) / n)
 	}
 	var acked int64
-	end := t0.Add(el)
 	for _, c := range clients {
 		c.mu.Lock()
 		res.lat = append(res.lat, c.lats...)
 		acked += c.ackedRec
 		res.skipped += c.skipped
-		res.inflight = c.window * fr.size
+		res.inflight = c.window * frame
 		if len(c.inflight) > 0 {
 			res.oldest = max(res.oldest, end.Sub(c.inflight[0].t))
 		}
 		err := c.err
 		c.mu.Unlock()
 		if err != nil {
-			return nil, err
+			return err
 		}
 	}
 	res.acked = float64(acked) / el.Seconds()
 	slices.Sort(res.lat)
-	// A paced run is saturated when a guest's window was full at one of its
-	// ticks (the bridge did not keep up with the offered load); a streaming
-	// run is in its steady state once every guest has had an ack.
-	if pace > 0 {
-		res.steady = res.skipped == 0 && len(res.lat) > 0
-	} else {
-		res.steady = allAcked && len(res.lat) > 0
-	}
-	return res, nil
+	return nil
 }
 
 func (c *ingestClient) hello() error {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"path/filepath"
 	"runtime/pprof"
 	"sync"
 	"sync/atomic"
@@ -16,7 +15,6 @@ import (
 	"github.com/tpmmux/tpmmux/internal/bridge"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
-	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/verify"
@@ -47,146 +45,62 @@ type attestResult struct {
 }
 
 func (e *env) runAttest(ctx context.Context, kind string, verifiers int, noBatch bool, warmMax, dur time.Duration) (*attestResult, error) {
-	rt, err := e.openTPM(ctx, kind)
-	if err != nil {
-		return nil, err
-	}
-	defer rt.Close()
-	ak := rt.TPM.AK()
-	dir, err := tempDir(e.work, "attest-")
-	if err != nil {
-		return nil, err
-	}
-	defer removeAll(dir)
-	st, err := logstore.Open(filepath.Join(dir, "log.db"), nil)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
 	nVM := min(verifiers, p3VMs)
-	idents, err := makeVMs(ctx, rt.TPM, st, nVM)
+	r, err := e.openMuxRig(ctx, kind, "attest-", nVM, nil, mux.Config{NoQuoteBatching: noBatch})
 	if err != nil {
 		return nil, err
 	}
-	m, err := mux.Open(ctx, rt.TPM, st, mux.Config{NoQuoteBatching: noBatch, Host: "bench", Version: "bench", Logger: quiet})
-	if err != nil {
+	defer r.close()
+	if err := fillVMs(ctx, r.m, e.pool, r.idents, p3Records); err != nil {
 		return nil, err
 	}
-	defer m.Close()
-	if err := fillVMs(ctx, m, e.pool, idents, p3Records); err != nil {
-		return nil, err
-	}
-	br := &bridge.Bridge{Mux: m, Log: quiet}
+	br := &bridge.Bridge{Mux: r.m, Log: quiet}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	var measuring atomic.Bool
-	var done atomic.Int64
-	var kept atomic.Int64
-	var mu sync.Mutex
-	var samples []sample
-	var lats []time.Duration
-	var evBytes atomic.Int64
+	a := &attestLoad{got: make([]atomic.Bool, verifiers), errc: make(chan error, verifiers)}
 	conns := make([]net.Conn, verifiers)
-	got := make([]atomic.Bool, verifiers)
 	var serveWG, cwg sync.WaitGroup
-	errc := make(chan error, verifiers)
 	for i := range verifiers {
 		g, b := net.Pipe()
 		conns[i] = g
 		vm := i % nVM
-		id := idents[vm].ID()
+		id := r.idents[vm].ID()
 		serveWG.Go(func() { br.Serve(sctx, id, b, false) })
-		cwg.Go(func() {
-			wc := wire.NewConn(g, false)
-			for reqID := uint64(1); sctx.Err() == nil; reqID++ {
-				nonce := make([]byte, 32)
-				rand.Read(nonce)
-				t := time.Now()
-				if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce}); err != nil {
-					return
-				}
-				f, err := wc.Recv()
-				if err != nil {
-					return
-				}
-				if f.Type == wire.TypeError {
-					var we wire.Error
-					wire.Decode(f, &we)
-					if measuring.Load() {
-						errc <- fmt.Errorf("verifier %d: %w", i, &we)
-					}
-					return
-				}
-				var resp wire.EvidenceResponse
-				if err := wire.Decode(f, &resp); err != nil {
-					errc <- err
-					return
-				}
-				got[i].Store(true)
-				if !measuring.Load() {
-					continue
-				}
-				lat := time.Since(t)
-				n := done.Add(1)
-				evBytes.Store(int64(len(resp.Evidence)))
-				keep := false
-				if n <= 16 || n%53 == 0 {
-					keep = kept.Add(1) <= 48
-				}
-				mu.Lock()
-				lats = append(lats, lat)
-				if keep {
-					samples = append(samples, sample{nonce: nonce, vm: vm, resp: &resp})
-				}
-				mu.Unlock()
-			}
-		})
+		cwg.Go(func() { a.verifier(sctx, i, vm, g) })
 	}
-	deadline := time.Now().Add(warmMax)
-	for time.Now().Before(deadline) {
-		all := true
-		for i := range got {
-			if !got[i].Load() {
-				all = false
-				break
-			}
-		}
-		if all {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	a.warm(warmMax)
 	// Not m.Status(): it takes the commit lock, behind every queued quote.
-	q0 := rt.g.quotes.Load()
+	q0 := r.rt.g.quotes.Load()
 	t0 := time.Now()
-	measuring.Store(true)
+	a.measuring.Store(true)
 	time.Sleep(dur)
-	measuring.Store(false)
-	n := done.Load()
+	a.measuring.Store(false)
+	n := a.done.Load()
 	el := time.Since(t0)
-	q1 := rt.g.quotes.Load()
+	q1 := r.rt.g.quotes.Load()
 
-	rt.g.stop()
+	r.rt.g.stop()
 	cancel()
 	for _, c := range conns {
 		c.Close()
 	}
 	cwg.Wait()
 	serveWG.Wait()
-	close(errc)
+	close(a.errc)
 	var errs []error
-	for err := range errc {
+	for err := range a.errc {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	res := &attestResult{rate: float64(n) / el.Seconds(), lat: lats, quotes: q1 - q0, evBytes: int(evBytes.Load())}
+	res := &attestResult{rate: float64(n) / el.Seconds(), lat: a.lats, quotes: q1 - q0, evBytes: int(a.evBytes.Load())}
 	// The batched evidence is real: every sampled response verifies
 	// against the TPM's AK, the verifier's nonce and the VM's identity.
-	for _, s := range samples {
-		batched, err := verifySample(s, idents[s.vm], ak)
+	ak := r.rt.TPM.AK()
+	for _, s := range a.samples {
+		batched, err := verifySample(s, r.idents[s.vm], ak)
 		if err != nil {
 			return nil, fmt.Errorf("sampled evidence response for VM %d does not verify: %w", s.vm, err)
 		}
@@ -196,6 +110,89 @@ func (e *env) runAttest(ctx context.Context, kind string, verifiers int, noBatch
 		}
 	}
 	return res, nil
+}
+
+// attestLoad is the verifiers of one P3 run and what they measured.
+type attestLoad struct {
+	measuring atomic.Bool
+	done      atomic.Int64
+	kept      atomic.Int64
+	evBytes   atomic.Int64
+	got       []atomic.Bool // verifier i has had an answer
+	errc      chan error
+
+	mu      sync.Mutex
+	samples []sample
+	lats    []time.Duration
+}
+
+// verifier is verifier i: it asks for VM vm's evidence over g, one
+// request after the other, until ctx ends or the connection does.
+func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
+	wc := wire.NewConn(g, false)
+	for reqID := uint64(1); ctx.Err() == nil; reqID++ {
+		nonce := make([]byte, 32)
+		rand.Read(nonce)
+		t := time.Now()
+		if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce}); err != nil {
+			return
+		}
+		f, err := wc.Recv()
+		if err != nil {
+			return
+		}
+		if f.Type == wire.TypeError {
+			var we wire.Error
+			wire.Decode(f, &we)
+			if a.measuring.Load() {
+				a.errc <- fmt.Errorf("verifier %d: %w", i, &we)
+			}
+			return
+		}
+		var resp wire.EvidenceResponse
+		if err := wire.Decode(f, &resp); err != nil {
+			a.errc <- err
+			return
+		}
+		a.got[i].Store(true)
+		if a.measuring.Load() {
+			a.record(time.Since(t), sample{nonce: nonce, vm: vm, resp: &resp})
+		}
+	}
+}
+
+// record counts one answer measured, and keeps a sample of them.
+func (a *attestLoad) record(lat time.Duration, s sample) {
+	n := a.done.Add(1)
+	a.evBytes.Store(int64(len(s.resp.Evidence)))
+	keep := false
+	if n <= 16 || n%53 == 0 {
+		keep = a.kept.Add(1) <= 48
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.lats = append(a.lats, lat)
+	if keep {
+		a.samples = append(a.samples, s)
+	}
+}
+
+// warm waits until every verifier has had an answer, or warmMax.
+func (a *attestLoad) warm(warmMax time.Duration) {
+	deadline := time.Now().Add(warmMax)
+	for time.Now().Before(deadline) {
+		all := true
+		for i := range a.got {
+			if !a.got[i].Load() {
+				all = false
+				break
+			}
+		}
+		if all {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func verifySample(s sample, ident *conceal.Identity, ak *ecdsa.PublicKey) (bool, error) {

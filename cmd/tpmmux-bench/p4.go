@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -128,132 +127,135 @@ func verifyBytes(raw []byte, opts verify.Options) (time.Duration, *verify.Report
 
 // benchVerifier runs P4.
 func (e *env) benchVerifier(ctx context.Context) error {
-	rt, err := e.openTPM(ctx, kindSim)
+	r, err := e.openMuxRig(ctx, kindSim, "verifier-", p4VMs, &logstore.Options{NoSync: true}, mux.Config{})
 	if err != nil {
 		return err
 	}
-	defer rt.Close()
-	ak := rt.TPM.AK()
-	dir, err := tempDir(e.work, "verifier-")
-	if err != nil {
-		return err
-	}
-	defer removeAll(dir)
-	st, err := logstore.Open(filepath.Join(dir, "log.db"), &logstore.Options{NoSync: true})
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	idents, err := makeVMs(ctx, rt.TPM, st, p4VMs)
-	if err != nil {
-		return err
-	}
-	m, err := mux.Open(ctx, rt.TPM, st, mux.Config{Host: "bench", Version: "bench", Logger: quiet})
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	lb := &logBuilder{m: m, p: e.pool, counts: make([]int, len(idents))}
-	for _, id := range idents {
+	defer r.close()
+	lb := &logBuilder{m: r.m, p: e.pool, counts: make([]int, len(r.idents))}
+	for _, id := range r.idents {
 		lb.ids = append(lb.ids, id.ID())
 	}
-	test := idents[0]
+	for _, size := range e.p4Sizes {
+		if err := e.p4Size(ctx, r, lb, size); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// p4Size grows the log to size records and measures the full and the
+// incremental verification of the first VM's evidence there.
+func (e *env) p4Size(ctx context.Context, r *muxRig, lb *logBuilder, size int) error {
+	m, test, ak := r.m, r.idents[0], r.rt.TPM.AK()
 	opts := func(nonce []byte) verify.Options {
 		return verify.Options{Nonce: nonce, Identity: test, AK: ak, PCR: mux.DefaultPCR}
 	}
-	nonce := func() []byte {
-		n := make([]byte, 32)
-		rand.Read(n)
-		return n
+	t := time.Now()
+	if err := lb.grow(ctx, size); err != nil {
+		return err
 	}
-	for _, size := range e.p4Sizes {
-		t := time.Now()
-		if err := lb.grow(ctx, size); err != nil {
-			return err
-		}
-		e.logf("  P4 log of %d records built in %s (VM under test: %d records)", lb.total, time.Since(t).Round(time.Millisecond), lb.counts[0])
-		// The verifier's checkpoint at this size.
-		n0 := nonce()
-		ev0, err := m.Evidence(ctx, test.ID(), n0)
-		if err != nil {
-			return err
-		}
-		raw0, err := ev0.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		_, rep0, err := verifyBytes(raw0, opts(n0))
-		if err != nil {
-			return fmt.Errorf("full evidence at %d records does not verify: %w", size, err)
-		}
-		cp := rep0.Checkpoint
-		// 1k new records of the VM under test.
-		need := make([]int, len(idents))
-		need[0] = p4Delta
-		if err := lb.add(ctx, need); err != nil {
-			return err
-		}
-		nf, nd := nonce(), nonce()
-		evFull, err := m.Evidence(ctx, test.ID(), nf)
-		if err != nil {
-			return err
-		}
-		rawFull, err := evFull.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		evDelta, err := m.EvidenceSince(ctx, test.ID(), nd, cp.Since())
-		if err != nil {
-			return err
-		}
-		rawDelta, err := evDelta.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		var full, inc []float64
-		for r := 0; r < e.runs; r++ {
-			settle()
-			d, rep, err := verifyBytes(rawFull, opts(nf))
-			if err != nil {
-				return fmt.Errorf("full evidence does not verify: %w", err)
-			}
-			if rep.Records != lb.counts[0]+1 {
-				return fmt.Errorf("full verification found %d records, want %d", rep.Records, lb.counts[0]+1)
-			}
-			full = append(full, float64(d))
-			settle() // the full verification's garbage is not the delta's to collect
-			o := opts(nd)
-			o.Checkpoint = cp
-			d, rep, err = verifyBytes(rawDelta, o)
-			if err != nil {
-				return fmt.Errorf("incremental evidence does not verify: %w", err)
-			}
-			if rep.Records != lb.counts[0]+1 {
-				return fmt.Errorf("incremental verification found %d records, want %d", rep.Records, lb.counts[0]+1)
-			}
-			inc = append(inc, float64(d))
-		}
-		fm, im := median(full), median(inc)
-		e.logf("  P4 %d records: full %s (%s), incremental %s (%s)", lb.total, fmtDur(time.Duration(fm)), fmtBytes(float64(len(rawFull))), fmtDur(time.Duration(im)), fmtBytes(float64(len(rawDelta))))
-		label := sizeLabel(size)
-		fr := row{ID: "P4", Case: fmt.Sprintf("full verify, log %s (VM has %d)", label, lb.counts[0]+1), TPM: "-",
-			Value: fmtDur(time.Duration(fm)), Baseline: "-", Ratio: "-", V: fm,
-			Notes: fmt.Sprintf("decode + verify.Verify of %s of evidence (%d batches)", fmtBytes(float64(len(rawFull))), len(evFull.Log))}
-		if size >= 1_000_000 {
-			fr.Target, fr.Met = "≤ 500ms", yesNo(fm <= float64(500*time.Millisecond))
-		} else {
-			fr.Target, fr.Met = "-", "-"
-		}
-		e.add(fr)
-		e.add(row{ID: "P4", Case: fmt.Sprintf("incremental verify, log %s + 1k", label), TPM: "-",
-			Value: fmtDur(time.Duration(im)), Baseline: fmtDur(time.Duration(fm)) + " (full)", Ratio: fmtRatio(fm / im), V: im, B: fm, R: fm / im,
-			Target: "≤ 10ms", Met: yesNo(im <= float64(10*time.Millisecond))})
-		e.add(row{ID: "P4", Case: fmt.Sprintf("evidence bytes, log %s", label), TPM: "-",
-			Value: fmtBytes(float64(len(rawDelta))) + " (delta)", Baseline: fmtBytes(float64(len(rawFull))) + " (full)",
-			Ratio: fmtRatio(float64(len(rawFull)) / float64(len(rawDelta))), V: float64(len(rawDelta)), B: float64(len(rawFull)),
-			R: float64(len(rawFull)) / float64(len(rawDelta)), Target: "-", Met: "-"})
+	e.logf("  P4 log of %d records built in %s (VM under test: %d records)", lb.total, time.Since(t).Round(time.Millisecond), lb.counts[0])
+	// The verifier's checkpoint at this size.
+	n0 := newNonce()
+	raw0, _, err := evidenceBytes(ctx, m, test, n0, nil)
+	if err != nil {
+		return err
 	}
+	_, rep0, err := verifyBytes(raw0, opts(n0))
+	if err != nil {
+		return fmt.Errorf("full evidence at %d records does not verify: %w", size, err)
+	}
+	cp := rep0.Checkpoint
+	// 1k new records of the VM under test.
+	need := make([]int, len(r.idents))
+	need[0] = p4Delta
+	if err := lb.add(ctx, need); err != nil {
+		return err
+	}
+	nf, nd := newNonce(), newNonce()
+	rawFull, batches, err := evidenceBytes(ctx, m, test, nf, nil)
+	if err != nil {
+		return err
+	}
+	rawDelta, _, err := evidenceBytes(ctx, m, test, nd, cp.Since())
+	if err != nil {
+		return err
+	}
+	want := lb.counts[0] + 1
+	var full, inc []float64
+	for range e.runs {
+		settle()
+		d, err := verifyCount(rawFull, opts(nf), want)
+		if err != nil {
+			return fmt.Errorf("full verification: %w", err)
+		}
+		full = append(full, float64(d))
+		settle() // the full verification's garbage is not the delta's to collect
+		o := opts(nd)
+		o.Checkpoint = cp
+		d, err = verifyCount(rawDelta, o, want)
+		if err != nil {
+			return fmt.Errorf("incremental verification: %w", err)
+		}
+		inc = append(inc, float64(d))
+	}
+	e.p4Rows(lb, size, median(full), median(inc), len(rawFull), len(rawDelta), batches)
 	return nil
+}
+
+// p4Rows reports P4's measurements at one log size: the medians of the
+// full (fm) and incremental (im) verification and the evidence sizes.
+func (e *env) p4Rows(lb *logBuilder, size int, fm, im float64, fullBytes, deltaBytes, batches int) {
+	e.logf("  P4 %d records: full %s (%s), incremental %s (%s)", lb.total, fmtDur(time.Duration(fm)), fmtBytes(float64(fullBytes)), fmtDur(time.Duration(im)), fmtBytes(float64(deltaBytes)))
+	label := sizeLabel(size)
+	fr := row{ID: "P4", Case: fmt.Sprintf("full verify, log %s (VM has %d)", label, lb.counts[0]+1), TPM: "-",
+		Value: fmtDur(time.Duration(fm)), Baseline: "-", Ratio: "-", V: fm,
+		Notes: fmt.Sprintf("decode + verify.Verify of %s of evidence (%d batches)", fmtBytes(float64(fullBytes)), batches)}
+	if size >= 1_000_000 {
+		fr.Target, fr.Met = "≤ 500ms", yesNo(fm <= float64(500*time.Millisecond))
+	} else {
+		fr.Target, fr.Met = "-", "-"
+	}
+	e.add(fr)
+	e.add(row{ID: "P4", Case: fmt.Sprintf("incremental verify, log %s + 1k", label), TPM: "-",
+		Value: fmtDur(time.Duration(im)), Baseline: fmtDur(time.Duration(fm)) + " (full)", Ratio: fmtRatio(fm / im), V: im, B: fm, R: fm / im,
+		Target: "≤ 10ms", Met: yesNo(im <= float64(10*time.Millisecond))})
+	e.add(row{ID: "P4", Case: fmt.Sprintf("evidence bytes, log %s", label), TPM: "-",
+		Value: fmtBytes(float64(deltaBytes)) + " (delta)", Baseline: fmtBytes(float64(fullBytes)) + " (full)",
+		Ratio: fmtRatio(float64(fullBytes) / float64(deltaBytes)), V: float64(deltaBytes), B: float64(fullBytes),
+		R: float64(fullBytes) / float64(deltaBytes), Target: "-", Met: "-"})
+}
+
+// newNonce draws a verifier's nonce.
+func newNonce() []byte {
+	n := make([]byte, 32)
+	rand.Read(n)
+	return n
+}
+
+// evidenceBytes is VM ident's fresh evidence for nonce (the delta after
+// since, when set) in its binary form, and how many batches it holds.
+func evidenceBytes(ctx context.Context, m *mux.Mux, ident *conceal.Identity, nonce []byte, since *evidence.Since) ([]byte, int, error) {
+	ev, err := m.EvidenceSince(ctx, ident.ID(), nonce, since)
+	if err != nil {
+		return nil, 0, err
+	}
+	raw, err := ev.MarshalBinary()
+	return raw, len(ev.Log), err
+}
+
+// verifyCount times the verification of raw and checks it found want
+// records.
+func verifyCount(raw []byte, o verify.Options, want int) (time.Duration, error) {
+	d, rep, err := verifyBytes(raw, o)
+	if err != nil {
+		return 0, fmt.Errorf("evidence does not verify: %w", err)
+	}
+	if rep.Records != want {
+		return 0, fmt.Errorf("found %d records, want %d", rep.Records, want)
+	}
+	return d, nil
 }
 
 func sizeLabel(n int) string {

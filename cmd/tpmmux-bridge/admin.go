@@ -136,20 +136,22 @@ func vmsMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return adminErr(stderr, "vms", err)
 	}
 	if a.json {
-		printJSON(stdout, resp.VMs)
+		vms := resp.VMs
+		if vms == nil {
+			vms = []control.VM{} // an empty list, not null
+		}
+		printJSON(stdout, vms)
 		return 0
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATE\tUUID\tINSTANCE\tCID\tRECORDS\tSESSIONS\tLISTENERS")
+	// INSTANCE and ID are prefixes; evidence --vm takes any unique prefix.
+	fmt.Fprintln(tw, "NAME\tSTATE\tUUID\tINSTANCE\tID\tCID\tRECORDS\tSESSIONS\tLISTENERS")
 	for _, v := range resp.VMs {
 		state := "live"
 		if !v.Live {
 			state = "ended: " + v.EndedBy
 		}
-		inst := v.Instance
-		if len(inst) > 12 {
-			inst = inst[:12]
-		}
+		inst, id := shortHex(v.Instance, 12), shortHex(v.ID, 16)
 		cid := "-"
 		if v.CID != 0 {
 			cid = fmt.Sprint(v.CID)
@@ -162,10 +164,23 @@ func vmsMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		if lst == "" {
 			lst = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", v.Name, state, v.UUID, inst, cid, v.Records, v.Sessions, lst)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", v.Name, state, v.UUID, inst, id, cid, v.Records, v.Sessions, lst)
 	}
 	tw.Flush()
+	for _, v := range resp.VMs {
+		if v.Warning != "" {
+			fmt.Fprintf(stdout, "warning: %s: %s\n", v.Name, v.Warning)
+		}
+	}
 	return 0
+}
+
+// shortHex is the first n digits of a hex value, for a table.
+func shortHex(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
 }
 
 // evidenceMain is `tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR`:
@@ -175,7 +190,7 @@ func evidenceMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.SetOutput(stderr)
 	var a adminFlags
 	a.register(fs, time.Minute)
-	vm := fs.String("vm", "", "the VM: its name, or an instance id (hex) from `vms --all`")
+	vm := fs.String("vm", "", "the VM: its name, uuid, instance or id, or a unique prefix (4+ hex digits) of the instance or id, as tpmmux-bridge vms --all shows them")
 	nonceHex := fs.String("nonce", "", "the verifier's nonce, hex (1 to 64 bytes)")
 	out := fs.String("out", "", "write the files into this directory")
 	if err := fs.Parse(args); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -146,23 +147,9 @@ func demo(ctx context.Context, cfg demoConfig, w io.Writer) error {
 	ingestAll := time.Since(start)
 	// 3. Evidence for a fresh nonce and verification, per VM.
 	ak := t.AK()
-	ok := true
-	for i, v := range vms {
-		v.nonce = make([]byte, 20)
-		rand.Read(v.nonce)
-		if v.ev, err = m.Evidence(ctx, v.ident.ID(), v.nonce); err != nil {
-			return err
-		}
-		b, _ := v.ev.MarshalBinary()
-		v.evBytes = len(b)
-		v.verified = verdict(verify.Verify(v.ev, verify.Options{Nonce: v.nonce, Identity: v.ident, AK: ak, PCR: mux.DefaultPCR}))
-		other := vms[(i+1)%len(vms)]
-		if other != v {
-			v.cross = verdict(verify.Verify(v.ev, verify.Options{Nonce: v.nonce, Identity: other.ident, AK: ak, PCR: mux.DefaultPCR}))
-		} else {
-			v.cross = "n/a"
-		}
-		ok = ok && v.verified == "trusted" && (other == v || v.cross != "trusted")
+	ok, err := verifyEach(ctx, m, ak, vms)
+	if err != nil {
+		return err
 	}
 	if cfg.out != "" {
 		if err := writeOut(cfg.out, t, vms); err != nil {
@@ -187,7 +174,42 @@ func demo(ctx context.Context, cfg demoConfig, w io.Writer) error {
 			}
 		}
 	}
-	st2 := m.Status()
+	printDemo(w, cfg, vms, m.Status(), ingestAll)
+	if !ok {
+		return fmt.Errorf("not every VM verified")
+	}
+	fmt.Fprintln(w, "every VM verified: own evidence trusted, another VM's identity rejected, post-mortem trusted")
+	return nil
+}
+
+// verifyEach gets each VM's evidence for a fresh nonce and verifies it
+// with its own identity (it must be trusted) and with the next VM's (it
+// must not be); ok says both held for every VM.
+func verifyEach(ctx context.Context, m *mux.Mux, ak *ecdsa.PublicKey, vms []*demoVM) (ok bool, err error) {
+	ok = true
+	for i, v := range vms {
+		v.nonce = make([]byte, 20)
+		rand.Read(v.nonce)
+		if v.ev, err = m.Evidence(ctx, v.ident.ID(), v.nonce); err != nil {
+			return false, err
+		}
+		b, _ := v.ev.MarshalBinary()
+		v.evBytes = len(b)
+		v.verified = verdict(verify.Verify(v.ev, verify.Options{Nonce: v.nonce, Identity: v.ident, AK: ak, PCR: mux.DefaultPCR}))
+		other := vms[(i+1)%len(vms)]
+		if other != v {
+			v.cross = verdict(verify.Verify(v.ev, verify.Options{Nonce: v.nonce, Identity: other.ident, AK: ak, PCR: mux.DefaultPCR}))
+		} else {
+			v.cross = "n/a"
+		}
+		ok = ok && v.verified == "trusted" && (other == v || v.cross != "trusted")
+	}
+	return ok, nil
+}
+
+// printDemo prints the demo's table and summary: st is the multiplexer's
+// state at the end, ingestAll the time every VM took to stream.
+func printDemo(w io.Writer, cfg demoConfig, vms []*demoVM, st mux.Status, ingestAll time.Duration) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "VM\tRECORDS\tINGEST\tEVIDENCE\tVERIFY (own identity)\tVERIFY (next VM's identity)\tPOST-MORTEM")
 	for _, v := range vms {
@@ -196,18 +218,13 @@ func demo(ctx context.Context, cfg demoConfig, w io.Writer) error {
 	tw.Flush()
 	recs := uint64(cfg.vms * (cfg.records + 1))
 	fmt.Fprintf(w, "\n%d records in %s over %d batches (%d TPM extends, largest batch %d): %.0f records/s\n",
-		recs, ingestAll.Round(time.Millisecond), st2.Stats.Batches, st2.Stats.Extends, st2.Stats.MaxBatch, float64(cfg.vms*cfg.records)/ingestAll.Seconds())
-	fmt.Fprintf(w, "log: epoch %d, %d batches, %d entries; PCR %d = %x\n", st2.Epoch, st2.Batches, st2.Entries, st2.PCR, st2.PCRValue)
+		recs, ingestAll.Round(time.Millisecond), st.Stats.Batches, st.Stats.Extends, st.Stats.MaxBatch, float64(cfg.vms*cfg.records)/ingestAll.Seconds())
+	fmt.Fprintf(w, "log: epoch %d, %d batches, %d entries; PCR %d = %x\n", st.Epoch, st.Batches, st.Entries, st.PCR, st.PCRValue)
 	if cfg.out != "" {
 		fmt.Fprintf(w, "files in %s; check one by hand with:\n  tpmmux-verify --evidence %s --nonce $(cat %s) --identity %s --ak %s\n",
 			cfg.out, filepath.Join(cfg.out, vms[0].name, "evidence.json"), filepath.Join(cfg.out, vms[0].name, "nonce.hex"),
 			filepath.Join(cfg.out, vms[0].name, "identity.json"), filepath.Join(cfg.out, "ak.pem"))
 	}
-	if !ok {
-		return fmt.Errorf("not every VM verified")
-	}
-	fmt.Fprintln(w, "every VM verified: own evidence trusted, another VM's identity rejected, post-mortem trusted")
-	return nil
 }
 
 func verdict(_ *verify.Report, err error) string {

@@ -193,8 +193,8 @@ func TestHostFlow(t *testing.T) {
 	h.mustHook("vm-a", "prepare", "begin", "-")
 	h.mustHook("vm-a", "started", "begin", "-")
 	code, out, stderr := h.cli("vms")
-	if f := strings.Fields(strings.Split(out, "\n")[1]); code != 0 || len(f) < 8 || f[0] != "vm-a" || f[1] != "live" ||
-		f[2] != "6f1c3a2e-9b7d-4c58-a1e0-f2d3c4b5a697" || f[4] != "42" || !strings.Contains(out, "virtio-serial:"+h.serial("vm-a")) {
+	if f := strings.Fields(strings.Split(out, "\n")[1]); code != 0 || len(f) < 9 || f[0] != "vm-a" || f[1] != "live" ||
+		f[2] != "6f1c3a2e-9b7d-4c58-a1e0-f2d3c4b5a697" || f[5] != "42" || !strings.Contains(out, "virtio-serial:"+h.serial("vm-a")) {
 		t.Fatalf("vms: exit %d\n%s%s", code, out, stderr)
 	}
 

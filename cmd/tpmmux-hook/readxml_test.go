@@ -20,16 +20,17 @@ func TestReadXML(t *testing.T) {
 	tests := []struct {
 		name string
 		in   io.Reader
+		wait time.Duration // the hook's deadline
 		err  string
 	}{
-		{name: "stdin never closes", in: pr, err: "not received on stdin in time"},
-		{name: "too large", in: bytes.NewReader(make([]byte, libvirt.MaxDomainXML+1)), err: "exceeds"},
-		{name: "empty", in: strings.NewReader(" \n"), err: "no domain XML"},
-		{name: "good", in: strings.NewReader("<domain/>")},
+		{name: "stdin never closes", in: pr, wait: 100 * time.Millisecond, err: "not received on stdin in time"},
+		{name: "too large", in: bytes.NewReader(make([]byte, libvirt.MaxDomainXML+1)), wait: time.Minute, err: "exceeds"},
+		{name: "empty", in: strings.NewReader(" \n"), wait: time.Minute, err: "no domain XML"},
+		{name: "good", in: strings.NewReader("<domain/>"), wait: time.Minute},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+			ctx, cancel := context.WithTimeout(context.Background(), tc.wait)
 			defer cancel()
 			b, err := readXML(ctx, tc.in)
 			if tc.err == "" {

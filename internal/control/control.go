@@ -126,6 +126,10 @@ type VM struct {
 	// Note says why.
 	Skipped bool   `json:"skipped,omitempty"`
 	Note    string `json:"note,omitempty"`
+	// Warning is set on a live instance that no guest transport reaches
+	// (no virtio-serial channel and no usable vsock): its log can hold no
+	// measurements, only what the host records.
+	Warning string `json:"warning,omitempty"`
 }
 
 // Status is the bridge's state.

@@ -131,6 +131,10 @@ type HookPolicy struct {
 	// FailOpen makes a prepare that fails inside the bridge answer
 	// "skipped" instead of an error, so the domain starts unattested.
 	FailOpen bool `json:"fail_open"`
+	// RequireTransport refuses a domain that no guest transport would
+	// reach (no org.tpmmux.0 channel, and no <vsock> on a host that serves
+	// vsock) instead of giving it an identity with a warning.
+	RequireTransport bool `json:"require_transport"`
 }
 
 // Duration is a time.Duration written as a Go duration string ("2s").

@@ -152,35 +152,8 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		d.host, _ = os.Hostname()
 	}
 
-	// The TPM first: without one nothing else matters, and a missing
-	// device gets its one clear line before anything is logged.
-	if opts.TPM != nil {
-		d.tpm = opts.TPM
-	} else {
-		if err := checkDevice(cfg.TPM); err != nil {
-			return nil, err
-		}
-		if d.tpm, err = tpm.Open(ctx, cfg.TPM); err != nil {
-			return nil, err
-		}
-		d.ownTPM = true
-	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	if err := os.Chmod(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	if d.store, err = logstore.Open(storePath(cfg.StateDir), nil); err != nil {
-		return nil, fmt.Errorf("log store: %w", err)
-	}
-	d.metrics = newMetrics(d)
-	d.mux, err = mux.Open(ctx, d.tpm, d.store, mux.Config{
-		PCR: cfg.PCR, InsecureResettablePCR: cfg.InsecureResettablePCR, HostPCRs: set.hostPCRs, Host: d.host, Version: opts.Version,
-		Logger: log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("multiplexer: %w", err)
+	if err := d.openCore(ctx); err != nil {
+		return nil, err
 	}
 	st := d.mux.Status()
 	if st.Fault != "" {
@@ -196,40 +169,93 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	}
 	d.restoreLive(ctx)
 	d.fds.leftovers()
-
-	ln, err := control.Listen(cfg.ControlSocket)
-	if err != nil {
+	if err := d.serveControl(); err != nil {
 		return nil, err
 	}
-	d.ctrlLn = ln
-	d.ctrl = &control.Server{Handler: controlHandler{d}, Log: log, Timeout: time.Duration(cfg.ControlTimeout)}
-	d.ctrlDone = make(chan struct{})
-	go func() {
-		defer close(d.ctrlDone)
-		d.ctrl.Serve(ln)
-	}()
-	if cfg.KeyRetention > 0 {
-		d.bg.Add(1)
-		go d.retentionLoop()
-	}
-	if opts.Libvirt != nil {
-		if r := opts.Libvirt(d); r != nil {
-			d.following.Store(true)
-			d.bg.Add(1)
-			go func() {
-				defer d.bg.Done()
-				if err := r.Run(d.bgCtx); err != nil && !errors.Is(err, context.Canceled) {
-					d.log.Error("libvirt reconciliation stopped", "err", err)
-				}
-			}()
-		}
-	}
+	d.startBackground()
 	if err := d.fds.notify("READY=1"); err != nil {
 		log.Warn("could not tell systemd the bridge is ready", "err", err)
 	}
 	log.Info("tpmmux bridge ready", "version", opts.Version, "tpm", d.tpmName(), "epoch", st.Epoch, "pcr", st.PCR,
 		"live_vms", st.LiveVMs, "control", cfg.ControlSocket, "vsock", d.vsockOn, "metrics", d.MetricsAddr())
 	return d, nil
+}
+
+// openCore opens the TPM, the state directory's log store and the
+// multiplexer (which recovers from them).
+func (d *Daemon) openCore(ctx context.Context) (err error) {
+	cfg := d.cfg
+	// The TPM first: without one nothing else matters, and a missing
+	// device gets its one clear line before anything is logged.
+	if d.opts.TPM != nil {
+		d.tpm = d.opts.TPM
+	} else {
+		if err := checkDevice(cfg.TPM); err != nil {
+			return err
+		}
+		if d.tpm, err = tpm.Open(ctx, cfg.TPM); err != nil {
+			return err
+		}
+		d.ownTPM = true
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if err := os.Chmod(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if d.store, err = logstore.Open(storePath(cfg.StateDir), nil); err != nil {
+		return fmt.Errorf("log store: %w", err)
+	}
+	d.metrics = newMetrics(d)
+	d.mux, err = mux.Open(ctx, d.tpm, d.store, mux.Config{
+		PCR: cfg.PCR, InsecureResettablePCR: cfg.InsecureResettablePCR, HostPCRs: d.set.hostPCRs, Host: d.host, Version: d.opts.Version,
+		Logger: d.log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention),
+	})
+	if err != nil {
+		return fmt.Errorf("multiplexer: %w", err)
+	}
+	return nil
+}
+
+// serveControl opens the control socket and serves it.
+func (d *Daemon) serveControl() error {
+	ln, err := control.Listen(d.cfg.ControlSocket)
+	if err != nil {
+		return err
+	}
+	d.ctrlLn = ln
+	d.ctrl = &control.Server{Handler: controlHandler{d}, Log: d.log, Timeout: time.Duration(d.cfg.ControlTimeout)}
+	d.ctrlDone = make(chan struct{})
+	go func() {
+		defer close(d.ctrlDone)
+		d.ctrl.Serve(ln)
+	}()
+	return nil
+}
+
+// startBackground starts the key retention loop and libvirt
+// reconciliation, when configured; Shutdown stops them.
+func (d *Daemon) startBackground() {
+	if d.cfg.KeyRetention > 0 {
+		d.bg.Add(1)
+		go d.retentionLoop()
+	}
+	if d.opts.Libvirt == nil {
+		return
+	}
+	r := d.opts.Libvirt(d)
+	if r == nil {
+		return
+	}
+	d.following.Store(true)
+	d.bg.Add(1)
+	go func() {
+		defer d.bg.Done()
+		if err := r.Run(d.bgCtx); err != nil && !errors.Is(err, context.Canceled) {
+			d.log.Error("libvirt reconciliation stopped", "err", err)
+		}
+	}()
 }
 
 func storePath(stateDir string) string { return stateDir + "/log.db" }

@@ -12,7 +12,6 @@ import (
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/mux"
-	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
 
@@ -83,6 +82,13 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 	if err != nil {
 		return nil, err
 	}
+	if !d.reachable(dom, plan) {
+		if d.cfg.Hook.RequireTransport {
+			return nil, fmt.Errorf("domain %s: %s; add the org.tpmmux.0 channel (docs/hook.md) or a <vsock> device on a host with vsock, or unset hook.require_transport", dom.Name, noTransport)
+		}
+		d.log.Warn("vm gets an identity that no guest transport reaches: add the org.tpmmux.0 channel (docs/hook.md), or set hook.require_transport to refuse such domains",
+			"vm", dom.Name, "serial_channel", false, "vsock_device", dom.Vsock, "vsock_on_host", d.vsockOn)
+	}
 	if old := d.entry(dom.Name); old != nil {
 		// A previous instance whose stop the bridge missed: bridge.Prepare
 		// tears it down; its listeners go first (same socket path).
@@ -146,6 +152,7 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 func (d *Daemon) vmInfo(e *vmEntry, ident *conceal.Identity) *control.VM {
 	vm := &control.VM{Name: e.name, UUID: conceal.FormatUUID(e.uuid), ID: hex.EncodeToString(e.id[:]), CID: e.getCID(),
 		Live: true, Listeners: e.listenerInfo(), Sessions: e.sessionCount(), Epoch: d.mux.Status().Epoch}
+	vm.Warning = transportWarning(vm.Listeners)
 	if ident != nil {
 		vm.Instance = hex.EncodeToString(ident.Instance[:])
 	}
@@ -242,6 +249,10 @@ func (d *Daemon) adopt(op, name string, xml []byte, started bool) (*control.VM, 
 	}
 	if err := d.openListeners(e, plan); err != nil {
 		return nil, fmt.Errorf("%s %s: %w", op, dom.Name, err)
+	}
+	if started && len(e.listenerInfo()) == 0 {
+		d.log.Warn("vm started with no guest transport: its log can hold no measurements", "vm", dom.Name,
+			"serial_channel", plan.serial != "", "vsock_cid", plan.cid, "vsock_on_host", d.vsockOn)
 	}
 	if started {
 		e.mu.Lock()
@@ -379,139 +390,4 @@ func orStopped(r string) string {
 		return "stopped"
 	}
 	return r
-}
-
-// Status reports the bridge's state.
-func (d controlHandler) Status(ctx context.Context) (*control.Status, error) {
-	st := d.mux.Status()
-	out := &control.Status{
-		Version: d.opts.Version, Host: d.host, TPM: d.tpmName(), Started: d.started,
-		Epoch: st.Epoch, Batches: st.Batches, Entries: st.Entries, PCR: st.PCR,
-		PCRValue: hex.EncodeToString(st.PCRValue[:]), HostPCRs: d.set.hostPCRs,
-		LiveVMs: st.LiveVMs, Queued: st.Queued, Fault: st.Fault,
-		Records: st.Stats.Records, Extends: st.Stats.Extends, Quotes: st.Stats.Quotes, MaxBatch: st.Stats.MaxBatch,
-		Sessions: d.sessions.Load(), Refused: d.refusedTotal(),
-		Vsock: d.vsockOn, VsockNote: d.vsockNote, ControlSocket: d.cfg.ControlSocket, SerialDir: d.cfg.SerialDir,
-		Metrics: d.MetricsAddr(), Mode: d.cfg.Hook.Mode,
-	}
-	d.mu.Lock()
-	for _, e := range d.vms {
-		out.Listeners += len(e.listenerInfo())
-	}
-	d.mu.Unlock()
-	return out, nil
-}
-
-// VMs lists the live VM instances, or with all every instance the store
-// holds.
-func (d controlHandler) VMs(ctx context.Context, all bool) ([]control.VM, error) {
-	infos, err := d.mux.VMs()
-	if err != nil {
-		return nil, err
-	}
-	epoch := d.mux.Status().Epoch
-	var out []control.VM
-	for _, v := range infos {
-		live := v.Live
-		if !live && !all {
-			continue
-		}
-		vm := control.VM{Name: v.Name, UUID: conceal.FormatUUID(v.UUID), Instance: hex.EncodeToString(v.Instance[:]),
-			ID: hex.EncodeToString(v.ID[:]), CID: v.CID, Epoch: v.Epoch, Records: v.Records, Live: live, EndedBy: v.EndedBy}
-		if !v.Ended && v.Epoch != epoch {
-			vm.EndedBy = "epoch-ended"
-		}
-		if live {
-			if e := d.entry(v.Name); e != nil && e.id == v.ID {
-				vm.Listeners = e.listenerInfo()
-				vm.Sessions = e.sessionCount()
-				if cid := e.getCID(); cid != 0 {
-					vm.CID = cid
-				}
-			}
-		}
-		out = append(out, vm)
-	}
-	return out, nil
-}
-
-// Evidence returns evidence for a VM: for a live instance a fresh quote
-// over the nonce; for an ended one the post-mortem quote the bridge kept at
-// its teardown. vm is a name (the live instance, else the only ended one of
-// that name) or an instance id in hex.
-func (d controlHandler) Evidence(ctx context.Context, vm string, nonce []byte) (out *control.Evidence, err error) {
-	defer d.count(control.OpEvidence, &err)
-	if vm == "" {
-		return nil, errors.New("evidence: no vm named")
-	}
-	id, live, err := d.resolve(vm)
-	if err != nil {
-		return nil, fmt.Errorf("evidence: %w", err)
-	}
-	out = &control.Evidence{VM: vm}
-	var raw []byte
-	if live {
-		if len(nonce) == 0 || len(nonce) > 64 {
-			return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
-		}
-		ev, err := d.mux.Evidence(ctx, id, nonce)
-		if err != nil {
-			return nil, err
-		}
-		if raw, err = ev.MarshalBinary(); err != nil {
-			return nil, err
-		}
-		out.VM = ev.VM.Name
-	} else {
-		ev, err := d.mux.FinalEvidence(id)
-		if err != nil {
-			return nil, err
-		}
-		if raw, err = ev.MarshalBinary(); err != nil {
-			return nil, err
-		}
-		out.VM, out.PostMortem = ev.VM.Name, true
-	}
-	ident, err := d.mux.Identity(id)
-	if err != nil {
-		return nil, err
-	}
-	pemBytes, err := tpm.AKPEM(d.mux.AK())
-	if err != nil {
-		return nil, err
-	}
-	out.Evidence, out.Identity, out.AKPEM = raw, *ident, string(pemBytes)
-	return out, nil
-}
-
-// resolve finds the instance vm names.
-func (d *Daemon) resolve(vm string) (conceal.Digest, bool, error) {
-	if id, ok := d.mux.Lookup(vm); ok {
-		return id, true, nil
-	}
-	infos, err := d.mux.VMs()
-	if err != nil {
-		return conceal.Digest{}, false, err
-	}
-	if b, err := hex.DecodeString(vm); err == nil && len(b) == len(conceal.Digest{}) {
-		for _, v := range infos {
-			if hex.EncodeToString(v.ID[:]) == strings.ToLower(vm) {
-				return v.ID, v.Live, nil
-			}
-		}
-		return conceal.Digest{}, false, fmt.Errorf("no vm instance with id %s", vm)
-	}
-	var ended []mux.VMInfo
-	for _, v := range infos {
-		if v.Name == vm {
-			ended = append(ended, v)
-		}
-	}
-	switch len(ended) {
-	case 0:
-		return conceal.Digest{}, false, fmt.Errorf("no vm named %s", vm)
-	case 1:
-		return ended[0].ID, false, nil
-	}
-	return conceal.Digest{}, false, fmt.Errorf("vm %s is not live and has %d ended instances: name one by its id (tpmmux-bridge vms --all)", vm, len(ended))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/mux"
@@ -99,6 +100,12 @@ func (h libvirtHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt
 		return
 	}
 	want := info.CID
+	if e := h.entry(vm.Name); e != nil && e.id == vm.ID {
+		// An auto-assigned CID is known only from the live XML ("started").
+		if cid := e.getCID(); cid != 0 {
+			want = cid
+		}
+	}
 	go func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 		defer cancel()
@@ -109,18 +116,30 @@ func (h libvirtHost) Started(ctx context.Context, vm libvirt.KnownVM, c *libvirt
 		}
 		defer mon.Close()
 		err = qemu.CheckCID(cctx, mon, want)
-		var mismatch *qemu.CIDMismatchError
-		switch {
-		case err == nil:
-			h.log.Info("qmp check: vsock guest-cid matches the domain XML", "vm", vm.Name, "cid", want)
-		case errors.As(err, &mismatch):
-			h.log.Error("qmp check: the running VM's vsock guest-cid is not the domain XML's", "vm", vm.Name, "err", err)
+		if reportCIDCheck(h.log, vm.Name, want, err) {
 			r := &record.Record{Kind: record.KindAction, Time: time.Now().UnixNano(), Action: &record.Action{Action: "cid-mismatch", Detail: err.Error()}}
 			if _, aerr := h.mux.Append(cctx, vm.ID, r); aerr != nil {
 				h.log.Error("qmp check: record the mismatch", "vm", vm.Name, "err", aerr)
 			}
-		default:
-			h.log.Warn("qmp check failed", "vm", vm.Name, "err", err)
 		}
 	}()
+}
+
+// reportCIDCheck logs the outcome err of the QMP check that VM name's
+// vsock CID is want (0: the domain XML names no vsock device), and reports
+// whether it found a mismatch.
+func reportCIDCheck(log *slog.Logger, name string, want uint32, err error) (mismatch bool) {
+	var mm *qemu.CIDMismatchError
+	switch {
+	case err == nil && want == 0:
+		log.Info("qmp check: no vsock device, as the domain XML says", "vm", name)
+	case err == nil:
+		log.Info("qmp check: vsock guest-cid matches the domain XML", "vm", name, "cid", want)
+	case errors.As(err, &mm):
+		log.Error("qmp check: the running VM's vsock guest-cid is not the domain XML's", "vm", name, "err", err)
+		return true
+	default:
+		log.Warn("qmp check failed", "vm", name, "err", err)
+	}
+	return false
 }

@@ -63,7 +63,19 @@ func TestStopQueue(t *testing.T) {
 			if tc.do != nil {
 				tc.do(q)
 			}
-			time.Sleep(10 * short)
+			// Wait for the ends expected (timers may run late on a loaded
+			// machine), then a little more for any that should not come.
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				mu.Lock()
+				n := len(got)
+				mu.Unlock()
+				if n >= len(tc.want) || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(short)
+			}
+			time.Sleep(5 * short)
 			mu.Lock()
 			defer mu.Unlock()
 			if len(got) != len(tc.want) || (len(got) > 0 && got[0] != tc.want[0]) {

@@ -3,6 +3,7 @@ package logstore
 import (
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -23,6 +24,7 @@ func TestCompactInUse(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	var written sync.Map
+	var writes atomic.Int64
 	for w := range 2 {
 		wg.Add(1)
 		go func() {
@@ -39,6 +41,7 @@ func TestCompactInUse(t *testing.T) {
 					return
 				}
 				written.Store(id, true)
+				writes.Add(1)
 				if _, ok, err := s.CurrentEpoch(); err != nil || !ok {
 					errs <- err
 					return
@@ -47,7 +50,15 @@ func TestCompactInUse(t *testing.T) {
 		}()
 	}
 	for range 3 {
-		time.Sleep(10 * time.Millisecond)
+		// Let the writers get some transactions in first, however loaded
+		// the machine.
+		deadline := time.Now().Add(10 * time.Second)
+		for w0 := writes.Load(); writes.Load() < w0+5; {
+			if time.Now().After(deadline) {
+				t.Fatal("the writers stopped writing")
+			}
+			time.Sleep(time.Millisecond)
+		}
 		if err := s.Compact(); err != nil {
 			t.Fatal(err)
 		}

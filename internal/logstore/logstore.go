@@ -123,7 +123,9 @@ type Put struct {
 // one writer and many readers, and readers see consistent snapshots.
 type Store struct {
 	// mu is held shared by every transaction and exclusively by Compact,
-	// which swaps db for a rewritten file while the store is in use.
+	// which swaps db for a rewritten file while the store is in use. A
+	// View callback must not call the Store again: with a Compact waiting,
+	// the nested shared lock would wait for it, and it for the callback.
 	mu   sync.RWMutex
 	db   *bolt.DB
 	bo   *bolt.Options
@@ -324,7 +326,8 @@ func (s *Store) PutFinal(id [32]byte, q *FinalQuote) error {
 	return nil
 }
 
-// View runs fn on a consistent read-only snapshot of the store.
+// View runs fn on a consistent read-only snapshot of the store. fn must
+// not call the Store (see Store.mu).
 func (s *Store) View(fn func(*Snapshot) error) error {
 	return s.view(func(tx *bolt.Tx) error { return fn(&Snapshot{tx: tx}) })
 }

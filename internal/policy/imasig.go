@@ -201,28 +201,26 @@ func ParseKeys(b []byte) ([]Key, error) {
 		if blk == nil {
 			break
 		}
+		var k Key
+		var err error
 		switch blk.Type {
 		case "CERTIFICATE":
-			c, err := x509.ParseCertificate(blk.Bytes)
-			if err != nil {
-				return nil, err
+			var c *x509.Certificate
+			if c, err = x509.ParseCertificate(blk.Bytes); err == nil {
+				k, err = keyOfCert(c)
 			}
-			k, err := keyOfCert(c)
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, k)
 		case "PUBLIC KEY":
-			p, err := x509.ParsePKIXPublicKey(blk.Bytes)
-			if err != nil {
-				return nil, err
+			var p any
+			if p, err = x509.ParsePKIXPublicKey(blk.Bytes); err == nil {
+				k, err = keyOfPub(p)
 			}
-			k, err := keyOfPub(p)
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, k)
+		default:
+			continue
 		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, k)
 	}
 	if len(out) > 0 {
 		return out, nil

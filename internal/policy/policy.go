@@ -361,34 +361,16 @@ func (a *Appraisal) buf(f *ima.Fields) []verify.Violation {
 		return viol(f, fmt.Sprintf("key on keyring %s is not a supported key: %v", f.Path, err))
 	}
 	if !isKey {
-		if a.excluded(f.Path) {
-			return nil
-		}
-		a.rep.Appraised++
-		set, ok := a.rt.imaBuf[f.Path]
-		if !ok {
-			return viol(f, "buffer name not in the policy's ima-buf")
-		}
-		if !set[hex.EncodeToString(f.Digest)] {
-			return viol(f, "buffer digest not allowed by ima-buf")
-		}
-		return nil
+		v, _ := a.listed(f, a.rt.imaBuf, "buffer name not in the policy's ima-buf", "buffer digest not allowed by ima-buf")
+		return v
 	}
 	if a.rt.ignored["*"] || a.rt.ignored[f.Path] {
 		v := viol(f, "key on an ignored keyring (ima.ignored_keyrings): not appraised, not used")
 		a.rep.Ignored = append(a.rep.Ignored, v[0])
 		return nil
 	}
-	if a.excluded(f.Path) {
-		return nil
-	}
-	a.rep.Appraised++
-	set, ok := a.rt.keyrings[f.Path]
-	if !ok {
-		return viol(f, "keyring not in the policy's keyrings")
-	}
-	if !set[hex.EncodeToString(f.Digest)] {
-		return viol(f, "key not allowed on this keyring by the policy's keyrings")
+	if v, ok := a.listed(f, a.rt.keyrings, "keyring not in the policy's keyrings", "key not allowed on this keyring by the policy's keyrings"); !ok {
+		return v
 	}
 	ring := a.learned[f.Path]
 	if ring == nil {
@@ -400,6 +382,25 @@ func (a *Appraisal) buf(f *ima.Fields) []verify.Violation {
 		a.sigs.Keys = append(a.sigs.Keys, id)
 	}
 	return nil
+}
+
+// listed appraises a buffer against one of the policy's name -> digests
+// sections (ima-buf, keyrings): unless its name is excluded it counts as
+// appraised, and a name or a digest the section lacks is a violation. ok
+// is true only when it was appraised and allowed.
+func (a *Appraisal) listed(f *ima.Fields, section map[string]map[string]bool, noName, noDigest string) (v []verify.Violation, ok bool) {
+	if a.excluded(f.Path) {
+		return nil, false
+	}
+	a.rep.Appraised++
+	set, found := section[f.Path]
+	if !found {
+		return viol(f, noName), false
+	}
+	if !set[hex.EncodeToString(f.Digest)] {
+		return viol(f, noDigest), false
+	}
+	return nil, true
 }
 
 // signature checks an entry's IMA signature against the known keys and

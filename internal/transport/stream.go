@@ -98,25 +98,18 @@ func (v *streamView) isClosed() bool {
 	return v.closed
 }
 
-func (v *streamView) Read(p []byte) (int, error) {
-	if v.isClosed() {
-		return 0, errViewClosed
-	}
-	n, err := v.s.c.Read(p)
-	if err != nil {
-		if v.isClosed() {
-			return n, errViewClosed
-		}
-		v.s.failed(err)
-	}
-	return n, err
-}
+func (v *streamView) Read(p []byte) (int, error) { return v.do(v.s.c.Read, p) }
 
-func (v *streamView) Write(p []byte) (int, error) {
+func (v *streamView) Write(p []byte) (int, error) { return v.do(v.s.c.Write, p) }
+
+// do runs a read or write of the stream for this view's session: once the
+// view is closed it fails with errViewClosed (also when Close interrupted
+// it), and any other failure but a deadline marks the stream dead.
+func (v *streamView) do(op func([]byte) (int, error), p []byte) (int, error) {
 	if v.isClosed() {
 		return 0, errViewClosed
 	}
-	n, err := v.s.c.Write(p)
+	n, err := op(p)
 	if err != nil {
 		if v.isClosed() {
 			return n, errViewClosed

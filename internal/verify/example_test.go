@@ -1,6 +1,7 @@
 package verify_test
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/tpmmux/tpmmux/internal/policy"
@@ -32,11 +33,12 @@ func ExampleVerify() {
 		PCR:       13, // the host's anchor PCR (the default)
 		Appraiser: policy.New(rt, nil),
 	})
+	var rj *verify.Rejection
 	switch {
 	case err == nil:
 		fmt.Println("trusted")
-	case verify.IsRejection(err):
-		fmt.Println("rejected at step", err.(*verify.Rejection).Step)
+	case errors.As(err, &rj):
+		fmt.Println("rejected at step", rj.Step)
 	default:
 		fmt.Println("cannot verify:", err) // bad input, not a verdict
 		return

@@ -6,13 +6,14 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
-	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -42,6 +43,26 @@ func newVTPMGuest(t *testing.T, m *mux.Mux) *vtpmGuest {
 		t.Fatal(err)
 	}
 	return &vtpmGuest{t: t, m: m, ident: ident, st: st}
+}
+
+// vtpmTestPCR is the PCR the vTPM tests' multiplexers anchor in: another
+// than the shared world's, on the world's simulator (a process singleton).
+const vtpmTestPCR = 14
+
+// vtpmMux opens a multiplexer with a fresh store on the world's TPM: each
+// opens a new epoch from PCR 14's current value.
+func vtpmMux(t *testing.T) *mux.Mux {
+	w := getWorld(t)
+	st, err := logstore.Open(filepath.Join(t.TempDir(), "vtpm.db"), &logstore.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := mux.Open(context.Background(), w.tpm, st, mux.Config{PCR: vtpmTestPCR})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); st.Close() })
+	return m
 }
 
 func (g *vtpmGuest) append(r *record.Record) {
@@ -122,7 +143,7 @@ func (g *vtpmGuest) verify() (*verify.Report, error) {
 	if err != nil {
 		g.t.Fatal(err)
 	}
-	return verify.Verify(ev, verify.Options{Nonce: nonce, Identity: g.ident, AK: g.m.AK()})
+	return verify.Verify(ev, verify.Options{Nonce: nonce, Identity: g.ident, AK: g.m.AK(), PCR: vtpmTestPCR})
 }
 
 // TestVTPMPairing: in vTPM mode the verifier pairs the agent's IMA entries
@@ -201,7 +222,7 @@ func TestVTPMPairing(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			g := newVTPMGuest(t, muxtest.Open(t, mux.Config{}))
+			g := newVTPMGuest(t, vtpmMux(t))
 			tt.play(g)
 			rep, err := g.verify()
 			if tt.want == "" {

@@ -2,18 +2,15 @@ package daemon
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
-	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/transport"
 	"github.com/tpmmux/tpmmux/libvirt"
@@ -23,82 +20,6 @@ import (
 // this many of its connections at once (each is a goroutine and a file
 // descriptor); further ones are closed at once and counted.
 const maxConnsPerVM = 8
-
-// sessionDrain bounds the wait for a closing VM's sessions to end.
-const sessionDrain = 10 * time.Second
-
-// vmEntry is a live VM instance the daemon serves: its listeners and the
-// guest connections accepted on them.
-type vmEntry struct {
-	name   string
-	id     conceal.Digest
-	uuid   [16]byte
-	cid    uint32      // the CID its vsock listener checks, 0 if none
-	serial string      // its virtio-serial socket path, "" if none
-	owner  *owner      // the serial socket's owner as libvirt labelled it
-	vtpm   *vtpmServer // its bridge-served vTPM, nil if none
-
-	ctx    context.Context
-	cancel context.CancelFunc
-
-	mu        sync.Mutex
-	listeners []transport.Listener
-	conns     map[net.Conn]struct{}
-	closed    bool
-	wg        sync.WaitGroup
-}
-
-func (d *Daemon) newEntry(name string, id conceal.Digest, uuid [16]byte) *vmEntry {
-	ctx, cancel := context.WithCancel(d.bgCtx)
-	return &vmEntry{name: name, id: id, uuid: uuid, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
-}
-
-// state is what a restarted bridge needs to reopen e's listeners.
-func (e *vmEntry) state() listenerState {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	st := listenerState{ID: hex.EncodeToString(e.id[:]), Name: e.name, UUID: conceal.FormatUUID(e.uuid), CID: e.cid, Serial: e.serial, Owner: e.owner}
-	if e.vtpm != nil {
-		st.VTPM = e.vtpm.path
-	}
-	return st
-}
-
-// saveState records e's listeners for a restarted bridge.
-func (d *Daemon) saveState(e *vmEntry) { d.states.save(e.id, e.state()) }
-
-func (e *vmEntry) listenerInfo() []control.Listener {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	out := make([]control.Listener, 0, len(e.listeners))
-	for _, l := range e.listeners {
-		out = append(out, control.Listener{Kind: string(l.Kind()), Addr: l.Addr()})
-	}
-	return out
-}
-
-func (e *vmEntry) hasKind(k transport.Kind) bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	for _, l := range e.listeners {
-		if l.Kind() == k {
-			return true
-		}
-	}
-	return false
-}
-
-func (e *vmEntry) getCID() uint32 {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.cid
-}
-
-func (e *vmEntry) sessionCount() int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return len(e.conns)
-}
 
 // listenPlan is which listeners a VM gets.
 type listenPlan struct {
@@ -130,6 +51,25 @@ func (d *Daemon) planFor(dom *libvirt.Domain) (listenPlan, error) {
 		p.vtpm = path
 	}
 	return p, nil
+}
+
+// noTransport is the warning for a live VM that no guest transport reaches.
+const noTransport = "no guest transport reaches the bridge (no org.tpmmux.0 channel, no usable vsock): the VM's log can hold no measurements"
+
+// reachable says whether some guest transport will reach the bridge for
+// dom under plan: its virtio-serial channel, a <vsock> device on a host
+// that serves vsock (an auto-assigned CID is known only once QEMU runs), or
+// the development unix socket.
+func (d *Daemon) reachable(dom *libvirt.Domain, p listenPlan) bool {
+	return p.serial != "" || (dom.Vsock && d.vsockOn) || d.cfg.GuestUnixDir != ""
+}
+
+// transportWarning is what vms says about a live VM with no listener.
+func transportWarning(listeners []control.Listener) string {
+	if len(listeners) == 0 {
+		return noTransport
+	}
+	return ""
 }
 
 // checkSerialPath accepts only a socket directly in the serial directory,
@@ -328,157 +268,4 @@ func (d *Daemon) acceptLoop(e *vmEntry, l transport.Listener) {
 			}
 		}()
 	}
-}
-
-// register makes e the live entry for its name.
-func (d *Daemon) register(e *vmEntry) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closing {
-		return errors.New("the bridge is shutting down")
-	}
-	d.vms[e.name] = e
-	return nil
-}
-
-func (d *Daemon) entry(name string) *vmEntry {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.vms[name]
-}
-
-// closeEntry closes e's listeners and connections and waits (bounded) for
-// its sessions to end; with unregister it also drops e from the table.
-func (d *Daemon) closeEntry(e *vmEntry, unregister bool) {
-	if unregister {
-		d.mu.Lock()
-		if d.vms[e.name] == e {
-			delete(d.vms, e.name)
-		}
-		d.mu.Unlock()
-	}
-	e.mu.Lock()
-	if e.closed {
-		e.mu.Unlock()
-		return
-	}
-	e.closed = true
-	if e.vtpm != nil {
-		e.vtpm.close()
-		// A VM that ends gives up its kept fds; a bridge that shuts down
-		// leaves them to the next process.
-		d.mu.Lock()
-		shutdown := d.closing
-		d.mu.Unlock()
-		if unregister && !shutdown {
-			d.fds.remove(e.vtpm.fdNames()...)
-		}
-	}
-	ls := e.listeners
-	for _, l := range ls {
-		d.refused.Add(l.Refused())
-		l.Close()
-	}
-	for c := range e.conns {
-		c.Close()
-	}
-	e.mu.Unlock()
-	e.cancel()
-	done := make(chan struct{})
-	go func() { e.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(sessionDrain):
-		d.log.Warn("guest sessions still ending after the listeners closed", "vm", e.name)
-	}
-	if len(ls) > 0 {
-		d.log.Info("guest listeners closed", "vm", e.name, "count", len(ls))
-	}
-}
-
-// closeAllVMs makes the daemon refuse new VMs and closes every VM's
-// listeners and connections (shutdown, or a failed start).
-func (d *Daemon) closeAllVMs() {
-	d.mu.Lock()
-	d.closing = true
-	entries := make([]*vmEntry, 0, len(d.vms))
-	for _, e := range d.vms {
-		entries = append(entries, e)
-	}
-	d.mu.Unlock()
-	for _, e := range entries {
-		d.closeEntry(e, true)
-	}
-}
-
-// refusedTotal is the number of connections refused by peer checks, on
-// open and closed listeners.
-func (d *Daemon) refusedTotal() uint64 {
-	n := d.refused.Load()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, e := range d.vms {
-		e.mu.Lock()
-		if !e.closed {
-			for _, l := range e.listeners {
-				n += l.Refused()
-			}
-		}
-		e.mu.Unlock()
-	}
-	return n
-}
-
-// restoreLive opens the listeners of every VM instance that is live in the
-// store (the bridge restarted while VMs run): the serial socket at the path
-// recorded at prepare, so QEMU's channel (with <reconnect>) finds it again,
-// vsock by the recorded CID, the dev unix socket by name.
-func (d *Daemon) restoreLive(ctx context.Context) {
-	infos, err := d.mux.LiveVMs()
-	if err != nil {
-		d.log.Error("listing live VMs", "err", err)
-		return
-	}
-	live := map[string]bool{}
-	for _, v := range infos {
-		live[hex.EncodeToString(v.ID[:])] = true
-		e := d.newEntry(v.Name, v.ID, v.UUID)
-		p := listenPlan{cid: v.CID}
-		if st := d.states.load(v.ID); st != nil {
-			if st.CID != 0 {
-				p.cid = st.CID
-			}
-			if st.VTPM != "" {
-				if path, err := d.checkVTPMPath(st.VTPM); err == nil {
-					p.vtpm = path
-				} else {
-					d.log.Warn("recorded vTPM socket no longer allowed", "vm", v.Name, "err", err)
-				}
-			}
-			if st.Serial != "" {
-				if path, err := d.checkSerialPath(st.Serial); err == nil {
-					p.serial, p.owner = path, st.Owner
-				} else {
-					d.log.Warn("recorded serial socket no longer allowed", "vm", v.Name, "err", err)
-				}
-			}
-		} else {
-			d.log.Warn("no listener state for a live VM: its virtio-serial socket reopens when libvirt reconnects (or at its next start)", "vm", v.Name)
-		}
-		if err := d.register(e); err != nil {
-			return
-		}
-		if err := d.openListeners(e, p); err != nil {
-			d.log.Error("live VM: listeners not reopened", "vm", v.Name, "err", err)
-		}
-		if p.vtpm != "" {
-			if err := d.restoreVTPM(e, p.vtpm); err != nil {
-				d.log.Error("live VM: vTPM not restored", "vm", v.Name, "err", err)
-			}
-		}
-		d.saveState(e)
-		d.log.Info("live VM re-adopted", "vm", v.Name, "listeners", len(e.listenerInfo()))
-	}
-	// Drop the state of instances that are no longer live.
-	d.states.keepOnly(live)
 }
