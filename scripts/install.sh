@@ -14,6 +14,8 @@
 #   --control PATH      the bridge's control socket the hook talks to; writes
 #                       /etc/tpmmux/hook.json even if it exists
 #   --hook-timeout DUR  the hook's timeout (default 2s)
+#   --serial-dir DIR    the bridge's serial_dir, for the hook's placeholder
+#                       sockets (default /run/tpmmux/serial)
 #
 # Afterwards, on a systemd host: `systemctl enable --now tpmmux-bridge`, then
 # restart libvirtd once so it sees /etc/libvirt/hooks/qemu.d (docs/hook.md).
@@ -22,7 +24,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-prefix=/usr/local from='' systemd=1 control='' timeout=2s
+prefix=/usr/local from='' systemd=1 control='' timeout=2s serialdir=/run/tpmmux/serial
 while (($#)); do
   case "$1" in
     --prefix) prefix=$2; shift 2 ;;
@@ -30,7 +32,8 @@ while (($#)); do
     --no-systemd) systemd=''; shift ;;
     --control) control=$2; shift 2 ;;
     --hook-timeout) timeout=$2; shift 2 ;;
-    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --serial-dir) serialdir=$2; shift 2 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -57,8 +60,8 @@ install -m 0644 "$ROOT/scripts/systemd/tpmmux-agent.service" "$prefix/share/tpmm
 install -m 0755 "$from/tpmmux-hook" /etc/libvirt/hooks/qemu.d/tpmmux
 
 if [ -n "$control" ] || [ ! -e /etc/tpmmux/hook.json ]; then
-  printf '{\n  "control_socket": "%s",\n  "timeout": "%s",\n  "fail_open": false,\n  "mode": "opt-out"\n}\n' \
-    "${control:-/run/tpmmux/control.sock}" "$timeout" >/etc/tpmmux/hook.json
+  printf '{\n  "control_socket": "%s",\n  "timeout": "%s",\n  "fail_open": false,\n  "mode": "opt-out",\n  "serial_dir": "%s"\n}\n' \
+    "${control:-/run/tpmmux/control.sock}" "$timeout" "$serialdir" >/etc/tpmmux/hook.json
 fi
 if [ ! -e /etc/tpmmux/bridge.json ]; then
   cat >/etc/tpmmux/bridge.json <<'EOF'

@@ -94,6 +94,11 @@ func newHookEnv(t *testing.T, cfg map[string]any) *hookEnv {
 	if _, ok := cfg["control_socket"]; !ok {
 		cfg["control_socket"] = h.sock
 	}
+	if _, ok := cfg["serial_dir"]; !ok {
+		// Never the host's /run/tpmmux/serial (the test XML's channel
+		// path): no placeholder unless a test asks for one.
+		cfg["serial_dir"] = filepath.Join(dir, "serial")
+	}
 	b, _ := json.Marshal(cfg)
 	if err := os.WriteFile(h.cfg, b, 0o644); err != nil {
 		t.Fatal(err)
@@ -335,5 +340,123 @@ func TestForwardsToBridge(t *testing.T) {
 	r := h.run(bytes.NewReader(x), "vm-a", "prepare", "begin", "-")
 	if r.code != 1 || r.stderr != "tpmmux: prepare vm-a refused by the bridge: serial socket outside the serial dir\n" {
 		t.Fatalf("refusal: %+v", r)
+	}
+}
+
+// placeholderEnv is a hook whose serial_dir is a temporary directory, and
+// the test domain's XML with its channel socket in it.
+func placeholderEnv(t *testing.T, cfg map[string]any) (*hookEnv, string, func(attest string) []byte) {
+	t.Helper()
+	if cfg == nil {
+		cfg = map[string]any{}
+	}
+	h := newHookEnv(t, cfg)
+	dir := filepath.Join(h.dir, "serial")
+	cfg["serial_dir"] = dir
+	b, _ := json.Marshal(cfg)
+	if err := os.WriteFile(h.cfg, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "vm-a.sock")
+	return h, sock, func(attest string) []byte {
+		return bytes.Replace(domainXML(t, attest), []byte("/run/tpmmux/serial/vm-a.sock"), []byte(sock), 1)
+	}
+}
+
+// isPlaceholder says whether path is a socket that refuses connections.
+func isPlaceholder(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return errors.New("not a socket")
+	}
+	c, err := net.Dial("unix", path)
+	if err == nil {
+		c.Close()
+		return errors.New("something listens on it")
+	}
+	return nil
+}
+
+// A domain that starts without the bridge (opted out, or failing open with
+// the bridge down) finds a socket at its channel path, which libvirt's DAC
+// labelling stats at start (issue 13: "unable to stat …sock" otherwise);
+// release removes it again. Fail-closed leaves nothing behind.
+func TestPlaceholderWhenStartingWithoutBridge(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		cfg    map[string]any
+		attest string
+		code   int
+		want   bool // a placeholder after prepare
+	}{
+		{"opted out", nil, "no", 0, true},
+		{"opt-in host, no metadata", map[string]any{"mode": "opt-in"}, "", 0, true},
+		{"fail-open, bridge down", map[string]any{"fail_open": true, "timeout": "300ms"}, "yes", 0, true},
+		{"fail-closed, bridge down", map[string]any{"timeout": "300ms"}, "yes", 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, sock, xml := placeholderEnv(t, tc.cfg)
+			r := h.run(bytes.NewReader(xml(tc.attest)), "vm-a", "prepare", "begin", "-")
+			if r.code != tc.code {
+				t.Fatalf("prepare: %+v, want exit %d", r, tc.code)
+			}
+			err := isPlaceholder(sock)
+			if tc.want && err != nil {
+				t.Fatalf("no placeholder at %s after prepare: %v", sock, err)
+			}
+			if !tc.want {
+				if _, err := os.Lstat(sock); err == nil {
+					t.Fatalf("fail-closed prepare left a file at %s", sock)
+				}
+				return
+			}
+			r = h.run(bytes.NewReader(xml(tc.attest)), "vm-a", "release", "end", "destroyed")
+			if r.code != 0 {
+				t.Fatalf("release: %+v", r)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("placeholder still there after release: %v", err)
+			}
+		})
+	}
+}
+
+// The hook never touches what is not its placeholder: a socket someone
+// listens on (the bridge's) survives release, a path outside serial_dir
+// gets nothing, and a regular file at the path is reported, not replaced.
+func TestPlaceholderLeavesOthersAlone(t *testing.T) {
+	h, sock, xml := placeholderEnv(t, map[string]any{"fail_open": true, "timeout": "300ms"})
+	os.MkdirAll(filepath.Dir(sock), 0o755)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := h.run(bytes.NewReader(xml("no")), "vm-a", "release", "end", "destroyed"); r.code != 0 {
+		t.Fatalf("release: %+v", r)
+	}
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("release removed a live listener's socket: %v", err)
+	}
+	l.Close()
+
+	// Outside serial_dir.
+	out := filepath.Join(h.dir, "elsewhere", "vm-a.sock")
+	if r := h.run(bytes.NewReader(bytes.Replace(xml("no"), []byte(sock), []byte(out), 1)), "vm-a", "prepare", "begin", "-"); r.code != 0 || r.stderr != "" {
+		t.Fatalf("prepare: %+v", r)
+	}
+	if _, err := os.Lstat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a placeholder was made outside serial_dir: %v", err)
+	}
+
+	os.WriteFile(sock, []byte("x"), 0o644)
+	r := h.run(bytes.NewReader(xml("no")), "vm-a", "prepare", "begin", "-")
+	if r.code != 0 || !strings.Contains(r.stderr, "exists and is not a socket") {
+		t.Fatalf("prepare over a regular file: %+v", r)
+	}
+	if b, _ := os.ReadFile(sock); string(b) != "x" {
+		t.Fatal("the regular file was replaced")
 	}
 }

@@ -38,6 +38,7 @@ import (
 const (
 	DefaultConfigPath = "/etc/tpmmux/hook.json"
 	DefaultTimeout    = 2 * time.Second
+	DefaultSerialDir  = "/run/tpmmux/serial"
 	configEnv         = "TPMMUX_HOOK_CONFIG"
 )
 
@@ -54,6 +55,9 @@ type config struct {
 	// enabled="no") or opt-in (only domains whose metadata says
 	// enabled="yes").
 	Mode string `json:"mode"`
+	// SerialDir is the bridge's serial_dir: a domain that starts without
+	// the bridge gets a placeholder for its org.tpmmux.0 socket there.
+	SerialDir string `json:"serial_dir"`
 
 	timeout time.Duration
 	path    string
@@ -64,7 +68,7 @@ func loadConfig() (*config, error) {
 	if path == "" {
 		path = DefaultConfigPath
 	}
-	c := &config{ControlSocket: control.DefaultSocket, Mode: "opt-out", timeout: DefaultTimeout, path: path}
+	c := &config{ControlSocket: control.DefaultSocket, Mode: "opt-out", SerialDir: DefaultSerialDir, timeout: DefaultTimeout, path: path}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return c, nil
@@ -79,6 +83,9 @@ func loadConfig() (*config, error) {
 	}
 	if c.ControlSocket == "" {
 		c.ControlSocket = control.DefaultSocket
+	}
+	if c.SerialDir == "" {
+		c.SerialDir = DefaultSerialDir
 	}
 	if c.Timeout != "" {
 		t, err := time.ParseDuration(c.Timeout)
@@ -145,12 +152,31 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	cfg, cfgErr := loadConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout)
 	defer cancel()
+	var dom *libvirt.Domain
+	// finish leaves a placeholder socket when a domain starts without the
+	// bridge's listener, and removes it once the domain is gone
+	// (placeholder.go).
+	finish := func(code int) int {
+		p := placeholderPath(dom, cfg.SerialDir)
+		switch {
+		case p == "" || code != 0:
+		case what.name == control.OpPrepare:
+			if _, err := ensurePlaceholder(p); err != nil {
+				fmt.Fprintf(stderr, "tpmmux: %s %s: %v\n", o, domain, err)
+			}
+		case what.name == control.OpRelease:
+			if _, err := removePlaceholder(p); err != nil {
+				fmt.Fprintf(stderr, "tpmmux: %s %s: %v\n", o, domain, err)
+			}
+		}
+		return code
+	}
 	fail := func(failOpen bool, format string, a ...any) int {
 		fmt.Fprintf(stderr, "tpmmux: "+format+"\n", a...)
 		if what.critical && !failOpen {
 			return 1
 		}
-		return 0
+		return finish(0)
 	}
 	if cfgErr != nil {
 		return fail(false, "%v", cfgErr)
@@ -159,7 +185,6 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if err != nil && what.critical {
 		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
 	}
-	var dom *libvirt.Domain
 	if err == nil {
 		dom, err = libvirt.ParseDomain(xml)
 	}
@@ -169,7 +194,8 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	case err != nil && what.name == control.OpReconnect:
 		return fail(true, "%s %s: %v", o, domain, err)
 	case dom != nil && !attested(cfg.Mode, dom.Attest):
-		return 0 // opted out (or not in): the bridge is not involved
+		// Opted out (or not in): the bridge is not involved.
+		return finish(0)
 	}
 	// stopped and release go to the bridge by name even without a
 	// readable XML: for a domain it does not know they are no-ops.
@@ -200,7 +226,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return fail(true, "%s %s not delivered: bridge not answering on %s (%v); it catches up when it starts", o, domain, cfg.ControlSocket, cause)
 	}
 	_ = resp
-	return 0
+	return finish(0)
 }
 
 // attested says whether a domain takes part under mode, from its
