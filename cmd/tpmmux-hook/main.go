@@ -30,6 +30,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
@@ -105,7 +106,64 @@ func loadConfig() (*config, error) {
 }
 
 func main() {
+	if code, ok := helpOrVersion(os.Args[1:], os.Stdout, os.Stderr); ok {
+		os.Exit(code)
+	}
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stderr))
+}
+
+// command describes the hook: the source of its --help and man page.
+func command() *cli.Command {
+	return &cli.Command{
+		Name:       "tpmmux-hook",
+		Synopsis:   []string{"DOMAIN OP SUBOP [EXTRA] < domain.xml"},
+		Summary:    "the libvirt qemu hook of tpmmux",
+		ManSection: 8,
+		Description: `Installed as /etc/libvirt/hooks/qemu.d/tpmmux; libvirt (6.5 or later) runs it at every domain
+lifecycle step with the domain XML on stdin, and libvirtd looks for hooks only when it starts:
+restart libvirtd once after installing it. It forwards the steps tpmmux needs to the bridge's
+control socket and never calls the libvirt API:
+
+  prepare begin    identity and genesis; the VM's listeners open
+  started begin    the live XML (auto-assigned vsock CID)
+  stopped end      listeners close; teardown follows
+  release end      teardown with libvirt's shutoff reason (EXTRA)
+  reconnect begin  libvirtd restarted: re-adopt the running VM
+  anything else    exit 0 at once, stdin unread
+
+Fail-closed by default: when prepare or started gets no good answer within the timeout the hook
+exits 1 with one line on stderr, which virsh shows, and libvirt does not start the domain.
+stopped, release and reconnect never fail. A domain that starts without the bridge (opted out,
+or failing open) gets a placeholder socket for its org.tpmmux.0 channel, so that libvirt can
+label it.`,
+		Sections: []cli.Section{
+			{Title: "Configuration", Body: `/etc/tpmmux/hook.json (or the file $TPMMUX_HOOK_CONFIG names), every key optional:
+
+  control_socket  the bridge's control socket (default /run/tpmmux/control.sock)
+  timeout         bound on the whole hook run, e.g. "2s" (default "2s", at most "1m")
+  fail_open       true: start domains even when the bridge does not answer or refuses;
+                  they run unattested (default false)
+  mode            "opt-out": every domain unless its metadata says enabled="no";
+                  "opt-in": only domains whose metadata says enabled="yes" (default "opt-out")
+  serial_dir      the bridge's serial_dir, where placeholder sockets may go
+                  (default /run/tpmmux/serial)
+
+The domain's choice: <tpmmux:attest xmlns:tpmmux="https://tpmmux.dev/xmlns/domain/1" enabled="no"/>
+in its <metadata>. An unreadable or invalid hook.json fails prepare and started closed.`},
+			{Title: "Exit status", Body: `0 the step may go on; 1 prepare or started refused (fail-closed); 2 usage error.`},
+			{Title: "See also", Body: `tpmmux-bridge(8); docs/hook.md`},
+		},
+	}
+}
+
+// helpOrVersion answers --help, --version and --man (and nothing else:
+// libvirt always passes at least DOMAIN OP SUBOP, so a domain named "help"
+// is still a domain).
+func helpOrVersion(args []string, stdout, stderr io.Writer) (int, bool) {
+	if len(args) != 1 {
+		return 0, false
+	}
+	return command().Dispatch(args, "", stdout, stderr)
 }
 
 // op is what the hook does for one libvirt op.
@@ -137,8 +195,8 @@ func opFor(o, sub string) (op, bool) {
 
 func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if len(args) < 3 {
-		fmt.Fprintln(stderr, "usage: tpmmux-hook DOMAIN OP SUBOP [EXTRA] < domain.xml (run by libvirt from /etc/libvirt/hooks/qemu.d/)")
-		return 2
+		command().UsageError(stderr, "DOMAIN OP SUBOP are required (libvirt runs the hook from /etc/libvirt/hooks/qemu.d/)")
+		return cli.ExitUsage
 	}
 	domain, o, sub := args[0], args[1], args[2]
 	extra := "-"

@@ -226,10 +226,23 @@ func writeRoffBody(w io.Writer, body string) {
 	}
 }
 
-// roffText escapes text for roff: backslashes and dashes.
+// roffText escapes text for roff: backslashes, dashes, and characters
+// beyond ASCII (as \[uXXXX]).
 func roffText(s string) string {
-	s = strings.ReplaceAll(s, `\`, `\e`)
-	return strings.ReplaceAll(s, "-", `\-`)
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\\':
+			b.WriteString(`\e`)
+		case r == '-':
+			b.WriteString(`\-`)
+		case r > 127:
+			fmt.Fprintf(&b, `\[u%04X]`, r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 // roffLine escapes a text line, and guards a leading control character.
