@@ -68,7 +68,9 @@ func usagef(format string, a ...any) error { return &usageError{fmt.Sprintf(form
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	wrap := func(f func(context.Context, []string, io.Writer, io.Writer) error) func([]string, io.Writer, io.Writer) int {
-		return func(args []string, stdout, stderr io.Writer) int { return exitCode(f(ctx, args, stdout, stderr), stderr) }
+		return func(args []string, stdout, stderr io.Writer) int {
+			return exitCode(f(ctx, args, stdout, stderr), stderr)
+		}
 	}
 	root := &cli.Command{
 		Name:       "tpmmux-agent",
