@@ -259,6 +259,18 @@ func TestBadConfig(t *testing.T) {
 	if r.code == 0 || len(r.lines()) != 1 || !strings.Contains(r.stderr, h.cfg) {
 		t.Fatalf("bad config: %+v", r)
 	}
+	for in, want := range map[string]string{
+		`{"failopen": true}`:    h.cfg + ": failopen: unknown key; did you mean fail_open?",
+		`{"fail_open": "true"}`: h.cfg + `: fail_open: "true" is a string, want true or false`,
+		"":                      h.cfg + ": the file is empty",
+		"{\n\"mode\": opt-in}":  h.cfg + ":2:9: JSON syntax",
+	} {
+		os.WriteFile(h.cfg, []byte(in), 0o644)
+		r := h.run(bytes.NewReader(domainXML(t, "yes")), "vm-a", "prepare", "begin", "-")
+		if r.code != 1 || len(r.lines()) != 1 || !strings.Contains(r.stderr, want) {
+			t.Errorf("hook.json %q: %+v\nwant %q", in, r, want)
+		}
+	}
 	os.WriteFile(h.cfg, []byte(`{"timeout": "forever"}`), 0o644)
 	if r := h.run(bytes.NewReader(domainXML(t, "yes")), "vm-a", "prepare", "begin", "-"); r.code == 0 {
 		t.Fatal("bad timeout accepted")

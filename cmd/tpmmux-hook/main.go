@@ -23,7 +23,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -32,6 +31,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/jsonconf"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
 
@@ -77,10 +77,8 @@ func loadConfig() (*config, error) {
 	if err != nil {
 		return c, fmt.Errorf("%s: %w", path, err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(c); err != nil {
-		return c, fmt.Errorf("%s: %w", path, err)
+	if err := jsonconf.Decode(path, b, c); err != nil {
+		return c, err
 	}
 	if c.ControlSocket == "" {
 		c.ControlSocket = control.DefaultSocket

@@ -6,7 +6,6 @@
 package daemon
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/jsonconf"
 	"github.com/tpmmux/tpmmux/internal/mux"
 )
 
@@ -125,11 +125,11 @@ func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Durat
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration: want a string such as \"2s\": %w", err)
+		return fmt.Errorf("%s is not a duration: want a string such as \"2s\", \"500ms\" or \"1m30s\"", b)
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return err
+		return fmt.Errorf("%q is not a duration: want a string such as \"2s\", \"500ms\" or \"1m30s\"", s)
 	}
 	*d = Duration(v)
 	return nil
@@ -165,13 +165,8 @@ func LoadConfig(path string, optional bool) (Config, error) {
 		}
 		return cfg, fmt.Errorf("config: %w", err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
-		return cfg, fmt.Errorf("config %s: %w", path, err)
-	}
-	if dec.More() {
-		return cfg, fmt.Errorf("config %s: more than one JSON value", path)
+	if err := jsonconf.Decode(path, b, &cfg); err != nil {
+		return cfg, fmt.Errorf("config %w", err)
 	}
 	return cfg, nil
 }
