@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
@@ -191,7 +192,8 @@ func evidenceMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		Description: `Writes evidence.json, evidence.cbor, identity.json (mode 0600: it holds the VM's secret),
 ak.pem, nonce.hex, quote.msg and quote.sig into DIR, and prints the tpmmux-verify command that
 checks them. For a VM that has ended it writes the post-mortem evidence: the final quote the
-bridge kept at its teardown (verify it with --post-mortem).`,
+bridge kept at its teardown (verify it with --post-mortem; no nonce.hex then, since the
+nonce is not in that quote).`,
 	}
 	fs := cmd.FlagSet()
 	var a adminFlags
@@ -270,6 +272,14 @@ func writeEvidenceFiles(dir string, e *control.Evidence, nonce []byte) error {
 	}
 	for _, f := range files {
 		p := filepath.Join(dir, f.name)
+		if f.name == "nonce.hex" && e.PostMortem {
+			// The final quote was made at the teardown: the nonce is not in
+			// it, and a nonce.hex would invite --nonce, which must fail.
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			continue
+		}
 		if err := os.WriteFile(p, f.data, f.mode); err != nil {
 			return err
 		}

@@ -38,6 +38,7 @@ exit 0.`,
 	vsock := fset.String("vsock", def.Vsock, "vsock listeners: auto, on or off (`WHEN`)")
 	metrics := fset.String("metrics", def.Metrics, "serve Prometheus metrics on this loopback `ADDR` (HOST:PORT)")
 	level := fset.String("log-level", def.LogLevel, "log `LEVEL`: debug, info, warn or error")
+	logFormat := fset.String("log-format", def.LogFormat, "log `FORMAT`: text (for the journal) or json (one object per line, for log shippers)")
 	mode := fset.String("mode", def.Hook.Mode, "which domains get an identity (`MODE`): opt-out (all but those opted out) or opt-in")
 	failOpen := fset.Bool("fail-open", def.Hook.FailOpen, "a prepare that fails inside the bridge lets the domain start unattested")
 	libvirtTarget := fset.String("libvirt", def.Libvirt, "reconcile with libvirtd at this socket path or `URI` (empty: off)")
@@ -74,6 +75,7 @@ exit 0.`,
 	set("vsock", func() { cfg.Vsock = *vsock })
 	set("metrics", func() { cfg.Metrics = *metrics })
 	set("log-level", func() { cfg.LogLevel = *level })
+	set("log-format", func() { cfg.LogFormat = *logFormat })
 	set("mode", func() { cfg.Hook.Mode = *mode })
 	set("fail-open", func() { cfg.Hook.FailOpen = *failOpen })
 	set("libvirt", func() { cfg.Libvirt = *libvirtTarget })
@@ -83,7 +85,7 @@ exit 0.`,
 		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
 		return 2
 	}
-	log, err := daemon.NewLogger(stderr, cfg.LogLevel)
+	log, err := daemon.NewConfiguredLogger(stderr, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
 		return 2

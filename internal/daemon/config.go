@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -73,6 +75,9 @@ type Config struct {
 	Metrics string `json:"metrics"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `json:"log_level"`
+	// LogFormat is text (logfmt-like lines, for the journal) or json (one
+	// object per line, for log shippers).
+	LogFormat string `json:"log_format"`
 	// Hook is the bridge's side of the hook policy.
 	Hook HookPolicy `json:"hook"`
 	// Host is the host name written into epoch and genesis records
@@ -147,6 +152,7 @@ func DefaultConfig() Config {
 		SerialMode:     DefaultSerialMode,
 		Vsock:          "auto",
 		LogLevel:       "info",
+		LogFormat:      "text",
 		Hook:           HookPolicy{Mode: ModeOptOut},
 		ControlTimeout: Duration(control.DefaultTimeout),
 		StopGrace:      Duration(DefaultStopGrace),
@@ -230,6 +236,11 @@ func (c *Config) parse() (*settings, error) {
 	}
 	if _, err := ParseLevel(c.LogLevel); err != nil {
 		return nil, fmt.Errorf("config: log_level: %w", err)
+	}
+	switch c.LogFormat {
+	case "", "text", "json":
+	default:
+		return nil, fmt.Errorf("config: log_format %q, want text or json", c.LogFormat)
 	}
 	switch c.Hook.Mode {
 	case ModeOptOut, ModeOptIn:
@@ -316,4 +327,21 @@ func lookupGroup(g string) (int, error) {
 		return 0, fmt.Errorf("group %q: %w", g, err)
 	}
 	return strconv.Atoi(grp.Gid)
+}
+
+// NewConfiguredLogger returns the daemon's logger as cfg says: its level,
+// and text or JSON lines on w.
+func NewConfiguredLogger(w io.Writer, cfg Config) (*slog.Logger, error) {
+	l, err := ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	o := &slog.HandlerOptions{Level: l}
+	switch cfg.LogFormat {
+	case "", "text":
+		return slog.New(slog.NewTextHandler(w, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, o)), nil
+	}
+	return nil, fmt.Errorf("log format %q, want text or json", cfg.LogFormat)
 }
