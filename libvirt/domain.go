@@ -43,6 +43,10 @@ type Domain struct {
 	// target is the org.tpmmux.0 virtio-serial port, if any.
 	SerialSocket string
 	SerialMode   string // "connect" or "bind"
+	// TPMSockets are the unix socket paths of <tpm> devices with an
+	// external backend (a vTPM served by another process, e.g. the
+	// bridge's vTPM mode): QEMU does not start while one is not listening.
+	TPMSockets []string
 	// Attest is the domain's own choice from its tpmmux metadata: "" (none
 	// given), "yes" or "no".
 	Attest string
@@ -79,6 +83,11 @@ func ParseDomain(doc []byte) (*Domain, error) {
 				return nil, fmt.Errorf("domain %s: vsock cid %q is not a guest CID", d.Name, vs.CID.Address)
 			}
 			d.CID = uint32(cid)
+		}
+		for _, t := range dx.Devices.TPMs {
+			if b := t.Backend; b != nil && b.External != nil && b.External.Source != nil && b.External.Source.UNIX != nil {
+				d.TPMSockets = append(d.TPMSockets, b.External.Source.UNIX.Path)
+			}
 		}
 		for _, ch := range dx.Devices.Channels {
 			if ch.Target == nil || ch.Target.VirtIO == nil || ch.Target.VirtIO.Name != SerialPortName {

@@ -472,3 +472,36 @@ func TestPlaceholderLeavesOthersAlone(t *testing.T) {
 		t.Fatal("the regular file was replaced")
 	}
 }
+
+// A domain whose TPM the bridge serves (vTPM mode: an external <tpm>
+// backend with its socket in the bridge's runtime directory) cannot start
+// without the bridge: fail_open does not apply to it, and opting it out is
+// refused with the fix; a TPM socket elsewhere is not the bridge's.
+func TestVTPMDomainNeverFailsOpen(t *testing.T) {
+	h, _, xml := placeholderEnv(t, map[string]any{"fail_open": true, "timeout": "300ms"})
+	runDir := h.dir // the parent of serial_dir
+	withTPM := func(attest, sock string) []byte {
+		tpm := `<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='` + sock + `'/></backend></tpm>`
+		return bytes.Replace(xml(attest), []byte("<devices>"), []byte("<devices>"+tpm), 1)
+	}
+	bridges := filepath.Join(runDir, "vtpm", "vm-a.sock")
+	for _, op := range [][]string{{"prepare", "begin"}, {"started", "begin"}} {
+		r := h.run(bytes.NewReader(withTPM("yes", bridges)), "vm-a", op[0], op[1], "-")
+		if r.code != 1 || len(r.lines()) != 1 || !strings.Contains(r.stderr, "fail_open does not apply: the bridge serves this domain's vTPM") {
+			t.Fatalf("%s, vTPM domain, bridge down, fail_open: %+v", op[0], r)
+		}
+	}
+	r := h.run(bytes.NewReader(withTPM("no", bridges)), "vm-a", "prepare", "begin", "-")
+	if r.code != 1 || !strings.Contains(r.stderr, "is the bridge's vTPM at "+bridges) || !strings.Contains(r.stderr, "remove the <tpm> device or the opt-out") {
+		t.Fatalf("opted-out vTPM domain: %+v", r)
+	}
+	// stopped and release still never fail.
+	if r := h.run(bytes.NewReader(withTPM("yes", bridges)), "vm-a", "release", "end", "destroyed"); r.code != 0 {
+		t.Fatalf("release: %+v", r)
+	}
+	// Someone else's external TPM: fail_open applies as usual.
+	other := filepath.Join(t.TempDir(), "tpm.sock")
+	if r := h.run(bytes.NewReader(withTPM("yes", other)), "vm-a", "prepare", "begin", "-"); r.code != 0 {
+		t.Fatalf("another process's TPM, fail_open: %+v", r)
+	}
+}

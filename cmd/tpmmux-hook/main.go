@@ -27,6 +27,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/cli"
@@ -249,13 +251,26 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
 	case err != nil && what.name == control.OpReconnect:
 		return fail(true, "%s %s: %v", o, domain, err)
+	case dom != nil && !attested(cfg.Mode, dom.Attest) && what.critical && bridgeTPM(dom, cfg) != "":
+		return fail(false, "%s %s: the domain is not attested (%s) but its <tpm> is the bridge's vTPM at %s, without which QEMU cannot start: remove the <tpm> device or the opt-out", o, domain, notAttestedWhy(cfg.Mode), bridgeTPM(dom, cfg))
 	case dom != nil && !attested(cfg.Mode, dom.Attest):
 		// Opted out (or not in): the bridge is not involved.
 		return finish(0)
 	}
+	// A domain whose TPM the bridge serves cannot start without the
+	// bridge: failing open would only trade the hook's clear line for
+	// QEMU's "Failed to connect" (docs/hook.md).
+	failOpen := cfg.FailOpen
+	if failOpen && what.critical && bridgeTPM(dom, cfg) != "" {
+		failOpen = false
+		fail = func(_ bool, format string, a ...any) int {
+			fmt.Fprintf(stderr, "tpmmux: "+format+" (fail_open does not apply: the bridge serves this domain's vTPM)\n", a...)
+			return 1
+		}
+	}
 	// stopped and release go to the bridge by name even without a
 	// readable XML: for a domain it does not know they are no-ops.
-	req := &control.Request{Op: what.name, FailOpen: cfg.FailOpen}
+	req := &control.Request{Op: what.name, FailOpen: failOpen}
 	switch what.name {
 	case control.OpPrepare, control.OpReconnect:
 		req.XML = string(xml)
@@ -269,7 +284,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	var re *control.RemoteError
 	switch {
 	case errors.As(err, &re):
-		return fail(cfg.FailOpen, "%s %s refused by the bridge: %s", o, domain, re.Msg)
+		return fail(failOpen, "%s %s refused by the bridge: %s", o, domain, re.Msg)
 	case err != nil:
 		var ue *control.UnreachableError
 		cause := err
@@ -277,12 +292,35 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 			cause = ue.Err
 		}
 		if what.critical {
-			return fail(cfg.FailOpen, "bridge not answering on %s within %s (%v); start tpmmux-bridge or set fail_open in %s", cfg.ControlSocket, cfg.timeout, cause, cfg.path)
+			return fail(failOpen, "bridge not answering on %s within %s (%v); start tpmmux-bridge or set fail_open in %s", cfg.ControlSocket, cfg.timeout, cause, cfg.path)
 		}
 		return fail(true, "%s %s not delivered: bridge not answering on %s (%v); it catches up when it starts", o, domain, cfg.ControlSocket, cause)
 	}
 	_ = resp
 	return finish(0)
+}
+
+// bridgeTPM returns the socket of dom's <tpm> when the bridge serves it
+// (an external backend whose socket is in the bridge's runtime directory,
+// the parent of serial_dir: /run/tpmmux), else "".
+func bridgeTPM(dom *libvirt.Domain, cfg *config) string {
+	if dom == nil {
+		return ""
+	}
+	run := filepath.Dir(filepath.Clean(cfg.SerialDir))
+	for _, p := range dom.TPMSockets {
+		if c := filepath.Clean(p); filepath.IsAbs(p) && strings.HasPrefix(c, run+string(filepath.Separator)) {
+			return c
+		}
+	}
+	return ""
+}
+
+func notAttestedWhy(mode string) string {
+	if mode == "opt-in" {
+		return `mode opt-in, no <tpmmux:attest enabled="yes"/>`
+	}
+	return `<tpmmux:attest enabled="no"/>`
 }
 
 // attested says whether a domain takes part under mode, from its
