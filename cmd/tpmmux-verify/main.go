@@ -57,7 +57,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	cmd := &cli.Command{
 		Name: "tpmmux-verify",
 		Synopsis: []string{
-			"--evidence FILE (--nonce HEX | --post-mortem) --identity FILE (--ak FILE | --ek-ca FILE --enrolled DIR) [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key FILE]... [--checkpoint FILE] [--save-checkpoint FILE] [--json]",
+			"--evidence FILE (--nonce HEX | --post-mortem) --identity FILE",
+			"  (--ak FILE | --ek-ca FILE --enrolled DIR)",
+			"  [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key FILE]...",
+			"  [--checkpoint FILE] [--save-checkpoint FILE] [--json]",
 		},
 		Summary:    "check tpmmux evidence for one VM",
 		ManSection: 1,
@@ -72,8 +75,10 @@ section), verifies IMA signatures, and requires keys bound in the VM's log. A pu
 			{Title: "See also", Body: `tpmmux-bridge(8), tpmmux-agent(1)`},
 		},
 	}
-	if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
-		return code
+	if len(args) > 0 {
+		if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
+			return code
+		}
 	}
 	fs := cmd.FlagSet()
 	evPath := fs.String("evidence", "", "evidence `FILE` (JSON or binary CBOR)")

@@ -33,7 +33,8 @@ type Command struct {
 	// Name is the full name as typed, e.g. "tpmmux-bridge vms".
 	Name string
 	// Synopsis holds the usage lines, each without Name, e.g.
-	// "[--all] [--json]". Empty: Name alone.
+	// "[--all] [--json]"; a line starting with two spaces continues the
+	// one before. Empty: Name alone.
 	Synopsis []string
 	// Summary is one line: what the command does.
 	Summary string
@@ -124,6 +125,11 @@ func (c *Command) synopsis() []string {
 	}
 	out := make([]string, len(c.Synopsis))
 	for i, s := range c.Synopsis {
+		if strings.HasPrefix(s, "  ") {
+			// A continuation of the line before, under its arguments.
+			out[i] = strings.Repeat(" ", len(c.Name)-1) + s
+			continue
+		}
 		out[i] = c.Name + " " + s
 	}
 	return out

@@ -126,7 +126,7 @@ func (c *Command) WriteMan(w io.Writer, sec int) {
 	fmt.Fprintf(w, ".TH %s %d \"\" \"tpmmux %s\" \"tpmmux\"\n", title, sec, Version)
 	fmt.Fprintf(w, ".SH NAME\n%s \\- %s\n", roffText(c.Name), roffText(c.Summary))
 	fmt.Fprintln(w, ".SH SYNOPSIS")
-	for i, s := range c.synopsis() {
+	for i, s := range c.manSynopsis() {
 		if i > 0 {
 			fmt.Fprintln(w, ".br")
 		}
@@ -136,7 +136,7 @@ func (c *Command) WriteMan(w io.Writer, sec int) {
 	for _, s := range c.Subs {
 		if d := describe(s); d != nil {
 			subs = append(subs, d)
-			for _, l := range d.synopsis() {
+			for _, l := range d.manSynopsis() {
 				fmt.Fprintln(w, ".br")
 				fmt.Fprintln(w, roffLine(l))
 			}
@@ -154,7 +154,7 @@ func (c *Command) WriteMan(w io.Writer, sec int) {
 		fmt.Fprintln(w, ".SH COMMANDS")
 		for _, d := range subs {
 			fmt.Fprintf(w, ".SS %s\n", roffText(strings.TrimPrefix(d.Name, c.Name+" ")))
-			for i, l := range d.synopsis() {
+			for i, l := range d.manSynopsis() {
 				if i > 0 {
 					fmt.Fprintln(w, ".br")
 				}
@@ -252,4 +252,18 @@ func roffLine(s string) string {
 		s = `\&` + s
 	}
 	return s
+}
+
+// manSynopsis is the synopsis with continuation lines joined: man fills
+// and breaks lines itself.
+func (c *Command) manSynopsis() []string {
+	var out []string
+	for _, s := range c.synopsis() {
+		if strings.HasPrefix(s, "  ") && len(out) > 0 {
+			out[len(out)-1] += " " + strings.TrimSpace(s)
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
 }
