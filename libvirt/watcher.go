@@ -67,6 +67,10 @@ func (w *Watcher) Run(ctx context.Context) error {
 		maxB = max(30*time.Second, minB)
 	}
 	backoff := minB
+	// Only changes of state are warnings: the first failure at start, and
+	// the loss of a connection that was following events. The retries in
+	// between are debug lines; the next success is an info line.
+	failing := false
 	for {
 		up, err := w.session(ctx)
 		if ctx.Err() != nil {
@@ -74,8 +78,14 @@ func (w *Watcher) Run(ctx context.Context) error {
 		}
 		if up {
 			backoff = minB
+			failing = false
 		}
-		w.log().Warn("libvirt: not following events; will reconnect", "target", w.Target, "err", err, "retry_in", backoff)
+		if !failing {
+			w.log().Warn("libvirt: not following events; retrying quietly until libvirtd answers", "target", w.Target, "err", err, "retry_in", backoff)
+			failing = true
+		} else {
+			w.log().Debug("libvirt: still not following events", "target", w.Target, "err", err, "retry_in", backoff)
+		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():

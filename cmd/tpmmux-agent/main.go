@@ -37,6 +37,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/agent"
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/transport"
@@ -66,43 +67,67 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, a ...any) error { return &usageError{fmt.Sprintf(format, a...)} }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	cmd := "run"
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		cmd, args = args[0], args[1:]
+	wrap := func(f func(context.Context, []string, io.Writer, io.Writer) error) func([]string, io.Writer, io.Writer) int {
+		return func(args []string, stdout, stderr io.Writer) int {
+			return exitCode(f(ctx, args, stdout, stderr), stderr)
+		}
 	}
-	var err error
-	switch cmd {
-	case "run":
-		err = runAgent(ctx, args, stderr)
-	case "attest":
-		err = attest(ctx, args, stdout, stderr)
-	case "bind":
-		err = bind(ctx, args, stdout, stderr)
-	case "help":
-		fmt.Fprintln(stdout, usage)
-		return exitOK
-	default:
-		err = usagef("unknown command %q", cmd)
+	root := &cli.Command{
+		Name:       "tpmmux-agent",
+		Synopsis:   []string{"[run] [flags]", "attest --out DIR [--nonce HEX] [flags]", "bind --purpose NAME (--key FILE | --key-hash HEX) [flags]"},
+		Summary:    "the tpmmux guest agent: stream IMA measurements to the host, attest, bind keys",
+		ManSection: 1,
+		Description: `Runs inside a VM. run (the default) streams the guest's IMA measurement list to the host's
+tpmmux bridge over vsock, virtio-serial or a unix socket, resuming after reconnects and reboots,
+and serves the local control socket. attest fetches this VM's evidence for a verifier's nonce and
+writes DIR/evidence.cbor, evidence.json, identity.json, ak.pem and nonce.hex, which
+
+  tpmmux-verify --evidence DIR/evidence.json --nonce $(cat DIR/nonce.hex) --identity DIR/identity.json --ak DIR/ak.pem
+
+checks. bind records a key (e.g. the VM's TLS key) in the VM's log, so relayed evidence is
+refused.`,
+		Subs: []cli.Sub{
+			{Name: "run", Summary: "stream the IMA measurement list to the bridge (the default)", Main: wrap(runAgent)},
+			{Name: "attest", Summary: "write this VM's evidence for a nonce", Main: wrap(attest)},
+			{Name: "bind", Summary: "bind a key to this VM in its log", Main: wrap(bind)},
+		},
+		Sections: []cli.Section{
+			{Title: "Exit status", Body: `0 success (run: stopped by a signal, or the VM instance ended); 1 failure; 2 usage error.`},
+			{Title: "Files", Body: `/run/tpmmux-agent/agent.sock   the control socket (mode 0600)
+/etc/default/tpmmux-agent      TPMMUX_AGENT_ARGS for the unit`},
+			{Title: "See also", Body: `tpmmux-verify(1), tpmmux-bridge(8)`},
+		},
 	}
+	if code, ok := root.Dispatch(args, "run", stdout, stderr); ok {
+		return code
+	}
+	return root.UnknownSub(stderr, args[0])
+}
+
+// exitStatus is an exit code a command has already printed what it needs
+// for (its --help, --version, or a flag error).
+type exitStatus int
+
+// Error says so.
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+// exitCode maps a subcommand's error to the exit code, printing it.
+func exitCode(err error, stderr io.Writer) int {
 	var ue *usageError
+	var es exitStatus
 	switch {
 	case err == nil:
 		return exitOK
-	case errors.Is(err, flag.ErrHelp):
-		return exitOK
+	case errors.As(err, &es):
+		return int(es)
 	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "tpmmux-agent: usage error: %v\n%s\n", err, usage)
+		fmt.Fprintf(stderr, "tpmmux-agent: usage error: %v\n(tpmmux-agent --help for more)\n", err)
 		return exitUsage
 	default:
 		fmt.Fprintf(stderr, "tpmmux-agent: %v\n", err)
 		return exitFailure
 	}
 }
-
-const usage = `usage:
-  tpmmux-agent [run] [--transport vsock|virtio-serial|unix] [--unix PATH] [--ima PATH] [--control PATH] [-v]
-  tpmmux-agent attest --nonce HEX --out DIR [--transport ...] [--unix PATH] [--control PATH] [--timeout D]
-  tpmmux-agent bind --purpose NAME (--key PEM | --key-hash HEX) [--control PATH]`
 
 // common are the flags every command shares.
 type common struct {
@@ -111,10 +136,10 @@ type common struct {
 }
 
 func (c *common) register(fs *flag.FlagSet) {
-	fs.StringVar(&c.transport, "transport", string(transport.KindVsock), "how to reach the bridge: vsock, virtio-serial or unix")
-	fs.StringVar(&c.unix, "unix", "", "the bridge's unix socket (--transport unix, development)")
-	fs.StringVar(&c.serialName, "serial-name", transport.SerialPortName, "the virtio-serial port name (--transport virtio-serial)")
-	fs.StringVar(&c.control, "control", agent.DefaultControlSocket, "the agent's local control socket (\"\" for none)")
+	fs.StringVar(&c.transport, "transport", string(transport.KindVsock), "how to reach the bridge (`KIND`): vsock, virtio-serial or unix")
+	fs.StringVar(&c.unix, "unix", "", "the bridge's unix socket `PATH` (--transport unix, development)")
+	fs.StringVar(&c.serialName, "serial-name", transport.SerialPortName, "the virtio-serial port `NAME` (--transport virtio-serial)")
+	fs.StringVar(&c.control, "control", agent.DefaultControlSocket, "the agent's local control socket `PATH` (empty: none)")
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 }
 
@@ -137,29 +162,31 @@ func (c *common) config(stderr io.Writer) (agent.Config, error) {
 	return cfg, nil
 }
 
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usagef("%v", err)
+// parse parses the flags of cmd; a nil error means: go on.
+func parse(cmd *cli.Command, args []string, stdout, stderr io.Writer) error {
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return exitStatus(code)
 	}
-	if fs.NArg() > 0 {
+	if fs := cmd.FlagSet(); fs.NArg() > 0 {
 		return usagef("unexpected argument %q", fs.Arg(0))
 	}
 	return nil
 }
 
-func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("tpmmux-agent run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cmd := &cli.Command{
+		Name:     "tpmmux-agent run",
+		Synopsis: []string{"[--transport KIND] [--unix PATH] [--ima FILE] [--control PATH] [-v]"},
+		Summary:  "stream the IMA measurement list to the bridge",
+	}
+	fs := cmd.FlagSet()
 	var c common
 	c.register(fs)
-	imaPath := fs.String("ima", agent.DefaultIMAPath, "the binary IMA measurement list (…_sha256 for the per-bank list)")
-	hashAlg := fs.String("template-hash", "", "the list's template-hash algorithm, sha1 or sha256 (default: from the file name)")
-	bootID := fs.String("boot-id", agent.DefaultBootIDPath, "the file holding the guest boot id")
-	poll := fs.Duration("poll", agent.DefaultPollInterval, "how often to look for new measurements")
-	if err := parse(fs, args); err != nil {
+	imaPath := fs.String("ima", agent.DefaultIMAPath, "the binary IMA measurement list `FILE` (…_sha256 for the per-bank list)")
+	hashAlg := fs.String("template-hash", "", "the list's template-hash algorithm `ALG`, sha1 or sha256 (default: from the file name)")
+	bootID := fs.String("boot-id", agent.DefaultBootIDPath, "the `FILE` holding the guest boot id")
+	poll := fs.Duration("poll", agent.DefaultPollInterval, "how often to look for new measurements (`DURATION`)")
+	if err := parse(cmd, args, stdout, stderr); err != nil {
 		return err
 	}
 	cfg, err := c.config(stderr)
@@ -182,14 +209,20 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 }
 
 func attest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("tpmmux-agent attest", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-agent attest",
+		Synopsis: []string{"--out DIR [--nonce HEX] [--transport KIND] [--unix PATH] [--control PATH] [--timeout DURATION]"},
+		Summary:  "write this VM's evidence for a nonce",
+		Description: `Asks the running agent through its control socket when one answers there (needed on
+virtio-serial, where the agent holds the only port), and the bridge directly otherwise.`,
+	}
+	fs := cmd.FlagSet()
 	var c common
 	c.register(fs)
-	nonceHex := fs.String("nonce", "", "the verifier's nonce, hex, 1 to 64 bytes (default: 32 random bytes)")
-	out := fs.String("out", "", "directory to write the evidence files into")
+	nonceHex := fs.String("nonce", "", "the verifier's nonce, `HEX`, 1 to 64 bytes (default: 32 random bytes)")
+	out := fs.String("out", "", "`DIR` to write the evidence files into")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
-	if err := parse(fs, args); err != nil {
+	if err := parse(cmd, args, stdout, stderr); err != nil {
 		return err
 	}
 	if *out == "" {
@@ -287,15 +320,21 @@ func writeFile(path string, data []byte, mode os.FileMode) error {
 }
 
 func bind(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("tpmmux-agent bind", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-agent bind",
+		Synopsis: []string{"--purpose NAME (--key FILE | --key-hash HEX) [--control PATH]"},
+		Summary:  "bind a key to this VM in its log",
+		Description: `The key's hash is the SHA-256 of its DER SubjectPublicKeyInfo, as tpmmux-verify --bind-key
+computes it. Goes through the running agent.`,
+	}
+	fs := cmd.FlagSet()
 	var c common
 	c.register(fs)
-	purpose := fs.String("purpose", "", "what the key is for, e.g. tls (1 to 64 bytes)")
-	keyHex := fs.String("key-hash", "", "SHA-256 of the public key to bind, hex (32 bytes)")
-	keyPath := fs.String("key", "", "PEM public key, certificate or private key to bind: its hash is the SHA-256 of the DER SubjectPublicKeyInfo, as tpmmux-verify --bind-key computes")
+	purpose := fs.String("purpose", "", "what the key is for (`NAME`), e.g. tls (1 to 64 bytes)")
+	keyHex := fs.String("key-hash", "", "SHA-256 of the public key to bind, `HEX` (32 bytes)")
+	keyPath := fs.String("key", "", "PEM `FILE`: a public key, certificate or private key to bind")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
-	if err := parse(fs, args); err != nil {
+	if err := parse(cmd, args, stdout, stderr); err != nil {
 		return err
 	}
 	if *purpose == "" || len(*purpose) > agent.MaxPurpose {

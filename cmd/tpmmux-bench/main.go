@@ -26,7 +26,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -40,6 +39,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 )
 
@@ -75,8 +75,14 @@ type env struct {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("tpmmux-bench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bench",
+		Synopsis: []string{"[--quick] [--tpm LIST] [--only LIST] [flags]"},
+		Summary:  "measure tpmmux's P1-P6 performance figures against their baselines",
+		Description: `Prints the P1-P6 table, each figure with the baseline measured in the same run and their
+ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
+	}
+	fs := cmd.FlagSet()
 	quick := fs.Bool("quick", false, "fewer runs and smaller sizes (about 2 minutes)")
 	tpms := fs.String("tpm", "sim,swtpm,hw", "TPMs to run on: sim, swtpm, hw (the simulator at hardware speed)")
 	only := fs.String("only", "", "run only these experiments (e.g. P1,P3); P2 comes with P1")
@@ -92,8 +98,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	child := fs.String("child", "", "internal: run a memory measurement in a fresh process")
 	childN := fs.Int("child-n", 0, "internal: size for --child")
 	childM := fs.Int("child-m", 0, "internal: second size for --child")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *child != "" {
 		return childMain(ctx, *child, *childN, *childM, *work, stdout, stderr)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 )
@@ -25,8 +27,8 @@ type adminFlags struct {
 }
 
 func (a *adminFlags) register(fs *flag.FlagSet, timeout time.Duration) {
-	fs.StringVar(&a.control, "control", control.DefaultSocket, "the bridge's control socket")
-	fs.DurationVar(&a.timeout, "timeout", timeout, "give up after this long")
+	fs.StringVar(&a.control, "control", control.DefaultSocket, "the bridge's control socket `PATH`")
+	fs.DurationVar(&a.timeout, "timeout", timeout, "give up after this `DURATION`")
 	fs.BoolVar(&a.json, "json", false, "print JSON")
 }
 
@@ -50,12 +52,18 @@ func printJSON(w io.Writer, v any) {
 
 // statusMain is `tpmmux-bridge status`.
 func statusMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge status",
+		Synopsis: []string{"[--json] [--control PATH]"},
+		Summary:  "show the running bridge's state",
+		Description: `The TPM, the log's epoch, the PCR, records and batches, live VMs, listeners and sessions, and a
+fault if the log and the PCR are out of step (then the exit status is 1).`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, 10*time.Second)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	resp, err := a.call(ctx, &control.Request{Op: control.OpStatus})
 	if err != nil {
@@ -123,13 +131,19 @@ func pcrList(ps []int) string {
 // vmsMain is `tpmmux-bridge vms`: a table of the live VM instances (with
 // --all, every instance the log holds).
 func vmsMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("vms", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge vms",
+		Synopsis: []string{"[--all] [--json] [--control PATH]"},
+		Summary:  "list the VM instances",
+		Description: `A table of the live VM instances: NAME STATE UUID INSTANCE CID RECORDS SESSIONS LISTENERS. With
+--all, every instance the log holds, ended ones with the reason they ended.`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, 10*time.Second)
 	all := fs.Bool("all", false, "also list ended instances")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	resp, err := a.call(ctx, &control.Request{Op: control.OpVMs, All: *all})
 	if err != nil {
@@ -186,19 +200,28 @@ func shortHex(s string, n int) string {
 // evidenceMain is `tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR`:
 // the VM's evidence and what a verifier needs with it, as files.
 func evidenceMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("evidence", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge evidence",
+		Synopsis: []string{"--vm NAME --nonce HEX --out DIR [--control PATH]"},
+		Summary:  "write a VM's evidence and what verifies it",
+		Description: `Writes evidence.json, evidence.cbor, identity.json (mode 0600: it holds the VM's secret),
+ak.pem, nonce.hex, quote.msg and quote.sig into DIR, and prints the tpmmux-verify command that
+checks them. For a VM that has ended it writes the post-mortem evidence: the final quote the
+bridge kept at its teardown (verify it with --post-mortem; no nonce.hex then, since the
+nonce is not in that quote).`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, time.Minute)
-	vm := fs.String("vm", "", "the VM: its name, uuid, instance or id, or a unique prefix (4+ hex digits) of the instance or id, as tpmmux-bridge vms --all shows them")
-	nonceHex := fs.String("nonce", "", "the verifier's nonce, hex (1 to 64 bytes)")
-	out := fs.String("out", "", "write the files into this directory")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	vm := fs.String("vm", "", "the `VM`: its name, uuid, instance or id, or a unique prefix (4+ hex digits) of the instance or id, as tpmmux-bridge vms --all shows them")
+	nonceHex := fs.String("nonce", "", "the verifier's nonce, `HEX` (1 to 64 bytes)")
+	out := fs.String("out", "", "write the files into this `DIR`")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *vm == "" || *out == "" {
-		fmt.Fprintln(stderr, "usage: tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR [--control PATH]")
-		return 2
+		cmd.UsageError(stderr, "--vm and --out are required")
+		return cli.ExitUsage
 	}
 	nonce, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
 	if err != nil || len(nonce) > 64 {
@@ -264,6 +287,14 @@ func writeEvidenceFiles(dir string, e *control.Evidence, nonce []byte) error {
 	}
 	for _, f := range files {
 		p := filepath.Join(dir, f.name)
+		if f.name == "nonce.hex" && e.PostMortem {
+			// The final quote was made at the teardown: the nonce is not in
+			// it, and a nonce.hex would invite --nonce, which must fail.
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			continue
+		}
 		if err := os.WriteFile(p, f.data, f.mode); err != nil {
 			return err
 		}

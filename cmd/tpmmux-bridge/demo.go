@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"io/fs"
@@ -22,6 +21,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/bridge"
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/ima"
@@ -48,15 +48,24 @@ type demoVM struct {
 }
 
 func demoMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fset := flag.NewFlagSet("demo", flag.ContinueOnError)
-	fset.SetOutput(stderr)
-	nVMs := fset.Int("vms", 3, "number of VMs")
-	nRecs := fset.Int("records", 25, "measurement records per VM")
-	tpmSpec := fset.String("tpm", "sim", "TPM backend: sim, swtpm:HOST:PORT, swtpm:unix:PATH or device[:PATH]")
-	out := fset.String("out", "", "write per-VM evidence, nonce, identity and quote files here")
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge demo",
+		Synopsis: []string{"[--vms N] [--records N] [--tpm TPM] [--out DIR] [-v]"},
+		Summary:  "run the whole flow in one process",
+		Description: `N VMs get identities through the hook's lifecycle path, stream real ima-ng measurements at
+once through the multiplexer, get per-VM evidence that is verified (and rejected with another
+VM's identity), are torn down, and verified again post mortem. Exit status 1 unless every VM
+verified. The default TPM, sim, is the embedded simulator (builds with cgo only; its AK is public
+knowledge).`,
+	}
+	fset := cmd.FlagSet()
+	nVMs := fset.Int("vms", 3, "number of VMs, `N`")
+	nRecs := fset.Int("records", 25, "measurement records per VM, `N`")
+	tpmSpec := fset.String("tpm", "sim", "the `TPM`: sim, swtpm:HOST:PORT, swtpm:unix:PATH or device[:PATH]")
+	out := fset.String("out", "", "write per-VM evidence, nonce, identity and quote files into `DIR`")
 	verbose := fset.Bool("v", false, "log what the bridge does")
-	if err := fset.Parse(args); err != nil {
-		return 2
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *nVMs < 1 || *nVMs > 10000 || *nRecs < 0 || *nRecs > 1_000_000 {
 		fmt.Fprintln(stderr, "demo: --vms must be 1..10000 and --records 0..1000000")

@@ -11,15 +11,16 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/tpmmux/tpmmux/internal/cli"
 )
 
 // version is the bridge version written into epoch records.
-const version = "0.1.0"
+const version = cli.Version
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -28,53 +29,49 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		usage(stderr)
-		return 2
+	root := rootCommand(ctx)
+	if code, ok := root.Dispatch(args, "", stdout, stderr); ok {
+		return code
 	}
-	switch args[0] {
-	case "demo":
-		return demoMain(ctx, args[1:], stdout, stderr)
-	case "run":
-		return runMain(ctx, args[1:], stdout, stderr)
-	case "status":
-		return statusMain(ctx, args[1:], stdout, stderr)
-	case "vms":
-		return vmsMain(ctx, args[1:], stdout, stderr)
-	case "evidence":
-		return evidenceMain(ctx, args[1:], stdout, stderr)
-	case "enroll-request":
-		return enrollRequestMain(ctx, args[1:], stdout, stderr)
-	case "enroll-answer":
-		return enrollAnswerMain(ctx, args[1:], stdout, stderr)
-	case "violation":
-		return violationMain(ctx, args[1:], stdout, stderr)
-	case "version", "--version":
-		fmt.Fprintln(stdout, "tpmmux-bridge", version)
-		return 0
-	case "help", "-h", "--help":
-		usage(stdout)
-		return 0
-	}
-	fmt.Fprintf(stderr, "tpmmux-bridge: unknown command %q\n", args[0])
-	usage(stderr)
-	return 2
+	return root.UnknownSub(stderr, args[0])
 }
 
-func usage(w io.Writer) {
-	fmt.Fprintln(w, `usage: tpmmux-bridge COMMAND [flags]
+// rootCommand describes tpmmux-bridge and its commands: the source of its
+// --help and its man page.
+func rootCommand(ctx context.Context) *cli.Command {
+	sub := func(name, summary string, main func(context.Context, []string, io.Writer, io.Writer) int) cli.Sub {
+		return cli.Sub{Name: name, Summary: summary, Main: func(args []string, stdout, stderr io.Writer) int {
+			return main(ctx, args, stdout, stderr)
+		}}
+	}
+	return &cli.Command{
+		Name:       "tpmmux-bridge",
+		Synopsis:   []string{"COMMAND [flags]"},
+		Summary:    "share one host TPM among KVM/QEMU VMs: the daemon and its admin commands",
+		ManSection: 8,
+		Description: `tpmmux-bridge run is the host daemon: it owns the TPM, the durable log and the per-VM guest
+channels, folds every VM's IMA measurements, concealed, into one PCR, and hands out per-VM
+evidence. The libvirt hook (tpmmux-hook) tells it about each domain's start and stop.
 
-commands:
-  run       run the bridge daemon (tpmmux-bridge run --help for its flags)
-  status    show the running bridge's state
-  vms       list the live VMs (--all: ended instances too)
-  evidence  write a VM's evidence and what verifies it: --vm NAME --nonce HEX --out DIR
-  enroll-request  the host's AK enrollment request for a verifier: --out req.json
-  enroll-answer   have the TPM activate a verifier's challenge: --challenge chal.json --out ans.json
-  violation       report a verifier's finding; the bridge enforces (log, webhook, pause): --vm NAME --reason TEXT
-  demo      run the whole flow in one process (default: embedded TPM simulator)
-  version   print the version
-
-status, vms, evidence, enroll-request, enroll-answer and violation talk to the daemon over its control socket
-(--control PATH, default /run/tpmmux/control.sock; root only).`)
+status, vms, evidence, enroll-request, enroll-answer and violation talk to the running daemon
+over its control socket (--control PATH, default /run/tpmmux/control.sock; root only).`,
+		Subs: []cli.Sub{
+			sub("run", "run the bridge daemon", runMain),
+			sub("status", "show the running bridge's state", statusMain),
+			sub("vms", "list the VM instances (--all: ended ones too)", vmsMain),
+			sub("evidence", "write a VM's evidence and what verifies it", evidenceMain),
+			sub("enroll-request", "the host's AK enrollment request for a verifier", enrollRequestMain),
+			sub("enroll-answer", "have the TPM activate a verifier's challenge", enrollAnswerMain),
+			sub("violation", "report a verifier's finding; the bridge enforces (log, webhook, pause)", violationMain),
+			sub("demo", "run the whole flow in one process (default: embedded TPM simulator)", demoMain),
+		},
+		Sections: []cli.Section{
+			{Title: "Files", Body: `/etc/tpmmux/bridge.json     the daemon's configuration (every key: docs/hook.md)
+/var/lib/tpmmux/log.db      the durable log (mode 0600)
+/run/tpmmux/control.sock    the control socket (root only)
+/run/tpmmux/serial/         the per-VM virtio-serial sockets`},
+			{Title: "Exit status", Body: `0 success; 1 failure (status: the bridge is faulted); 2 usage error.`},
+			{Title: "See also", Body: `tpmmux-hook(8), tpmmux-verify(1), tpmmux-agent(1)`},
+		},
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/daemon"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
@@ -14,34 +15,42 @@ import (
 // runMain is `tpmmux-bridge run`: the daemon. Flags override the
 // configuration file; docs/hook.md lists every key.
 func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fset := flag.NewFlagSet("run", flag.ContinueOnError)
-	fset.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge run",
+		Synopsis: []string{"[--config FILE] [flags]"},
+		Summary:  "run the bridge daemon",
+		Description: `Reads /etc/tpmmux/bridge.json when it exists (a --config file must exist); the flags
+override it. SIGTERM or SIGINT: stop accepting, close the listeners, commit the open batch,
+exit 0.`,
+	}
+	fset := cmd.FlagSet()
 	def := daemon.DefaultConfig()
-	cfgPath := fset.String("config", daemon.DefaultConfigFile, "configuration file (JSON); a missing default file means all defaults")
-	tpmSpec := fset.String("tpm", def.TPM, "TPM backend: device[:PATH], swtpm:HOST:PORT, swtpm:unix:PATH, or sim (testing only)")
-	stateDir := fset.String("state-dir", def.StateDir, "state directory (log store STATEDIR/log.db)")
-	pcr := fset.Int("pcr", def.PCR, "the PCR the bridge owns (sha256 bank; one of 0-15)")
+	cfgPath := fset.String("config", daemon.DefaultConfigFile, "configuration `FILE` (JSON); a missing default file means all defaults")
+	tpmSpec := fset.String("tpm", def.TPM, "the `TPM`: device[:PATH], swtpm:HOST:PORT, swtpm:unix:PATH, or sim (testing only)")
+	stateDir := fset.String("state-dir", def.StateDir, "state `DIR` (log store DIR/log.db)")
+	pcr := fset.Int("pcr", def.PCR, "the `PCR` the bridge owns (sha256 bank; one of 0-15)")
 	insecurePCR := fset.Bool("insecure-resettable-pcr", false, "allow a PCR that can be reset without a reboot (16, 23): tests only")
-	hostPCRs := fset.String("host-pcrs", def.HostPCRs, `host PCRs every quote covers, e.g. "0-7,10", or "none"`)
-	ctrl := fset.String("control", def.ControlSocket, "control socket (mode 0600, root only)")
-	serialDir := fset.String("serial-dir", def.SerialDir, "directory of the per-VM virtio-serial sockets")
-	serialGroup := fset.String("serial-group", def.SerialGroup, "group (name or gid) of the virtio-serial sockets, so QEMU can connect")
-	serialMode := fset.String("serial-mode", def.SerialMode, "mode of the virtio-serial sockets, octal")
-	guestUnix := fset.String("guest-unix-dir", def.GuestUnixDir, "give every VM a dev unix socket DIR/<name>.sock (development)")
-	vsock := fset.String("vsock", def.Vsock, "vsock listeners: auto, on or off")
-	metrics := fset.String("metrics", def.Metrics, "serve Prometheus metrics on this loopback HOST:PORT")
-	level := fset.String("log-level", def.LogLevel, "log level: debug, info, warn or error")
-	mode := fset.String("mode", def.Hook.Mode, "which domains get an identity: opt-out (all but those opted out) or opt-in")
+	hostPCRs := fset.String("host-pcrs", def.HostPCRs, "host `PCRS` every quote covers, e.g. 0-7,10, or none")
+	ctrl := fset.String("control", def.ControlSocket, "control socket `PATH` (mode 0600, root only)")
+	serialDir := fset.String("serial-dir", def.SerialDir, "`DIR` of the per-VM virtio-serial sockets")
+	serialGroup := fset.String("serial-group", def.SerialGroup, "`GROUP` (name or gid) of the virtio-serial sockets, so QEMU can connect")
+	serialMode := fset.String("serial-mode", def.SerialMode, "`MODE` of the virtio-serial sockets, octal")
+	guestUnix := fset.String("guest-unix-dir", def.GuestUnixDir, "give every VM a unix socket `DIR`/NAME.sock (development)")
+	vsock := fset.String("vsock", def.Vsock, "vsock listeners: auto, on or off (`WHEN`)")
+	metrics := fset.String("metrics", def.Metrics, "serve Prometheus metrics on this loopback `ADDR` (HOST:PORT)")
+	level := fset.String("log-level", def.LogLevel, "log `LEVEL`: debug, info, warn or error")
+	logFormat := fset.String("log-format", def.LogFormat, "log `FORMAT`: text (for the journal) or json (one object per line, for log shippers)")
+	mode := fset.String("mode", def.Hook.Mode, "which domains get an identity (`MODE`): opt-out (all but those opted out) or opt-in")
 	failOpen := fset.Bool("fail-open", def.Hook.FailOpen, "a prepare that fails inside the bridge lets the domain start unattested")
-	libvirtTarget := fset.String("libvirt", def.Libvirt, `reconcile with libvirtd at this socket path or URI ("" off)`)
-	host := fset.String("host", def.Host, "host name written into the log (default: the system's)")
+	libvirtTarget := fset.String("libvirt", def.Libvirt, "reconcile with libvirtd at this socket path or `URI` (empty: off)")
+	host := fset.String("host", def.Host, "`NAME` of the host written into the log (default: the system's)")
 	retention := fset.Duration("key-retention", time.Duration(def.KeyRetention), "destroy an ended VM's key and records after this long (0: never)")
-	if err := fset.Parse(args); err != nil {
-		return 2
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if fset.NArg() > 0 {
-		fmt.Fprintf(stderr, "tpmmux-bridge run: unexpected argument %q\n", fset.Arg(0))
-		return 2
+		cmd.UsageError(stderr, "unexpected argument %q", fset.Arg(0))
+		return cli.ExitUsage
 	}
 	explicit := map[string]bool{}
 	fset.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
@@ -68,6 +77,7 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	set("vsock", func() { cfg.Vsock = *vsock })
 	set("metrics", func() { cfg.Metrics = *metrics })
 	set("log-level", func() { cfg.LogLevel = *level })
+	set("log-format", func() { cfg.LogFormat = *logFormat })
 	set("mode", func() { cfg.Hook.Mode = *mode })
 	set("fail-open", func() { cfg.Hook.FailOpen = *failOpen })
 	set("libvirt", func() { cfg.Libvirt = *libvirtTarget })
@@ -77,7 +87,7 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
 		return 2
 	}
-	log, err := daemon.NewLogger(stderr, cfg.LogLevel)
+	log, err := daemon.NewConfiguredLogger(stderr, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "tpmmux-bridge: %v\n", err)
 		return 2

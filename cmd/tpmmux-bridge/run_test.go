@@ -259,13 +259,19 @@ func TestHostFlow(t *testing.T) {
 	if v := vms[0]; v.Live || v.EndedBy != "destroyed" || v.Records != uint64(len(es)+2) || len(v.Listeners) != 0 {
 		t.Fatalf("after stop: %+v (want one teardown: %d records)", v, len(es)+2)
 	}
-	// The ended VM's post-mortem evidence still verifies.
+	// The ended VM's post-mortem evidence still verifies. Its quote holds
+	// no nonce, so no nonce.hex is written (not even a stale one stays).
 	pmDir := filepath.Join(h.dir, "pm")
+	os.MkdirAll(pmDir, 0o755)
+	os.WriteFile(filepath.Join(pmDir, "nonce.hex"), []byte("00\n"), 0o644)
 	if code, _, stderr := h.cli("evidence", "--vm", "vm-a", "--nonce", "00", "--out", pmDir); code != 0 {
 		t.Fatalf("post-mortem evidence: %s", stderr)
 	}
 	if n := verifyFiles(t, pmDir, "--post-mortem"); n != len(es) {
 		t.Fatalf("post-mortem: %d measurements", n)
+	}
+	if _, err := os.Stat(filepath.Join(pmDir, "nonce.hex")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("post-mortem evidence left a nonce.hex whose nonce is not in its quote: %v", err)
 	}
 	code, out, _ = h.cli("status")
 	if code != 0 || !strings.Contains(out, "0 live") || !strings.Contains(out, "fault:       none") {
@@ -421,5 +427,36 @@ func TestRunNoTPM(t *testing.T) {
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err == nil || !strings.Contains(stderr.String(), "is not a loopback address") || strings.Count(stderr.String(), "\n") != 1 {
 		t.Fatalf("non-loopback metrics: %v %q", err, stderr.String())
+	}
+}
+
+// --log-format json (log_format in bridge.json): every line the daemon
+// logs is one JSON object with its time, level and message, for journald
+// and log shippers.
+func TestRunLogFormatJSON(t *testing.T) {
+	sw := swtpmproc.StartTest(t)
+	h := newHost(t)
+	h.cfg.Metrics = ""
+	h.cfg.LogFormat = "json"
+	p := h.startBridge(sw.Spec())
+	if code, _ := p.term(t); code != 0 {
+		t.Fatalf("SIGTERM: exit %d\n%s", code, p.logs.String())
+	}
+	lines := strings.Split(strings.TrimRight(p.logs.String(), "\n"), "\n")
+	if len(lines) < 2 {
+		t.Fatalf("%d log lines:\n%s", len(lines), p.logs.String())
+	}
+	for _, l := range lines {
+		var rec struct {
+			Time  time.Time `json:"time"`
+			Level string    `json:"level"`
+			Msg   string    `json:"msg"`
+		}
+		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec.Time.IsZero() || rec.Level == "" || rec.Msg == "" {
+			t.Fatalf("log line %q is not a JSON record: %v", l, err)
+		}
+	}
+	if !strings.Contains(p.logs.String(), `"msg":"tpmmux bridge stopped"`) {
+		t.Fatalf("no stop record:\n%s", p.logs.String())
 	}
 }

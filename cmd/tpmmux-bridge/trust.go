@@ -3,13 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/enroll"
 )
@@ -23,17 +23,23 @@ import (
 
 // enrollRequestMain is `tpmmux-bridge enroll-request --out FILE`.
 func enrollRequestMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("enroll-request", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge enroll-request",
+		Synopsis: []string{"--out FILE [--control PATH]"},
+		Summary:  "the host's AK enrollment request for a verifier",
+		Description: `Writes the TPM's EK (and its certificate) and the AK for a verifier to challenge with
+tpmmux-verify enroll challenge.`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, time.Minute)
-	out := fs.String("out", "", "write the enrollment request (JSON) here; - for stdout")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	out := fs.String("out", "", "write the enrollment request (JSON) to this `FILE`; - for stdout")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *out == "" || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "usage: tpmmux-bridge enroll-request --out req.json [--control PATH]")
-		return 2
+		cmd.UsageError(stderr, "--out is required")
+		return cli.ExitUsage
 	}
 	resp, err := a.call(ctx, &control.Request{Op: control.OpEnrollRequest})
 	if err != nil {
@@ -54,18 +60,24 @@ func enrollRequestMain(ctx context.Context, args []string, stdout, stderr io.Wri
 
 // enrollAnswerMain is `tpmmux-bridge enroll-answer --challenge FILE --out FILE`.
 func enrollAnswerMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("enroll-answer", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge enroll-answer",
+		Synopsis: []string{"--challenge FILE --out FILE [--control PATH]"},
+		Summary:  "have the TPM activate a verifier's challenge",
+		Description: `The TPM can answer only if the AK sits in the TPM whose EK the vendor certified (credential
+activation); the verifier finishes with tpmmux-verify enroll finish.`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, time.Minute)
-	chalPath := fs.String("challenge", "", "the verifier's challenge (JSON)")
-	out := fs.String("out", "", "write the answer (JSON) here; - for stdout")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	chalPath := fs.String("challenge", "", "the verifier's challenge `FILE` (JSON)")
+	out := fs.String("out", "", "write the answer (JSON) to this `FILE`; - for stdout")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *chalPath == "" || *out == "" || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "usage: tpmmux-bridge enroll-answer --challenge chal.json --out ans.json [--control PATH]")
-		return 2
+		cmd.UsageError(stderr, "--challenge and --out are required")
+		return cli.ExitUsage
 	}
 	var chal enroll.Challenge
 	if err := enroll.ReadJSON(*chalPath, &chal); err != nil {
@@ -90,20 +102,26 @@ func enrollAnswerMain(ctx context.Context, args []string, stdout, stderr io.Writ
 
 // violationMain is `tpmmux-bridge violation --vm NAME --reason TEXT`.
 func violationMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("violation", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	cmd := &cli.Command{
+		Name:     "tpmmux-bridge violation",
+		Synopsis: []string{"--vm NAME (--reason TEXT [--detail TEXT] | --report FILE) [--control PATH]"},
+		Summary:  "report a verifier's finding; the bridge enforces it",
+		Description: `The bridge does what its enforce configuration says (log, webhook, pause), in order, and records
+each action in the VM's log. Exit status 1 when an action failed.`,
+	}
+	fs := cmd.FlagSet()
 	var a adminFlags
 	a.register(fs, time.Minute)
-	vm := fs.String("vm", "", "the VM: its name, or an instance id (hex)")
-	reason := fs.String("reason", "", "why (one line, at most 256 bytes)")
-	detail := fs.String("detail", "", "more detail (at most 4096 bytes)")
-	report := fs.String("report", "", "a tpmmux-verify --json report: its reason (and first violations) are the reason and detail")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	vm := fs.String("vm", "", "the VM: its `NAME`, or an instance id (hex)")
+	reason := fs.String("reason", "", "why, one line of `TEXT` (at most 256 bytes)")
+	detail := fs.String("detail", "", "more detail, `TEXT` (at most 4096 bytes)")
+	report := fs.String("report", "", "a tpmmux-verify --json report `FILE`: its reason (and first violations) are the reason and detail")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *vm == "" || (*reason == "" && *report == "") || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "usage: tpmmux-bridge violation --vm NAME (--reason TEXT [--detail TEXT] | --report REPORT.json) [--control PATH]")
-		return 2
+		cmd.UsageError(stderr, "--vm, and --reason or --report, are required")
+		return cli.ExitUsage
 	}
 	if *report != "" {
 		r, d, err := fromReport(*report)

@@ -94,6 +94,11 @@ func newHookEnv(t *testing.T, cfg map[string]any) *hookEnv {
 	if _, ok := cfg["control_socket"]; !ok {
 		cfg["control_socket"] = h.sock
 	}
+	if _, ok := cfg["serial_dir"]; !ok {
+		// Never the host's /run/tpmmux/serial (the test XML's channel
+		// path): no placeholder unless a test asks for one.
+		cfg["serial_dir"] = filepath.Join(dir, "serial")
+	}
 	b, _ := json.Marshal(cfg)
 	if err := os.WriteFile(h.cfg, b, 0o644); err != nil {
 		t.Fatal(err)
@@ -254,6 +259,18 @@ func TestBadConfig(t *testing.T) {
 	if r.code == 0 || len(r.lines()) != 1 || !strings.Contains(r.stderr, h.cfg) {
 		t.Fatalf("bad config: %+v", r)
 	}
+	for in, want := range map[string]string{
+		`{"failopen": true}`:    h.cfg + ": failopen: unknown key; did you mean fail_open?",
+		`{"fail_open": "true"}`: h.cfg + `: fail_open: "true" is a string, want true or false`,
+		"":                      h.cfg + ": the file is empty",
+		"{\n\"mode\": opt-in}":  h.cfg + ":2:9: JSON syntax",
+	} {
+		os.WriteFile(h.cfg, []byte(in), 0o644)
+		r := h.run(bytes.NewReader(domainXML(t, "yes")), "vm-a", "prepare", "begin", "-")
+		if r.code != 1 || len(r.lines()) != 1 || !strings.Contains(r.stderr, want) {
+			t.Errorf("hook.json %q: %+v\nwant %q", in, r, want)
+		}
+	}
 	os.WriteFile(h.cfg, []byte(`{"timeout": "forever"}`), 0o644)
 	if r := h.run(bytes.NewReader(domainXML(t, "yes")), "vm-a", "prepare", "begin", "-"); r.code == 0 {
 		t.Fatal("bad timeout accepted")
@@ -335,5 +352,156 @@ func TestForwardsToBridge(t *testing.T) {
 	r := h.run(bytes.NewReader(x), "vm-a", "prepare", "begin", "-")
 	if r.code != 1 || r.stderr != "tpmmux: prepare vm-a refused by the bridge: serial socket outside the serial dir\n" {
 		t.Fatalf("refusal: %+v", r)
+	}
+}
+
+// placeholderEnv is a hook whose serial_dir is a temporary directory, and
+// the test domain's XML with its channel socket in it.
+func placeholderEnv(t *testing.T, cfg map[string]any) (*hookEnv, string, func(attest string) []byte) {
+	t.Helper()
+	if cfg == nil {
+		cfg = map[string]any{}
+	}
+	h := newHookEnv(t, cfg)
+	dir := filepath.Join(h.dir, "serial")
+	cfg["serial_dir"] = dir
+	b, _ := json.Marshal(cfg)
+	if err := os.WriteFile(h.cfg, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "vm-a.sock")
+	return h, sock, func(attest string) []byte {
+		return bytes.Replace(domainXML(t, attest), []byte("/run/tpmmux/serial/vm-a.sock"), []byte(sock), 1)
+	}
+}
+
+// isPlaceholder says whether path is a socket that refuses connections.
+func isPlaceholder(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return errors.New("not a socket")
+	}
+	c, err := net.Dial("unix", path)
+	if err == nil {
+		c.Close()
+		return errors.New("something listens on it")
+	}
+	return nil
+}
+
+// A domain that starts without the bridge (opted out, or failing open with
+// the bridge down) finds a socket at its channel path, which libvirt's DAC
+// labelling stats at start (issue 13: "unable to stat …sock" otherwise);
+// release removes it again. Fail-closed leaves nothing behind.
+func TestPlaceholderWhenStartingWithoutBridge(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		cfg    map[string]any
+		attest string
+		code   int
+		want   bool // a placeholder after prepare
+	}{
+		{"opted out", nil, "no", 0, true},
+		{"opt-in host, no metadata", map[string]any{"mode": "opt-in"}, "", 0, true},
+		{"fail-open, bridge down", map[string]any{"fail_open": true, "timeout": "300ms"}, "yes", 0, true},
+		{"fail-closed, bridge down", map[string]any{"timeout": "300ms"}, "yes", 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, sock, xml := placeholderEnv(t, tc.cfg)
+			r := h.run(bytes.NewReader(xml(tc.attest)), "vm-a", "prepare", "begin", "-")
+			if r.code != tc.code {
+				t.Fatalf("prepare: %+v, want exit %d", r, tc.code)
+			}
+			err := isPlaceholder(sock)
+			if tc.want && err != nil {
+				t.Fatalf("no placeholder at %s after prepare: %v", sock, err)
+			}
+			if !tc.want {
+				if _, err := os.Lstat(sock); err == nil {
+					t.Fatalf("fail-closed prepare left a file at %s", sock)
+				}
+				return
+			}
+			r = h.run(bytes.NewReader(xml(tc.attest)), "vm-a", "release", "end", "destroyed")
+			if r.code != 0 {
+				t.Fatalf("release: %+v", r)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("placeholder still there after release: %v", err)
+			}
+		})
+	}
+}
+
+// The hook never touches what is not its placeholder: a socket someone
+// listens on (the bridge's) survives release, a path outside serial_dir
+// gets nothing, and a regular file at the path is reported, not replaced.
+func TestPlaceholderLeavesOthersAlone(t *testing.T) {
+	h, sock, xml := placeholderEnv(t, map[string]any{"fail_open": true, "timeout": "300ms"})
+	os.MkdirAll(filepath.Dir(sock), 0o755)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := h.run(bytes.NewReader(xml("no")), "vm-a", "release", "end", "destroyed"); r.code != 0 {
+		t.Fatalf("release: %+v", r)
+	}
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("release removed a live listener's socket: %v", err)
+	}
+	l.Close()
+
+	// Outside serial_dir.
+	out := filepath.Join(h.dir, "elsewhere", "vm-a.sock")
+	if r := h.run(bytes.NewReader(bytes.Replace(xml("no"), []byte(sock), []byte(out), 1)), "vm-a", "prepare", "begin", "-"); r.code != 0 || r.stderr != "" {
+		t.Fatalf("prepare: %+v", r)
+	}
+	if _, err := os.Lstat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a placeholder was made outside serial_dir: %v", err)
+	}
+
+	os.WriteFile(sock, []byte("x"), 0o644)
+	r := h.run(bytes.NewReader(xml("no")), "vm-a", "prepare", "begin", "-")
+	if r.code != 0 || !strings.Contains(r.stderr, "exists and is not a socket") {
+		t.Fatalf("prepare over a regular file: %+v", r)
+	}
+	if b, _ := os.ReadFile(sock); string(b) != "x" {
+		t.Fatal("the regular file was replaced")
+	}
+}
+
+// A domain whose TPM the bridge serves (vTPM mode: an external <tpm>
+// backend with its socket in the bridge's runtime directory) cannot start
+// without the bridge: fail_open does not apply to it, and opting it out is
+// refused with the fix; a TPM socket elsewhere is not the bridge's.
+func TestVTPMDomainNeverFailsOpen(t *testing.T) {
+	h, _, xml := placeholderEnv(t, map[string]any{"fail_open": true, "timeout": "300ms"})
+	runDir := h.dir // the parent of serial_dir
+	withTPM := func(attest, sock string) []byte {
+		tpm := `<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='` + sock + `'/></backend></tpm>`
+		return bytes.Replace(xml(attest), []byte("<devices>"), []byte("<devices>"+tpm), 1)
+	}
+	bridges := filepath.Join(runDir, "vtpm", "vm-a.sock")
+	for _, op := range [][]string{{"prepare", "begin"}, {"started", "begin"}} {
+		r := h.run(bytes.NewReader(withTPM("yes", bridges)), "vm-a", op[0], op[1], "-")
+		if r.code != 1 || len(r.lines()) != 1 || !strings.Contains(r.stderr, "fail_open does not apply: the bridge serves this domain's vTPM") {
+			t.Fatalf("%s, vTPM domain, bridge down, fail_open: %+v", op[0], r)
+		}
+	}
+	r := h.run(bytes.NewReader(withTPM("no", bridges)), "vm-a", "prepare", "begin", "-")
+	if r.code != 1 || !strings.Contains(r.stderr, "is the bridge's vTPM at "+bridges) || !strings.Contains(r.stderr, "remove the <tpm> device or the opt-out") {
+		t.Fatalf("opted-out vTPM domain: %+v", r)
+	}
+	// stopped and release still never fail.
+	if r := h.run(bytes.NewReader(withTPM("yes", bridges)), "vm-a", "release", "end", "destroyed"); r.code != 0 {
+		t.Fatalf("release: %+v", r)
+	}
+	// Someone else's external TPM: fail_open applies as usual.
+	other := filepath.Join(t.TempDir(), "tpm.sock")
+	if r := h.run(bytes.NewReader(withTPM("yes", other)), "vm-a", "prepare", "begin", "-"); r.code != 0 {
+		t.Fatalf("another process's TPM, fail_open: %+v", r)
 	}
 }

@@ -23,15 +23,18 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/await"
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/jsonconf"
 	"github.com/tpmmux/tpmmux/libvirt"
 )
 
@@ -39,6 +42,7 @@ import (
 const (
 	DefaultConfigPath = "/etc/tpmmux/hook.json"
 	DefaultTimeout    = 2 * time.Second
+	DefaultSerialDir  = "/run/tpmmux/serial"
 	configEnv         = "TPMMUX_HOOK_CONFIG"
 )
 
@@ -55,6 +59,9 @@ type config struct {
 	// enabled="no") or opt-in (only domains whose metadata says
 	// enabled="yes").
 	Mode string `json:"mode"`
+	// SerialDir is the bridge's serial_dir: a domain that starts without
+	// the bridge gets a placeholder for its org.tpmmux.0 socket there.
+	SerialDir string `json:"serial_dir"`
 
 	timeout time.Duration
 	path    string
@@ -65,7 +72,7 @@ func loadConfig() (*config, error) {
 	if path == "" {
 		path = DefaultConfigPath
 	}
-	c := &config{ControlSocket: control.DefaultSocket, Mode: "opt-out", timeout: DefaultTimeout, path: path}
+	c := &config{ControlSocket: control.DefaultSocket, Mode: "opt-out", SerialDir: DefaultSerialDir, timeout: DefaultTimeout, path: path}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return c, nil
@@ -73,13 +80,14 @@ func loadConfig() (*config, error) {
 	if err != nil {
 		return c, fmt.Errorf("%s: %w", path, err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(c); err != nil {
-		return c, fmt.Errorf("%s: %w", path, err)
+	if err := jsonconf.Decode(path, b, c); err != nil {
+		return c, err
 	}
 	if c.ControlSocket == "" {
 		c.ControlSocket = control.DefaultSocket
+	}
+	if c.SerialDir == "" {
+		c.SerialDir = DefaultSerialDir
 	}
 	if c.Timeout != "" {
 		t, err := time.ParseDuration(c.Timeout)
@@ -99,7 +107,64 @@ func loadConfig() (*config, error) {
 }
 
 func main() {
+	if code, ok := helpOrVersion(os.Args[1:], os.Stdout, os.Stderr); ok {
+		os.Exit(code)
+	}
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stderr))
+}
+
+// command describes the hook: the source of its --help and man page.
+func command() *cli.Command {
+	return &cli.Command{
+		Name:       "tpmmux-hook",
+		Synopsis:   []string{"DOMAIN OP SUBOP [EXTRA] < domain.xml"},
+		Summary:    "the libvirt qemu hook of tpmmux",
+		ManSection: 8,
+		Description: `Installed as /etc/libvirt/hooks/qemu.d/tpmmux; libvirt (6.5 or later) runs it at every domain
+lifecycle step with the domain XML on stdin, and libvirtd looks for hooks only when it starts:
+restart libvirtd once after installing it. It forwards the steps tpmmux needs to the bridge's
+control socket and never calls the libvirt API:
+
+  prepare begin    identity and genesis; the VM's listeners open
+  started begin    the live XML (auto-assigned vsock CID)
+  stopped end      listeners close; teardown follows
+  release end      teardown with libvirt's shutoff reason (EXTRA)
+  reconnect begin  libvirtd restarted: re-adopt the running VM
+  anything else    exit 0 at once, stdin unread
+
+Fail-closed by default: when prepare or started gets no good answer within the timeout the hook
+exits 1 with one line on stderr, which virsh shows, and libvirt does not start the domain.
+stopped, release and reconnect never fail. A domain that starts without the bridge (opted out,
+or failing open) gets a placeholder socket for its org.tpmmux.0 channel, so that libvirt can
+label it.`,
+		Sections: []cli.Section{
+			{Title: "Configuration", Body: `/etc/tpmmux/hook.json (or the file $TPMMUX_HOOK_CONFIG names), every key optional:
+
+  control_socket  the bridge's control socket (default /run/tpmmux/control.sock)
+  timeout         bound on the whole hook run, e.g. "2s" (default "2s", at most "1m")
+  fail_open       true: start domains even when the bridge does not answer or refuses;
+                  they run unattested (default false)
+  mode            "opt-out": every domain unless its metadata says enabled="no";
+                  "opt-in": only domains whose metadata says enabled="yes" (default "opt-out")
+  serial_dir      the bridge's serial_dir, where placeholder sockets may go
+                  (default /run/tpmmux/serial)
+
+The domain's choice: <tpmmux:attest xmlns:tpmmux="https://tpmmux.dev/xmlns/domain/1" enabled="no"/>
+in its <metadata>. An unreadable or invalid hook.json fails prepare and started closed.`},
+			{Title: "Exit status", Body: `0 the step may go on; 1 prepare or started refused (fail-closed); 2 usage error.`},
+			{Title: "See also", Body: `tpmmux-bridge(8); docs/hook.md`},
+		},
+	}
+}
+
+// helpOrVersion answers --help, --version and --man (and nothing else:
+// libvirt always passes at least DOMAIN OP SUBOP, so a domain named "help"
+// is still a domain).
+func helpOrVersion(args []string, stdout, stderr io.Writer) (int, bool) {
+	if len(args) != 1 {
+		return 0, false
+	}
+	return command().Dispatch(args, "", stdout, stderr)
 }
 
 // op is what the hook does for one libvirt op.
@@ -131,8 +196,8 @@ func opFor(o, sub string) (op, bool) {
 
 func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if len(args) < 3 {
-		fmt.Fprintln(stderr, "usage: tpmmux-hook DOMAIN OP SUBOP [EXTRA] < domain.xml (run by libvirt from /etc/libvirt/hooks/qemu.d/)")
-		return 2
+		command().UsageError(stderr, "DOMAIN OP SUBOP are required (libvirt runs the hook from /etc/libvirt/hooks/qemu.d/)")
+		return cli.ExitUsage
 	}
 	domain, o, sub := args[0], args[1], args[2]
 	extra := "-"
@@ -146,12 +211,31 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	cfg, cfgErr := loadConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout)
 	defer cancel()
+	var dom *libvirt.Domain
+	// finish leaves a placeholder socket when a domain starts without the
+	// bridge's listener, and removes it once the domain is gone
+	// (placeholder.go).
+	finish := func(code int) int {
+		p := placeholderPath(dom, cfg.SerialDir)
+		switch {
+		case p == "" || code != 0:
+		case what.name == control.OpPrepare:
+			if _, err := ensurePlaceholder(p); err != nil {
+				fmt.Fprintf(stderr, "tpmmux: %s %s: %v\n", o, domain, err)
+			}
+		case what.name == control.OpRelease:
+			if _, err := removePlaceholder(p); err != nil {
+				fmt.Fprintf(stderr, "tpmmux: %s %s: %v\n", o, domain, err)
+			}
+		}
+		return code
+	}
 	fail := func(failOpen bool, format string, a ...any) int {
 		fmt.Fprintf(stderr, "tpmmux: "+format+"\n", a...)
 		if what.critical && !failOpen {
 			return 1
 		}
-		return 0
+		return finish(0)
 	}
 	if cfgErr != nil {
 		return fail(false, "%v", cfgErr)
@@ -160,7 +244,6 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	if err != nil && what.critical {
 		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
 	}
-	var dom *libvirt.Domain
 	if err == nil {
 		dom, err = libvirt.ParseDomain(xml)
 	}
@@ -169,12 +252,26 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 		return fail(cfg.FailOpen, "%s %s: %v", o, domain, err)
 	case err != nil && what.name == control.OpReconnect:
 		return fail(true, "%s %s: %v", o, domain, err)
+	case dom != nil && !attested(cfg.Mode, dom) && what.critical && bridgeTPM(dom, cfg) != "":
+		return fail(false, "%s %s: the domain is not attested (%s) but its <tpm> is the bridge's vTPM at %s, without which QEMU cannot start: remove the <tpm> device or the opt-out", o, domain, notAttestedWhy(cfg.Mode), bridgeTPM(dom, cfg))
 	case dom != nil && !attested(cfg.Mode, dom):
-		return 0 // opted out (or not in): the bridge is not involved
+		// Opted out (or not in): the bridge is not involved.
+		return finish(0)
+	}
+	// A domain whose TPM the bridge serves cannot start without the
+	// bridge: failing open would only trade the hook's clear line for
+	// QEMU's "Failed to connect" (docs/hook.md).
+	failOpen := cfg.FailOpen
+	if failOpen && what.critical && bridgeTPM(dom, cfg) != "" {
+		failOpen = false
+		fail = func(_ bool, format string, a ...any) int {
+			fmt.Fprintf(stderr, "tpmmux: "+format+" (fail_open does not apply: the bridge serves this domain's vTPM)\n", a...)
+			return 1
+		}
 	}
 	// stopped and release go to the bridge by name even without a
 	// readable XML: for a domain it does not know they are no-ops.
-	req := &control.Request{Op: what.name, FailOpen: cfg.FailOpen}
+	req := &control.Request{Op: what.name, FailOpen: failOpen}
 	switch what.name {
 	case control.OpPrepare, control.OpReconnect:
 		req.XML = string(xml)
@@ -188,7 +285,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	var re *control.RemoteError
 	switch {
 	case errors.As(err, &re):
-		return fail(cfg.FailOpen, "%s %s refused by the bridge: %s", o, domain, re.Msg)
+		return fail(failOpen, "%s %s refused by the bridge: %s", o, domain, re.Msg)
 	case err != nil:
 		var ue *control.UnreachableError
 		cause := err
@@ -196,12 +293,35 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 			cause = ue.Err
 		}
 		if what.critical {
-			return fail(cfg.FailOpen, "bridge not answering on %s within %s (%v); start tpmmux-bridge or set fail_open in %s", cfg.ControlSocket, cfg.timeout, cause, cfg.path)
+			return fail(failOpen, "bridge not answering on %s within %s (%v); start tpmmux-bridge or set fail_open in %s", cfg.ControlSocket, cfg.timeout, cause, cfg.path)
 		}
 		return fail(true, "%s %s not delivered: bridge not answering on %s (%v); it catches up when it starts", o, domain, cfg.ControlSocket, cause)
 	}
 	_ = resp
-	return 0
+	return finish(0)
+}
+
+// bridgeTPM returns the socket of dom's <tpm> when the bridge serves it
+// (an external backend whose socket is in the bridge's runtime directory,
+// the parent of serial_dir: /run/tpmmux), else "".
+func bridgeTPM(dom *libvirt.Domain, cfg *config) string {
+	if dom == nil {
+		return ""
+	}
+	run := filepath.Dir(filepath.Clean(cfg.SerialDir))
+	if p := dom.VTPMSocket; p != "" {
+		if c := filepath.Clean(p); filepath.IsAbs(p) && strings.HasPrefix(c, run+string(filepath.Separator)) {
+			return c
+		}
+	}
+	return ""
+}
+
+func notAttestedWhy(mode string) string {
+	if mode == "opt-in" {
+		return `mode opt-in, no <tpmmux:attest enabled="yes"/>`
+	}
+	return `<tpmmux:attest enabled="no"/>`
 }
 
 // attested says whether a domain takes part under mode (libvirt's rule).

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -9,38 +8,33 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/enroll"
 )
 
-const enrollUsage = `usage:
-  tpmmux-verify enroll challenge --request req.json --ek-ca CA.pem --out chal.json --state state.json [--ttl 1h]
-  tpmmux-verify enroll finish --answer ans.json --state state.json (--enrolled DIR | --out ak.pem)
-  tpmmux-verify enroll list --enrolled DIR [--ek-ca CA.pem]
-
-The host side: tpmmux-bridge enroll-request --out req.json, and
-tpmmux-bridge enroll-answer --challenge chal.json --out ans.json.
-Exit 0: done; 1: refused (the first stderr line says why); 2: usage or I/O.`
+// enrollExit is the exit status text of the enroll steps.
+const enrollExit = `0 done; 1 refused (the first stderr line says why); 2 usage or I/O error.`
 
 // enrollMain is `tpmmux-verify enroll …`: AK enrollment by credential
 // activation, the verifier's two steps.
 func enrollMain(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, enrollUsage)
-		return exitUsage
+	cmd := &cli.Command{
+		Name:     "tpmmux-verify enroll",
+		Synopsis: []string{"(challenge | finish | list) [flags]"},
+		Summary:  "enroll a host's AK by credential activation",
+		Description: `The host side: tpmmux-bridge enroll-request --out req.json, and
+tpmmux-bridge enroll-answer --challenge chal.json --out ans.json.`,
+		Subs: []cli.Sub{
+			{Name: "challenge", Summary: "challenge a host's enrollment request", Main: enrollChallenge},
+			{Name: "finish", Summary: "check the host's answer and enroll its AK", Main: enrollFinish},
+			{Name: "list", Summary: "list the enrolled AKs", Main: enrollList},
+		},
+		Sections: []cli.Section{{Title: "Exit status", Body: enrollExit}},
 	}
-	switch args[0] {
-	case "challenge":
-		return enrollChallenge(args[1:], stdout, stderr)
-	case "finish":
-		return enrollFinish(args[1:], stdout, stderr)
-	case "list":
-		return enrollList(args[1:], stdout, stderr)
-	case "help", "-h", "--help":
-		fmt.Fprintln(stdout, enrollUsage)
-		return exitTrusted
+	if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
+		return code
 	}
-	fmt.Fprintf(stderr, "usage error: unknown enroll step %q\n%s\n", args[0], enrollUsage)
-	return exitUsage
+	return cmd.UnknownSub(stderr, args[0])
 }
 
 // refusedOr prints a refusal (exit 1) or an error (exit 2).
@@ -54,15 +48,22 @@ func refusedOr(stderr io.Writer, err error) int {
 }
 
 func enrollChallenge(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("enroll challenge", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	reqPath := fs.String("request", "", "the host's enrollment request (tpmmux-bridge enroll-request)")
-	caPath := fs.String("ek-ca", "", "PEM file of the EK CA certificates you trust (the TPM vendors' roots)")
-	out := fs.String("out", "", "write the challenge for the host here")
-	statePath := fs.String("state", "", "write the secret state here (mode 0600; keep it, never send it)")
+	cmd := &cli.Command{
+		Name:     "tpmmux-verify enroll challenge",
+		Synopsis: []string{"--request FILE --ek-ca FILE --out FILE --state FILE [--ttl DURATION]"},
+		Summary:  "challenge a host's enrollment request",
+		Description: `Checks the host's EK certificate against the EK CAs you trust, and makes a challenge only the
+TPM holding that EK and the claimed AK can answer. Keep the state file; send the challenge.`,
+		Sections: []cli.Section{{Title: "Exit status", Body: enrollExit}},
+	}
+	fs := cmd.FlagSet()
+	reqPath := fs.String("request", "", "the host's enrollment request `FILE` (tpmmux-bridge enroll-request)")
+	caPath := fs.String("ek-ca", "", "PEM `FILE` of the EK CA certificates you trust (the TPM vendors' roots)")
+	out := fs.String("out", "", "write the challenge for the host to `FILE`")
+	statePath := fs.String("state", "", "write the secret state to `FILE` (mode 0600; keep it, never send it)")
 	ttl := fs.Duration("ttl", enroll.DefaultTTL, "how long the host has to answer")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *reqPath == "" || *caPath == "" || *out == "" || *statePath == "" || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "usage error: --request, --ek-ca, --out and --state are required")
@@ -101,14 +102,19 @@ func enrollChallenge(args []string, stdout, stderr io.Writer) int {
 }
 
 func enrollFinish(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("enroll finish", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	ansPath := fs.String("answer", "", "the host's answer (tpmmux-bridge enroll-answer)")
-	statePath := fs.String("state", "", "the state enroll challenge wrote")
-	dir := fs.String("enrolled", "", "add the enrolled AK to this directory (for --ek-ca CA.pem --enrolled DIR)")
-	out := fs.String("out", "", "write the enrolled AK's PEM here (for --ak)")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	cmd := &cli.Command{
+		Name:     "tpmmux-verify enroll finish",
+		Synopsis: []string{"--answer FILE --state FILE (--enrolled DIR | --out FILE)"},
+		Summary:  "check the host's answer and enroll its AK",
+		Sections: []cli.Section{{Title: "Exit status", Body: enrollExit}},
+	}
+	fs := cmd.FlagSet()
+	ansPath := fs.String("answer", "", "the host's answer `FILE` (tpmmux-bridge enroll-answer)")
+	statePath := fs.String("state", "", "the state `FILE` enroll challenge wrote")
+	dir := fs.String("enrolled", "", "add the enrolled AK to this `DIR` (for --ek-ca FILE --enrolled DIR)")
+	out := fs.String("out", "", "write the enrolled AK's PEM to `FILE` (for --ak)")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *ansPath == "" || *statePath == "" || (*dir == "" && *out == "") || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "usage error: --answer, --state and --enrolled DIR or --out ak.pem are required")
@@ -147,12 +153,17 @@ func enrollFinish(args []string, stdout, stderr io.Writer) int {
 }
 
 func enrollList(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("enroll list", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	dir := fs.String("enrolled", "", "the directory of enrolled AKs")
-	caPath := fs.String("ek-ca", "", "also check each against these EK CA certificates")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	cmd := &cli.Command{
+		Name:     "tpmmux-verify enroll list",
+		Synopsis: []string{"--enrolled DIR [--ek-ca FILE]"},
+		Summary:  "list the enrolled AKs",
+		Sections: []cli.Section{{Title: "Exit status", Body: enrollExit}},
+	}
+	fs := cmd.FlagSet()
+	dir := fs.String("enrolled", "", "the `DIR` of enrolled AKs")
+	caPath := fs.String("ek-ca", "", "also check each against the EK CA certificates in `FILE`")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	if *dir == "" || fs.NArg() > 0 {
 		fmt.Fprintln(stderr, "usage error: --enrolled DIR is required")

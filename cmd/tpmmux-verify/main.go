@@ -22,13 +22,13 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/enroll"
 	"github.com/tpmmux/tpmmux/internal/evidence"
@@ -54,39 +54,53 @@ func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) > 0 && args[0] == "enroll" {
-		return enrollMain(args[1:], stdout, stderr)
+	cmd := &cli.Command{
+		Name: "tpmmux-verify",
+		Synopsis: []string{
+			"--evidence FILE (--nonce HEX | --post-mortem) --identity FILE",
+			"  (--ak FILE | --ek-ca FILE --enrolled DIR)",
+			"  [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key FILE]...",
+			"  [--expect-uuid UUID] [--checkpoint FILE] [--save-checkpoint FILE] [--json]",
+		},
+		Summary:    "check tpmmux evidence for one VM",
+		ManSection: 1,
+		Description: `Checks the quote and its clockInfo, replays the public log to the quoted PCR, counts the VM's
+records from its tags, checks every record's commitment, order, genesis and teardown rules, and
+optionally appraises the measurements against a Keylime runtime policy (with tpmmux's launch
+section), verifies IMA signatures, and requires keys bound in the VM's log. A pure library
+(internal/verify): no TPM, store or network.`,
+		Subs: []cli.Sub{{Name: "enroll", Summary: "enroll a host's AK by credential activation (challenge, finish, list)", Main: enrollMain}},
+		Sections: []cli.Section{
+			{Title: "Exit status", Body: `0 trusted; 1 rejected (the first stderr line says why); 2 usage or I/O error.`},
+			{Title: "See also", Body: `tpmmux-bridge(8), tpmmux-agent(1)`},
+		},
 	}
-	fs := flag.NewFlagSet("tpmmux-verify", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	evPath := fs.String("evidence", "", "evidence file (JSON or binary CBOR)")
-	nonceHex := fs.String("nonce", "", "the nonce you sent, hex")
-	identPath := fs.String("identity", "", "the VM's identity.json (uuid, instance, key)")
-	akPath := fs.String("ak", "", "PEM file of the trusted attestation key (a pinned AK)")
-	ekCA := fs.String("ek-ca", "", "PEM file of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
-	enrolled := fs.String("enrolled", "", "directory of AKs enrolled with `tpmmux-verify enroll` (with --ek-ca)")
-	policyPath := fs.String("policy", "", "Keylime runtime policy JSON (optionally with a tpmmux launch section)")
-	launchPath := fs.String("launch-policy", "", "launch policy JSON (the tpmmux section, or its launch object) pinning the launch measurement")
+	if len(args) > 0 {
+		if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
+			return code
+		}
+	}
+	fs := cmd.FlagSet()
+	evPath := fs.String("evidence", "", "evidence `FILE` (JSON or binary CBOR)")
+	nonceHex := fs.String("nonce", "", "the nonce you sent, `HEX`")
+	identPath := fs.String("identity", "", "the VM's identity.json `FILE` (uuid, instance, key)")
+	akPath := fs.String("ak", "", "PEM `FILE` of the trusted attestation key (a pinned AK)")
+	ekCA := fs.String("ek-ca", "", "PEM `FILE` of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
+	enrolled := fs.String("enrolled", "", "`DIR` of AKs enrolled with tpmmux-verify enroll (with --ek-ca)")
+	policyPath := fs.String("policy", "", "Keylime runtime policy JSON `FILE` (optionally with a tpmmux launch section)")
+	launchPath := fs.String("launch-policy", "", "launch policy JSON `FILE` (the tpmmux section, or its launch object) pinning the launch measurement")
 	var imaKeys, bindKeys multi
-	fs.Var(&imaKeys, "ima-keys", "X.509 certificates or public keys (PEM or DER) that verify IMA signatures (repeatable)")
-	fs.Var(&bindKeys, "bind-key", "PEM public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
+	fs.Var(&imaKeys, "ima-keys", "X.509 certificates or public keys `FILE` (PEM or DER) that verify IMA signatures (repeatable)")
+	fs.Var(&bindKeys, "bind-key", "PEM `FILE`: a public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
 	postMortem := fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
-	pcr := fs.Int("pcr", conceal.DefaultPCR, "the multiplexer PCR this host uses")
-	expectUUID := fs.String("expect-uuid", "", "the uuid of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
+	pcr := fs.Int("pcr", conceal.DefaultPCR, "the multiplexer `PCR` this host uses")
+	expectUUID := fs.String("expect-uuid", "", "the `UUID` of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
 	allowResettable := fs.Bool("insecure-allow-resettable-pcr", false, "accept evidence anchored in PCR 16-23, which can be reset without a reboot (tests only)")
 	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
-	cpIn := fs.String("checkpoint", "", "checkpoint of an earlier verification of this VM: a high-water mark (less history is a rollback); delta evidence must be the delta after it")
-	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification here (mode 0600) when trusted")
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, `usage: tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
-           (--ak PEMFILE | --ek-ca CA.pem --enrolled DIR)
-           [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key PEM]...
-           [--expect-uuid UUID] [--checkpoint FILE] [--save-checkpoint FILE] [--json]
-       tpmmux-verify enroll (challenge | finish | list) ...   (tpmmux-verify enroll -h)`)
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	cpIn := fs.String("checkpoint", "", "checkpoint `FILE` of an earlier verification of this VM: a high-water mark (less history is a rollback); delta evidence must be the delta after it")
+	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification to `FILE` (mode 0600) when trusted")
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
 	}
 	usage := func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "usage error: "+format+"\n", a...)

@@ -6,10 +6,11 @@
 package daemon
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/jsonconf"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/libvirt"
@@ -91,6 +93,9 @@ type Config struct {
 	Metrics string `json:"metrics"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `json:"log_level"`
+	// LogFormat is text (logfmt-like lines, for the journal) or json (one
+	// object per line, for log shippers).
+	LogFormat string `json:"log_format"`
 	// Hook is the bridge's side of the hook policy.
 	Hook HookPolicy `json:"hook"`
 	// Host is the host name written into epoch and genesis records
@@ -147,11 +152,11 @@ func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Durat
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration: want a string such as \"2s\": %w", err)
+		return fmt.Errorf("%s is not a duration: want a string such as \"2s\", \"500ms\" or \"1m30s\"", b)
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return err
+		return fmt.Errorf("%q is not a duration: want a string such as \"2s\", \"500ms\" or \"1m30s\"", s)
 	}
 	*d = Duration(v)
 	return nil
@@ -172,6 +177,7 @@ func DefaultConfig() Config {
 		SerialMode:     DefaultSerialMode,
 		Vsock:          "auto",
 		LogLevel:       "info",
+		LogFormat:      "text",
 		Hook:           HookPolicy{Mode: ModeOptOut},
 		ControlTimeout: Duration(control.DefaultTimeout),
 		StopGrace:      Duration(DefaultStopGrace),
@@ -190,13 +196,8 @@ func LoadConfig(path string, optional bool) (Config, error) {
 		}
 		return cfg, fmt.Errorf("config: %w", err)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
-		return cfg, fmt.Errorf("config %s: %w", path, err)
-	}
-	if dec.More() {
-		return cfg, fmt.Errorf("config %s: more than one JSON value", path)
+	if err := jsonconf.Decode(path, b, &cfg); err != nil {
+		return cfg, fmt.Errorf("config %w", err)
 	}
 	return cfg, nil
 }
@@ -276,6 +277,11 @@ func (c *Config) parse() (*settings, error) {
 	}
 	if _, err := ParseLevel(c.LogLevel); err != nil {
 		return nil, fmt.Errorf("config: log_level: %w", err)
+	}
+	switch c.LogFormat {
+	case "", "text", "json":
+	default:
+		return nil, fmt.Errorf("config: log_format %q, want text or json", c.LogFormat)
 	}
 	switch c.Hook.Mode {
 	case ModeOptOut, ModeOptIn:
@@ -362,4 +368,21 @@ func lookupGroup(g string) (int, error) {
 		return 0, fmt.Errorf("group %q: %w", g, err)
 	}
 	return strconv.Atoi(grp.Gid)
+}
+
+// NewConfiguredLogger returns the daemon's logger as cfg says: its level,
+// and text or JSON lines on w.
+func NewConfiguredLogger(w io.Writer, cfg Config) (*slog.Logger, error) {
+	l, err := ParseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	o := &slog.HandlerOptions{Level: l}
+	switch cfg.LogFormat {
+	case "", "text":
+		return slog.New(slog.NewTextHandler(w, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, o)), nil
+	}
+	return nil, fmt.Errorf("log format %q, want text or json", cfg.LogFormat)
 }

@@ -62,9 +62,22 @@ func TestLoadConfig(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(p, []byte(`{"tmp": "sim"}`), 0o644)
-	if _, err := LoadConfig(p, false); err == nil || !strings.Contains(err.Error(), "unknown field") {
-		t.Fatalf("misspelt key: %v", err)
+	// The real bridge.json's keys, misspelt or mistyped: the message names
+	// the file, the key's full path and what to write instead.
+	for in, want := range map[string]string{
+		`{"tmp": "sim"}`:                             "config " + p + ": tmp: unknown key; did you mean tpm?",
+		`{"hook": {"failopen": true}}`:               "config " + p + ": hook.failopen: unknown key; did you mean hook.fail_open?",
+		`{"hook": {"fail_open": "yes"}}`:             `hook.fail_open: "yes" is a string, want true or false`,
+		`{"stop_grace": "3 seconds"}`:                `stop_grace: "3 seconds" is not a duration: want a string such as "2s"`,
+		`{"key_retention": 3600}`:                    `key_retention: 3600 is not a duration`,
+		`{"pcr": "23"}`:                              `pcr: "23" is a string, want a whole number`,
+		"{\n  \"tpm\": \"device\"\n  \"pcr\": 23\n}": "config " + p + ":3:3: JSON syntax",
+		"": "config " + p + ": the file is empty: write {} for every default",
+	} {
+		os.WriteFile(p, []byte(in), 0o644)
+		if _, err := LoadConfig(p, false); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: error %v\nwant %q", in, err, want)
+		}
 	}
 	if _, err := LoadConfig(filepath.Join(dir, "missing.json"), true); err != nil {
 		t.Fatalf("optional missing file: %v", err)

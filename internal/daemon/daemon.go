@@ -312,6 +312,16 @@ func (d *Daemon) decideVsock() {
 // Run starts the daemon, serves until ctx ends (SIGTERM, SIGINT) and then
 // shuts it down cleanly.
 func Run(ctx context.Context, cfg Config, opts Options) error {
+	release, err := lockState(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if opts.TPM == nil {
+		if err := checkSwtpmPort(ctx, cfg.TPM); err != nil {
+			return err
+		}
+	}
 	d, err := Start(ctx, cfg, opts)
 	if err != nil {
 		return err
