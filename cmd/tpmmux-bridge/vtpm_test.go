@@ -236,7 +236,8 @@ func (q *qemuTPM) read(t *testing.T, pcr uint) []byte {
 }
 
 // TestVTPMSurvivesKill9: a guest's vTPM, served by `tpmmux-bridge run`
-// under (a played) systemd, keeps working across kill -9 of the bridge:
+// under (a played) systemd, keeps working across kill -9 of the bridge
+// and across a graceful restart (SIGTERM, as an upgrade does):
 // QEMU's control connection and data socket are kept in the fd store, a
 // command the guest sends while no bridge runs waits and is answered once
 // by the restarted bridge, the vPCRs are exactly what they were, and the
@@ -301,6 +302,21 @@ func TestVTPMSurvivesKill9(t *testing.T) {
 	want := extendOf(extendOf(make([]byte, 32), d1), d2)
 	if !bytes.Equal(before, extendOf(make([]byte, 32), d1)) || !bytes.Equal(after, want) {
 		t.Fatalf("vPCR 8: %x then %x, want %x (each extend exactly once)", before, after, want)
+	}
+	// A graceful restart (an upgrade: SIGTERM, then the new binary) keeps
+	// the connections the same way.
+	if code, _ := p.term(t); code != 0 {
+		t.Fatalf("SIGTERM: exit %d\n%s", code, p.logs.String())
+	}
+	if n := sd.names(); len(n) != 3 {
+		t.Fatalf("after a graceful stop the fd store holds %v", n)
+	}
+	p = sd.start(h, sw.Spec())
+	if logs := p.logs.String(); !strings.Contains(logs, "vtpm connections taken over") {
+		t.Fatalf("the bridge started after SIGTERM did not take the connections over:\n%s", logs)
+	}
+	if got := q.read(t, 8); !bytes.Equal(got, want) {
+		t.Fatalf("vPCR 8 after a graceful restart: %x, want %x", got, want)
 	}
 	q.extend(t, 8, d3)
 	final := q.read(t, 8)
