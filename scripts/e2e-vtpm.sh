@@ -44,10 +44,7 @@ cleanup() {
   if [ -n "$HOOK_INSTALLED" ]; then bash "$ROOT/scripts/install.sh" --prefix "$WORK/prefix" --uninstall >/dev/null 2>&1 || rm -f /etc/libvirt/hooks/qemu.d/tpmmux; fi
   if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
   if ((rc != 0)); then
-    say "logs kept in $WORK (bridge.log, console-*.log)"
-    for f in "$WORK"/bridge.log "$WORK"/console-*.log; do
-      [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 30 "$f" >&2; }
-    done
+    show_logs
   elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
     rm -rf "$OUT" "$WORK/state"
   fi
@@ -56,21 +53,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_for() {
-  local secs=$1 what=$2
-  shift 2
-  local end=$(($(date +%s) + secs))
-  until "$@" >/dev/null 2>&1; do
-    (($(date +%s) < end)) || die "timed out after ${secs}s waiting for $what"
-    if [ -n "$BRIDGE_PID" ] && ! kill -0 "$BRIDGE_PID" 2>/dev/null; then die "the bridge exited"; fi
-    sleep 0.3
-  done
-}
-marker() { grep -qF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null; }
-marker_count() { grep -cF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null || true; }
+# shellcheck disable=SC1091
+. "$ROOT/scripts/e2e/host.sh"
 marker_line() { grep -F "TPMMUX-E2E: $2" "$WORK/console-$1.log" | tail -1 | tr -d '\r'; }
-hexrand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
-bridge() { "$BIN/tpmmux-bridge" "$@" --control "$RUN/control.sock"; }
 # evidence VM DIR [verify args...]: host evidence for a fresh nonce, then
 # tpmmux-verify; its exit code is returned, the report is DIR/report.json.
 evidence() {
@@ -84,19 +69,6 @@ evidence() {
   set -e
   return $rc
 }
-vm_records() { bridge vms --json | jq -r --arg n "$1" '[.[] | select(.name == $n and .live)][0].records // 0'; }
-vm_ended() { bridge vms --all --json | jq -e --arg n "$1" '[.[] | select(.name == $n)] | length > 0 and all(.live | not)' >/dev/null; }
-settle() {
-  local n=$1 last=-1 cur
-  for _ in $(seq 1 60); do
-    cur=$(vm_records "$n" || echo 0)
-    if [ "$cur" = "$last" ] && [ "${cur:-0}" -gt 3 ]; then echo "$cur"; return 0; fi
-    last=$cur
-    sleep 1
-  done
-  return 1
-}
-
 # ---------------------------------------------------------------- set-up
 say "installing what is missing"
 bash "$ROOT/scripts/setup.sh" test
@@ -105,8 +77,7 @@ rm -rf "$WORK" "$RUN"
 mkdir -p "$BIN" "$OUT" "$RUN/vtpm" "$WORK/state"
 
 say "building"
-(cd "$ROOT" && go build -o "$BIN/" ./cmd/tpmmux-bridge ./cmd/tpmmux-hook ./cmd/tpmmux-verify ./scripts/e2e/e2etool)
-(cd "$ROOT" && CGO_ENABLED=0 go build -o "$BIN/tpmmux-agent" ./cmd/tpmmux-agent)
+build_host_tools
 
 say "building the guests (the compressed kernel: a TPM needs it, see shared vtpm-observed.md)"
 declare -A INITRD_OF
@@ -122,13 +93,8 @@ for n in "${NAMES[@]}"; do
 done
 
 say "starting swtpm as the host TPM"
-port=$((20000 + RANDOM % 20000))
-mkdir -p "$WORK/swtpm"
-swtpm socket --tpm2 --tpmstate dir="$WORK/swtpm" \
-  --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
-  --flags not-need-init,startup-clear >"$WORK/swtpm.log" 2>&1 &
-SWTPM_PID=$!
-wait_for 10 "swtpm" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+start_swtpm
+port=$SWTPM_PORT
 
 say "starting the bridge (vTPM sockets in $RUN/vtpm)"
 printf '{"vtpm_dir": "%s", "vtpm_mode": "durable"}\n' "$RUN/vtpm" >"$WORK/bridge.json"
@@ -211,7 +177,7 @@ for n in "${NAMES[@]}"; do
 done
 for n in "${NAMES[@]}"; do
   wait_for $((HOLE + 60)) "$n's agent to resume and the hole test to end" marker "$n" "hole test done"
-  R_RECS[$n]=$(settle "$n") || die "$n: records never settled"
+  R_RECS[$n]=$(settle "$n" 3) || die "$n: records never settled"
   d=$OUT/$n/resumed
   evidence "$n" "$d" || die "$n: evidence after the agent resumed rejected: $(head -1 "$d/verify.err")"
   "$BIN/e2etool" paths "$d/evidence.json" | grep -q "/opt/$n/bin/marker" || die "$n: the marker is not in the evidence after the agent resumed"
@@ -248,7 +214,7 @@ boots=$(marker_count "$n" "init start")
 virsh -q reset "$n" >/dev/null
 wait_for 120 "$n to boot again" bash -c "[ \$(grep -cF 'TPMMUX-E2E: init start' '$WORK/console-$n.log') -gt $boots ]"
 wait_for $((HOLE + 120)) "$n's second hole test" bash -c "[ \$(grep -cF 'TPMMUX-E2E: hole test done' '$WORK/console-$n.log') -gt 1 ]"
-settle "$n" >/dev/null || die "$n: records never settled after the reset"
+settle "$n" 3 >/dev/null || die "$n: records never settled after the reset"
 d=$OUT/$n/reset
 evidence "$n" "$d" || die "$n: evidence after the reset rejected: $(head -1 "$d/verify.err")"
 jq -e '.vtpm.boots == 2 and .vtpm.boot_aggregates_checked == 2' "$d/report.json" >/dev/null || die "$n: after the reset: $(jq -c '.vtpm | del(.pcrs)' "$d/report.json")"

@@ -45,10 +45,7 @@ cleanup() {
   if [ -n "$CREATED_BRIDGE_CONF" ]; then rm -f /etc/tpmmux/bridge.json; fi
   if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
   if ((rc != 0)); then
-    say "logs kept in $WORK (bridge.log, console-*.log)"
-    for f in "$WORK"/bridge.log "$WORK"/console-*.log; do
-      [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 25 "$f" >&2; }
-    done
+    show_logs
   elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
     rm -rf "$OUT" "$WORK/state"
   fi
@@ -57,22 +54,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# wait_for SECONDS WHAT CMD...: poll CMD until it succeeds.
-wait_for() {
-  local secs=$1 what=$2
-  shift 2
-  local end=$(($(date +%s) + secs))
-  until "$@" >/dev/null 2>&1; do
-    (($(date +%s) < end)) || die "timed out after ${secs}s waiting for $what"
-    if [ -n "$BRIDGE_PID" ] && ! kill -0 "$BRIDGE_PID" 2>/dev/null; then die "the bridge exited"; fi
-    sleep 0.3
-  done
-}
-marker() { grep -qF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null; }
-marker_count() { grep -cF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null || true; }
-hexrand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
-bridge() { "$BIN/tpmmux-bridge" "$@" --control "$RUN/control.sock"; }
-verify() { "$BIN/tpmmux-verify" "$@"; }
+# shellcheck disable=SC1091
+. "$ROOT/scripts/e2e/host.sh"
 
 # ---------------------------------------------------------------- set-up
 say "installing what is missing"
@@ -82,8 +65,7 @@ rm -rf "$WORK" "$RUN"
 mkdir -p "$BIN" "$OUT" "$RUN" "$WORK/state"
 
 say "building"
-(cd "$ROOT" && go build -o "$BIN/" ./cmd/tpmmux-bridge ./cmd/tpmmux-hook ./cmd/tpmmux-verify ./scripts/e2e/e2etool)
-(cd "$ROOT" && CGO_ENABLED=0 go build -o "$BIN/tpmmux-agent" ./cmd/tpmmux-agent)
+build_host_tools
 
 say "building the guests (kernel cached between runs)"
 args=()
@@ -93,13 +75,8 @@ bash "$ROOT/scripts/e2e/build-guest.sh" "$WORK/guest" "${args[@]}" --init-payloa
 . "$WORK/guest/guest.env"
 
 say "starting swtpm as the host TPM"
-port=$((20000 + RANDOM % 20000))
-mkdir -p "$WORK/swtpm"
-swtpm socket --tpm2 --tpmstate dir="$WORK/swtpm" \
-  --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
-  --flags not-need-init,startup-clear >"$WORK/swtpm.log" 2>&1 &
-SWTPM_PID=$!
-wait_for 10 "swtpm" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+start_swtpm
+port=$SWTPM_PORT
 
 say "starting the bridge"
 echo '{}' >"$WORK/bridge.json"
@@ -167,19 +144,6 @@ for n in "${NAMES[@]}"; do
 done
 
 # records stop growing = every guest entry acknowledged
-vm_records() { bridge vms --json | jq -r --arg n "$1" '[.[] | select(.name == $n and .live)][0].records // 0'; }
-vm_ended() { bridge vms --all --json | jq -e --arg n "$1" '[.[] | select(.name == $n)] | length > 0 and all(.live | not)' >/dev/null; }
-settle() {
-  local n=$1 last=-1 cur
-  for _ in $(seq 1 60); do
-    cur=$(vm_records "$n" || echo 0)
-    if [ "$cur" = "$last" ] && [ "${cur:-0}" -gt 5 ]; then echo "$cur"; return 0; fi
-    last=$cur
-    sleep 1
-  done
-  return 1
-}
-
 # ---------------------------------------------------------------- checks
 declare -A R_GUEST R_HOST R_CROSS R_LEAK R_RECS R_RESET R_TEAR R_POST
 extract() { # extract VM FILE DEST: the base64 block of FILE from VM's console

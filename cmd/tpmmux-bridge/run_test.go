@@ -305,7 +305,13 @@ func (s *syncBuffer) String() string {
 
 func (h *host) startBridge(spec string) *bridgeProc {
 	h.t.Helper()
-	cmd := exec.Command(tool(h.t, "tpmmux-bridge"), "run", "--config", filepath.Join(h.dir, "bridge.json"), "--tpm", spec)
+	return h.startBridgeCmd(exec.Command(tool(h.t, "tpmmux-bridge"), "run", "--config", filepath.Join(h.dir, "bridge.json"), "--tpm", spec))
+}
+
+// startBridgeCmd writes h.cfg to bridge.json, starts cmd (a
+// `tpmmux-bridge run` reading it) and waits for its control socket.
+func (h *host) startBridgeCmd(cmd *exec.Cmd) *bridgeProc {
+	h.t.Helper()
 	b, _ := json.Marshal(h.cfg)
 	if err := os.WriteFile(filepath.Join(h.dir, "bridge.json"), b, 0o644); err != nil {
 		h.t.Fatal(err)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -21,7 +20,6 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
-	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 )
 
@@ -124,10 +122,6 @@ func (s *sdStore) names() []string {
 // stored fds handed back.
 func (s *sdStore) start(h *host, spec string) *bridgeProc {
 	h.t.Helper()
-	b, _ := json.Marshal(h.cfg)
-	if err := os.WriteFile(filepath.Join(h.dir, "bridge.json"), b, 0o644); err != nil {
-		h.t.Fatal(err)
-	}
 	// LISTEN_PID must be the bridge's own pid: the shell exports its pid,
 	// then execs the bridge in its place.
 	cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$ exec "$0" "$@"`, tool(h.t, "tpmmux-bridge"), "run", "--config", filepath.Join(h.dir, "bridge.json"), "--tpm", spec)
@@ -144,22 +138,7 @@ func (s *sdStore) start(h *host, spec string) *bridgeProc {
 	if len(names) > 0 {
 		cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(names)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 	}
-	p := &bridgeProc{cmd: cmd, logs: &syncBuffer{}, done: make(chan error, 1)}
-	cmd.Stderr = p.logs
-	if err := cmd.Start(); err != nil {
-		h.t.Fatal(err)
-	}
-	go func() { p.done <- cmd.Wait() }()
-	h.t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.done
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if _, err := (&control.Client{Path: h.cfg.ControlSocket, RetryDial: true}).Call(ctx, &control.Request{Op: control.OpStatus}); err != nil {
-		h.t.Fatalf("bridge did not come up: %v\n%s", err, p.logs.String())
-	}
-	return p
+	return h.startBridgeCmd(cmd)
 }
 
 // qemuTPM is QEMU's TPM emulator backend: a control connection to the

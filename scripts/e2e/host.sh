@@ -1,0 +1,67 @@
+# shellcheck shell=bash
+# The host side shared by scripts/e2e.sh and scripts/e2e-vtpm.sh (sourced,
+# not run). The caller defines say and die, and sets ROOT, WORK, RUN, BIN
+# and BRIDGE_PID (empty until the bridge runs).
+
+# wait_for SECONDS WHAT CMD...: poll CMD until it succeeds.
+wait_for() {
+  local secs=$1 what=$2
+  shift 2
+  local end=$(($(date +%s) + secs))
+  until "$@" >/dev/null 2>&1; do
+    (($(date +%s) < end)) || die "timed out after ${secs}s waiting for $what"
+    if [ -n "$BRIDGE_PID" ] && ! kill -0 "$BRIDGE_PID" 2>/dev/null; then die "the bridge exited"; fi
+    sleep 0.3
+  done
+}
+# marker VM TEXT: the guest printed "TPMMUX-E2E: TEXT" on its console.
+marker() { grep -qF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null; }
+marker_count() { grep -cF "TPMMUX-E2E: $2" "$WORK/console-$1.log" 2>/dev/null || true; }
+hexrand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+bridge() { "$BIN/tpmmux-bridge" "$@" --control "$RUN/control.sock"; }
+verify() { "$BIN/tpmmux-verify" "$@"; }
+
+# vm_records VM: the record count of VM's live instance.
+vm_records() { bridge vms --json | jq -r --arg n "$1" '[(. // [])[] | select(.name == $n and .live)][0].records // 0'; }
+# vm_ended VM: every instance of VM has ended.
+vm_ended() { bridge vms --all --json | jq -e --arg n "$1" '[(. // [])[] | select(.name == $n)] | length > 0 and all(.live | not)' >/dev/null; }
+# settle VM [MIN]: wait until VM's record count (above MIN, default 5)
+# stops growing (every guest entry acknowledged) and print it.
+settle() {
+  local n=$1 min=${2:-5} last=-1 cur
+  for _ in $(seq 1 60); do
+    cur=$(vm_records "$n" || echo 0)
+    if [ "$cur" = "$last" ] && [ "${cur:-0}" -gt "$min" ]; then echo "$cur"; return 0; fi
+    last=$cur
+    sleep 1
+  done
+  return 1
+}
+
+# build_host_tools: the bridge, hook, verifier and e2etool into $BIN, the
+# static guest agent as $BIN/tpmmux-agent.
+build_host_tools() {
+  (cd "$ROOT" && go build -o "$BIN/" ./cmd/tpmmux-bridge ./cmd/tpmmux-hook ./cmd/tpmmux-verify ./scripts/e2e/e2etool)
+  (cd "$ROOT" && CGO_ENABLED=0 go build -o "$BIN/tpmmux-agent" ./cmd/tpmmux-agent)
+}
+
+# start_swtpm: swtpm on loopback as the host TPM; sets SWTPM_PID and
+# SWTPM_PORT (its control port is SWTPM_PORT+1).
+start_swtpm() {
+  SWTPM_PORT=$((20000 + RANDOM % 20000))
+  mkdir -p "$WORK/swtpm"
+  swtpm socket --tpm2 --tpmstate dir="$WORK/swtpm" \
+    --server type=tcp,port=$SWTPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((SWTPM_PORT + 1)),bindaddr=127.0.0.1 \
+    --flags not-need-init,startup-clear >"$WORK/swtpm.log" 2>&1 &
+  SWTPM_PID=$!
+  wait_for 10 "swtpm" bash -c "exec 3<>/dev/tcp/127.0.0.1/$SWTPM_PORT"
+}
+
+# show_logs: the tails of the bridge log and the guests' consoles (after a
+# failure).
+show_logs() {
+  say "logs kept in $WORK (bridge.log, console-*.log)"
+  for f in "$WORK"/bridge.log "$WORK"/console-*.log; do
+    [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 25 "$f" >&2; }
+  done
+}
