@@ -3,12 +3,13 @@
 # booted from the e2e guest kernel (Debian 6.1, scripts/e2e/build-guest.sh),
 # since this host's kernel has neither vsock_loopback nor vhost_vsock.
 #
-#   run.sh [--out DIR] [--keep] [--timeout SEC] [--no-nested] [--smp N]
+#   run.sh [--out DIR] [--keep] [--timeout SEC] [--nested] [--smp N]
 #
 #   --out DIR      work dir (default: a new /tmp/tpmmux-vmtest.XXXXXX,
 #                  removed on success unless --keep)
-#   --timeout SEC  limit for the whole guest run (default 900)
-#   --no-nested    skip the nested vhost-vsock guest (see below)
+#   --timeout SEC  limit for the whole guest run (default 1500)
+#   --nested       also run the nested vhost-vsock guest (see below; it
+#                  takes several minutes more, so CI does not)
 #   --smp N        vCPUs of the guest (default 2)
 #
 # How (as cilium/ebpf's run-tests.sh does it: build on the host, run in the
@@ -42,13 +43,13 @@ repo=$(cd "$here/../.." && pwd)
 
 usage() { sed -n '/^#   run.sh/,/^#   --smp N/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-work='' keep='' timeout=900 nested=1 smp=2
+work='' keep='' timeout=1500 nested='' smp=2
 while (($#)); do
   case "$1" in
     --out) work=${2:?}; shift 2 ;;
     --keep) keep=1; shift ;;
     --timeout) timeout=${2:?}; shift 2 ;;
-    --no-nested) nested=''; shift ;;
+    --nested) nested=1; shift ;;
     --smp) smp=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) e2e_log "unknown argument $1"; usage ;;
@@ -174,33 +175,40 @@ cp "$repo/internal/ima/testdata/guest-imasig-sha256.bin" "$outer/src/internal/im
 echo "export TPMMUX_VSOCK_REAL=1" >"$outer/vmtest/env"
 
 if [ -n "$nested" ]; then
-  # The inner guest: its own initramfs, the compressed kernel (smaller in
-  # the outer guest's RAM), the agent's test binary and the real IMA list.
+  # The inner guest: its own initramfs, the uncompressed kernel (a PVH
+  # boot: decompressing vmlinuz in a TCG guest in a TCG guest takes
+  # minutes), the agent's test binary (stripped: less to unpack) and the
+  # real IMA list.
   inner=$work/inner
   base_tree "$inner" "$here/inner-init.sh" "${inner_mods[@]}"
-  add_pkg "$inner" agent agent.test
+  mkdir -p "$inner/src/internal/agent"
+  strip -o "$inner/src/internal/agent/agent.test" "$bin/agent.test"
   mkdir -p "$inner/src/internal/ima/testdata"
   cp "$repo/internal/ima/testdata/guest-imasig-sha256.bin" "$inner/src/internal/ima/testdata/"
   n=$outer/vmtest/nested
   mkdir -p "$n/firmware"
   pack "$inner" "$n/initrd.img"
-  kdir=$(dirname "$KERNEL")
-  cp "$kdir/vmlinuz" "$n/vmlinuz" 2>/dev/null || cp "$(e2e_cache_dir)/kernel/$KERNEL_PKG/vmlinuz" "$n/vmlinuz"
+  cp "$KERNEL" "$n/kernel"
   # QEMU, its libraries at their paths, and the firmware a -kernel boot of
   # the pc machine reads (passed with -L).
+  # QEMU loads TCG itself as a module (accel-tcg-x86_64.so).
   qemu=$(command -v qemu-system-x86_64)
-  mkdir -p "$outer$(dirname "$qemu")"
+  qmods=$(dirname "$(ldd "$qemu" | awk '$1 ~ /^libglib/ { print $3 }')")/qemu
+  [ -f "$qmods/accel-tcg-x86_64.so" ] || fail "no $qmods/accel-tcg-x86_64.so (QEMU's TCG module)"
+  mkdir -p "$outer$(dirname "$qemu")" "$n/qemu-modules"
   cp "$qemu" "$outer$qemu"
-  ldd "$qemu" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+  cp "$qmods/accel-tcg-x86_64.so" "$n/qemu-modules/"
+  ldd "$qemu" "$qmods/accel-tcg-x86_64.so" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*[^:]$/ && NF > 1 { print $1 }' | sort -u | while read -r lib; do
     mkdir -p "$outer$(dirname "$lib")"
     cp -L "$lib" "$outer$lib"
   done
-  for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin; do
+  for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin /usr/share/qemu/pvh.bin; do
     cp -L "$f" "$n/firmware/"
   done
   {
     echo "export TPMMUX_VSOCK_NESTED_QEMU=$qemu"
     echo "export TPMMUX_VSOCK_NESTED_DIR=/vmtest/nested"
+    echo "export QEMU_MODULE_DIR=/vmtest/nested/qemu-modules"
   } >>"$outer/vmtest/env"
   echo "nested /src/internal/agent agent.test ^TestNestedVsockBridge\$" >>"$outer/vmtest/plan"
 fi
@@ -245,6 +253,10 @@ while read -r name _; do
   rc=$(sed -n "s/^VMTEST-RESULT $name //p" "$work/results.txt")
   [ "$rc" = 0 ] || { e2e_log "$name: exit status ${rc:-missing}"; bad=1; }
 done <"$outer/vmtest/plan"
+if grep -q '^testing: warning: no tests to run' "$work/results.txt"; then
+  e2e_log "a test binary matched no test (a renamed test? see the plan in $outer/vmtest/plan)"
+  bad=1
+fi
 # Test results of top-level tests and subtests, as go test -v prints them.
 ran=$(grep -cE '^--- PASS: ' "$work/results.txt" || true)
 skipped=$(grep -cE '^ *--- SKIP: ' "$work/results.txt" || true)
