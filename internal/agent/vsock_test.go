@@ -48,10 +48,10 @@ import (
 
 // Environment scripts/vmtest sets.
 const (
-	realVsockEnv   = "TPMMUX_VSOCK_REAL"          // 1: vsock_loopback is loaded
-	nestedQEMUEnv  = "TPMMUX_VSOCK_NESTED_QEMU"   // the QEMU binary for the nested guest
-	nestedDirEnv   = "TPMMUX_VSOCK_NESTED_DIR"    // kernel, initrd.img, firmware/
-	nestedGuestEnv = "TPMMUX_VSOCK_NESTED_GUEST"  // "CID OTHERCID NONCEHEX REPORTPORT" in the nested guest
+	realVsockEnv   = "TPMMUX_VSOCK_REAL"         // 1: vsock_loopback is loaded
+	nestedQEMUEnv  = "TPMMUX_VSOCK_NESTED_QEMU"  // the QEMU binary for the nested guest
+	nestedDirEnv   = "TPMMUX_VSOCK_NESTED_DIR"   // kernel, initrd.img, firmware/
+	nestedGuestEnv = "TPMMUX_VSOCK_NESTED_GUEST" // "CID,OTHERCID,NONCEHEX,REPORTPORT" in the nested guest
 	nestedReport   = transport.VsockPortBase - 1 // where the nested guest reports, outside the per-VM ports
 )
 
@@ -313,7 +313,7 @@ func TestRealVsockPeerCIDRefused(t *testing.T) {
 	v.verified(realEntries, g.boot, "sha1")
 }
 
-// nestedReport is what the nested guest sends to the bridge's test after
+// nestedReportMsg is what the nested guest sends to the bridge's test after
 // its agent streamed: its CID as it read it, whether a dial to another
 // VM's port was refused, and evidence for the nonce.
 type nestedReportMsg struct {
