@@ -7,7 +7,8 @@
 #
 #   --out DIR      work dir (default: a new /tmp/tpmmux-vmtest.XXXXXX,
 #                  removed on success unless --keep)
-#   --timeout SEC  limit for the whole guest run (default 1500)
+#   --timeout SEC  limit for the whole guest run (default 300, 1500 with
+#                  --nested)
 #   --nested       also run the nested vhost-vsock guest (see below; it
 #                  takes several minutes more, so CI does not)
 #   --smp N        vCPUs of the guest (default 2)
@@ -43,7 +44,7 @@ repo=$(cd "$here/../.." && pwd)
 
 usage() { sed -n '/^#   run.sh/,/^#   --smp N/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-work='' keep='' timeout=1500 nested='' smp=2
+work='' keep='' timeout='' nested='' smp=2
 while (($#)); do
   case "$1" in
     --out) work=${2:?}; shift 2 ;;
@@ -56,6 +57,7 @@ while (($#)); do
   esac
 done
 
+[ -n "$timeout" ] || timeout=$([ -n "$nested" ] && echo 1500 || echo 300)
 t0=$(e2e_now)
 if [ -n "$work" ]; then mkdir -p "$work"; else work=$(mktemp -d /tmp/tpmmux-vmtest.XXXXXX); fi
 work=$(cd "$work" && pwd)
