@@ -36,8 +36,10 @@ const HostCID = 2
 // configuration is needed.
 const VsockPortBase = 1 << 24
 
-// MaxVsockCID is the largest guest CID the port scheme covers.
-const MaxVsockCID = 1<<32 - 1 - VsockPortBase
+// MaxVsockCID is the largest guest CID the port scheme covers. Its port is
+// 2^32-2: port 2^32-1 is VMADDR_PORT_ANY, on which a listener binds a
+// random port instead (seen on a real vsock stack, scripts/vmtest).
+const MaxVsockCID = 1<<32 - 2 - VsockPortBase
 
 // VsockPort returns the host port the VM with guest CID cid uses.
 func VsockPort(cid uint32) (uint32, error) {
@@ -158,6 +160,7 @@ type CIDListener struct {
 	cidOf   CIDOf
 	log     *slog.Logger
 	refused atomic.Uint64
+	closed  atomic.Bool
 	kind    Kind
 }
 
@@ -166,6 +169,12 @@ func (l *CIDListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.inner.Accept()
 		if err != nil {
+			if l.closed.Load() && !errors.Is(err, net.ErrClosed) {
+				// mdlayher/vsock reports an Accept that Close interrupts
+				// as EBADF (mdlayher/vsock#50); accept loops stop on
+				// net.ErrClosed.
+				return nil, fmt.Errorf("%w: %v", net.ErrClosed, err)
+			}
 			return nil, err
 		}
 		cid, err := l.cidOf(c)
@@ -181,8 +190,12 @@ func (l *CIDListener) Accept() (net.Conn, error) {
 	}
 }
 
-// Close stops listening.
-func (l *CIDListener) Close() error { return l.inner.Close() }
+// Close stops listening; a pending or later Accept returns an error that
+// is net.ErrClosed.
+func (l *CIDListener) Close() error {
+	l.closed.Store(true)
+	return l.inner.Close()
+}
 
 // Kind is vsock (or what a test set).
 func (l *CIDListener) Kind() Kind {
