@@ -32,6 +32,12 @@ type Bridge struct {
 	// MaxQueued bounds the guest records submitted and not yet settled
 	// across all VMs (default DefaultMaxQueued).
 	MaxQueued int
+	// Quota bounds each VM instance's records (quota.go); the zero value
+	// takes the defaults.
+	Quota Quota
+
+	quotaMu sync.Mutex
+	quotas  map[conceal.Digest]*vmQuota
 
 	budgetOnce sync.Once
 	budget     *semaphore.Weighted
@@ -78,6 +84,7 @@ func (b *Bridge) Stopped(ctx context.Context, name, reason string) error {
 	if _, err := b.Mux.Teardown(ctx, id, reason); err != nil && !errors.Is(err, mux.ErrEnded) {
 		return fmt.Errorf("stopped %s: %w", name, err)
 	}
+	b.forgetQuota(id)
 	b.logger().Info("vm torn down", "vm", name, "reason", reason)
 	return nil
 }

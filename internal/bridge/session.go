@@ -249,6 +249,7 @@ type pendingAck struct {
 	next   uint64
 	ticket *mux.Ticket
 	weight int64 // records held from the host-wide budget until settled
+	silent bool  // the bridge's own record (a quota action): wait, do not ack
 }
 
 // DefaultMaxQueued is the default host-wide budget of guest records that
@@ -323,6 +324,9 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 					continue
 				}
 			}
+			if p.silent {
+				continue
+			}
 			if serr := out.send(wire.TypeAck, &wire.Ack{Seq: p.seq, Next: p.next}); serr != nil {
 				err = serr
 				conn.Close()
@@ -330,7 +334,15 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 		}
 		ackErr <- err
 	}()
-	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID, resync)
+	count, err := b.Mux.NextSeq(id)
+	if err != nil {
+		close(acks)
+		<-ackErr
+		out.send(wire.TypeError, &wire.Error{Code: wire.CodeUnavailable, Message: err.Error(), Fatal: true})
+		return err
+	}
+	lim := &limits{q: b.quotaFor(id), qc: b.quota(), count: int64(count)}
+	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID, resync, lim)
 	close(acks)
 	aerr := <-ackErr
 	if err == nil {
@@ -339,11 +351,69 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 	return err
 }
 
-func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool) error {
+// limits is one session's view of its VM's quota.
+type limits struct {
+	q     *vmQuota
+	qc    Quota
+	count int64 // the VM instance's records, durable and submitted
+}
+
+func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool, lim *limits) error {
 	fatal := func(code, format string, a ...any) error {
 		msg := fmt.Sprintf(format, a...)
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
 		return &guestError{code: code, msg: msg}
+	}
+	// note puts an action record about a quota into the VM's own log.
+	note := func(action, detail string) error {
+		t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindAction, Time: b.now().UnixNano(), Action: &record.Action{Action: action, Detail: detail}})
+		if err != nil {
+			return fatal(wire.CodeUnavailable, "%v", err)
+		}
+		lim.count++
+		b.logger().Warn("guest over quota", "vm", b.nameOf(id), "action", action, "detail", detail)
+		select {
+		case acks <- pendingAck{ticket: t, silent: true}:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	// admit enforces the quota on a frame of n records of size bytes:
+	// the record limit refuses it, the rates slow it.
+	admit := func(seq uint64, n, size int) error {
+		if lim.qc.MaxRecords > 0 && lim.count+int64(n) > lim.qc.MaxRecords {
+			msg := fmt.Sprintf("this VM instance has %d records; %d more exceed the per-VM limit of %d records (bridge quota max_records): nothing of this frame is acknowledged; restart the VM for a new instance", lim.count, n, lim.qc.MaxRecords)
+			lim.q.mu.Lock()
+			first := !lim.q.capped
+			lim.q.capped = true
+			lim.q.mu.Unlock()
+			if first {
+				if err := note("quota-records", msg); err != nil {
+					return err
+				}
+			}
+			return fatal(wire.CodeQuota, "%s", msg)
+		}
+		adm := lim.q.admit(lim.qc, n, size, b.now())
+		if adm.episode != "" {
+			if err := out.send(wire.TypeError, &wire.Error{Code: wire.CodeQuota, Message: adm.episode, Seq: seq}); err != nil {
+				return err
+			}
+			if err := note("quota-rate", adm.episode); err != nil {
+				return err
+			}
+		}
+		if adm.wait > 0 {
+			tm := time.NewTimer(adm.wait)
+			defer tm.Stop()
+			select {
+			case <-tm.C:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		return nil
 	}
 	for {
 		f, err := wc.Recv()
@@ -365,6 +435,21 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 				continue
 			}
 			recs := make([]*record.Record, 0, len(m.Entries)-int(skip))
+			size := 0
+			for i, e := range m.Entries[skip:] {
+				idx := next + uint64(i)
+				if limit := lim.qc.MaxEntryBytes; limit > 0 && len(e.Data) > limit {
+					msg := fmt.Sprintf("entry %d: template data of %d bytes exceeds the per-entry limit of %d bytes (bridge quota max_entry_bytes); nothing from this entry on is acknowledged", idx, len(e.Data), limit)
+					if err := note("quota-entry-size", msg); err != nil {
+						return err
+					}
+					return fatal(wire.CodeQuota, "%s", msg)
+				}
+				size += len(e.Data) + len(e.TemplateHash) + len(e.Template)
+			}
+			if err := admit(m.Seq, len(m.Entries)-int(skip), size); err != nil {
+				return err
+			}
 			now := b.now().UnixNano()
 			for i, e := range m.Entries[skip:] {
 				idx := next + uint64(i)
@@ -388,6 +473,7 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 				return fatal(code, "%v", err)
 			}
 			next += uint64(len(recs))
+			lim.count += int64(len(recs))
 			select {
 			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t, weight: w}:
 			case <-ctx.Done():
@@ -401,10 +487,14 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 			if m.Purpose == "" || len(m.Purpose) > 64 {
 				return fatal(wire.CodeProtocol, "bind purpose of %d bytes", len(m.Purpose))
 			}
+			if err := admit(m.Seq, 1, len(m.Purpose)+len(m.KeyHash)); err != nil {
+				return err
+			}
 			t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindBinding, Time: b.now().UnixNano(), Binding: &record.Binding{Purpose: m.Purpose, KeyHash: m.KeyHash}})
 			if err != nil {
 				return fatal(wire.CodeUnavailable, "%v", err)
 			}
+			lim.count++
 			acks <- pendingAck{seq: m.Seq, next: next, ticket: t}
 		case wire.TypeEvidenceRequest:
 			var m wire.EvidenceRequest

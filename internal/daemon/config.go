@@ -19,7 +19,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/bridge"
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/mux"
 )
 
@@ -102,6 +104,9 @@ type Config struct {
 	// EnforceQMPDir, if set, is where the pause action finds the QMP
 	// socket of a VM that QEMU runs without libvirt: DIR/<name>.sock.
 	EnforceQMPDir string `json:"enforce_qmp_dir"`
+	// Quota bounds each VM instance's records (quota.go in
+	// internal/bridge): unset keys take the defaults, -1 is unlimited.
+	Quota QuotaConfig `json:"quota"`
 }
 
 // HookPolicy is the bridge's side of the hook policy (the hook has its
@@ -253,6 +258,9 @@ func (c *Config) parse() (*settings, error) {
 	if err := c.parseEnforce(); err != nil {
 		return nil, err
 	}
+	if _, err := c.Quota.Bridge(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -321,4 +329,31 @@ func lookupGroup(g string) (int, error) {
 		return 0, fmt.Errorf("group %q: %w", g, err)
 	}
 	return strconv.Atoi(grp.Gid)
+}
+
+// QuotaConfig is the "quota" block: per-VM limits on what a guest may put
+// into the shared log (docs/hook.md lists the keys, internal/bridge the
+// defaults and why). 0 or unset takes the default; -1 is unlimited.
+type QuotaConfig struct {
+	RecordsPerSecond float64 `json:"records_per_second"`
+	RecordBurst      float64 `json:"record_burst"`
+	BytesPerSecond   float64 `json:"bytes_per_second"`
+	ByteBurst        float64 `json:"byte_burst"`
+	MaxEntryBytes    int     `json:"max_entry_bytes"`
+	MaxRecords       int64   `json:"max_records"`
+}
+
+// Bridge checks the block and returns the bridge's quota.
+func (q QuotaConfig) Bridge() (bridge.Quota, error) {
+	for name, v := range map[string]float64{"records_per_second": q.RecordsPerSecond, "record_burst": q.RecordBurst,
+		"bytes_per_second": q.BytesPerSecond, "byte_burst": q.ByteBurst, "max_entry_bytes": float64(q.MaxEntryBytes), "max_records": float64(q.MaxRecords)} {
+		if v < 0 && v != -1 {
+			return bridge.Quota{}, fmt.Errorf("config: quota.%s is %g: want a positive number, 0 for the default or -1 for unlimited", name, v)
+		}
+	}
+	if q.MaxEntryBytes > ima.MaxTemplateDataLen {
+		return bridge.Quota{}, fmt.Errorf("config: quota.max_entry_bytes %d is above the protocol's limit of %d", q.MaxEntryBytes, ima.MaxTemplateDataLen)
+	}
+	return bridge.Quota{RecordsPerSecond: q.RecordsPerSecond, RecordBurst: q.RecordBurst, BytesPerSecond: q.BytesPerSecond,
+		ByteBurst: q.ByteBurst, MaxEntryBytes: q.MaxEntryBytes, MaxRecords: q.MaxRecords}, nil
 }

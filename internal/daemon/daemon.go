@@ -180,7 +180,8 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	if st.Fault != "" {
 		log.Error("the bridge will not give VMs identities or serve evidence until an operator resolves this", "fault", st.Fault)
 	}
-	d.br = &bridge.Bridge{Mux: d.mux, Log: log}
+	quota, _ := cfg.Quota.Bridge() // checked by parse
+	d.br = &bridge.Bridge{Mux: d.mux, Log: log, Quota: quota}
 
 	d.decideVsock()
 	if set.metrics != "" {

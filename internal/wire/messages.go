@@ -70,6 +70,7 @@ const (
 	CodeTooMany     = "too-many"    // limits exceeded
 	CodeBadEntry    = "bad-entry"   // an entry failed validation
 	CodeEvidence    = "evidence"    // evidence could not be produced
+	CodeQuota       = "quota"       // over a per-VM quota: slowed (not fatal) or refused (fatal)
 )
 
 // EvidenceRequest asks for this VM's evidence for Nonce.
