@@ -15,6 +15,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // adminFlags are the flags every admin command shares.
@@ -178,19 +179,34 @@ func evidenceMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	vm := fs.String("vm", "", "the VM: its name, or an instance id (hex) from `vms --all`")
 	nonceHex := fs.String("nonce", "", "the verifier's nonce, hex (1 to 64 bytes)")
 	out := fs.String("out", "", "write the files into this directory")
+	cpFile := fs.String("checkpoint", "", "a verifier's checkpoint (tpmmux-verify --save-checkpoint): only the evidence after it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if *vm == "" || *out == "" {
-		fmt.Fprintln(stderr, "usage: tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR [--control PATH]")
+		fmt.Fprintln(stderr, "usage: tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR [--checkpoint FILE] [--control PATH]")
 		return 2
+	}
+	var since *evidence.Since
+	if *cpFile != "" {
+		b, err := os.ReadFile(*cpFile)
+		if err != nil {
+			fmt.Fprintf(stderr, "tpmmux-bridge evidence: --checkpoint: %v\n", err)
+			return 2
+		}
+		var cp verify.Checkpoint
+		if err := json.Unmarshal(b, &cp); err != nil {
+			fmt.Fprintf(stderr, "tpmmux-bridge evidence: --checkpoint %s is not a tpmmux-verify checkpoint: %v\n", *cpFile, err)
+			return 2
+		}
+		since = cp.Since()
 	}
 	nonce, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
 	if err != nil || len(nonce) > 64 {
 		fmt.Fprintf(stderr, "tpmmux-bridge evidence: --nonce %q is not 1 to 64 bytes of hex\n", *nonceHex)
 		return 2
 	}
-	resp, err := a.call(ctx, &control.Request{Op: control.OpEvidence, VM: *vm, Nonce: nonce})
+	resp, err := a.call(ctx, &control.Request{Op: control.OpEvidence, VM: *vm, Nonce: nonce, Since: since})
 	if err != nil {
 		return adminErr(stderr, "evidence", err)
 	}
@@ -206,6 +222,9 @@ func evidenceMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return 0
 	}
 	check := "--nonce " + hex.EncodeToString(nonce)
+	if *cpFile != "" {
+		check += " --checkpoint " + *cpFile
+	}
 	if e.PostMortem {
 		check = "--post-mortem"
 		fmt.Fprintf(stdout, "%s has ended: this is the final quote the bridge kept at its teardown (the nonce is not in it)\n", e.VM)

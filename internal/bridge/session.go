@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/record"
@@ -193,13 +194,7 @@ func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Con
 				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
 				return wire.Frame{}, err
 			}
-			resp, err := b.evidenceFor(ctx, id, m)
-			if err != nil {
-				err = out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
-			} else {
-				err = out.send(wire.TypeEvidenceResponse, resp)
-			}
-			if err != nil {
+			if err := b.serveEvidence(ctx, id, m, out); err != nil {
 				return wire.Frame{}, err
 			}
 		case wire.TypePing:
@@ -501,14 +496,7 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 			if err := wire.Decode(f, &m); err != nil {
 				return fatal(wire.CodeProtocol, "%v", err)
 			}
-			resp, err := b.evidenceFor(ctx, id, m)
-			if err != nil {
-				if serr := out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID}); serr != nil {
-					return serr
-				}
-				continue
-			}
-			if err := out.send(wire.TypeEvidenceResponse, resp); err != nil {
+			if err := b.serveEvidence(ctx, id, m, out); err != nil {
 				return err
 			}
 		case wire.TypeHello:
@@ -580,28 +568,62 @@ func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*rec
 	return r, nil
 }
 
-// evidenceFor serves a guest's own evidence request.
-func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest) (*wire.EvidenceResponse, error) {
+// serveEvidence answers a guest's own evidence request, full or since a
+// checkpoint, in parts of at most wire.EvidenceChunk bytes. The evidence is
+// built and sent under the multiplexer's evidence budget, so however many
+// guests and verifiers ask at once the copies of a large log in memory stay
+// bounded. A request the bridge cannot serve gets an evidence error; only a
+// failure to send ends the connection.
+func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, out *sender) error {
+	sent := false
+	err := b.evidenceFor(ctx, id, m, func(resp *wire.EvidenceResponse) error {
+		for _, p := range wire.EvidenceParts(resp, wire.EvidenceChunk) {
+			sent = true
+			if err := out.send(wire.TypeEvidenceResponse, p); err != nil {
+				return &sendError{err}
+			}
+		}
+		return nil
+	})
+	var se *sendError
+	if errors.As(err, &se) {
+		return se.err
+	}
+	if err != nil && !sent {
+		return out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
+	}
+	return err
+}
+
+type sendError struct{ err error }
+
+func (e *sendError) Error() string { return e.err.Error() }
+
+// evidenceFor builds a guest's own evidence and hands the response to fn
+// while the build holds its share of the evidence budget.
+func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, fn func(*wire.EvidenceResponse) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
-		return nil, fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
-	}
-	ev, err := b.Mux.Evidence(ctx, id, m.Nonce)
-	if err != nil {
-		return nil, err
-	}
-	raw, err := ev.MarshalBinary()
-	if err != nil {
-		return nil, err
+		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
 	}
 	ident, err := b.Mux.Identity(id)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	resp := &wire.EvidenceResponse{ID: m.ID, Evidence: raw, UUID: ident.UUID, Instance: ident.Instance, Key: ident.Key}
-	if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
-		resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+	var since *evidence.Since
+	if m.Since != nil {
+		since = &evidence.Since{Batch: m.Since.Batch, Records: m.Since.Records}
 	}
-	return resp, nil
+	return b.Mux.WithEvidence(ctx, id, m.Nonce, since, func(ev *evidence.Evidence) error {
+		raw, err := ev.MarshalBinary()
+		if err != nil {
+			return err
+		}
+		resp := &wire.EvidenceResponse{ID: m.ID, Evidence: raw, UUID: ident.UUID, Instance: ident.Instance, Key: ident.Key}
+		if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
+			resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+		}
+		return fn(resp)
+	})
 }
 
 func (b *Bridge) now() time.Time { return time.Now() }

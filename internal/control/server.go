@@ -1,7 +1,10 @@
 package control
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tpmmux/tpmmux/internal/evidence"
 )
 
 // Handler carries out control requests. Its methods get a context that
@@ -36,6 +41,17 @@ type Handler interface {
 	VMs(ctx context.Context, all bool) ([]VM, error)
 	// Evidence returns evidence for the VM named vm with the nonce.
 	Evidence(ctx context.Context, vm string, nonce []byte) (*Evidence, error)
+}
+
+// EvidenceWriter is implemented by a Handler that serves evidence, full or
+// since a checkpoint, while its build still holds the multiplexer's
+// evidence budget: it calls write once with the evidence, and write sends
+// the response (streaming its base64) before the build's memory is
+// released, so concurrent requests for a large log do not each keep a copy.
+// The server prefers it to Handler.Evidence; without it, a request with
+// Since is refused.
+type EvidenceWriter interface {
+	WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(*Evidence) error) error
 }
 
 // Undoer is implemented by a Handler that can undo a prepare whose answer
@@ -258,11 +274,17 @@ func (s *Server) serveConn(c net.Conn) {
 	}
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
-	resp := s.dispatch(ctx, &req)
 	// Give the answer a moment past the client's deadline: a client whose
 	// deadline passed has gone, and then the write fails.
 	c.SetWriteDeadline(deadline.Add(100 * time.Millisecond))
-	werr := s.reply(c, resp)
+	var resp *Response
+	var werr error
+	if ew, ok := s.Handler.(EvidenceWriter); ok && req.Op == OpEvidence {
+		resp, werr = s.writeEvidence(ctx, c, ew, &req)
+	} else {
+		resp = s.dispatch(ctx, &req)
+		werr = s.reply(c, resp)
+	}
 	level := slog.LevelInfo
 	if req.Op == OpStatus || req.Op == OpVMs {
 		level = slog.LevelDebug
@@ -285,6 +307,62 @@ func (s *Server) serveConn(c net.Conn) {
 			ucancel()
 		}
 	}
+}
+
+// writeEvidence serves an evidence request through an EvidenceWriter. It
+// returns the response for the log (without its evidence bytes).
+func (s *Server) writeEvidence(ctx context.Context, c net.Conn, ew EvidenceWriter, req *Request) (resp *Response, werr error) {
+	written := false
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				s.log().Error("control request panicked", "op", req.Op, "panic", r)
+				err = fmt.Errorf("internal error: %v", r)
+			}
+		}()
+		return ew.WriteEvidence(ctx, req.VM, req.Nonce, req.Since, func(e *Evidence) error {
+			written = true
+			resp = &Response{Evidence: &Evidence{VM: e.VM, PostMortem: e.PostMortem}}
+			werr = writeEvidenceJSON(c, e)
+			return werr
+		})
+	}()
+	if written {
+		return resp, werr
+	}
+	if err == nil {
+		err = errors.New("evidence: the handler wrote nothing")
+	}
+	resp = &Response{Error: err.Error()}
+	return resp, s.reply(c, resp)
+}
+
+// writeEvidenceJSON writes {"evidence": e} as one line of JSON, exactly as
+// encodeJSON would, but streams e.Evidence's base64 instead of building the
+// whole response in memory (it is most of a large response).
+func writeEvidenceJSON(w io.Writer, e *Evidence) error {
+	shell := *e
+	shell.Evidence = nil
+	b, err := encodeJSON(&Response{Evidence: &shell})
+	if err != nil {
+		return err
+	}
+	// A JSON string escapes every quote, so this key-value pair can only be
+	// the field itself.
+	const hole = `"evidence":null`
+	i := bytes.Index(b, []byte(hole))
+	if i < 0 {
+		return errors.New("encode evidence response: no evidence field")
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	bw.Write(b[:i])
+	bw.WriteString(`"evidence":"`)
+	enc := base64.NewEncoder(base64.StdEncoding, bw)
+	enc.Write(e.Evidence)
+	enc.Close()
+	bw.WriteString(`"`)
+	bw.Write(b[i+len(hole):])
+	return bw.Flush()
 }
 
 func (s *Server) reply(c net.Conn, resp *Response) error {
@@ -325,6 +403,10 @@ func (s *Server) dispatch(ctx context.Context, req *Request) (resp *Response) {
 			resp.VMs = []VM{}
 		}
 	case OpEvidence:
+		if req.Since != nil {
+			err = errors.New("evidence: this bridge does not serve incremental evidence; ask for full evidence")
+			break
+		}
 		resp.Evidence, err = h.Evidence(ctx, req.VM, req.Nonce)
 	default:
 		err = s.dispatchExt(ctx, req, resp)

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/logstore"
@@ -25,30 +27,89 @@ func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*e
 
 // EvidenceSince is Evidence for a verifier that holds a checkpoint: only the
 // batches after since.Batch and the VM's records from since.Records on are
-// included. A nil since gives full evidence.
+// included. A nil since gives full evidence. The build counts against the
+// evidence budget only while EvidenceSince runs: a caller that serializes
+// or sends the result should use WithEvidence, which holds it until done.
 func (m *Mux) EvidenceSince(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since) (*evidence.Evidence, error) {
+	var out *evidence.Evidence
+	err := m.WithEvidence(ctx, id, nonce, since, func(ev *evidence.Evidence) error {
+		out = ev
+		return nil
+	})
+	return out, err
+}
+
+// DefaultEvidenceBudget bounds the public log, in bytes of entries, that
+// evidence builds in progress may hold at once. A build of a log larger
+// than the budget takes all of it, so at most one such build (with its
+// serialized copy) is in memory at a time, however many verifiers ask;
+// small and incremental builds run side by side. Requests wait, in order,
+// after their quote, so a waiting request's quote is already taken and its
+// evidence still replays exactly to it.
+const DefaultEvidenceBudget = 64 << 20
+
+func (m *Mux) evBudget() (*semaphore.Weighted, int64) {
+	m.evOnce.Do(func() {
+		if m.evLimit <= 0 {
+			m.evLimit = DefaultEvidenceBudget
+		}
+		m.evSem = semaphore.NewWeighted(m.evLimit)
+	})
+	return m.evSem, m.evLimit
+}
+
+// WithEvidence is EvidenceSince that calls fn with the evidence while the
+// build still holds its share of the evidence budget, so that fn's
+// serialized copy (a frame, a file) is bounded by the budget too; ev must
+// not be used after fn returns.
+func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, fn func(ev *evidence.Evidence) error) error {
 	if len(nonce) == 0 || len(nonce) > 64 {
-		return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
 	}
 	m.mu.Lock()
 	fault := m.fault
 	m.mu.Unlock()
 	if fault != nil {
-		return nil, fmt.Errorf("not serving evidence: %w", fault)
+		return fmt.Errorf("not serving evidence: %w", fault)
 	}
 	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
 	if res.err != nil {
-		return nil, fmt.Errorf("evidence: %w", res.err)
+		return fmt.Errorf("evidence: %w", res.err)
 	}
 	if since != nil && since.Batch >= res.last+1 {
-		return nil, fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
 	}
+	sem, limit := m.evBudget()
+	w := min(max(m.evidenceWeight(res, since), 1), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
 	ev, err := m.build(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ev.Batched = res.batched
-	return ev, nil
+	return fn(ev)
+}
+
+// evidenceWeight estimates the bytes of public log a build will copy: the
+// entries from the first batch it includes to the quoted end of the log.
+func (m *Mux) evidenceWeight(res quoteRes, since *evidence.Since) int64 {
+	g0 := uint64(0)
+	if since != nil {
+		g0 = res.nextG
+		m.store.View(func(sn *logstore.Snapshot) error {
+			return sn.Batches(res.epoch, since.Batch+1, func(_ uint64, b *logstore.Batch) error {
+				g0 = b.G0
+				return errStop
+			})
+		})
+	}
+	if res.nextG <= g0 {
+		return 0
+	}
+	return int64(res.nextG-g0) * logstore.EntrySize
 }
 
 // maxQuoteBatch bounds how many requests share one quote.
@@ -63,6 +124,7 @@ type quoteRes struct {
 	q           tpm.Quote
 	vals        []conceal.Digest
 	epoch, last uint64
+	nextG       uint64 // the log's length at the quote
 	batched     *evidence.Batched
 	err         error
 }
@@ -75,9 +137,9 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	if m.cfg.NoQuoteBatching {
 		m.commitMu.Lock()
 		q, vals, err := m.quoteLocked(ctx, extra[:])
-		epoch, last := m.epoch, m.nextBatch-1
+		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
-		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
 	}
 	req := &quoteReq{extra: extra, res: make(chan quoteRes, 1)}
 	m.qmu.Lock()
@@ -140,14 +202,14 @@ func (m *Mux) quoteLoop() {
 		start := time.Now()
 		m.commitMu.Lock()
 		q, vals, err := m.quoteLocked(ctx, extra[:])
-		epoch, last := m.epoch, m.nextBatch-1
+		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
 		cancel()
 		if served = n; n > 1 && err == nil {
 			linger = min(time.Since(start)/10, maxQuoteLinger)
 		}
 		for i, r := range reqs {
-			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
 			if n > 1 && err == nil {
 				b := &evidence.Batched{Index: uint64(i), Count: uint64(n)}
 				for _, p := range paths[i] {

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/record"
@@ -97,6 +99,10 @@ type Mux struct {
 	quoting  bool
 
 	aead cipher.AEAD // wraps VM keys; nil when keys are stored in clear
+
+	evOnce  sync.Once           // evidence build budget (evidence.go)
+	evSem   *semaphore.Weighted // bytes of evidence being built at once
+	evLimit int64               // its size; 0: DefaultEvidenceBudget
 
 	stats   Stats
 	done    chan struct{}
