@@ -569,19 +569,15 @@ func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*rec
 }
 
 // serveEvidence answers a guest's own evidence request, full or since a
-// checkpoint, in parts of at most wire.EvidenceChunk bytes. The evidence is
-// built and sent under the multiplexer's evidence budget, so however many
-// guests and verifiers ask at once the copies of a large log in memory stay
-// bounded. A request the bridge cannot serve gets an evidence error; only a
-// failure to send ends the connection.
+// checkpoint, streamed from the store (mux.StreamEvidence) in parts of at
+// most wire.EvidenceChunk bytes, so that however long the log is and however
+// many guests ask at once, no request holds the whole log in memory. A
+// request the bridge cannot serve, or that fails part way, gets an evidence
+// error; only a failure to send ends the connection.
 func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, out *sender) error {
-	sent := false
-	err := b.evidenceFor(ctx, id, m, func(resp *wire.EvidenceResponse) error {
-		for _, p := range wire.EvidenceParts(resp, wire.EvidenceChunk) {
-			sent = true
-			if err := out.send(wire.TypeEvidenceResponse, p); err != nil {
-				return &sendError{err}
-			}
+	err := b.streamEvidence(ctx, id, m, func(p *wire.EvidenceResponse) error {
+		if err := out.send(wire.TypeEvidenceResponse, p); err != nil {
+			return &sendError{err}
 		}
 		return nil
 	})
@@ -589,19 +585,20 @@ func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.Ev
 	if errors.As(err, &se) {
 		return se.err
 	}
-	if err != nil && !sent {
+	if err != nil {
 		return out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
 	}
-	return err
+	return nil
 }
 
 type sendError struct{ err error }
 
 func (e *sendError) Error() string { return e.err.Error() }
 
-// evidenceFor builds a guest's own evidence and hands the response to fn
-// while the build holds its share of the evidence budget.
-func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, fn func(*wire.EvidenceResponse) error) error {
+// streamEvidence produces the responses to a guest's evidence request: one
+// when the evidence fits a part, else parts 0, 1, … with More set on all
+// but the last; part 0 carries the identity and the AK.
+func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
 		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
 	}
@@ -613,16 +610,17 @@ func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.Evid
 	if m.Since != nil {
 		since = &evidence.Since{Batch: m.Since.Batch, Records: m.Since.Records}
 	}
-	return b.Mux.WithEvidence(ctx, id, m.Nonce, since, func(ev *evidence.Evidence) error {
-		raw, err := ev.MarshalBinary()
-		if err != nil {
-			return err
+	part := uint32(0)
+	return b.Mux.StreamEvidence(ctx, id, m.Nonce, since, wire.EvidenceChunk, func(p []byte, last bool) error {
+		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, Evidence: p, More: !last}
+		if part == 0 {
+			resp.UUID, resp.Instance, resp.Key = ident.UUID, ident.Instance, ident.Key
+			if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
+				resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+			}
 		}
-		resp := &wire.EvidenceResponse{ID: m.ID, Evidence: raw, UUID: ident.UUID, Instance: ident.Instance, Key: ident.Key}
-		if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
-			resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
-		}
-		return fn(resp)
+		part++
+		return send(resp)
 	})
 }
 

@@ -44,14 +44,15 @@ type Handler interface {
 }
 
 // EvidenceWriter is implemented by a Handler that serves evidence, full or
-// since a checkpoint, while its build still holds the multiplexer's
-// evidence budget: it calls write once with the evidence, and write sends
-// the response (streaming its base64) before the build's memory is
-// released, so concurrent requests for a large log do not each keep a copy.
-// The server prefers it to Handler.Evidence; without it, a request with
-// Since is refused.
+// since a checkpoint, of any size: it calls write once with the response's
+// fields and, for evidence it streams, body, which produces the evidence's
+// bytes piece by piece (mux.StreamEvidence); the server writes the JSON
+// response as they come, base64 streamed, so neither side holds the whole
+// evidence in memory more than once. With body nil, e.Evidence is the
+// evidence. The server prefers it to Handler.Evidence; without it, a request
+// with Since is refused.
 type EvidenceWriter interface {
-	WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(*Evidence) error) error
+	WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(e *Evidence, body func(emit func([]byte) error) error) error) error
 }
 
 // Undoer is implemented by a Handler that can undo a prepare whose answer
@@ -312,7 +313,7 @@ func (s *Server) serveConn(c net.Conn) {
 // writeEvidence serves an evidence request through an EvidenceWriter. It
 // returns the response for the log (without its evidence bytes).
 func (s *Server) writeEvidence(ctx context.Context, c net.Conn, ew EvidenceWriter, req *Request) (resp *Response, werr error) {
-	written := false
+	started := false
 	err := func() (err error) {
 		defer func() {
 			if r := recover(); r != nil {
@@ -320,15 +321,15 @@ func (s *Server) writeEvidence(ctx context.Context, c net.Conn, ew EvidenceWrite
 				err = fmt.Errorf("internal error: %v", r)
 			}
 		}()
-		return ew.WriteEvidence(ctx, req.VM, req.Nonce, req.Since, func(e *Evidence) error {
-			written = true
+		return ew.WriteEvidence(ctx, req.VM, req.Nonce, req.Since, func(e *Evidence, body func(emit func([]byte) error) error) error {
 			resp = &Response{Evidence: &Evidence{VM: e.VM, PostMortem: e.PostMortem}}
-			werr = writeEvidenceJSON(c, e)
-			return werr
+			return writeEvidenceJSON(c, e, body, &started)
 		})
 	}()
-	if written {
-		return resp, werr
+	if started {
+		// The response is under way: an error now can only cut it short,
+		// which the client sees as a broken response.
+		return resp, err
 	}
 	if err == nil {
 		err = errors.New("evidence: the handler wrote nothing")
@@ -338,9 +339,16 @@ func (s *Server) writeEvidence(ctx context.Context, c net.Conn, ew EvidenceWrite
 }
 
 // writeEvidenceJSON writes {"evidence": e} as one line of JSON, exactly as
-// encodeJSON would, but streams e.Evidence's base64 instead of building the
-// whole response in memory (it is most of a large response).
-func writeEvidenceJSON(w io.Writer, e *Evidence) error {
+// encodeJSON would, streaming the evidence's base64 from body (or from
+// e.Evidence when body is nil) instead of building the response in memory.
+// Nothing is written before body's first piece, so an error before it
+// (a failed quote) can still be answered as an error; started says whether
+// writing began.
+func writeEvidenceJSON(w io.Writer, e *Evidence, body func(emit func([]byte) error) error, started *bool) error {
+	if body == nil {
+		raw := e.Evidence
+		body = func(emit func([]byte) error) error { return emit(raw) }
+	}
 	shell := *e
 	shell.Evidence = nil
 	b, err := encodeJSON(&Response{Evidence: &shell})
@@ -355,10 +363,26 @@ func writeEvidenceJSON(w io.Writer, e *Evidence) error {
 		return errors.New("encode evidence response: no evidence field")
 	}
 	bw := bufio.NewWriterSize(w, 64<<10)
-	bw.Write(b[:i])
-	bw.WriteString(`"evidence":"`)
 	enc := base64.NewEncoder(base64.StdEncoding, bw)
-	enc.Write(e.Evidence)
+	begin := func() {
+		if !*started {
+			*started = true
+			bw.Write(b[:i])
+			bw.WriteString(`"evidence":"`)
+		}
+	}
+	err = body(func(p []byte) error {
+		begin()
+		_, err := enc.Write(p)
+		return err
+	})
+	if err != nil {
+		if *started {
+			bw.Flush()
+		}
+		return err
+	}
+	begin()
 	enc.Close()
 	bw.WriteString(`"`)
 	bw.Write(b[i+len(hole):])

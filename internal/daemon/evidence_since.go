@@ -12,10 +12,10 @@ import (
 
 // WriteEvidence serves the control socket's evidence requests
 // (control.EvidenceWriter): for a live instance, full evidence or, with
-// since, the delta after a verifier's checkpoint, built and written while
-// the multiplexer's evidence budget holds it; for an ended instance the
-// post-mortem evidence (Evidence), which has no delta.
-func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(*control.Evidence) error) error {
+// since, the delta after a verifier's checkpoint, streamed from the store
+// (mux.StreamEvidence) so that a large log is never held in memory; for an
+// ended instance the post-mortem evidence (Evidence), which has no delta.
+func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(*control.Evidence, func(emit func([]byte) error) error) error) (err error) {
 	if vm == "" {
 		return errors.New("evidence: no vm named")
 	}
@@ -31,10 +31,17 @@ func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, sin
 		if err != nil {
 			return err
 		}
-		return write(out)
+		return write(out, nil)
 	}
 	defer d.count(control.OpEvidence, &err)
+	if len(nonce) == 0 || len(nonce) > 64 {
+		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+	}
 	ident, err := d.mux.Identity(id)
+	if err != nil {
+		return err
+	}
+	info, err := d.mux.Info(id)
 	if err != nil {
 		return err
 	}
@@ -42,12 +49,10 @@ func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, sin
 	if err != nil {
 		return err
 	}
-	err = d.mux.WithEvidence(ctx, id, nonce, since, func(ev *evidence.Evidence) error {
-		raw, err := ev.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		return write(&control.Evidence{VM: ev.VM.Name, Evidence: raw, Identity: *ident, AKPEM: string(pemBytes)})
+	return write(&control.Evidence{VM: info.Name, Identity: *ident, AKPEM: string(pemBytes)}, func(emit func([]byte) error) error {
+		return d.mux.StreamEvidence(ctx, id, nonce, since, evidenceChunk, func(p []byte, _ bool) error { return emit(p) })
 	})
-	return err
 }
+
+// evidenceChunk is the piece size evidence is streamed in.
+const evidenceChunk = 1 << 20

@@ -3,12 +3,16 @@ package mux
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/x509"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
 	"golang.org/x/sync/semaphore"
 
+	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/logstore"
@@ -47,6 +51,12 @@ func (m *Mux) EvidenceSince(ctx context.Context, id conceal.Digest, nonce []byte
 // after their quote, so a waiting request's quote is already taken and its
 // evidence still replays exactly to it.
 const DefaultEvidenceBudget = 64 << 20
+
+// SetEvidenceBudget sets the evidence budget in bytes of public log (0:
+// DefaultEvidenceBudget). It takes effect only before the first evidence
+// request; the benchmarks and the memory test use it to compare against an
+// unbounded budget.
+func (m *Mux) SetEvidenceBudget(n int64) { m.evLimit = n }
 
 func (m *Mux) evBudget() (*semaphore.Weighted, int64) {
 	m.evOnce.Do(func() {
@@ -299,6 +309,11 @@ func indexOf(sel []int, p int) int {
 // build assembles evidence from the store: the batches [0, last] of epoch
 // and VM id's records that sit in them.
 func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest, since *evidence.Since) (*evidence.Evidence, error) {
+	return m.buildParts(kind, id, epoch, last, q, sel, vals, since, true)
+}
+
+// buildParts is build; without withLog the evidence's Log is left empty.
+func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest, since *evidence.Since, withLog bool) (*evidence.Evidence, error) {
 	ev := &evidence.Evidence{
 		Version: evidence.Version,
 		Kind:    kind,
@@ -332,7 +347,7 @@ func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Qu
 			fromBatch, fromSeq = since.Batch+1, since.Records
 		}
 		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
-			if index > last {
+			if index > last || !withLog {
 				return errStop
 			}
 			ev.Log = append(ev.Log, evidence.Batch{G0: b.G0, Entries: append([]byte(nil), b.Entries...)})
@@ -364,3 +379,160 @@ type stopErr struct{}
 func (stopErr) Error() string { return "stop" }
 
 var errStop error = stopErr{}
+
+// StreamEvidence is WithEvidence for evidence of any size: it writes the
+// evidence's canonical CBOR, byte for byte what MarshalBinary would give,
+// to emit in pieces of at most about chunk bytes (the last call has last
+// set), without ever holding the whole public log. The batches are read
+// from the store a window at a time, each window in its own short read
+// transaction, so a slow reader never holds the store. Only the VM's own
+// records are held at once. Memory is O(chunk + the VM's records) however
+// long the log is; the evidence budget is charged that much.
+func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
+	if chunk <= 0 {
+		chunk = 4 << 20
+	}
+	if len(nonce) == 0 || len(nonce) > 64 {
+		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+	}
+	m.mu.Lock()
+	fault := m.fault
+	m.mu.Unlock()
+	if fault != nil {
+		return fmt.Errorf("not serving evidence: %w", fault)
+	}
+	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
+	if res.err != nil {
+		return fmt.Errorf("evidence: %w", res.err)
+	}
+	if since != nil && since.Batch >= res.last+1 {
+		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	}
+	sem, limit := m.evBudget()
+	w := min(int64(2*chunk), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
+	// The shell is the evidence with one sentinel batch in place of the
+	// log; its encoding is split around the sentinel, and the real batches
+	// are encoded between the halves.
+	shell, err := m.buildShell(id, res, since)
+	if err != nil {
+		return err
+	}
+	shell.Batched = res.batched
+	var mark [logstore.EntrySize]byte
+	rand.Read(mark[:])
+	sentinel := evidence.Batch{G0: 0, Entries: mark[:]}
+	shell.Log = []evidence.Batch{sentinel}
+	enc, err := shell.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	sb, err := evEnc.Marshal(sentinel)
+	if err != nil {
+		return fmt.Errorf("encode evidence: %w", err)
+	}
+	i := bytes.Index(enc, sb)
+	if i < 1 || enc[i-1] != 0x81 {
+		return errors.New("encode evidence: the log's place in the encoding was not found")
+	}
+	prefix, suffix := enc[:i-1], enc[i+len(sb):]
+	from := uint64(0)
+	if since != nil {
+		from = since.Batch + 1
+	}
+	n := res.last + 1 - from
+	buf := make([]byte, 0, chunk+chunk/4)
+	buf = append(buf, prefix...)
+	buf = cborHead(buf, 4, n) // array of n batches
+	flush := func(force bool) error {
+		for len(buf) >= chunk || (force && len(buf) > 0) {
+			k := min(len(buf), chunk)
+			last := force && k == len(buf)
+			if err := emit(buf[:k], last); err != nil {
+				return err
+			}
+			buf = append(buf[:0], buf[k:]...)
+		}
+		return nil
+	}
+	var seen uint64
+	for next := from; next <= res.last; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		// One window: batches until about a chunk's worth, in one short
+		// read transaction.
+		err := m.store.View(func(sn *logstore.Snapshot) error {
+			size := 0
+			err := sn.Batches(res.epoch, next, func(index uint64, b *logstore.Batch) error {
+				if index > res.last || size >= chunk {
+					return errStop
+				}
+				if index != next {
+					return fmt.Errorf("batch %d missing from the store (found %d)", next, index)
+				}
+				buf = cborHead(buf, 5, 2) // map {1: g0, 2: entries}
+				buf = cborHead(buf, 0, 1)
+				buf = cborHead(buf, 0, b.G0)
+				buf = cborHead(buf, 0, 2)
+				buf = cborHead(buf, 2, uint64(len(b.Entries)))
+				buf = append(buf, b.Entries...)
+				size += len(b.Entries)
+				next++
+				seen++
+				return nil
+			})
+			if err == errStop {
+				err = nil
+			}
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("stream evidence: %w", err)
+		}
+		if err := flush(false); err != nil {
+			return err
+		}
+		if seen == 0 {
+			return fmt.Errorf("stream evidence: batch %d missing from the store", next)
+		}
+	}
+	if seen != n {
+		return fmt.Errorf("stream evidence: %d batches, want %d", seen, n)
+	}
+	buf = append(buf, suffix...)
+	return flush(true)
+}
+
+var evEnc = canon.Enc()
+
+// cborHead appends a CBOR head of major type major and argument v in its
+// shortest form (RFC 8949 §4.2.1, as canonical encoding requires).
+func cborHead(b []byte, major byte, v uint64) []byte {
+	mt := major << 5
+	switch {
+	case v < 24:
+		return append(b, mt|byte(v))
+	case v <= 0xff:
+		return append(b, mt|24, byte(v))
+	case v <= 0xffff:
+		return binary.BigEndian.AppendUint16(append(b, mt|25), uint16(v))
+	case v <= 0xffffffff:
+		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
+	}
+	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
+}
+
+// buildShell is build without the log: everything of the evidence but its
+// batches.
+func (m *Mux) buildShell(id conceal.Digest, res quoteRes, since *evidence.Since) (*evidence.Evidence, error) {
+	// build with a last batch before the first one reads no batches.
+	ev, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
+	if err != nil {
+		return nil, err
+	}
+	return ev, nil
+}

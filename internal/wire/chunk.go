@@ -6,10 +6,11 @@ import (
 )
 
 // EvidenceChunk is the most evidence bytes one EvidenceResponse frame
-// carries: half of MaxPayload, so a part with its identity and AK always
-// fits a frame, and a receiver holds at most one part besides what it has
-// assembled.
-const EvidenceChunk = 4 << 20
+// carries: well under MaxPayload, so a part with its identity and AK always
+// fits a frame, and small enough that the bridge, streaming evidence to
+// many guests at once, holds little per request (a frame's encoding is a
+// few copies of its part).
+const EvidenceChunk = 1 << 20
 
 // MaxEvidence bounds the evidence a receiver assembles from parts (a log of
 // about 16M entries; incremental evidence keeps real requests far smaller).
@@ -62,11 +63,11 @@ func (a *Assembler) Add(m *EvidenceResponse) (*EvidenceResponse, error) {
 		if m.Total > MaxEvidence {
 			return nil, fmt.Errorf("%w: evidence of %d bytes exceeds the limit of %d", ErrBadPart, m.Total, MaxEvidence)
 		}
-		if m.Total < uint64(len(m.Evidence)) {
+		if m.Total != 0 && m.Total < uint64(len(m.Evidence)) {
 			return nil, fmt.Errorf("%w: part 0 of %d bytes, total %d", ErrBadPart, len(m.Evidence), m.Total)
 		}
 		r := *m
-		r.Evidence = make([]byte, 0, min(m.Total, 64<<20))
+		r.Evidence = make([]byte, 0, max(min(m.Total, 64<<20), uint64(len(m.Evidence))))
 		r.Evidence = append(r.Evidence, m.Evidence...)
 		r.More, r.Part = false, 0
 		a.resp, a.next = &r, 1
@@ -75,15 +76,19 @@ func (a *Assembler) Add(m *EvidenceResponse) (*EvidenceResponse, error) {
 	if m.ID != a.resp.ID {
 		return nil, fmt.Errorf("%w: part of response %d inside response %d", ErrBadPart, m.ID, a.resp.ID)
 	}
-	if uint64(len(a.resp.Evidence)+len(m.Evidence)) > a.resp.Total {
-		return nil, fmt.Errorf("%w: parts exceed the stated total of %d bytes", ErrBadPart, a.resp.Total)
+	limit := a.resp.Total
+	if limit == 0 {
+		limit = MaxEvidence
+	}
+	if uint64(len(a.resp.Evidence)+len(m.Evidence)) > limit {
+		return nil, fmt.Errorf("%w: parts exceed %d bytes", ErrBadPart, limit)
 	}
 	a.resp.Evidence = append(a.resp.Evidence, m.Evidence...)
 	a.next++
 	if m.More {
 		return nil, nil
 	}
-	if uint64(len(a.resp.Evidence)) != a.resp.Total {
+	if a.resp.Total != 0 && uint64(len(a.resp.Evidence)) != a.resp.Total {
 		return nil, fmt.Errorf("%w: %d bytes assembled, total %d", ErrBadPart, len(a.resp.Evidence), a.resp.Total)
 	}
 	return a.resp, nil

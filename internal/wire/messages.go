@@ -92,9 +92,9 @@ type Since struct {
 // EvidenceResponse carries the evidence (binary form), the VM's own
 // identity (uuid, instance, key: the VM may hold its key) and the AK.
 // Evidence larger than EvidenceChunk travels in several responses of the
-// same ID (parts 0, 1, …; all but the last have More set; the first says
-// the Total size and carries the identity and AK): see EvidenceParts and
-// Assembler.
+// same ID (parts 0, 1, …; all but the last have More set; the first
+// carries the identity and AK, and the Total size when the sender knows
+// it): see EvidenceParts and Assembler.
 type EvidenceResponse struct {
 	ID       uint64   `cbor:"1,keyasint"`
 	Evidence []byte   `cbor:"2,keyasint"`

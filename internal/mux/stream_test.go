@@ -1,0 +1,116 @@
+package mux_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// TestStreamEvidence: streamed evidence is byte for byte the canonical
+// encoding of the evidence (it re-encodes to itself), holds exactly the
+// batches EvidenceSince gives, verifies, full and incremental, and comes
+// in pieces of at most the chunk size.
+func TestStreamEvidence(t *testing.T) {
+	ctx := context.Background()
+	m := muxtest.Open(t, mux.Config{MaxBatch: 50})
+	a, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x71, 1}, Name: "vm-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x71, 2}, Name: "vm-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(n int) {
+		for i := range n {
+			for _, id := range []*[32]byte{(*[32]byte)(ptr(a.ID())), (*[32]byte)(ptr(b.ID()))} {
+				r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: fmt.Sprint(i)}}
+				if _, err := m.Submit(*id, r, r, r); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if _, err := m.Append(ctx, a.ID(), &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	add(200)
+	stream := func(t *testing.T, nonce []byte, since *evidence.Since, chunk int) []byte {
+		var out []byte
+		lasts := 0
+		err := m.StreamEvidence(ctx, a.ID(), nonce, since, chunk, func(p []byte, last bool) error {
+			if len(p) > chunk || len(p) == 0 {
+				t.Fatalf("piece of %d bytes, chunk %d", len(p), chunk)
+			}
+			if lasts > 0 {
+				t.Fatal("a piece after the last")
+			}
+			if last {
+				lasts++
+			}
+			out = append(out, p...)
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lasts != 1 {
+			t.Fatalf("%d last pieces", lasts)
+		}
+		return out
+	}
+	var cp *verify.Checkpoint
+	for i, tt := range []struct {
+		chunk       int
+		incremental bool
+	}{{1 << 10, false}, {64 << 10, false}, {4 << 20, false}, {1 << 10, true}, {4 << 20, true}} {
+		t.Run(fmt.Sprintf("chunk %d incremental %v", tt.chunk, tt.incremental), func(t *testing.T) {
+			var since *evidence.Since
+			opts := verify.Options{Identity: a, AK: m.AK(), PCR: 23}
+			if tt.incremental {
+				since, opts.Checkpoint = cp.Since(), cp
+			}
+			nonce := []byte{byte(i), 1}
+			raw := stream(t, nonce, since, tt.chunk)
+			ev, err := evidence.Decode(raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			again, err := ev.MarshalBinary()
+			if err != nil || !bytes.Equal(again, raw) {
+				t.Fatalf("streamed evidence does not re-encode to itself (%v)", err)
+			}
+			ref, err := m.EvidenceSince(ctx, a.ID(), []byte("ref"), since)
+			if err != nil {
+				t.Fatal(err)
+			}
+			same := func(x, y any) bool {
+				bx, _ := json.Marshal(x)
+				by, _ := json.Marshal(y)
+				return bytes.Equal(bx, by)
+			}
+			if !same(ev.Log, ref.Log) || !same(ev.Records, ref.Records) || len(ev.Log) < 2 {
+				t.Fatalf("streamed log of %d batches and %d records differs from EvidenceSince's %d and %d", len(ev.Log), len(ev.Records), len(ref.Log), len(ref.Records))
+			}
+			opts.Nonce = nonce
+			rep, err := verify.Verify(ev, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.incremental {
+				cp = rep.Checkpoint
+				add(30) // the next incremental case has a delta
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
