@@ -65,6 +65,9 @@ type Config struct {
 	// KeyRetention is how long after teardown a VM's key and records are
 	// kept; afterwards ForgetExpired destroys them. 0 keeps them forever.
 	KeyRetention time.Duration
+	// Cover conceals the VMs' activity from each other with cover leaves
+	// (commit.go); the zero value is off.
+	Cover Cover
 }
 
 // Mux multiplexes VM records onto one TPM PCR.
@@ -99,6 +102,8 @@ type Mux struct {
 	quoting  bool
 
 	aead cipher.AEAD // wraps VM keys; nil when keys are stored in clear
+
+	cover coverState // slot schedule of activity concealment (commit.go)
 
 	evOnce  sync.Once           // evidence build budget (evidence.go)
 	evSem   *semaphore.Weighted // bytes of evidence being built at once
