@@ -4,6 +4,7 @@ import (
 	"context"
 	"math/rand/v2"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,6 +36,27 @@ func slotted(t *testing.T, m *mux.Mux, fn func() error) {
 	}
 }
 
+// seededRand is a ChaCha8 stream the test can restart, so that the rounds
+// draw the same stream however many heartbeats the set-up took.
+type seededRand struct {
+	mu sync.Mutex
+	r  *rand.ChaCha8
+}
+
+func (s *seededRand) Read(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.r.Read(p)
+}
+
+func (s *seededRand) seed(v byte) {
+	var k [32]byte
+	k[0] = v
+	s.mu.Lock()
+	s.r = rand.NewChaCha8(k)
+	s.mu.Unlock()
+}
+
 // observables are what A's verifier sees of the others: the log's length,
 // the batch sizes, and where A's records sit in their batches.
 type observables struct {
@@ -47,7 +69,7 @@ type observables struct {
 // records and B k, then one slot commits. Every fourth round nobody
 // submits (a heartbeat). A's evidence is verified and its observables
 // returned.
-func coverRun(t *testing.T, cover mux.Cover, k, rounds int) observables {
+func coverRun(t *testing.T, cover mux.Cover, seed byte, k, rounds int) observables {
 	t.Helper()
 	ctx := context.Background()
 	m := muxtest.Open(t, mux.Config{Cover: cover})
@@ -62,6 +84,9 @@ func coverRun(t *testing.T, cover mux.Cover, k, rounds int) observables {
 	})
 	// Let a kick left from the set-up be consumed before the rounds.
 	time.Sleep(20 * time.Millisecond)
+	if sr, ok := cover.Rand.(*seededRand); ok {
+		sr.seed(seed)
+	}
 	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
 	var firstBatch uint64
 	for round := range rounds {
@@ -198,17 +223,17 @@ var chi2Crit001 = []float64{0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 
 // B's count away, which shows the test can see a leak.
 func TestCoverConcealsActivity(t *testing.T) {
 	const pad, rounds, k = 8, 400, 5 // A 2 + B 5 ≤ 8: within the envelope
-	seeded := func(seed uint64) mux.Cover {
-		var s [32]byte
-		s[0] = byte(seed)
-		return mux.Cover{Pad: pad, Interval: time.Hour, Rand: rand.NewChaCha8(s)}
+	seeded := func() mux.Cover {
+		sr := &seededRand{}
+		sr.seed(0)
+		return mux.Cover{Pad: pad, Interval: time.Hour, Rand: sr}
 	}
-	run := func(name string, cover mux.Cover, k, rounds int) (o observables) {
-		t.Run(name, func(t *testing.T) { o = coverRun(t, cover, k, rounds) })
+	run := func(name string, cover mux.Cover, seed byte, k, rounds int) (o observables) {
+		t.Run(name, func(t *testing.T) { o = coverRun(t, cover, seed, k, rounds) })
 		return o
 	}
-	quiet := run("cover, B quiet", seeded(1), 0, rounds)
-	busy := run("cover, B busy", seeded(2), k, rounds)
+	quiet := run("cover, B quiet", seeded(), 1, 0, rounds)
+	busy := run("cover, B busy", seeded(), 2, k, rounds)
 	if quiet.logLen != busy.logLen {
 		t.Fatalf("log length %d when B is quiet, %d when B sends %d per slot", quiet.logLen, busy.logLen, k)
 	}
@@ -238,8 +263,8 @@ func TestCoverConcealsActivity(t *testing.T) {
 	}
 	// The same observables without cover leak B's count.
 	off := mux.Cover{}
-	q0 := run("no cover, B quiet", off, 0, 40)
-	b0 := run("no cover, B busy", off, k, 40)
+	q0 := run("no cover, B quiet", off, 0, 0, 40)
+	b0 := run("no cover, B busy", off, 0, k, 40)
 	if q0.logLen == b0.logLen {
 		t.Fatal("without cover the log length did not change with B's activity: the test cannot see a leak")
 	}
