@@ -107,6 +107,9 @@ type Config struct {
 	// Quota bounds each VM instance's records (quota.go in
 	// internal/bridge): unset keys take the defaults, -1 is unlimited.
 	Quota QuotaConfig `json:"quota"`
+	// Conceal is activity concealment with cover leaves (mux.Cover), on
+	// by default: unset keys take the defaults, pad -1 turns it off.
+	Conceal ConcealConfig `json:"conceal"`
 }
 
 // HookPolicy is the bridge's side of the hook policy (the hook has its
@@ -187,6 +190,7 @@ type settings struct {
 	serialMode os.FileMode
 	serialGID  int // -1: leave
 	metrics    string
+	cover      mux.Cover
 }
 
 // Validate checks the configuration and says what is wrong with it.
@@ -259,6 +263,9 @@ func (c *Config) parse() (*settings, error) {
 		return nil, err
 	}
 	if _, err := c.Quota.Bridge(); err != nil {
+		return nil, err
+	}
+	if s.cover, err = c.Conceal.Cover(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -356,4 +363,47 @@ func (q QuotaConfig) Bridge() (bridge.Quota, error) {
 	}
 	return bridge.Quota{RecordsPerSecond: q.RecordsPerSecond, RecordBurst: q.RecordBurst, BytesPerSecond: q.BytesPerSecond,
 		ByteBurst: q.ByteBurst, MaxEntryBytes: q.MaxEntryBytes, MaxRecords: q.MaxRecords}, nil
+}
+
+// ConcealConfig is the "conceal" block: cover leaves make what one VM's
+// verifier sees of the log independent of the other VMs' activity within an
+// envelope of Pad records per Interval (docs/security.md), at the cost of
+// Pad/Interval cover entries and 1/Interval extends while any VM is live,
+// and up to Interval of added ack latency (docs/performance.md).
+type ConcealConfig struct {
+	// Pad pads every batch to a multiple of this many leaves; 0 is
+	// DefaultConcealPad, -1 turns concealment off.
+	Pad int `json:"pad"`
+	// Interval is the slot: one batch per Interval while any VM is live;
+	// 0 is DefaultConcealInterval.
+	Interval Duration `json:"interval"`
+	// Flush is the queue length that commits at once (0: 4 × pad).
+	Flush int `json:"flush"`
+}
+
+// Defaults of ConcealConfig.
+const (
+	DefaultConcealPad      = 16
+	DefaultConcealInterval = time.Second
+)
+
+// Cover checks the block and returns the multiplexer's setting.
+func (c ConcealConfig) Cover() (mux.Cover, error) {
+	if c.Pad == -1 {
+		return mux.Cover{}, nil
+	}
+	if c.Pad < 0 || c.Flush < 0 || c.Interval < 0 {
+		return mux.Cover{}, fmt.Errorf("config: conceal: pad %d, flush %d, interval %v: want positive values (pad -1 turns concealment off)", c.Pad, c.Flush, time.Duration(c.Interval))
+	}
+	cv := mux.Cover{Pad: c.Pad, Interval: time.Duration(c.Interval), Flush: c.Flush}
+	if cv.Pad == 0 {
+		cv.Pad = DefaultConcealPad
+	}
+	if cv.Interval == 0 {
+		cv.Interval = DefaultConcealInterval
+	}
+	if cv.Interval < time.Millisecond {
+		return mux.Cover{}, fmt.Errorf("config: conceal.interval %v is below 1ms: every slot is a TPM extend", cv.Interval)
+	}
+	return cv, nil
 }

@@ -120,3 +120,34 @@ func TestQuotaConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestConcealConfig: concealment is on by default, can be tuned or turned
+// off, and bad values are refused with the key's name.
+func TestConcealConfig(t *testing.T) {
+	for _, tt := range []struct {
+		c       ConcealConfig
+		pad     int
+		every   time.Duration
+		wantErr string
+	}{
+		{ConcealConfig{}, DefaultConcealPad, DefaultConcealInterval, ""},
+		{ConcealConfig{Pad: 64, Interval: Duration(250 * time.Millisecond)}, 64, 250 * time.Millisecond, ""},
+		{ConcealConfig{Pad: -1}, 0, 0, ""},
+		{ConcealConfig{Pad: -2}, 0, 0, "conceal"},
+		{ConcealConfig{Interval: Duration(time.Microsecond)}, 0, 0, "conceal.interval"},
+	} {
+		c := DefaultConfig()
+		c.Conceal = tt.c
+		err := c.Validate()
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("%+v: %v, want an error naming %s", tt.c, err, tt.wantErr)
+			}
+			continue
+		}
+		cv, err := tt.c.Cover()
+		if err != nil || cv.Pad != tt.pad || cv.Interval != tt.every {
+			t.Errorf("%+v: %+v %v", tt.c, cv, err)
+		}
+	}
+}

@@ -172,6 +172,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	d.mux, err = mux.Open(ctx, d.tpm, d.store, mux.Config{
 		PCR: cfg.PCR, HostPCRs: set.hostPCRs, Host: d.host, Version: opts.Version,
 		Logger: log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention),
+		Cover: set.cover,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("multiplexer: %w", err)

@@ -297,8 +297,10 @@ func TestAttestUnderFlood(t *testing.T) {
 		if s.finalFull < total*evidenceEntryBytes {
 			t.Fatalf("%s: full evidence of %d bytes cannot hold a log of %d entries", p.name, s.finalFull, total)
 		}
-		if s.finalIncBytes > 64<<10 {
-			t.Fatalf("%s: incremental evidence after an idle moment is %d bytes: not incremental", p.name, s.finalIncBytes)
+		// After the flood the delta holds only the heartbeats since the
+		// checkpoint (concealment is on): a sliver of the full log.
+		if s.finalIncBytes*100 > s.finalFull {
+			t.Fatalf("%s: incremental evidence after the flood is %d bytes of a full %d: not incremental", p.name, s.finalIncBytes, s.finalFull)
 		}
 		if sorted[0] >= 100*time.Millisecond {
 			t.Fatalf("%s: A's fastest incremental attestation under the flood took %v, want < 100ms", p.name, sorted[0])
