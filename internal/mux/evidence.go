@@ -444,7 +444,9 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 		from = since.Batch + 1
 	}
 	n := res.last + 1 - from
-	buf := make([]byte, 0, chunk+chunk/4)
+	// Small evidence (the usual incremental request) gets a small buffer.
+	est := int64(len(prefix)+len(suffix)) + m.evidenceWeight(res, since) + int64(n)*16 + 64
+	buf := make([]byte, 0, min(int64(chunk+chunk/4), est))
 	buf = append(buf, prefix...)
 	buf = cborHead(buf, 4, n) // array of n batches
 	flush := func(force bool) error {
