@@ -168,25 +168,19 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 }
 
 // quoteLoop takes quotes until no request is waiting. After a quote that
-// served several requests, when fewer are waiting than it served, the loop
-// lingers for a tenth of that quote's time (at most maxQuoteLinger) before
-// the next: requesters just served usually ask again within that time, and
-// then share the next quote, instead of the first of them taking it nearly
-// alone and the rest waiting a whole extra quote (on a 200 ms TPM, closed-
-// loop verifiers otherwise split into two cohorts and get half the quotes).
-// A request that finds no loop running starts one at once, so an idle TPM
-// is never waited for.
+// served several requests the loop gathers (gather) for up to half of that
+// quote's time (at most maxQuoteLinger) until the requesters it served have
+// asked again, or stopped coming: they then share the next quote, instead
+// of the first of them taking it nearly alone and the rest waiting a whole
+// extra quote (on a 200 ms TPM, closed-loop verifiers otherwise split into
+// cohorts and get a fraction of the quotes). A request that finds no loop
+// running starts one at once, so an idle TPM is never waited for.
 func (m *Mux) quoteLoop() {
 	var linger time.Duration
 	served := 0
 	for {
 		if linger > 0 {
-			m.qmu.Lock()
-			waiting := len(m.qpending)
-			m.qmu.Unlock()
-			if waiting < served {
-				time.Sleep(linger)
-			}
+			m.gather(served, linger)
 			linger = 0
 		}
 		m.qmu.Lock()
@@ -216,7 +210,7 @@ func (m *Mux) quoteLoop() {
 		m.commitMu.Unlock()
 		cancel()
 		if served = n; n > 1 && err == nil {
-			linger = min(time.Since(start)/10, maxQuoteLinger)
+			linger = min(time.Since(start)/2, maxQuoteLinger)
 		}
 		for i, r := range reqs {
 			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
@@ -233,8 +227,42 @@ func (m *Mux) quoteLoop() {
 }
 
 // maxQuoteLinger bounds how long the quote loop waits for requesters to
-// come back after a shared quote (see quoteLoop).
-const maxQuoteLinger = 50 * time.Millisecond
+// come back after a shared quote (see quoteLoop and gather).
+const maxQuoteLinger = 100 * time.Millisecond
+
+// gather is the quote loop's pause after a quote that served several
+// requests: the next quote can only include a requester that has asked
+// again, and in a closed loop they all ask again within the time it takes
+// to build and send their evidence. It waits until the requests the last
+// quote served are waiting again beside those that queued during it (so
+// that cohorts merge), or until none has arrived for 3 ms
+// (the rest are not coming soon), or at most linger. An idle TPM is
+// never waited for: without requests the loop has ended.
+func (m *Mux) gather(served int, linger time.Duration) {
+	gap := min(linger/5, 3*time.Millisecond)
+	start := time.Now()
+	last, lastN := start, -1
+	// Requests that queued during the quote are another cohort: wait for
+	// the served ones to join them, so that cohorts merge into one.
+	m.qmu.Lock()
+	target := served + len(m.qpending)
+	m.qmu.Unlock()
+	for {
+		m.qmu.Lock()
+		waiting := len(m.qpending)
+		m.qmu.Unlock()
+		now := time.Now()
+		if waiting >= min(target, maxQuoteBatch) || now.Sub(start) >= linger {
+			return
+		}
+		if waiting != lastN {
+			last, lastN = now, waiting
+		} else if waiting > 0 && now.Sub(last) >= gap {
+			return
+		}
+		time.Sleep(250 * time.Microsecond)
+	}
+}
 
 // quoteTimeout bounds one quote; a hardware quote takes well under a second.
 const quoteTimeout = 2 * time.Minute
