@@ -182,7 +182,6 @@ func (q *vmQuota) admit(qc Quota, n int, size int, now time.Time) admission {
 	}
 	if !q.slowed {
 		q.slowed = true
-		q.episodes++
 		which := fmt.Sprintf("%g records/s (burst %g)", qc.RecordsPerSecond, qc.RecordBurst)
 		if wb > wr {
 			which = fmt.Sprintf("%g bytes/s (burst %g)", qc.BytesPerSecond, qc.ByteBurst)
@@ -190,13 +189,4 @@ func (q *vmQuota) admit(qc Quota, n int, size int, now time.Time) admission {
 		a.episode = fmt.Sprintf("over the per-VM quota of %s: the bridge reads this VM's frames more slowly until it is back under it; nothing is dropped (bridge quota settings)", which)
 	}
 	return a
-}
-
-// Episodes returns how many over-rate episodes VM id has had since the
-// bridge started.
-func (b *Bridge) Episodes(id conceal.Digest) int {
-	q := b.quotaFor(id)
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.episodes
 }

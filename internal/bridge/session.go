@@ -280,6 +280,7 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 		code := wire.CodeUnavailable
 		if errors.Is(err, mux.ErrEnded) {
 			code = wire.CodeEnded
+			b.forgetQuota(id)
 		}
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: err.Error(), Fatal: true})
 		return err
