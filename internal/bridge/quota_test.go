@@ -384,10 +384,16 @@ func TestQuotaIsolation(t *testing.T) {
 	if quota.flooded > DefaultRecordBurst+int(DefaultRecordsPerSecond*dur.Seconds())+Window*1024 {
 		t.Fatalf("the flood got %d records in %v past a quota of %d burst + %d/s", quota.flooded, dur, DefaultRecordBurst, DefaultRecordsPerSecond)
 	}
-	// The documented bound: beside a quota'd flood the quiet VM's p99 is
-	// within its p99 alone plus 25 ms (a few commits of the flood's
-	// rate-limited frames on a loaded 2-core machine).
-	if bound := alone.p99 + 25*time.Millisecond; quota.p99 > bound {
-		t.Fatalf("quiet VM p99 %v beside a quota'd flood exceeds its p99 alone %v + 25ms", quota.p99, alone.p99)
+	// The documented bound (docs/performance.md): beside a quota'd flood
+	// the quiet VM's median is within its median alone + 5 ms, and its
+	// p99 within its p99 alone + 50 ms. The p99 of 100 acks is their worst
+	// one or two, which one scheduling stall of a shared 2-core machine
+	// sets (47 ms seen with no flood at all); the median is what a flood
+	// that took the committer would move (by 15 ms without quotas).
+	if bound := alone.p50 + 5*time.Millisecond; quota.p50 > bound {
+		t.Fatalf("quiet VM median %v beside a quota'd flood exceeds its median alone %v + 5ms", quota.p50, alone.p50)
+	}
+	if bound := alone.p99 + 50*time.Millisecond; quota.p99 > bound {
+		t.Fatalf("quiet VM p99 %v beside a quota'd flood exceeds its p99 alone %v + 50ms", quota.p99, alone.p99)
 	}
 }
