@@ -182,9 +182,9 @@ func (q *vmQuota) admit(qc Quota, n int, size int, now time.Time) admission {
 	}
 	if !q.slowed {
 		q.slowed = true
-		which := fmt.Sprintf("%g records/s (burst %g)", qc.RecordsPerSecond, qc.RecordBurst)
+		which := fmt.Sprintf("%.0f records/s (burst %.0f)", qc.RecordsPerSecond, qc.RecordBurst)
 		if wb > wr {
-			which = fmt.Sprintf("%g bytes/s (burst %g)", qc.BytesPerSecond, qc.ByteBurst)
+			which = fmt.Sprintf("%.0f bytes/s (burst %.0f)", qc.BytesPerSecond, qc.ByteBurst)
 		}
 		a.episode = fmt.Sprintf("over the per-VM quota of %s: the bridge reads this VM's frames more slowly until it is back under it; nothing is dropped (bridge quota settings)", which)
 	}

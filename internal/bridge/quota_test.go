@@ -69,92 +69,101 @@ func actions(recs []*record.Record) []string {
 	return out
 }
 
-// recvSkipQuota reads the next frame that is not a non-fatal quota error,
-// counting those.
-func recvSkipQuota(t *testing.T, c *wire.Conn, quotaErrs *int) wire.Frame {
-	t.Helper()
-	for {
-		f, err := c.Recv()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if f.Type == wire.TypeError {
-			var e wire.Error
-			if err := wire.Decode(f, &e); err != nil {
-				t.Fatal(err)
-			}
-			if e.Code == wire.CodeQuota && !e.Fatal {
-				*quotaErrs++
-				continue
-			}
-		}
-		return f
+// entryBytes is what the byte quota charges for es.
+func entryBytes(es []wire.Entry) int {
+	n := 0
+	for _, e := range es {
+		n += len(e.Data) + len(e.TemplateHash) + len(e.Template)
 	}
+	return n
 }
 
-// TestQuotaRateSlowsNotDrops: a guest over its record rate is told once,
-// noted once in its own log, slowed to the rate, and loses nothing.
+// TestQuotaRateSlowsNotDrops: a guest over its record rate, or its byte
+// rate, is told once (naming the rate), noted once in its own log, slowed
+// to the rate, and loses nothing.
 func TestQuotaRateSlowsNotDrops(t *testing.T) {
-	q := Quota{RecordsPerSecond: 1000, RecordBurst: 200}
-	b := &Bridge{Mux: muxtest.Open(t, mux.Config{}), Quota: q}
-	ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{0x51}, Name: "vm-flood"})
-	if err != nil {
-		t.Fatal(err)
-	}
 	const total, frame = 1400, 100
 	es := cycle(realList(t), total)
-	a, done := dial(t, b, ident.ID())
-	a.Hello("boot")
-	start := time.Now()
-	quotaErrs := 0
-	acks := make(chan int, total/frame)
-	go func() {
-		defer close(acks)
-		for {
-			f := recvSkipQuota(t, a.C, &quotaErrs)
-			var ack wire.Ack
-			if err := wire.Decode(f, &ack); err != nil {
-				t.Errorf("%v (frame %s)", err, f.Type)
-				return
+	lastFrame := entryBytes(es[total-frame:])
+	all := entryBytes(es)
+	tests := []struct {
+		name  string
+		q     Quota
+		says  string
+		least time.Duration // the bucket cannot admit the last frame before this
+	}{
+		{"records", Quota{RecordsPerSecond: 1000, RecordBurst: 200}, "records/s",
+			time.Duration(float64(total-frame-200) / 1000 * float64(time.Second))},
+		{"bytes", Quota{RecordsPerSecond: -1, BytesPerSecond: float64(all) / 1.5, ByteBurst: float64(all) / 10}, "bytes/s",
+			time.Duration(float64(all-lastFrame-all/10) / (float64(all) / 1.5) * float64(time.Second))},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &Bridge{Mux: muxtest.Open(t, mux.Config{}), Quota: tt.q}
+			ident, err := b.Mux.NewVM(context.Background(), mux.Launch{UUID: [16]byte{0x51, byte(i)}, Name: "vm-flood"})
+			if err != nil {
+				t.Fatal(err)
 			}
-			acks <- int(ack.Next)
-			if ack.Next == total {
-				return
+			a, done := dial(t, b, ident.ID())
+			a.Hello("boot")
+			start := time.Now()
+			var quotaMsgs []string
+			acks := make(chan int, total/frame)
+			go func() {
+				defer close(acks)
+				for {
+					f, err := a.C.Recv()
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					var e wire.Error
+					if f.Type == wire.TypeError && wire.Decode(f, &e) == nil && e.Code == wire.CodeQuota && !e.Fatal {
+						quotaMsgs = append(quotaMsgs, e.Message)
+						continue
+					}
+					var ack wire.Ack
+					if err := wire.Decode(f, &ack); err != nil {
+						t.Errorf("%v (frame %s)", err, f.Type)
+						return
+					}
+					acks <- int(ack.Next)
+					if ack.Next == total {
+						return
+					}
+				}
+			}()
+			sent, acked := 0, 0
+			for acked < total {
+				for sent < total && sent-acked < Window*frame {
+					a.Send(uint64(sent), uint64(sent/frame), es[sent:sent+frame])
+					sent += frame
+				}
+				n, ok := <-acks
+				if !ok {
+					t.Fatal("acks ended early")
+				}
+				acked = n
 			}
-		}
-	}()
-	sent, acked := 0, 0
-	for acked < total {
-		for sent < total && sent-acked < Window*frame {
-			a.Send(uint64(sent), uint64(sent/frame), es[sent:sent+frame])
-			sent += frame
-		}
-		n, ok := <-acks
-		if !ok {
-			t.Fatal("acks ended early")
-		}
-		acked = n
+			took := time.Since(start)
+			a.Conn.Close()
+			<-done
+			if took < tt.least {
+				t.Fatalf("%d records acknowledged in %v: not slowed (at least %v)", total, took, tt.least)
+			}
+			if len(quotaMsgs) != 1 || !strings.Contains(quotaMsgs[0], tt.says) {
+				t.Fatalf("quota errors %q, want exactly one naming %s (one per episode, not per frame)", quotaMsgs, tt.says)
+			}
+			rep, recs := verifiedRecords(t, b, ident)
+			if rep.Counts.Measurements != total {
+				t.Fatalf("%d measurements in the verified log, want %d: a record was dropped", rep.Counts.Measurements, total)
+			}
+			if got := actions(recs); !slices.Equal(got, []string{"quota-rate"}) {
+				t.Fatalf("actions %v, want one quota-rate", got)
+			}
+			t.Logf("%d records (%d bytes) in %v (at least %v): %s", total, all, took.Round(time.Millisecond), tt.least.Round(time.Millisecond), quotaMsgs[0])
+		})
 	}
-	took := time.Since(start)
-	a.Conn.Close()
-	<-done
-	// The bucket admits the burst at once and the rest at the rate: the
-	// last frame cannot be admitted before (total-frame-burst)/rate.
-	minTook := time.Duration(float64(total-frame-int(q.RecordBurst)) / q.RecordsPerSecond * float64(time.Second))
-	if took < minTook {
-		t.Fatalf("%d records acknowledged in %v: not slowed to %g/s (at least %v)", total, took, q.RecordsPerSecond, minTook)
-	}
-	if quotaErrs != 1 {
-		t.Fatalf("%d quota errors, want exactly 1 (one per episode, not per frame)", quotaErrs)
-	}
-	rep, recs := verifiedRecords(t, b, ident)
-	if rep.Counts.Measurements != total {
-		t.Fatalf("%d measurements in the verified log, want %d: a record was dropped", rep.Counts.Measurements, total)
-	}
-	if got := actions(recs); !slices.Equal(got, []string{"quota-rate"}) {
-		t.Fatalf("actions %v, want one quota-rate", got)
-	}
-	t.Logf("%d records in %v (min %v at %g/s, burst %g)", total, took.Round(time.Millisecond), minTook, q.RecordsPerSecond, q.RecordBurst)
 }
 
 // TestQuotaRefusals: an oversize entry and a VM instance past its record
