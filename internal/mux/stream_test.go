@@ -5,7 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/mux"
@@ -114,3 +117,50 @@ func TestStreamEvidence(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestEvidenceBudget: builds of evidence as a value (WithEvidence) hold
+// their share of the evidence budget while the caller uses them, so a log
+// larger than the budget is built by one request at a time; with room for
+// all, they run together.
+func TestEvidenceBudget(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		budget int64
+		want   int32
+	}{{"log larger than the budget", 64, 1}, {"room for all", 1 << 40, 4}} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			m := muxtest.Open(t, mux.Config{})
+			m.SetEvidenceBudget(tt.budget)
+			a, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x74}, Name: "vm-a"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log"}}
+			if _, err := m.Append(ctx, a.ID(), r); err != nil {
+				t.Fatal(err)
+			}
+			var cur, peak atomic.Int32
+			var wg sync.WaitGroup
+			for i := range 4 {
+				wg.Go(func() {
+					err := m.WithEvidence(ctx, a.ID(), []byte{byte(i + 1)}, nil, func(*evidence.Evidence) error {
+						n := cur.Add(1)
+						for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+						}
+						time.Sleep(250 * time.Millisecond)
+						cur.Add(-1)
+						return nil
+					})
+					if err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if peak.Load() != tt.want {
+				t.Fatalf("%d builds at once, want %d", peak.Load(), tt.want)
+			}
+		})
+	}
+}
