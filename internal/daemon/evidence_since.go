@@ -14,7 +14,8 @@ import (
 // (control.EvidenceWriter): for a live instance, full evidence or, with
 // since, the delta after a verifier's checkpoint, streamed from the store
 // (mux.StreamEvidence) so that a large log is never held in memory; for an
-// ended instance the post-mortem evidence (Evidence), which has no delta.
+// ended instance the post-mortem evidence, streamed alike
+// (mux.StreamFinalEvidence), which has no delta.
 func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(*control.Evidence, func(emit func([]byte) error) error) error) (err error) {
 	if vm == "" {
 		return errors.New("evidence: no vm named")
@@ -23,18 +24,11 @@ func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, sin
 	if err != nil {
 		return fmt.Errorf("evidence: %w", err)
 	}
-	if !live {
-		if since != nil {
-			return fmt.Errorf("evidence: %s has ended: its post-mortem evidence has no delta; ask for it in full", vm)
-		}
-		out, err := d.Evidence(ctx, vm, nonce)
-		if err != nil {
-			return err
-		}
-		return write(out, nil)
-	}
 	defer d.count(control.OpEvidence, &err)
-	if len(nonce) == 0 || len(nonce) > 64 {
+	if !live && since != nil {
+		return fmt.Errorf("evidence: %s has ended: its post-mortem evidence has no delta; ask for it in full", vm)
+	}
+	if live && (len(nonce) == 0 || len(nonce) > 64) {
 		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
 	}
 	ident, err := d.mux.Identity(id)
@@ -48,6 +42,12 @@ func (d *Daemon) WriteEvidence(ctx context.Context, vm string, nonce []byte, sin
 	pemBytes, err := tpm.AKPEM(d.mux.AK())
 	if err != nil {
 		return err
+	}
+	if !live {
+		// The post-mortem evidence: the final quote kept at teardown.
+		return write(&control.Evidence{VM: info.Name, Identity: *ident, AKPEM: string(pemBytes), PostMortem: true}, func(emit func([]byte) error) error {
+			return d.mux.StreamFinalEvidence(ctx, id, evidenceChunk, func(p []byte, _ bool) error { return emit(p) })
+		})
 	}
 	return write(&control.Evidence{VM: info.Name, Identity: *ident, AKPEM: string(pemBytes)}, func(emit func([]byte) error) error {
 		return d.mux.StreamEvidence(ctx, id, nonce, since, evidenceChunk, func(p []byte, _ bool) error { return emit(p) })

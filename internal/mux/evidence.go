@@ -436,6 +436,55 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	if since != nil && since.Batch >= res.last+1 {
 		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
 	}
+	shell, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
+	if err != nil {
+		return err
+	}
+	shell.Batched = res.batched
+	return m.stream(ctx, shell, res, since, chunk, emit)
+}
+
+// StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
+// post-mortem evidence of an ended VM, at any log size.
+func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk int, emit func(p []byte, last bool) error) error {
+	if chunk <= 0 {
+		chunk = 4 << 20
+	}
+	var fq *logstore.FinalQuote
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		var err error
+		fq, err = sn.Final(id)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("final evidence: %w", err)
+	}
+	sel := make([]int, len(fq.PCRs))
+	vals := make([]conceal.Digest, len(fq.Values))
+	for i := range fq.PCRs {
+		sel[i] = int(fq.PCRs[i])
+		copy(vals[i][:], fq.Values[i])
+	}
+	shell, err := m.buildParts(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil, false)
+	if err != nil {
+		return err
+	}
+	res := quoteRes{epoch: fq.Epoch, last: fq.Batch}
+	m.store.View(func(sn *logstore.Snapshot) error {
+		return sn.Batches(fq.Epoch, fq.Batch, func(_ uint64, b *logstore.Batch) error {
+			res.nextG = b.G0 + uint64(b.EntryCount())
+			if b.G0 == 0 {
+				res.nextG++ // the epoch record's leaf
+			}
+			return errStop
+		})
+	})
+	return m.stream(ctx, shell, res, nil, chunk, emit)
+}
+
+// stream writes shell's canonical encoding with the batches of res.epoch
+// from since (or 0) to res.last in place of its log (see StreamEvidence).
+func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
 	sem, limit := m.evBudget()
 	w := min(int64(2*chunk), limit)
 	if err := sem.Acquire(ctx, w); err != nil {
@@ -445,11 +494,6 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	// The shell is the evidence with one sentinel batch in place of the
 	// log; its encoding is split around the sentinel, and the real batches
 	// are encoded between the halves.
-	shell, err := m.buildShell(id, res, since)
-	if err != nil {
-		return err
-	}
-	shell.Batched = res.batched
 	var mark [logstore.EntrySize]byte
 	rand.Read(mark[:])
 	sentinel := evidence.Batch{G0: 0, Entries: mark[:]}
@@ -508,8 +552,14 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 				buf = cborHead(buf, 0, 1)
 				buf = cborHead(buf, 0, b.G0)
 				buf = cborHead(buf, 0, 2)
-				buf = cborHead(buf, 2, uint64(len(b.Entries)))
-				buf = append(buf, b.Entries...)
+				if len(b.Entries) == 0 {
+					// build copies no entries into a nil slice, which the
+					// encoder writes as null: do as it does.
+					buf = append(buf, 0xf6)
+				} else {
+					buf = cborHead(buf, 2, uint64(len(b.Entries)))
+					buf = append(buf, b.Entries...)
+				}
 				size += len(b.Entries)
 				next++
 				seen++
@@ -554,15 +604,4 @@ func cborHead(b []byte, major byte, v uint64) []byte {
 		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
 	}
 	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
-}
-
-// buildShell is build without the log: everything of the evidence but its
-// batches.
-func (m *Mux) buildShell(id conceal.Digest, res quoteRes, since *evidence.Since) (*evidence.Evidence, error) {
-	// build with a last batch before the first one reads no batches.
-	ev, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
-	if err != nil {
-		return nil, err
-	}
-	return ev, nil
 }

@@ -103,6 +103,12 @@ func TestStreamEvidence(t *testing.T) {
 			if !same(ev.Log, ref.Log) || !same(ev.Records, ref.Records) || len(ev.Log) < 2 {
 				t.Fatalf("streamed log of %d batches and %d records differs from EvidenceSince's %d and %d", len(ev.Log), len(ev.Records), len(ref.Log), len(ref.Records))
 			}
+			// Byte for byte what MarshalBinary gives for the same evidence
+			// (the reference with the streamed request's quote).
+			ref.Quote, ref.PCRValues, ref.Batched = ev.Quote, ev.PCRValues, ev.Batched
+			if enc, err := ref.MarshalBinary(); err != nil || !bytes.Equal(enc, raw) {
+				t.Fatalf("streamed evidence is not MarshalBinary's encoding (%v)", err)
+			}
 			opts.Nonce = nonce
 			rep, err := verify.Verify(ev, opts)
 			if err != nil {
@@ -117,6 +123,50 @@ func TestStreamEvidence(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestStreamFinalEvidence: the post-mortem evidence streamed is byte for
+// byte FinalEvidence's encoding (its quote was kept, so both are fixed).
+func TestStreamFinalEvidence(t *testing.T) {
+	ctx := context.Background()
+	m := muxtest.Open(t, mux.Config{MaxBatch: 7})
+	a, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x75, 1}, Name: "vm-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log"}}
+	for range 40 {
+		if _, err := m.Submit(a.ID(), r, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Teardown(ctx, a.ID(), "destroyed"); err != nil {
+		t.Fatal(err)
+	}
+	var fe *evidence.Evidence
+	for i := 0; ; i++ {
+		if fe, err = m.FinalEvidence(a.ID()); err == nil {
+			break
+		}
+		if i == 100 {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	want, err := fe.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	if err := m.StreamFinalEvidence(ctx, a.ID(), 300, func(p []byte, last bool) error {
+		got = append(got, p...)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) || len(fe.Log) < 5 {
+		t.Fatalf("streamed post-mortem evidence (%d bytes) differs from FinalEvidence's (%d bytes, %d batches)", len(got), len(want), len(fe.Log))
+	}
+}
 
 // TestEvidenceBudget: builds of evidence as a value (WithEvidence) hold
 // their share of the evidence budget while the caller uses them, so a log
