@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -532,34 +533,86 @@ func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes
 		}
 		return nil
 	}
+	if est <= maxCachedLog {
+		// Every request that shares a quote shares its log: encode it
+		// once (batches never change once committed).
+		body, err := m.evCache.get(res.epoch, from, res.last, func() ([]byte, error) {
+			var body []byte
+			err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &body, func() error { return nil })
+			return body, err
+		})
+		if err != nil {
+			return err
+		}
+		buf = append(buf, body...)
+	} else if err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &buf, func() error { return flush(false) }); err != nil {
+		return err
+	}
+	buf = append(buf, suffix...)
+	return flush(true)
+}
+
+// maxCachedLog bounds the encoded log segment kept for the requests that
+// share a quote (larger ones are streamed window by window).
+const maxCachedLog = 4 << 20
+
+// logCache keeps the last encoded log segment: the batches from, …, last of
+// an epoch, as they appear in evidence.
+type logCache struct {
+	mu                sync.Mutex
+	epoch, from, last uint64
+	body              []byte
+	ok                bool
+}
+
+// get returns the segment, encoding it with build when it is not the one
+// kept. The bytes are shared: callers must not change them.
+func (c *logCache) get(epoch, from, last uint64, build func() ([]byte, error)) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ok && c.epoch == epoch && c.from == from && c.last == last {
+		return c.body, nil
+	}
+	body, err := build()
+	if err != nil {
+		return nil, err
+	}
+	c.epoch, c.from, c.last, c.body, c.ok = epoch, from, last, body, true
+	return body, nil
+}
+
+// encodeBatches appends the evidence encoding of batches from, …, last of
+// epoch to *buf, reading them a window of about chunk bytes at a time, each
+// window in its own short read transaction, and calls flush after each.
+func (m *Mux) encodeBatches(ctx context.Context, epoch, from, last uint64, chunk int, buf *[]byte, flush func() error) error {
 	var seen uint64
-	for next := from; next <= res.last; {
+	for next := from; next <= last; {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		// One window: batches until about a chunk's worth, in one short
-		// read transaction.
 		err := m.store.View(func(sn *logstore.Snapshot) error {
 			size := 0
-			err := sn.Batches(res.epoch, next, func(index uint64, b *logstore.Batch) error {
-				if index > res.last || size >= chunk {
+			err := sn.Batches(epoch, next, func(index uint64, b *logstore.Batch) error {
+				if index > last || size >= chunk {
 					return errStop
 				}
 				if index != next {
 					return fmt.Errorf("batch %d missing from the store (found %d)", next, index)
 				}
-				buf = cborHead(buf, 5, 2) // map {1: g0, 2: entries}
-				buf = cborHead(buf, 0, 1)
-				buf = cborHead(buf, 0, b.G0)
-				buf = cborHead(buf, 0, 2)
+				p := *buf
+				p = cborHead(p, 5, 2) // map {1: g0, 2: entries}
+				p = cborHead(p, 0, 1)
+				p = cborHead(p, 0, b.G0)
+				p = cborHead(p, 0, 2)
 				if len(b.Entries) == 0 {
 					// build copies no entries into a nil slice, which the
 					// encoder writes as null: do as it does.
-					buf = append(buf, 0xf6)
+					p = append(p, 0xf6)
 				} else {
-					buf = cborHead(buf, 2, uint64(len(b.Entries)))
-					buf = append(buf, b.Entries...)
+					p = cborHead(p, 2, uint64(len(b.Entries)))
+					p = append(p, b.Entries...)
 				}
+				*buf = p
 				size += len(b.Entries)
 				next++
 				seen++
@@ -573,18 +626,17 @@ func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes
 		if err != nil {
 			return fmt.Errorf("stream evidence: %w", err)
 		}
-		if err := flush(false); err != nil {
+		if err := flush(); err != nil {
 			return err
 		}
 		if seen == 0 {
 			return fmt.Errorf("stream evidence: batch %d missing from the store", next)
 		}
 	}
-	if seen != n {
+	if n := last + 1 - from; seen != n {
 		return fmt.Errorf("stream evidence: %d batches, want %d", seen, n)
 	}
-	buf = append(buf, suffix...)
-	return flush(true)
+	return nil
 }
 
 var evEnc = canon.Enc()
