@@ -236,11 +236,11 @@ const maxQuoteLinger = 100 * time.Millisecond
 // again, and in a closed loop they all ask again within the time it takes
 // to build and send their evidence. It waits until the requests the last
 // quote served are waiting again beside those that queued during it (so
-// that cohorts merge), or until none has arrived for 3 ms
+// that cohorts merge), or until none has arrived for 10 ms
 // (the rest are not coming soon), or at most linger. An idle TPM is
 // never waited for: without requests the loop has ended.
 func (m *Mux) gather(served int, linger time.Duration) {
-	gap := min(linger/5, 3*time.Millisecond)
+	gap := min(linger/5, 10*time.Millisecond)
 	start := time.Now()
 	last, lastN := start, -1
 	// Requests that queued during the quote are another cohort: wait for
@@ -486,12 +486,6 @@ func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk 
 // stream writes shell's canonical encoding with the batches of res.epoch
 // from since (or 0) to res.last in place of its log (see StreamEvidence).
 func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
-	sem, limit := m.evBudget()
-	w := min(int64(2*chunk), limit)
-	if err := sem.Acquire(ctx, w); err != nil {
-		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
-	}
-	defer sem.Release(w)
 	// The shell is the evidence with one sentinel batch in place of the
 	// log; its encoding is split around the sentinel, and the real batches
 	// are encoded between the halves.
@@ -519,6 +513,14 @@ func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes
 	n := res.last + 1 - from
 	// Small evidence (the usual incremental request) gets a small buffer.
 	est := int64(len(prefix)+len(suffix)) + m.evidenceWeight(res, since) + int64(n)*16 + 64
+	// A stream holds about two pieces (its buffer and the frame made of
+	// it), a small evidence all of itself, twice.
+	sem, limit := m.evBudget()
+	w := min(2*est, int64(2*chunk), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
 	buf := make([]byte, 0, min(int64(chunk+chunk/4), est))
 	buf = append(buf, prefix...)
 	buf = cborHead(buf, 4, n) // array of n batches
