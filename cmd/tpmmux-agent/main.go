@@ -3,7 +3,7 @@
 // fetches this VM's evidence for a verifier's nonce.
 //
 //	tpmmux-agent [run] [--transport vsock|virtio-serial|unix] [--unix PATH] [--ima PATH] [--control PATH] [-v]
-//	tpmmux-agent attest --nonce HEX --out DIR [--transport …] [--unix PATH] [--control PATH] [--timeout D]
+//	tpmmux-agent attest --nonce HEX --out DIR [--checkpoint FILE] [--transport …] [--unix PATH] [--control PATH] [--timeout D]
 //	tpmmux-agent bind --purpose NAME (--key PEM | --key-hash HEX) [--control PATH]
 //
 // attest writes DIR/evidence.cbor, DIR/evidence.json, DIR/identity.json,
@@ -11,7 +11,8 @@
 //
 //	tpmmux-verify --evidence DIR/evidence.json --nonce $(cat DIR/nonce.hex) --identity DIR/identity.json --ak DIR/ak.pem
 //
-// checks them. It asks the running agent through its control socket when
+// checks them (with --checkpoint the evidence is the delta after a verifier
+// checkpoint: verify it with tpmmux-verify --checkpoint). It asks the running agent through its control socket when
 // one answers there (needed on virtio-serial, where the agent holds the
 // only port), and the bridge directly otherwise.
 //
@@ -42,6 +43,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/transport"
 	"github.com/tpmmux/tpmmux/internal/verify"
+	"github.com/tpmmux/tpmmux/internal/wire"
 )
 
 // Exit codes.
@@ -222,11 +224,25 @@ virtio-serial, where the agent holds the only port), and the bridge directly oth
 	nonceHex := fs.String("nonce", "", "the verifier's nonce, `HEX`, 1 to 64 bytes (default: 32 random bytes)")
 	out := fs.String("out", "", "`DIR` to write the evidence files into")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
+	cpFile := fs.String("checkpoint", "", "a verifier's checkpoint `FILE` (tpmmux-verify --save-checkpoint): ask only for the evidence after it")
 	if err := parse(cmd, args, stdout, stderr); err != nil {
 		return err
 	}
 	if *out == "" {
 		return usagef("--out DIR is required")
+	}
+	var since *wire.Since
+	if *cpFile != "" {
+		b, err := os.ReadFile(*cpFile)
+		if err != nil {
+			return usagef("--checkpoint: %v", err)
+		}
+		var cp verify.Checkpoint
+		if err := json.Unmarshal(b, &cp); err != nil {
+			return usagef("--checkpoint %s is not a tpmmux-verify checkpoint: %v", *cpFile, err)
+		}
+		s := cp.Since()
+		since = &wire.Since{Batch: s.Batch, Records: s.Records}
 	}
 	var nonce []byte
 	if *nonceHex == "" {
@@ -247,7 +263,7 @@ virtio-serial, where the agent holds the only port), and the bridge directly oth
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	resp, via, err := agent.AttestAny(ctx, cfg, nonce)
+	resp, via, err := agent.AttestAnySince(ctx, cfg, nonce, since)
 	if err != nil {
 		return err
 	}

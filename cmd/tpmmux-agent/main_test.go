@@ -295,6 +295,23 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 			t.Fatalf("verify %s: exit %d %+v %s", f, code, rep, errs)
 		}
 	}
+	// The delta since a verifier's checkpoint, through the running agent:
+	// tpmmux-verify --checkpoint accepts it, and it is small.
+	cp := filepath.Join(work, "checkpoint.json")
+	nonce2, _ := os.ReadFile(filepath.Join(out2, "nonce.hex"))
+	if out, err := exec.Command(verifyBin, "--evidence", filepath.Join(out2, "evidence.json"), "--nonce", strings.TrimSpace(string(nonce2)),
+		"--identity", filepath.Join(out2, "identity.json"), "--ak", filepath.Join(out2, "ak.pem"), "--save-checkpoint", cp).CombinedOutput(); err != nil {
+		t.Fatalf("verify --save-checkpoint: %v\n%s", err, out)
+	}
+	outInc := filepath.Join(work, "incremental")
+	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0e0f0e0f0e0f0e0f0e0f0e0f0e0f0e0f", "--checkpoint", cp, "--out", outInc)
+	if out, err := exec.Command(verifyBin, "--evidence", filepath.Join(outInc, "evidence.cbor"), "--nonce", "0e0f0e0f0e0f0e0f0e0f0e0f0e0f0e0f",
+		"--identity", filepath.Join(outInc, "identity.json"), "--ak", filepath.Join(outInc, "ak.pem"), "--checkpoint", cp).CombinedOutput(); err != nil {
+		t.Fatalf("verify --checkpoint: %v\n%s", err, out)
+	}
+	if fi, err := os.Stat(filepath.Join(outInc, "evidence.cbor")); err != nil || fi.Size() >= 16<<10 {
+		t.Fatalf("incremental evidence: %v (not a delta?)", err)
+	}
 	key := sha256.Sum256([]byte("tls key"))
 	runCmd(t, agentBin, "bind", "--purpose", "tls", "--key-hash", hex.EncodeToString(key[:]), "--control", control)
 	out3 := filepath.Join(work, "bound")

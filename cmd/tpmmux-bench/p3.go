@@ -285,11 +285,15 @@ func (e *env) benchAttest(ctx context.Context) error {
 			for _, r := range bat {
 				batched += r.batched
 			}
+			// The closed-loop ideal is one quote answering every verifier:
+			// N per quote time, and the one-quote-per-request baseline
+			// measures the quote time (o ≈ 1/Q) in the same run.
+			ideal := float64(n) * o
 			row := row{ID: "P3", Case: fmt.Sprintf("attestation, %d verifiers", n), TPM: tpmLabel(kind),
-				Value: fmtRate(b, "req/s"), Baseline: fmtRate(o, "req/s") + " (1 quote/req)", V: b, B: o, R: b / o, Ratio: fmtRatio(b / o),
-				Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes", verified, batched)}
-			if kind == kindHW && n >= 100 {
-				row.Target, row.Met = "≥100× baseline", yesNo(b/o >= 100)
+				Value: fmt.Sprintf("%s (%.0f%% of N/Q)", fmtRate(b, "req/s"), 100*b/ideal), Baseline: fmtRate(o, "req/s") + " (1 quote/req)", V: b, B: o, R: b / o, Ratio: fmtRatio(b / o),
+				Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes; closed-loop ideal N/Q = %s", verified, batched, fmtRate(ideal, "req/s"))}
+			if kind == kindHW && n >= 10 {
+				row.Target, row.Met = "≥90% of N/Q", yesNo(b >= 0.9*ideal)
 			} else {
 				row.Target, row.Met = "-", "-"
 			}

@@ -17,6 +17,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/cli"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // adminFlags are the flags every admin command shares.
@@ -216,6 +217,7 @@ nonce is not in that quote).`,
 	vm := fs.String("vm", "", "the `VM`: its name, uuid, instance or id, or a unique prefix (4+ hex digits) of the instance or id, as tpmmux-bridge vms --all shows them")
 	nonceHex := fs.String("nonce", "", "the verifier's nonce, `HEX` (1 to 64 bytes)")
 	out := fs.String("out", "", "write the files into this `DIR`")
+	cpFile := fs.String("checkpoint", "", "a verifier's checkpoint `FILE` (tpmmux-verify --save-checkpoint): only the evidence after it")
 	if code, done := cmd.Parse(args, stdout, stderr); done {
 		return code
 	}
@@ -223,12 +225,26 @@ nonce is not in that quote).`,
 		cmd.UsageError(stderr, "--vm and --out are required")
 		return cli.ExitUsage
 	}
+	var since *evidence.Since
+	if *cpFile != "" {
+		b, err := os.ReadFile(*cpFile)
+		if err != nil {
+			fmt.Fprintf(stderr, "tpmmux-bridge evidence: --checkpoint: %v\n", err)
+			return 2
+		}
+		var cp verify.Checkpoint
+		if err := json.Unmarshal(b, &cp); err != nil {
+			fmt.Fprintf(stderr, "tpmmux-bridge evidence: --checkpoint %s is not a tpmmux-verify checkpoint: %v\n", *cpFile, err)
+			return 2
+		}
+		since = cp.Since()
+	}
 	nonce, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
 	if err != nil || len(nonce) > 64 {
 		fmt.Fprintf(stderr, "tpmmux-bridge evidence: --nonce %q is not 1 to 64 bytes of hex\n", *nonceHex)
 		return 2
 	}
-	resp, err := a.call(ctx, &control.Request{Op: control.OpEvidence, VM: *vm, Nonce: nonce})
+	resp, err := a.call(ctx, &control.Request{Op: control.OpEvidence, VM: *vm, Nonce: nonce, Since: since})
 	if err != nil {
 		return adminErr(stderr, "evidence", err)
 	}
@@ -244,6 +260,9 @@ nonce is not in that quote).`,
 		return 0
 	}
 	check := "--nonce " + hex.EncodeToString(nonce)
+	if *cpFile != "" {
+		check += " --checkpoint " + *cpFile
+	}
 	if e.PostMortem {
 		check = "--post-mortem"
 		fmt.Fprintf(stdout, "%s has ended: this is the final quote the bridge kept at its teardown (the nonce is not in it)\n", e.VM)

@@ -232,11 +232,22 @@ func TestHostFlow(t *testing.T) {
 			t.Fatalf("identity.json mode %v, want 0600", fi.Mode().Perm())
 		}
 	}
-	if n := verifyFiles(t, evDir, "--nonce", nonce); n != len(es) {
+	cp := filepath.Join(h.dir, "checkpoint.json")
+	if n := verifyFiles(t, evDir, "--nonce", nonce, "--save-checkpoint", cp); n != len(es) {
 		t.Fatalf("tpmmux-verify: %d measurements, want %d", n, len(es))
 	}
 	if !strings.Contains(out, "tpmmux-verify --evidence") {
 		t.Fatalf("evidence output: %s", out)
+	}
+	// The delta since the verifier's checkpoint, through the control
+	// socket: tpmmux-verify --checkpoint accepts it.
+	incDir := filepath.Join(h.dir, "ev-inc")
+	if code, out, stderr := h.cli("evidence", "--vm", "vm-a", "--nonce", "01230123012301230123012301230123", "--out", incDir, "--checkpoint", cp); code != 0 || !strings.Contains(out, "--checkpoint "+cp) {
+		t.Fatalf("evidence --checkpoint: exit %d: %s%s", code, out, stderr)
+	}
+	verifyFiles(t, incDir, "--nonce", "01230123012301230123012301230123", "--checkpoint", cp)
+	if fi, err := os.Stat(filepath.Join(incDir, "evidence.cbor")); err != nil || fi.Size() >= 16<<10 {
+		t.Fatalf("incremental evidence: %v (not a delta?)", err)
 	}
 
 	// libvirt stops the domain: stopped end, then release end with the

@@ -37,11 +37,20 @@ func checkNonce(nonce []byte) error {
 // process can hold it: while Run runs, the request travels on Run's
 // session; otherwise Attest opens the port itself.
 func (a *Agent) Attest(ctx context.Context, nonce []byte) (*wire.EvidenceResponse, error) {
+	return a.AttestSince(ctx, nonce, nil)
+}
+
+// AttestSince is Attest for a verifier that holds a checkpoint
+// (verify.Checkpoint.Since): the bridge sends only the batches and records
+// after it, so the answer stays small however long the host's log grows. A
+// nil since asks for full evidence. Evidence larger than one frame arrives
+// in parts and is joined here.
+func (a *Agent) AttestSince(ctx context.Context, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, error) {
 	if err := checkNonce(nonce); err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	if a.resync() && a.running.Load() {
-		resp, err := a.onSession(ctx, &request{typ: wire.TypeEvidenceRequest, nonce: nonce})
+		resp, err := a.onSession(ctx, &request{typ: wire.TypeEvidenceRequest, nonce: nonce, since: since})
 		if err != nil {
 			return nil, fmt.Errorf("attest over the running session: %w", err)
 		}
@@ -52,7 +61,7 @@ func (a *Agent) Attest(ctx context.Context, nonce []byte) (*wire.EvidenceRespons
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attestOn(ctx, conn, a.resync(), a.nextID(), nonce, a.cfg.WriteTimeout)
+	resp, err := attestOn(ctx, conn, a.resync(), a.nextID(), nonce, since, a.cfg.WriteTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -96,19 +105,20 @@ func (a *Agent) onSession(ctx context.Context, r *request) (*wire.EvidenceRespon
 // attestOn sends one evidence request on a fresh stream and waits for its
 // answer, skipping anything else (on virtio-serial, frames of an earlier
 // session may still be in the stream).
-func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []byte, writeTimeout time.Duration) (*wire.EvidenceResponse, error) {
+func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []byte, since *wire.Since, writeTimeout time.Duration) (*wire.EvidenceResponse, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	if d, ok := conn.(deadliner); ok {
 		d.SetWriteDeadline(time.Now().Add(writeTimeout))
 	}
 	wc := wire.NewConn(conn, resync)
-	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: nonce}); err != nil {
+	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: nonce, Since: since}); err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 		return nil, err
 	}
+	var parts wire.Assembler
 	for {
 		f, err := wc.Recv()
 		if err != nil {
@@ -124,7 +134,13 @@ func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []
 				return nil, err
 			}
 			if m.ID == id {
-				return &m, nil
+				whole, err := parts.Add(&m)
+				if err != nil {
+					return nil, fmt.Errorf("evidence from the bridge: %w", err)
+				}
+				if whole != nil {
+					return whole, nil
+				}
 			}
 		case wire.TypeError:
 			var e wire.Error
@@ -141,6 +157,11 @@ func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []
 // AttestControl asks the agent running on this guest, through its control
 // socket at path, for this VM's evidence for nonce.
 func AttestControl(ctx context.Context, path string, nonce []byte) (*wire.EvidenceResponse, error) {
+	return AttestControlSince(ctx, path, nonce, nil)
+}
+
+// AttestControlSince is AttestControl for evidence since a checkpoint.
+func AttestControlSince(ctx context.Context, path string, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, error) {
 	if err := checkNonce(nonce); err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -149,7 +170,7 @@ func AttestControl(ctx context.Context, path string, nonce []byte) (*wire.Eviden
 		return nil, fmt.Errorf("attest through the agent: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attestOn(ctx, conn, false, rand.Uint64(), nonce, DefaultWriteTimeout)
+	resp, err := attestOn(ctx, conn, false, rand.Uint64(), nonce, since, DefaultWriteTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("attest through the agent at %s: %w", path, err)
 	}
@@ -206,8 +227,13 @@ func NoAgent(err error) bool {
 // answers there, and otherwise the bridge directly over cfg's transport. It
 // returns how it got the evidence ("control" or the transport's name).
 func AttestAny(ctx context.Context, cfg Config, nonce []byte) (*wire.EvidenceResponse, string, error) {
+	return AttestAnySince(ctx, cfg, nonce, nil)
+}
+
+// AttestAnySince is AttestAny for evidence since a checkpoint.
+func AttestAnySince(ctx context.Context, cfg Config, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, string, error) {
 	if cfg.ControlSocket != "" {
-		resp, err := AttestControl(ctx, cfg.ControlSocket, nonce)
+		resp, err := AttestControlSince(ctx, cfg.ControlSocket, nonce, since)
 		if err == nil {
 			return resp, "control", nil
 		}
@@ -220,7 +246,7 @@ func AttestAny(ctx context.Context, cfg Config, nonce []byte) (*wire.EvidenceRes
 	if err != nil {
 		return nil, "", err
 	}
-	resp, err := a.Attest(ctx, nonce)
+	resp, err := a.AttestSince(ctx, nonce, since)
 	return resp, string(a.cfg.Transport), err
 }
 
@@ -315,13 +341,18 @@ func (a *Agent) control(ctx context.Context, wc *wire.Conn, f wire.Frame) error 
 		if err := wire.Decode(f, &m); err != nil {
 			return err
 		}
-		resp, err := a.Attest(ctx, m.Nonce)
+		resp, err := a.AttestSince(ctx, m.Nonce, m.Since)
 		if err != nil {
 			return fail(m.ID, wire.CodeEvidence, err)
 		}
 		out := *resp
 		out.ID = m.ID
-		return wc.Send(wire.TypeEvidenceResponse, &out)
+		for _, p := range wire.EvidenceParts(&out, wire.EvidenceChunk) {
+			if err := wc.Send(wire.TypeEvidenceResponse, p); err != nil {
+				return err
+			}
+		}
+		return nil
 	case wire.TypeBind:
 		var m wire.Bind
 		if err := wire.Decode(f, &m); err != nil {

@@ -17,6 +17,8 @@ type request struct {
 	ctx     context.Context
 	typ     wire.Type // TypeEvidenceRequest or TypeBind
 	nonce   []byte
+	since   *wire.Since // evidence since a verifier checkpoint; nil: full
+	parts   wire.Assembler
 	purpose string
 	keyHash [32]byte
 	done    chan result // buffered: the session never blocks on it
@@ -300,7 +302,7 @@ func (s *session) request(r *request, next *uint64) error {
 	switch r.typ {
 	case wire.TypeEvidenceRequest:
 		s.waiting[id] = r
-		if err := s.send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: r.nonce}); err != nil {
+		if err := s.send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: r.nonce, Since: r.since}); err != nil {
 			return err
 		}
 	case wire.TypeBind:
@@ -365,8 +367,15 @@ func (s *session) handle(f wire.Frame) error {
 			return err
 		}
 		if r, ok := s.waiting[m.ID]; ok {
-			delete(s.waiting, m.ID)
-			r.finish(&m, nil)
+			// Evidence larger than one frame comes in parts.
+			whole, err := r.parts.Add(&m)
+			if err != nil {
+				delete(s.waiting, m.ID)
+				r.finish(nil, fmt.Errorf("evidence from the bridge: %w", err))
+			} else if whole != nil {
+				delete(s.waiting, m.ID)
+				r.finish(whole, nil)
+			}
 		} else {
 			a.log.Debug("ignored an evidence response nobody waits for", "id", m.ID)
 		}

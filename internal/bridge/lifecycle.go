@@ -47,6 +47,13 @@ type Bridge struct {
 	// them into its genesis. Nil: the bridge serves no vTPMs.
 	VTPMBanks []uint16
 
+	// Quota bounds each VM instance's records (quota.go); the zero value
+	// takes the defaults.
+	Quota Quota
+
+	quotaMu sync.Mutex
+	quotas  map[conceal.Digest]*vmQuota
+
 	budgetOnce sync.Once
 	budget     *semaphore.Weighted
 	budgetMax  int64
@@ -95,6 +102,7 @@ func (b *Bridge) Stopped(ctx context.Context, name, reason string) error {
 	if _, err := b.Mux.Teardown(ctx, id, reason); err != nil && !errors.Is(err, mux.ErrEnded) {
 		return fmt.Errorf("stopped %s: %w", name, err)
 	}
+	b.forgetQuota(id)
 	b.logger().Info("vm torn down", "vm", name, "reason", reason)
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/record"
@@ -193,13 +194,7 @@ func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Con
 				out.send(wire.TypeError, &wire.Error{Code: wire.CodeProtocol, Message: err.Error(), Fatal: true})
 				return wire.Frame{}, err
 			}
-			resp, err := b.evidenceFor(ctx, id, m)
-			if err != nil {
-				err = out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
-			} else {
-				err = out.send(wire.TypeEvidenceResponse, resp)
-			}
-			if err != nil {
+			if err := b.serveEvidence(ctx, id, m, out); err != nil {
 				return wire.Frame{}, err
 			}
 		case wire.TypePing:
@@ -249,6 +244,7 @@ type pendingAck struct {
 	next   uint64
 	ticket *mux.Ticket
 	weight int64 // records held from the host-wide budget until settled
+	silent bool  // the bridge's own record (a quota action): wait, do not ack
 }
 
 // DefaultMaxQueued is the default host-wide budget of guest records that
@@ -284,6 +280,7 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 		code := wire.CodeUnavailable
 		if errors.Is(err, mux.ErrEnded) {
 			code = wire.CodeEnded
+			b.forgetQuota(id)
 		}
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: err.Error(), Fatal: true})
 		return err
@@ -323,6 +320,9 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 					continue
 				}
 			}
+			if p.silent {
+				continue
+			}
 			if serr := out.send(wire.TypeAck, &wire.Ack{Seq: p.seq, Next: p.next}); serr != nil {
 				err = serr
 				conn.Close()
@@ -330,7 +330,15 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 		}
 		ackErr <- err
 	}()
-	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID, resync)
+	count, err := b.Mux.NextSeq(id)
+	if err != nil {
+		close(acks)
+		<-ackErr
+		out.send(wire.TypeError, &wire.Error{Code: wire.CodeUnavailable, Message: err.Error(), Fatal: true})
+		return err
+	}
+	lim := &limits{q: b.quotaFor(id), qc: b.quota(), count: int64(count)}
+	err = b.loop(ctx, id, wc, out, acks, next, hello.BootID, resync, lim)
 	close(acks)
 	aerr := <-ackErr
 	if err == nil {
@@ -339,11 +347,69 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 	return err
 }
 
-func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool) error {
+// limits is one session's view of its VM's quota.
+type limits struct {
+	q     *vmQuota
+	qc    Quota
+	count int64 // the VM instance's records, durable and submitted
+}
+
+func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool, lim *limits) error {
 	fatal := func(code, format string, a ...any) error {
 		msg := fmt.Sprintf(format, a...)
 		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
 		return &guestError{code: code, msg: msg}
+	}
+	// note puts an action record about a quota into the VM's own log.
+	note := func(action, detail string) error {
+		t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindAction, Time: b.now().UnixNano(), Action: &record.Action{Action: action, Detail: detail}})
+		if err != nil {
+			return fatal(wire.CodeUnavailable, "%v", err)
+		}
+		lim.count++
+		b.logger().Warn("guest over quota", "vm", b.nameOf(id), "action", action, "detail", detail)
+		select {
+		case acks <- pendingAck{ticket: t, silent: true}:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	// admit enforces the quota on a frame of n records of size bytes:
+	// the record limit refuses it, the rates slow it.
+	admit := func(seq uint64, n, size int) error {
+		if lim.qc.MaxRecords > 0 && lim.count+int64(n) > lim.qc.MaxRecords {
+			msg := fmt.Sprintf("this VM instance has %d records; %d more exceed the per-VM limit of %d records (bridge quota max_records): nothing of this frame is acknowledged; restart the VM for a new instance", lim.count, n, lim.qc.MaxRecords)
+			lim.q.mu.Lock()
+			first := !lim.q.capped
+			lim.q.capped = true
+			lim.q.mu.Unlock()
+			if first {
+				if err := note("quota-records", msg); err != nil {
+					return err
+				}
+			}
+			return fatal(wire.CodeQuota, "%s", msg)
+		}
+		adm := lim.q.admit(lim.qc, n, size, b.now())
+		if adm.episode != "" {
+			if err := out.send(wire.TypeError, &wire.Error{Code: wire.CodeQuota, Message: adm.episode, Seq: seq}); err != nil {
+				return err
+			}
+			if err := note("quota-rate", adm.episode); err != nil {
+				return err
+			}
+		}
+		if adm.wait > 0 {
+			tm := time.NewTimer(adm.wait)
+			defer tm.Stop()
+			select {
+			case <-tm.C:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		return nil
 	}
 	for {
 		f, err := wc.Recv()
@@ -365,6 +431,21 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 				continue
 			}
 			recs := make([]*record.Record, 0, len(m.Entries)-int(skip))
+			size := 0
+			for i, e := range m.Entries[skip:] {
+				idx := next + uint64(i)
+				if limit := lim.qc.MaxEntryBytes; limit > 0 && len(e.Data) > limit {
+					msg := fmt.Sprintf("entry %d: template data of %d bytes exceeds the per-entry limit of %d bytes (bridge quota max_entry_bytes); nothing from this entry on is acknowledged", idx, len(e.Data), limit)
+					if err := note("quota-entry-size", msg); err != nil {
+						return err
+					}
+					return fatal(wire.CodeQuota, "%s", msg)
+				}
+				size += len(e.Data) + len(e.TemplateHash) + len(e.Template)
+			}
+			if err := admit(m.Seq, len(m.Entries)-int(skip), size); err != nil {
+				return err
+			}
 			now := b.now().UnixNano()
 			for i, e := range m.Entries[skip:] {
 				idx := next + uint64(i)
@@ -388,6 +469,7 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 				return fatal(code, "%v", err)
 			}
 			next += uint64(len(recs))
+			lim.count += int64(len(recs))
 			select {
 			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t, weight: w}:
 			case <-ctx.Done():
@@ -401,24 +483,21 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 			if m.Purpose == "" || len(m.Purpose) > 64 {
 				return fatal(wire.CodeProtocol, "bind purpose of %d bytes", len(m.Purpose))
 			}
+			if err := admit(m.Seq, 1, len(m.Purpose)+len(m.KeyHash)); err != nil {
+				return err
+			}
 			t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindBinding, Time: b.now().UnixNano(), Binding: &record.Binding{Purpose: m.Purpose, KeyHash: m.KeyHash}})
 			if err != nil {
 				return fatal(wire.CodeUnavailable, "%v", err)
 			}
+			lim.count++
 			acks <- pendingAck{seq: m.Seq, next: next, ticket: t}
 		case wire.TypeEvidenceRequest:
 			var m wire.EvidenceRequest
 			if err := wire.Decode(f, &m); err != nil {
 				return fatal(wire.CodeProtocol, "%v", err)
 			}
-			resp, err := b.evidenceFor(ctx, id, m)
-			if err != nil {
-				if serr := out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID}); serr != nil {
-					return serr
-				}
-				continue
-			}
-			if err := out.send(wire.TypeEvidenceResponse, resp); err != nil {
+			if err := b.serveEvidence(ctx, id, m, out); err != nil {
 				return err
 			}
 		case wire.TypeHello:
@@ -490,28 +569,60 @@ func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*rec
 	return r, nil
 }
 
-// evidenceFor serves a guest's own evidence request.
-func (b *Bridge) evidenceFor(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest) (*wire.EvidenceResponse, error) {
+// serveEvidence answers a guest's own evidence request, full or since a
+// checkpoint, streamed from the store (mux.StreamEvidence) in parts of at
+// most wire.EvidenceChunk bytes, so that however long the log is and however
+// many guests ask at once, no request holds the whole log in memory. A
+// request the bridge cannot serve, or that fails part way, gets an evidence
+// error; only a failure to send ends the connection.
+func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, out *sender) error {
+	err := b.streamEvidence(ctx, id, m, func(p *wire.EvidenceResponse) error {
+		if err := out.send(wire.TypeEvidenceResponse, p); err != nil {
+			return &sendError{err}
+		}
+		return nil
+	})
+	var se *sendError
+	if errors.As(err, &se) {
+		return se.err
+	}
+	if err != nil {
+		return out.send(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: err.Error(), Seq: m.ID})
+	}
+	return nil
+}
+
+type sendError struct{ err error }
+
+func (e *sendError) Error() string { return e.err.Error() }
+
+// streamEvidence produces the responses to a guest's evidence request: one
+// when the evidence fits a part, else parts 0, 1, … with More set on all
+// but the last; part 0 carries the identity and the AK.
+func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
-		return nil, fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
-	}
-	ev, err := b.Mux.Evidence(ctx, id, m.Nonce)
-	if err != nil {
-		return nil, err
-	}
-	raw, err := ev.MarshalBinary()
-	if err != nil {
-		return nil, err
+		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
 	}
 	ident, err := b.Mux.Identity(id)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	resp := &wire.EvidenceResponse{ID: m.ID, Evidence: raw, UUID: ident.UUID, Instance: ident.Instance, Key: ident.Key}
-	if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
-		resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+	var since *evidence.Since
+	if m.Since != nil {
+		since = &evidence.Since{Batch: m.Since.Batch, Records: m.Since.Records}
 	}
-	return resp, nil
+	part := uint32(0)
+	return b.Mux.StreamEvidence(ctx, id, m.Nonce, since, wire.EvidenceChunk, func(p []byte, last bool) error {
+		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, Evidence: p, More: !last}
+		if part == 0 {
+			resp.UUID, resp.Instance, resp.Key = ident.UUID, ident.Instance, ident.Key
+			if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
+				resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+			}
+		}
+		part++
+		return send(resp)
+	})
 }
 
 func (b *Bridge) now() time.Time { return time.Now() }

@@ -19,7 +19,8 @@
 //	reconnect {xml}            → vm: a running VM re-adopted after a libvirtd restart
 //	status    {}               → status
 //	vms       {all}            → vms
-//	evidence  {vm, nonce}      → evidence (binary CBOR, base64 in JSON), identity, AK PEM
+//	evidence  {vm, nonce, since} → evidence (binary CBOR, base64 in JSON), identity, AK PEM;
+//	                             with since, only what follows that verifier checkpoint
 //	enroll-request {}          → enrollment: EK certificate, EK and AK public areas (ext.go)
 //	enroll-answer  {challenge} → answer: the secret the TPM released
 //	violation {vm, reason, detail} → enforcement: the actions taken
@@ -34,6 +35,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/enroll"
+	"github.com/tpmmux/tpmmux/internal/evidence"
 )
 
 // DefaultSocket is where the bridge listens for control requests.
@@ -73,6 +75,9 @@ type Request struct {
 	VM string `json:"vm,omitempty"`
 	// Nonce is the verifier's nonce (evidence), 1 to 64 bytes.
 	Nonce []byte `json:"nonce,omitempty"`
+	// Since asks for evidence after a verifier's checkpoint
+	// (verify.Checkpoint.Since) instead of full evidence (evidence).
+	Since *evidence.Since `json:"since,omitempty"`
 	// All lists ended VM instances too (vms).
 	All bool `json:"all,omitempty"`
 	// FailOpen says the client starts the domain even without an answer

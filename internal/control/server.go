@@ -1,7 +1,10 @@
 package control
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tpmmux/tpmmux/internal/evidence"
 )
 
 // Handler carries out control requests. Its methods get a context that
@@ -36,6 +41,18 @@ type Handler interface {
 	VMs(ctx context.Context, all bool) ([]VM, error)
 	// Evidence returns evidence for the VM named vm with the nonce.
 	Evidence(ctx context.Context, vm string, nonce []byte) (*Evidence, error)
+}
+
+// EvidenceWriter is implemented by a Handler that serves evidence, full or
+// since a checkpoint, of any size: it calls write once with the response's
+// fields and, for evidence it streams, body, which produces the evidence's
+// bytes piece by piece (mux.StreamEvidence); the server writes the JSON
+// response as they come, base64 streamed, so neither side holds the whole
+// evidence in memory more than once. With body nil, e.Evidence is the
+// evidence. The server prefers it to Handler.Evidence; without it, a request
+// with Since is refused.
+type EvidenceWriter interface {
+	WriteEvidence(ctx context.Context, vm string, nonce []byte, since *evidence.Since, write func(e *Evidence, body func(emit func([]byte) error) error) error) error
 }
 
 // Undoer is implemented by a Handler that can undo a prepare whose answer
@@ -258,11 +275,17 @@ func (s *Server) serveConn(c net.Conn) {
 	}
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
-	resp := s.dispatch(ctx, &req)
 	// Give the answer a moment past the client's deadline: a client whose
 	// deadline passed has gone, and then the write fails.
 	c.SetWriteDeadline(deadline.Add(100 * time.Millisecond))
-	werr := s.reply(c, resp)
+	var resp *Response
+	var werr error
+	if ew, ok := s.Handler.(EvidenceWriter); ok && req.Op == OpEvidence {
+		resp, werr = s.writeEvidence(ctx, c, ew, &req)
+	} else {
+		resp = s.dispatch(ctx, &req)
+		werr = s.reply(c, resp)
+	}
 	level := slog.LevelInfo
 	if req.Op == OpStatus || req.Op == OpVMs {
 		level = slog.LevelDebug
@@ -285,6 +308,85 @@ func (s *Server) serveConn(c net.Conn) {
 			ucancel()
 		}
 	}
+}
+
+// writeEvidence serves an evidence request through an EvidenceWriter. It
+// returns the response for the log (without its evidence bytes).
+func (s *Server) writeEvidence(ctx context.Context, c net.Conn, ew EvidenceWriter, req *Request) (resp *Response, werr error) {
+	started := false
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				s.log().Error("control request panicked", "op", req.Op, "panic", r)
+				err = fmt.Errorf("internal error: %v", r)
+			}
+		}()
+		return ew.WriteEvidence(ctx, req.VM, req.Nonce, req.Since, func(e *Evidence, body func(emit func([]byte) error) error) error {
+			resp = &Response{Evidence: &Evidence{VM: e.VM, PostMortem: e.PostMortem}}
+			return writeEvidenceJSON(c, e, body, &started)
+		})
+	}()
+	if started {
+		// The response is under way: an error now can only cut it short,
+		// which the client sees as a broken response.
+		return resp, err
+	}
+	if err == nil {
+		err = errors.New("evidence: the handler wrote nothing")
+	}
+	resp = &Response{Error: err.Error()}
+	return resp, s.reply(c, resp)
+}
+
+// writeEvidenceJSON writes {"evidence": e} as one line of JSON, exactly as
+// encodeJSON would, streaming the evidence's base64 from body (or from
+// e.Evidence when body is nil) instead of building the response in memory.
+// Nothing is written before body's first piece, so an error before it
+// (a failed quote) can still be answered as an error; started says whether
+// writing began.
+func writeEvidenceJSON(w io.Writer, e *Evidence, body func(emit func([]byte) error) error, started *bool) error {
+	if body == nil {
+		raw := e.Evidence
+		body = func(emit func([]byte) error) error { return emit(raw) }
+	}
+	shell := *e
+	shell.Evidence = nil
+	b, err := encodeJSON(&Response{Evidence: &shell})
+	if err != nil {
+		return err
+	}
+	// A JSON string escapes every quote, so this key-value pair can only be
+	// the field itself.
+	const hole = `"evidence":null`
+	i := bytes.Index(b, []byte(hole))
+	if i < 0 {
+		return errors.New("encode evidence response: no evidence field")
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	enc := base64.NewEncoder(base64.StdEncoding, bw)
+	begin := func() {
+		if !*started {
+			*started = true
+			bw.Write(b[:i])
+			bw.WriteString(`"evidence":"`)
+		}
+	}
+	err = body(func(p []byte) error {
+		begin()
+		_, err := enc.Write(p)
+		return err
+	})
+	if err != nil {
+		if *started {
+			bw.Flush()
+		}
+		return err
+	}
+	begin()
+	enc.Close()
+	bw.WriteString(`"`)
+	bw.Write(b[i+len(hole):])
+	return bw.Flush()
 }
 
 func (s *Server) reply(c net.Conn, resp *Response) error {
@@ -325,6 +427,10 @@ func (s *Server) dispatch(ctx context.Context, req *Request) (resp *Response) {
 			resp.VMs = []VM{}
 		}
 	case OpEvidence:
+		if req.Since != nil {
+			err = errors.New("evidence: this bridge does not serve incremental evidence; ask for full evidence")
+			break
+		}
 		resp.Evidence, err = h.Evidence(ctx, req.VM, req.Nonce)
 	default:
 		err = s.dispatchExt(ctx, req, resp)

@@ -20,7 +20,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/bridge"
 	"github.com/tpmmux/tpmmux/internal/control"
+	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/jsonconf"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -125,6 +127,12 @@ type Config struct {
 	// EnforceQMPDir, if set, is where the pause action finds the QMP
 	// socket of a VM that QEMU runs without libvirt: DIR/<name>.sock.
 	EnforceQMPDir string `json:"enforce_qmp_dir"`
+	// Quota bounds each VM instance's records (quota.go in
+	// internal/bridge): unset keys take the defaults, -1 is unlimited.
+	Quota QuotaConfig `json:"quota"`
+	// Conceal is activity concealment with cover leaves (mux.Cover), on
+	// by default: unset keys take the defaults, pad -1 turns it off.
+	Conceal ConcealConfig `json:"conceal"`
 }
 
 // HookPolicy is the bridge's side of the hook policy (the hook has its
@@ -209,6 +217,7 @@ type settings struct {
 	serialGID  int // -1: leave
 	vtpmBanks  []vpcr.Alg
 	metrics    string
+	cover      mux.Cover
 }
 
 // Validate checks the configuration and says what is wrong with it.
@@ -300,6 +309,12 @@ func (c *Config) parse() (*settings, error) {
 	if err := c.parseEnforce(); err != nil {
 		return nil, err
 	}
+	if _, err := c.Quota.Bridge(); err != nil {
+		return nil, err
+	}
+	if s.cover, err = c.Conceal.Cover(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -385,4 +400,74 @@ func NewConfiguredLogger(w io.Writer, cfg Config) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(w, o)), nil
 	}
 	return nil, fmt.Errorf("log format %q, want text or json", cfg.LogFormat)
+}
+
+// QuotaConfig is the "quota" block: per-VM limits on what a guest may put
+// into the shared log (docs/hook.md lists the keys, internal/bridge the
+// defaults and why). 0 or unset takes the default; -1 is unlimited.
+type QuotaConfig struct {
+	RecordsPerSecond float64 `json:"records_per_second"`
+	RecordBurst      float64 `json:"record_burst"`
+	BytesPerSecond   float64 `json:"bytes_per_second"`
+	ByteBurst        float64 `json:"byte_burst"`
+	MaxEntryBytes    int     `json:"max_entry_bytes"`
+	MaxRecords       int64   `json:"max_records"`
+}
+
+// Bridge checks the block and returns the bridge's quota.
+func (q QuotaConfig) Bridge() (bridge.Quota, error) {
+	for name, v := range map[string]float64{"records_per_second": q.RecordsPerSecond, "record_burst": q.RecordBurst,
+		"bytes_per_second": q.BytesPerSecond, "byte_burst": q.ByteBurst, "max_entry_bytes": float64(q.MaxEntryBytes), "max_records": float64(q.MaxRecords)} {
+		if v < 0 && v != -1 {
+			return bridge.Quota{}, fmt.Errorf("config: quota.%s is %g: want a positive number, 0 for the default or -1 for unlimited", name, v)
+		}
+	}
+	if q.MaxEntryBytes > ima.MaxTemplateDataLen {
+		return bridge.Quota{}, fmt.Errorf("config: quota.max_entry_bytes %d is above the protocol's limit of %d", q.MaxEntryBytes, ima.MaxTemplateDataLen)
+	}
+	return bridge.Quota{RecordsPerSecond: q.RecordsPerSecond, RecordBurst: q.RecordBurst, BytesPerSecond: q.BytesPerSecond,
+		ByteBurst: q.ByteBurst, MaxEntryBytes: q.MaxEntryBytes, MaxRecords: q.MaxRecords}, nil
+}
+
+// ConcealConfig is the "conceal" block: cover leaves make what one VM's
+// verifier sees of the log independent of the other VMs' activity within an
+// envelope of Pad records per Interval (docs/security.md), at the cost of
+// Pad/Interval cover entries and 1/Interval extends while any VM is live,
+// and up to Interval of added ack latency (docs/performance.md).
+type ConcealConfig struct {
+	// Pad pads every batch to a multiple of this many leaves; 0 is
+	// DefaultConcealPad, -1 turns concealment off.
+	Pad int `json:"pad"`
+	// Interval is the slot: one batch per Interval while any VM is live;
+	// 0 is DefaultConcealInterval.
+	Interval Duration `json:"interval"`
+	// Flush is the queue length that commits at once (0: 4 × pad).
+	Flush int `json:"flush"`
+}
+
+// Defaults of ConcealConfig.
+const (
+	DefaultConcealPad      = 16
+	DefaultConcealInterval = time.Second
+)
+
+// Cover checks the block and returns the multiplexer's setting.
+func (c ConcealConfig) Cover() (mux.Cover, error) {
+	if c.Pad == -1 {
+		return mux.Cover{}, nil
+	}
+	if c.Pad < 0 || c.Flush < 0 || c.Interval < 0 {
+		return mux.Cover{}, fmt.Errorf("config: conceal: pad %d, flush %d, interval %v: want positive values (pad -1 turns concealment off)", c.Pad, c.Flush, time.Duration(c.Interval))
+	}
+	cv := mux.Cover{Pad: c.Pad, Interval: time.Duration(c.Interval), Flush: c.Flush}
+	if cv.Pad == 0 {
+		cv.Pad = DefaultConcealPad
+	}
+	if cv.Interval == 0 {
+		cv.Interval = DefaultConcealInterval
+	}
+	if cv.Interval < time.Millisecond {
+		return mux.Cover{}, fmt.Errorf("config: conceal.interval %v is below 1ms: every slot is a TPM extend", cv.Interval)
+	}
+	return cv, nil
 }

@@ -102,3 +102,65 @@ func TestLoadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestQuotaConfig: the quota block reaches the bridge, and bad values are
+// refused with the key's name.
+func TestQuotaConfig(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "bridge.json")
+	os.WriteFile(p, []byte(`{"quota": {"records_per_second": 500, "max_entry_bytes": 65536, "max_records": -1}}`), 0o644)
+	cfg, err := LoadConfig(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	q, err := cfg.Quota.Bridge()
+	if err != nil || q.RecordsPerSecond != 500 || q.MaxEntryBytes != 65536 || q.MaxRecords != -1 || q.RecordBurst != 0 {
+		t.Fatalf("quota %+v, %v", q, err)
+	}
+	for _, tt := range []struct {
+		q    QuotaConfig
+		want string
+	}{
+		{QuotaConfig{RecordBurst: -2}, "quota.record_burst"},
+		{QuotaConfig{MaxEntryBytes: 4 << 20}, "quota.max_entry_bytes"},
+	} {
+		c := DefaultConfig()
+		c.Quota = tt.q
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%+v: %v, want an error naming %s", tt.q, err, tt.want)
+		}
+	}
+}
+
+// TestConcealConfig: concealment is on by default, can be tuned or turned
+// off, and bad values are refused with the key's name.
+func TestConcealConfig(t *testing.T) {
+	for _, tt := range []struct {
+		c       ConcealConfig
+		pad     int
+		every   time.Duration
+		wantErr string
+	}{
+		{ConcealConfig{}, DefaultConcealPad, DefaultConcealInterval, ""},
+		{ConcealConfig{Pad: 64, Interval: Duration(250 * time.Millisecond)}, 64, 250 * time.Millisecond, ""},
+		{ConcealConfig{Pad: -1}, 0, 0, ""},
+		{ConcealConfig{Pad: -2}, 0, 0, "conceal"},
+		{ConcealConfig{Interval: Duration(time.Microsecond)}, 0, 0, "conceal.interval"},
+	} {
+		c := DefaultConfig()
+		c.Conceal = tt.c
+		err := c.Validate()
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("%+v: %v, want an error naming %s", tt.c, err, tt.wantErr)
+			}
+			continue
+		}
+		cv, err := tt.c.Cover()
+		if err != nil || cv.Pad != tt.pad || cv.Interval != tt.every {
+			t.Errorf("%+v: %+v %v", tt.c, cv, err)
+		}
+	}
+}

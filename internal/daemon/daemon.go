@@ -159,7 +159,8 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 	if st.Fault != "" {
 		log.Error("the bridge will not give VMs identities or serve evidence until an operator resolves this", "fault", st.Fault)
 	}
-	d.br = &bridge.Bridge{Mux: d.mux, Log: log, VTPMBanks: bankIDs(set.vtpmBanks)}
+	quota, _ := cfg.Quota.Bridge() // checked by parse
+	d.br = &bridge.Bridge{Mux: d.mux, Log: log, VTPMBanks: bankIDs(set.vtpmBanks), Quota: quota}
 
 	d.decideVsock()
 	if set.metrics != "" {
@@ -210,7 +211,7 @@ func (d *Daemon) openCore(ctx context.Context) (err error) {
 	d.metrics = newMetrics(d)
 	d.mux, err = mux.Open(ctx, d.tpm, d.store, mux.Config{
 		PCR: cfg.PCR, InsecureResettablePCR: cfg.InsecureResettablePCR, HostPCRs: d.set.hostPCRs, Host: d.host, Version: d.opts.Version,
-		Logger: d.log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention),
+		Logger: d.log, Observer: d.metrics, KeyRetention: time.Duration(cfg.KeyRetention), Cover: d.set.cover,
 	})
 	if err != nil {
 		return fmt.Errorf("multiplexer: %w", err)

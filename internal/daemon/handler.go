@@ -28,6 +28,7 @@ type controlHandler struct{ *Daemon }
 
 var _ control.Handler = controlHandler{}
 var _ control.Undoer = controlHandler{}
+var _ control.EvidenceWriter = controlHandler{}
 
 // ControlHandler is the daemon as a control.Handler, the methods the
 // control socket serves, for callers in the same process (benchmarks).

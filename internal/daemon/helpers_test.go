@@ -49,6 +49,9 @@ func newEnv(t *testing.T) *env {
 	cfg.Vsock = "off"
 	cfg.Metrics = "127.0.0.1:0"
 	cfg.StopGrace = Duration(300 * time.Millisecond)
+	// Concealment stays on (the default), with a short slot: a lone
+	// record (a genesis, a teardown) waits for the next slot.
+	cfg.Conceal.Interval = Duration(20 * time.Millisecond)
 	e.cfg = cfg
 	t.Cleanup(func() {
 		if e.d != nil {

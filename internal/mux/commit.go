@@ -2,8 +2,13 @@ package mux
 
 import (
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
+	"io"
+	mrand "math/rand/v2"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
@@ -82,27 +87,119 @@ func (m *Mux) Append(ctx context.Context, id conceal.Digest, r *record.Record) (
 	return t.Wait(ctx)
 }
 
+// Cover configures activity concealment: what one VM's verifier sees of
+// the public log (its length, the batch sizes, the VM's own global indices)
+// is made independent of the other VMs' activity within an envelope, with
+// cover leaves: random 64-byte entries, which cannot be told from real
+// (t, c) entries without the VM keys (both are HMAC outputs under keys the
+// verifier does not have). The committer then commits on a slot schedule:
+// one batch every Interval while any VM instance is live, padded with cover
+// leaves to a multiple of Pad leaves, with the real leaves at random
+// positions (each VM's in its own order). Within the envelope, at most Pad
+// real records per slot across all VMs, every batch is exactly Pad leaves
+// at exactly one per slot, and a VM's records sit at uniformly random
+// positions of their batch, whatever the others do. Above it, batch sizes
+// grow in steps of Pad, and a queue of Flush records commits at once
+// (off the schedule), which shows. docs/security.md states what remains.
+type Cover struct {
+	// Pad pads every batch to a multiple of this many leaves (≥ 1 batch
+	// of Pad); 0 turns concealment off.
+	Pad int
+	// Interval is the slot: one batch per Interval while any VM is live,
+	// cover only if nothing is queued. Must be set with Pad.
+	Interval time.Duration
+	// Flush is the queue length that commits at once instead of waiting
+	// for the slot (default 4 × Pad): heavy activity is above the
+	// envelope anyway, and must not wait.
+	Flush int
+	// Rand is the randomness of cover entries and positions; default
+	// crypto/rand. Tests pass a seeded stream so that statistics over
+	// runs are reproducible.
+	Rand io.Reader
+}
+
+func (c Cover) on() bool { return c.Pad > 0 && c.Interval > 0 }
+
+func (c Cover) flush() int {
+	if c.Flush > 0 {
+		return c.Flush
+	}
+	return 4 * c.Pad
+}
+
+func (c Cover) rand() io.Reader {
+	if c.Rand != nil {
+		return c.Rand
+	}
+	return crand.Reader
+}
+
+// coverState is the committer's slot schedule.
+type coverState struct {
+	once sync.Once
+	kick chan struct{} // a slot now (tests: TriggerSlot)
+	// Slots and CoverLeaves count heartbeat batches and cover entries.
+	slots, coverLeaves uint64
+}
+
+func (c *coverState) kicks() chan struct{} {
+	c.once.Do(func() { c.kick = make(chan struct{}, 1) })
+	return c.kick
+}
+
 // run is the committer: while one batch is being made durable and extended,
-// the next one fills in the queue.
+// the next one fills in the queue. With Cover on, it commits at slots (and
+// when the queue reaches Cover.Flush).
 func (m *Mux) run(ctx context.Context) {
 	defer close(m.done)
+	cv := m.cfg.Cover
+	nextSlot := time.Now().Add(cv.Interval)
 	for {
 		m.mu.Lock()
 		faulted := m.fault != nil
 		n := len(m.queue)
 		closed := m.closed
+		live := len(m.vms)
 		m.mu.Unlock()
 		if faulted {
 			m.tryHeal(ctx)
 		}
-		if n == 0 {
-			if closed {
+		slot := false
+		if cv.on() {
+			if now := time.Now(); !now.Before(nextSlot) {
+				slot = true
+				for !nextSlot.After(now) {
+					nextSlot = nextSlot.Add(cv.Interval)
+				}
+			}
+		}
+		var commitNow bool
+		switch {
+		case !cv.on() || closed:
+			commitNow = n > 0
+		case n >= cv.flush():
+			commitNow = true
+		case slot:
+			// A heartbeat while any VM is live, cover only if need be; none
+			// while faulted (it would fail and say nothing).
+			commitNow = n > 0 || (live > 0 && !faulted)
+		}
+		if !commitNow {
+			if n == 0 && closed {
 				return
 			}
+			wait := faultRetry
+			if cv.on() {
+				wait = min(wait, time.Until(nextSlot))
+			}
+			t := time.NewTimer(wait)
 			select {
 			case <-m.wake:
-			case <-time.After(faultRetry):
+			case <-t.C:
+			case <-m.cover.kicks():
+				nextSlot = time.Now()
 			}
+			t.Stop()
 			continue
 		}
 		m.mu.Lock()
@@ -125,14 +222,30 @@ func (m *Mux) run(ctx context.Context) {
 }
 
 // commit makes one batch durable and extends it. It runs under commitMu.
+// With Cover on, the batch is padded with cover entries and the real
+// entries sit at random positions (coverSlots).
 func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 	n := len(items)
+	total := n
+	var slots []int
+	if cv := m.cfg.Cover; cv.on() {
+		total = max(cv.Pad, (n+cv.Pad-1)/cv.Pad*cv.Pad)
+		var err error
+		if slots, err = coverSlots(items, total, cv.rand()); err != nil {
+			return nil, err
+		}
+	}
 	g0 := m.nextG
 	index := m.nextBatch
-	entries := make([]byte, 0, n*conceal.EntrySize)
+	entries := make([]byte, total*conceal.EntrySize)
+	if total > n {
+		if _, err := io.ReadFull(m.cfg.Cover.rand(), entries); err != nil {
+			return nil, fmt.Errorf("cover entries: %w", err)
+		}
+	}
 	puts := make([]logstore.Put, n)
 	acks := make([]Ack, n)
-	bh := conceal.NewBatchHasher(g0, uint32(n))
+	bh := conceal.NewBatchHasher(g0, uint32(total))
 	type saved struct {
 		vs   *vmState
 		prev logstore.VM
@@ -149,27 +262,43 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		vs.vm.NextSeq++
 		t := vs.keys.Tag(s)
 		c := vs.keys.Commit(vs.id, s, it.h)
-		entries = append(entries, t[:]...)
-		entries = append(entries, c[:]...)
-		bh.Add(conceal.Leaf(t, c))
-		g := g0 + uint64(i)
+		pos := i
+		if slots != nil {
+			pos = slots[i]
+		}
+		e := entries[pos*conceal.EntrySize:]
+		copy(e, t[:])
+		copy(e[32:], c[:])
+		if slots == nil {
+			bh.Add(conceal.Leaf(t, c))
+		}
+		g := g0 + uint64(pos)
 		puts[i] = logstore.Put{ID: vs.id, Record: logstore.Record{Seq: s, G: g, Batch: index, R: it.r}}
 		acks[i] = Ack{Seq: s, G: g, Batch: index}
 		if it.kind == record.KindTeardown {
 			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
 		}
 	}
+	if slots != nil {
+		var t, c conceal.Digest
+		for pos := range total {
+			e := entries[pos*conceal.EntrySize:]
+			copy(t[:], e[:32])
+			copy(c[:], e[32:64])
+			bh.Add(conceal.Leaf(t, c))
+		}
+	}
 	v, _ := bh.Sum()
-	c := &logstore.Commit{
+	cm := &logstore.Commit{
 		Epoch:   m.epoch,
 		Index:   index,
-		Batch:   logstore.Batch{G0: g0, N: uint32(n), Entries: entries, V: v},
+		Batch:   logstore.Batch{G0: g0, N: uint32(total), Entries: entries, V: v},
 		Records: puts,
 	}
 	for _, s := range touched {
-		c.VMs = append(c.VMs, s.vs.vm)
+		cm.VMs = append(cm.VMs, s.vs.vm)
 	}
-	if err := m.store.Commit(c); err != nil {
+	if err := m.store.Commit(cm); err != nil {
 		for _, s := range touched {
 			s.vs.vm = s.prev
 		}
@@ -177,7 +306,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		return nil, err
 	}
 	markDurable(items)
-	m.nextG += uint64(n)
+	m.nextG += uint64(total)
 	m.nextBatch++
 	m.pcrPrev, m.pcrValue = m.pcrValue, conceal.ExtendPCR(m.pcrValue, v)
 	if err := m.extend(ctx, v); err != nil {
@@ -187,7 +316,11 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 	m.stats.Batches++
 	m.stats.Records += uint64(n)
 	m.stats.MaxBatch = max(m.stats.MaxBatch, n)
-	m.observeBatch(n)
+	m.cover.coverLeaves += uint64(total - n)
+	if n == 0 {
+		m.cover.slots++
+	}
+	m.observeBatch(total)
 	for _, s := range touched {
 		if s.vs.vm.Ended {
 			m.mu.Lock()
@@ -205,6 +338,55 @@ func markDurable(items []*item) {
 			close(it.ticket.durable)
 		}
 	}
+}
+
+// coverSlots places n real entries among total: a uniformly random set of
+// positions for each VM's entries, whatever the other VMs' entries are,
+// assigned to that VM's entries in their order (a VM's records must sit at
+// increasing global indices). It draws a uniformly random injection of the
+// entries into the positions (a partial Fisher-Yates shuffle), then sorts
+// each VM's positions.
+func coverSlots(items []*item, total int, r io.Reader) ([]int, error) {
+	var seed [32]byte
+	if _, err := io.ReadFull(r, seed[:]); err != nil {
+		return nil, fmt.Errorf("cover positions: %w", err)
+	}
+	rng := mrand.New(mrand.NewChaCha8(seed))
+	perm := make([]int, total)
+	for i := range perm {
+		perm[i] = i
+	}
+	for i := range items {
+		j := i + rng.IntN(total-i)
+		perm[i], perm[j] = perm[j], perm[i]
+	}
+	slots := perm[:len(items)]
+	byVM := make(map[*vmState][]int)
+	for i, it := range items {
+		byVM[it.vm] = append(byVM[it.vm], i)
+	}
+	for _, idx := range byVM {
+		if len(idx) < 2 {
+			continue
+		}
+		pos := make([]int, len(idx))
+		for k, i := range idx {
+			pos[k] = slots[i]
+		}
+		slices.Sort(pos)
+		for k, i := range idx {
+			slots[i] = pos[k]
+		}
+	}
+	return slices.Clone(slots), nil
+}
+
+// CoverStats reports the heartbeat batches (slots with nothing real to
+// commit) and the cover entries committed since Open.
+func (m *Mux) CoverStats() (heartbeats, coverLeaves uint64) {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	return m.cover.slots, m.cover.coverLeaves
 }
 
 func ackAll(items []*item, acks []Ack) {

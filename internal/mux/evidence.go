@@ -3,10 +3,17 @@ package mux
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/x509"
+	"encoding/binary"
+	"errors"
 	"fmt"
+	"sync"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
+	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/logstore"
@@ -25,30 +32,95 @@ func (m *Mux) Evidence(ctx context.Context, id conceal.Digest, nonce []byte) (*e
 
 // EvidenceSince is Evidence for a verifier that holds a checkpoint: only the
 // batches after since.Batch and the VM's records from since.Records on are
-// included. A nil since gives full evidence.
+// included. A nil since gives full evidence. The build counts against the
+// evidence budget only while EvidenceSince runs: a caller that serializes
+// or sends the result should use WithEvidence, which holds it until done.
 func (m *Mux) EvidenceSince(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since) (*evidence.Evidence, error) {
+	var out *evidence.Evidence
+	err := m.WithEvidence(ctx, id, nonce, since, func(ev *evidence.Evidence) error {
+		out = ev
+		return nil
+	})
+	return out, err
+}
+
+// DefaultEvidenceBudget bounds the public log, in bytes of entries, that
+// evidence builds in progress may hold at once. A build of a log larger
+// than the budget takes all of it, so at most one such build (with its
+// serialized copy) is in memory at a time, however many verifiers ask;
+// small and incremental builds run side by side. Requests wait, in order,
+// after their quote, so a waiting request's quote is already taken and its
+// evidence still replays exactly to it.
+const DefaultEvidenceBudget = 64 << 20
+
+// SetEvidenceBudget sets the evidence budget in bytes of public log (0:
+// DefaultEvidenceBudget). It takes effect only before the first evidence
+// request; the benchmarks and the memory test use it to compare against an
+// unbounded budget.
+func (m *Mux) SetEvidenceBudget(n int64) { m.evLimit = n }
+
+func (m *Mux) evBudget() (*semaphore.Weighted, int64) {
+	m.evOnce.Do(func() {
+		if m.evLimit <= 0 {
+			m.evLimit = DefaultEvidenceBudget
+		}
+		m.evSem = semaphore.NewWeighted(m.evLimit)
+	})
+	return m.evSem, m.evLimit
+}
+
+// WithEvidence is EvidenceSince that calls fn with the evidence while the
+// build still holds its share of the evidence budget, so that fn's
+// serialized copy (a frame, a file) is bounded by the budget too; ev must
+// not be used after fn returns.
+func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, fn func(ev *evidence.Evidence) error) error {
 	if len(nonce) == 0 || len(nonce) > 64 {
-		return nil, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
 	}
 	m.mu.Lock()
 	fault := m.fault
 	m.mu.Unlock()
 	if fault != nil {
-		return nil, fmt.Errorf("not serving evidence: %w", fault)
+		return fmt.Errorf("not serving evidence: %w", fault)
 	}
 	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
 	if res.err != nil {
-		return nil, fmt.Errorf("evidence: %w", res.err)
+		return fmt.Errorf("evidence: %w", res.err)
 	}
 	if since != nil && since.Batch >= res.last+1 {
-		return nil, fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
 	}
+	sem, limit := m.evBudget()
+	w := min(max(m.evidenceWeight(res, since), 1), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
 	ev, err := m.build(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ev.Batched = res.batched
-	return ev, nil
+	return fn(ev)
+}
+
+// evidenceWeight estimates the bytes of public log a build will copy: the
+// entries from the first batch it includes to the quoted end of the log.
+func (m *Mux) evidenceWeight(res quoteRes, since *evidence.Since) int64 {
+	g0 := uint64(0)
+	if since != nil {
+		g0 = res.nextG
+		m.store.View(func(sn *logstore.Snapshot) error {
+			return sn.Batches(res.epoch, since.Batch+1, func(_ uint64, b *logstore.Batch) error {
+				g0 = b.G0
+				return errStop
+			})
+		})
+	}
+	if res.nextG <= g0 {
+		return 0
+	}
+	return int64(res.nextG-g0) * int64(conceal.EntrySize)
 }
 
 // maxQuoteBatch bounds how many requests share one quote.
@@ -63,6 +135,7 @@ type quoteRes struct {
 	q           tpm.Quote
 	vals        []conceal.Digest
 	epoch, last uint64
+	nextG       uint64 // the log's length at the quote
 	batched     *evidence.QuoteProof
 	err         error
 }
@@ -75,9 +148,9 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	if m.cfg.NoQuoteBatching {
 		m.commitMu.Lock()
 		q, vals, err := m.quoteLocked(ctx, extra[:])
-		epoch, last := m.epoch, m.nextBatch-1
+		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
-		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
 	}
 	req := &quoteReq{extra: extra, res: make(chan quoteRes, 1)}
 	m.qmu.Lock()
@@ -96,25 +169,19 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 }
 
 // quoteLoop takes quotes until no request is waiting. After a quote that
-// served several requests, when fewer are waiting than it served, the loop
-// lingers for a tenth of that quote's time (at most maxQuoteLinger) before
-// the next: requesters just served usually ask again within that time, and
-// then share the next quote, instead of the first of them taking it nearly
-// alone and the rest waiting a whole extra quote (on a 200 ms TPM, closed-
-// loop verifiers otherwise split into two cohorts and get half the quotes).
-// A request that finds no loop running starts one at once, so an idle TPM
-// is never waited for.
+// served several requests the loop gathers (gather) for up to half of that
+// quote's time (at most maxQuoteLinger) until the requesters it served have
+// asked again, or stopped coming: they then share the next quote, instead
+// of the first of them taking it nearly alone and the rest waiting a whole
+// extra quote (on a 200 ms TPM, closed-loop verifiers otherwise split into
+// cohorts and get a fraction of the quotes). A request that finds no loop
+// running starts one at once, so an idle TPM is never waited for.
 func (m *Mux) quoteLoop() {
 	var linger time.Duration
 	served := 0
 	for {
 		if linger > 0 {
-			m.qmu.Lock()
-			waiting := len(m.qpending)
-			m.qmu.Unlock()
-			if waiting < served {
-				time.Sleep(linger)
-			}
+			m.gather(served, linger)
 			linger = 0
 		}
 		m.qmu.Lock()
@@ -140,14 +207,14 @@ func (m *Mux) quoteLoop() {
 		start := time.Now()
 		m.commitMu.Lock()
 		q, vals, err := m.quoteLocked(ctx, extra[:])
-		epoch, last := m.epoch, m.nextBatch-1
+		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
 		cancel()
 		if served = n; n > 1 && err == nil {
-			linger = min(time.Since(start)/10, maxQuoteLinger)
+			linger = min(time.Since(start)/2, maxQuoteLinger)
 		}
 		for i, r := range reqs {
-			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, err: err}
+			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
 			if n > 1 && err == nil {
 				b := &evidence.QuoteProof{Index: uint64(i), Count: uint64(n)}
 				for _, p := range paths[i] {
@@ -161,8 +228,42 @@ func (m *Mux) quoteLoop() {
 }
 
 // maxQuoteLinger bounds how long the quote loop waits for requesters to
-// come back after a shared quote (see quoteLoop).
-const maxQuoteLinger = 50 * time.Millisecond
+// come back after a shared quote (see quoteLoop and gather).
+const maxQuoteLinger = 100 * time.Millisecond
+
+// gather is the quote loop's pause after a quote that served several
+// requests: the next quote can only include a requester that has asked
+// again, and in a closed loop they all ask again within the time it takes
+// to build and send their evidence. It waits until the requests the last
+// quote served are waiting again beside those that queued during it (so
+// that cohorts merge), or until none has arrived for 10 ms
+// (the rest are not coming soon), or at most linger. An idle TPM is
+// never waited for: without requests the loop has ended.
+func (m *Mux) gather(served int, linger time.Duration) {
+	gap := min(linger/5, 10*time.Millisecond)
+	start := time.Now()
+	last, lastN := start, -1
+	// Requests that queued during the quote are another cohort: wait for
+	// the served ones to join them, so that cohorts merge into one.
+	m.qmu.Lock()
+	target := served + len(m.qpending)
+	m.qmu.Unlock()
+	for {
+		m.qmu.Lock()
+		waiting := len(m.qpending)
+		m.qmu.Unlock()
+		now := time.Now()
+		if waiting >= min(target, maxQuoteBatch) || now.Sub(start) >= linger {
+			return
+		}
+		if waiting != lastN {
+			last, lastN = now, waiting
+		} else if waiting > 0 && now.Sub(last) >= gap {
+			return
+		}
+		time.Sleep(250 * time.Microsecond)
+	}
+}
 
 // quoteTimeout bounds one quote; a hardware quote takes well under a second.
 const quoteTimeout = 2 * time.Minute
@@ -244,6 +345,11 @@ func indexOf(sel []int, p int) int {
 // build assembles evidence from the store: the batches [0, last] of epoch
 // and VM id's records that sit in them.
 func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest, since *evidence.Since) (*evidence.Evidence, error) {
+	return m.buildParts(kind, id, epoch, last, q, sel, vals, since, true)
+}
+
+// buildParts is build; without withLog the evidence's Log is left empty.
+func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q tpm.Quote, sel []int, vals []conceal.Digest, since *evidence.Since, withLog bool) (*evidence.Evidence, error) {
 	ev := &evidence.Evidence{
 		Version: evidence.Version,
 		Kind:    kind,
@@ -277,7 +383,7 @@ func (m *Mux) build(kind string, id conceal.Digest, epoch, last uint64, q tpm.Qu
 			fromBatch, fromSeq = since.Batch+1, since.Records
 		}
 		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
-			if index > last {
+			if index > last || !withLog {
 				return errStop
 			}
 			ev.Log = append(ev.Log, evidence.LogBatch{G0: b.G0, Entries: append([]byte(nil), b.Entries...)})
@@ -309,3 +415,254 @@ type stopErr struct{}
 func (stopErr) Error() string { return "stop" }
 
 var errStop error = stopErr{}
+
+// StreamEvidence is WithEvidence for evidence of any size: it writes the
+// evidence's canonical CBOR, byte for byte what MarshalBinary would give,
+// to emit in pieces of at most about chunk bytes (the last call has last
+// set), without ever holding the whole public log. The batches are read
+// from the store a window at a time, each window in its own short read
+// transaction, so a slow reader never holds the store. Only the VM's own
+// records are held at once. Memory is O(chunk + the VM's records) however
+// long the log is; the evidence budget is charged that much.
+func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
+	if chunk <= 0 {
+		chunk = 4 << 20
+	}
+	if len(nonce) == 0 || len(nonce) > 64 {
+		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+	}
+	m.mu.Lock()
+	fault := m.fault
+	m.mu.Unlock()
+	if fault != nil {
+		return fmt.Errorf("not serving evidence: %w", fault)
+	}
+	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
+	if res.err != nil {
+		return fmt.Errorf("evidence: %w", res.err)
+	}
+	if since != nil && since.Batch >= res.last+1 {
+		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	}
+	shell, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
+	if err != nil {
+		return err
+	}
+	shell.Batched = res.batched
+	return m.stream(ctx, shell, res, since, chunk, emit)
+}
+
+// StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
+// post-mortem evidence of an ended VM, at any log size.
+func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk int, emit func(p []byte, last bool) error) error {
+	if chunk <= 0 {
+		chunk = 4 << 20
+	}
+	var fq *logstore.FinalQuote
+	err := m.store.View(func(sn *logstore.Snapshot) error {
+		var err error
+		fq, err = sn.Final(id)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("final evidence: %w", err)
+	}
+	sel := make([]int, len(fq.PCRs))
+	vals := make([]conceal.Digest, len(fq.Values))
+	for i := range fq.PCRs {
+		sel[i] = int(fq.PCRs[i])
+		copy(vals[i][:], fq.Values[i])
+	}
+	shell, err := m.buildParts(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil, false)
+	if err != nil {
+		return err
+	}
+	res := quoteRes{epoch: fq.Epoch, last: fq.Batch}
+	m.store.View(func(sn *logstore.Snapshot) error {
+		return sn.Batches(fq.Epoch, fq.Batch, func(_ uint64, b *logstore.Batch) error {
+			res.nextG = b.G0 + uint64(b.EntryCount())
+			if b.G0 == 0 {
+				res.nextG++ // the epoch record's leaf
+			}
+			return errStop
+		})
+	})
+	return m.stream(ctx, shell, res, nil, chunk, emit)
+}
+
+// stream writes shell's canonical encoding with the batches of res.epoch
+// from since (or 0) to res.last in place of its log (see StreamEvidence).
+func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
+	// The shell is the evidence with one sentinel batch in place of the
+	// log; its encoding is split around the sentinel, and the real batches
+	// are encoded between the halves.
+	var mark [conceal.EntrySize]byte
+	rand.Read(mark[:])
+	sentinel := evidence.LogBatch{G0: 0, Entries: mark[:]}
+	shell.Log = []evidence.LogBatch{sentinel}
+	enc, err := shell.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	sb, err := evEnc.Marshal(sentinel)
+	if err != nil {
+		return fmt.Errorf("encode evidence: %w", err)
+	}
+	i := bytes.Index(enc, sb)
+	if i < 1 || enc[i-1] != 0x81 {
+		return errors.New("encode evidence: the log's place in the encoding was not found")
+	}
+	prefix, suffix := enc[:i-1], enc[i+len(sb):]
+	from := uint64(0)
+	if since != nil {
+		from = since.Batch + 1
+	}
+	n := res.last + 1 - from
+	// Small evidence (the usual incremental request) gets a small buffer.
+	est := int64(len(prefix)+len(suffix)) + m.evidenceWeight(res, since) + int64(n)*16 + 64
+	// A stream holds about two pieces (its buffer and the frame made of
+	// it), a small evidence all of itself, twice.
+	sem, limit := m.evBudget()
+	w := min(2*est, int64(2*chunk), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
+	buf := make([]byte, 0, min(int64(chunk+chunk/4), est))
+	buf = append(buf, prefix...)
+	buf = cborHead(buf, 4, n) // array of n batches
+	flush := func(force bool) error {
+		for len(buf) >= chunk || (force && len(buf) > 0) {
+			k := min(len(buf), chunk)
+			last := force && k == len(buf)
+			if err := emit(buf[:k], last); err != nil {
+				return err
+			}
+			buf = append(buf[:0], buf[k:]...)
+		}
+		return nil
+	}
+	if est <= maxCachedLog {
+		// Every request that shares a quote shares its log: encode it
+		// once (batches never change once committed).
+		body, err := m.evCache.get(res.epoch, from, res.last, func() ([]byte, error) {
+			var body []byte
+			err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &body, func() error { return nil })
+			return body, err
+		})
+		if err != nil {
+			return err
+		}
+		buf = append(buf, body...)
+	} else if err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &buf, func() error { return flush(false) }); err != nil {
+		return err
+	}
+	buf = append(buf, suffix...)
+	return flush(true)
+}
+
+// maxCachedLog bounds the encoded log segment kept for the requests that
+// share a quote (larger ones are streamed window by window).
+const maxCachedLog = 4 << 20
+
+// logCache keeps the last encoded log segment: the batches from, …, last of
+// an epoch, as they appear in evidence.
+type logCache struct {
+	mu                sync.Mutex
+	epoch, from, last uint64
+	body              []byte
+	ok                bool
+}
+
+// get returns the segment, encoding it with build when it is not the one
+// kept. The bytes are shared: callers must not change them.
+func (c *logCache) get(epoch, from, last uint64, build func() ([]byte, error)) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ok && c.epoch == epoch && c.from == from && c.last == last {
+		return c.body, nil
+	}
+	body, err := build()
+	if err != nil {
+		return nil, err
+	}
+	c.epoch, c.from, c.last, c.body, c.ok = epoch, from, last, body, true
+	return body, nil
+}
+
+// encodeBatches appends the evidence encoding of batches from, …, last of
+// epoch to *buf, reading them a window of about chunk bytes at a time, each
+// window in its own short read transaction, and calls flush after each.
+func (m *Mux) encodeBatches(ctx context.Context, epoch, from, last uint64, chunk int, buf *[]byte, flush func() error) error {
+	var seen uint64
+	for next := from; next <= last; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		err := m.store.View(func(sn *logstore.Snapshot) error {
+			size := 0
+			err := sn.Batches(epoch, next, func(index uint64, b *logstore.Batch) error {
+				if index > last || size >= chunk {
+					return errStop
+				}
+				if index != next {
+					return fmt.Errorf("batch %d missing from the store (found %d)", next, index)
+				}
+				p := *buf
+				p = cborHead(p, 5, 2) // map {1: g0, 2: entries}
+				p = cborHead(p, 0, 1)
+				p = cborHead(p, 0, b.G0)
+				p = cborHead(p, 0, 2)
+				if len(b.Entries) == 0 {
+					// build copies no entries into a nil slice, which the
+					// encoder writes as null: do as it does.
+					p = append(p, 0xf6)
+				} else {
+					p = cborHead(p, 2, uint64(len(b.Entries)))
+					p = append(p, b.Entries...)
+				}
+				*buf = p
+				size += len(b.Entries)
+				next++
+				seen++
+				return nil
+			})
+			if err == errStop {
+				err = nil
+			}
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("stream evidence: %w", err)
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		if seen == 0 {
+			return fmt.Errorf("stream evidence: batch %d missing from the store", next)
+		}
+	}
+	if n := last + 1 - from; seen != n {
+		return fmt.Errorf("stream evidence: %d batches, want %d", seen, n)
+	}
+	return nil
+}
+
+var evEnc = canon.Enc()
+
+// cborHead appends a CBOR head of major type major and argument v in its
+// shortest form (RFC 8949 §4.2.1, as canonical encoding requires).
+func cborHead(b []byte, major byte, v uint64) []byte {
+	mt := major << 5
+	switch {
+	case v < 24:
+		return append(b, mt|byte(v))
+	case v <= 0xff:
+		return append(b, mt|24, byte(v))
+	case v <= 0xffff:
+		return binary.BigEndian.AppendUint16(append(b, mt|25), uint16(v))
+	case v <= 0xffffffff:
+		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
+	}
+	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
+}

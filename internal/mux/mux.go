@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/quote"
@@ -74,6 +76,9 @@ type Config struct {
 	// KeyRetention is how long after teardown a VM's key and records are
 	// kept; afterwards ForgetExpired destroys them. 0 keeps them forever.
 	KeyRetention time.Duration
+	// Cover conceals the VMs' activity from each other with cover leaves
+	// (commit.go); the zero value is off.
+	Cover Cover
 }
 
 // Mux multiplexes VM records onto one TPM PCR.
@@ -109,6 +114,13 @@ type Mux struct {
 	quoting  bool
 
 	aead cipher.AEAD // wraps VM keys; nil when keys are stored in clear
+
+	cover coverState // slot schedule of activity concealment (commit.go)
+
+	evOnce  sync.Once           // evidence build budget (evidence.go)
+	evSem   *semaphore.Weighted // bytes of evidence being built at once
+	evLimit int64               // its size; 0: DefaultEvidenceBudget
+	evCache logCache            // the log segment the last quote's requests share
 
 	stats   Stats
 	done    chan struct{}

@@ -70,16 +70,31 @@ const (
 	CodeTooMany     = "too-many"    // limits exceeded
 	CodeBadEntry    = "bad-entry"   // an entry failed validation
 	CodeEvidence    = "evidence"    // evidence could not be produced
+	CodeQuota       = "quota"       // over a per-VM quota: slowed (not fatal) or refused (fatal)
 )
 
-// EvidenceRequest asks for this VM's evidence for Nonce.
+// EvidenceRequest asks for this VM's evidence for Nonce: full evidence, or,
+// with Since, only what follows a verifier's checkpoint (the batches after
+// Since.Batch and the VM's records from Since.Records on; docs/protocol.md,
+// incremental verification).
 type EvidenceRequest struct {
 	ID    uint64 `cbor:"1,keyasint"`
 	Nonce []byte `cbor:"2,keyasint"`
+	Since *Since `cbor:"3,keyasint,omitempty"`
+}
+
+// Since is a verifier checkpoint's position (verify.Checkpoint.Since).
+type Since struct {
+	Batch   uint64 `cbor:"1,keyasint"`
+	Records uint64 `cbor:"2,keyasint"`
 }
 
 // EvidenceResponse carries the evidence (binary form), the VM's own
 // identity (uuid, instance, key: the VM may hold its key) and the AK.
+// Evidence larger than EvidenceChunk travels in several responses of the
+// same ID (parts 0, 1, …; all but the last have More set; the first
+// carries the identity and AK, and the Total size when the sender knows
+// it): see EvidenceParts and Assembler.
 type EvidenceResponse struct {
 	ID       uint64   `cbor:"1,keyasint"`
 	Evidence []byte   `cbor:"2,keyasint"`
@@ -87,6 +102,9 @@ type EvidenceResponse struct {
 	Instance [16]byte `cbor:"4,keyasint"`
 	Key      [32]byte `cbor:"5,keyasint"`
 	AKPEM    []byte   `cbor:"6,keyasint"`
+	Part     uint32   `cbor:"7,keyasint,omitempty"`
+	More     bool     `cbor:"8,keyasint,omitempty"`
+	Total    uint64   `cbor:"9,keyasint,omitempty"`
 }
 
 // Bind asks the bridge to bind a guest public key hash to this VM.

@@ -1,0 +1,272 @@
+package mux_test
+
+import (
+	"context"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// slotted runs fn while kicking the committer's slots, for a mux with
+// Cover on and an Interval longer than the test (so that slots happen only
+// when the test says).
+func slotted(t *testing.T, m *mux.Mux, fn func() error) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			return
+		case <-time.After(time.Millisecond):
+			m.TriggerSlot()
+		}
+	}
+}
+
+// seededRand is a ChaCha8 stream the test can restart, so that the rounds
+// draw the same stream however many heartbeats the set-up took.
+type seededRand struct {
+	mu sync.Mutex
+	r  *rand.ChaCha8
+}
+
+func (s *seededRand) Read(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.r.Read(p)
+}
+
+func (s *seededRand) seed(v byte) {
+	var k [32]byte
+	k[0] = v
+	s.mu.Lock()
+	s.r = rand.NewChaCha8(k)
+	s.mu.Unlock()
+}
+
+// observables are what A's verifier sees of the others: the log's length,
+// the batch sizes, and where A's records sit in their batches.
+type observables struct {
+	logLen  uint64
+	sizes   []int
+	offsets [][]int // per round, the in-batch offsets of A's records
+}
+
+// coverRun is one host: VMs A and B, rounds slots; in each A submits 2
+// records and B k, then one slot commits. Every fourth round nobody
+// submits (a heartbeat). A's evidence is verified and its observables
+// returned.
+func coverRun(t *testing.T, cover mux.Cover, seed byte, k, rounds int) observables {
+	t.Helper()
+	ctx := context.Background()
+	m := muxtest.Open(t, mux.Config{Cover: cover})
+	var a, b *conceal.Identity
+	slotted(t, m, func() (err error) {
+		a, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x72, 1}, Name: "vm-a"})
+		return err
+	})
+	slotted(t, m, func() (err error) {
+		b, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x72, 2}, Name: "vm-b"})
+		return err
+	})
+	// Let a kick left from the set-up be consumed before the rounds.
+	time.Sleep(20 * time.Millisecond)
+	if sr, ok := cover.Rand.(*seededRand); ok {
+		sr.seed(seed)
+	}
+	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
+	var firstBatch uint64
+	for round := range rounds {
+		if round%4 == 3 {
+			if cover.Pad == 0 {
+				continue
+			}
+			before, _ := m.CoverStats()
+			m.TriggerSlot()
+			for n := before; n == before; n, _ = m.CoverStats() {
+				time.Sleep(100 * time.Microsecond)
+			}
+			continue
+		}
+		ta, err := m.Submit(a.ID(), r, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var tb *mux.Ticket
+		if k > 0 {
+			bs := make([]*record.Record, k)
+			for i := range bs {
+				bs[i] = r
+			}
+			if tb, err = m.Submit(b.ID(), bs...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m.TriggerSlot()
+		ack, err := ta.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tb != nil {
+			if _, err := tb.Wait(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if round == 0 {
+			firstBatch = ack.Batch
+		}
+	}
+	nonce := []byte("cover: a nonce of the verifier")
+	ev, err := m.Evidence(ctx, a.ID(), nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := ev.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, err = evidence.Decode(raw); err != nil {
+		t.Fatal(err)
+	}
+	// The verifier is unchanged: cover leaves are simply not A's tags.
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: a, AK: m.AK(), PCR: 13})
+	if err != nil {
+		t.Fatalf("A's evidence with cover leaves does not verify: %v", err)
+	}
+	if want := 2 * (rounds - rounds/4); rep.Counts.Actions != want {
+		t.Fatalf("%d of A's records verified, want %d", rep.Counts.Actions, want)
+	}
+	// The observables from the first round on (the set-up's heartbeats
+	// depend on how long it took, not on B).
+	var o observables
+	starts := map[uint64]uint64{} // batch start of each global index's batch
+	var from uint64
+	for bi, bt := range ev.Log {
+		n := uint64(bt.Entries.Len())
+		if bt.G0 == 0 {
+			n++ // the epoch record's leaf
+		}
+		if uint64(bi) == firstBatch {
+			from = bt.G0
+		}
+		o.logLen = bt.G0 + n - from
+		if uint64(bi) >= firstBatch {
+			o.sizes = append(o.sizes, int(n))
+		}
+		for g := bt.G0; g < bt.G0+n; g++ {
+			starts[g] = bt.G0
+		}
+	}
+	var cur []int
+	var curStart uint64
+	for _, rec := range ev.Records[1:] { // after the genesis
+		if rec.G < from {
+			t.Fatalf("A's record at %d before the first round's batch at %d", rec.G, from)
+		}
+		s := starts[rec.G]
+		if cur != nil && s != curStart {
+			o.offsets = append(o.offsets, cur)
+			cur = nil
+		}
+		curStart = s
+		cur = append(cur, int(rec.G-s))
+	}
+	o.offsets = append(o.offsets, cur)
+	return o
+}
+
+// chiSquare is the two-sample chi-square statistic of homogeneity of
+// counts a and b over the same bins, and its degrees of freedom.
+func chiSquare(a, b []int) (float64, int) {
+	na, nb := 0, 0
+	for i := range a {
+		na, nb = na+a[i], nb+b[i]
+	}
+	x, df := 0.0, -1
+	for i := range a {
+		tot := a[i] + b[i]
+		if tot == 0 {
+			continue
+		}
+		df++
+		ea := float64(na) * float64(tot) / float64(na+nb)
+		eb := float64(nb) * float64(tot) / float64(na+nb)
+		x += (float64(a[i])-ea)*(float64(a[i])-ea)/ea + (float64(b[i])-eb)*(float64(b[i])-eb)/eb
+	}
+	return x, df
+}
+
+// chi2Crit001 are the chi-square critical values at significance 0.001
+// for 1..15 degrees of freedom.
+var chi2Crit001 = []float64{0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70}
+
+// TestCoverConcealsActivity: with cover leaves, what A's verifier sees
+// (the log's length, every batch size, and the positions of A's records
+// in their batches) comes from the same distribution whether B sent 0 or
+// k records per slot within the envelope: the lengths and sizes are equal
+// exactly, and a two-sample chi-square test at significance 0.001 does not
+// tell A's in-batch positions apart (deterministic seeds: the verdict is
+// reproducible, not a coin flip). Without cover the same observables give
+// B's count away, which shows the test can see a leak.
+func TestCoverConcealsActivity(t *testing.T) {
+	const pad, rounds, k = 8, 400, 5 // A 2 + B 5 ≤ 8: within the envelope
+	seeded := func() mux.Cover {
+		sr := &seededRand{}
+		sr.seed(0)
+		return mux.Cover{Pad: pad, Interval: time.Hour, Rand: sr}
+	}
+	run := func(name string, cover mux.Cover, seed byte, k, rounds int) (o observables) {
+		t.Run(name, func(t *testing.T) { o = coverRun(t, cover, seed, k, rounds) })
+		return o
+	}
+	quiet := run("cover, B quiet", seeded(), 1, 0, rounds)
+	busy := run("cover, B busy", seeded(), 2, k, rounds)
+	if quiet.logLen != busy.logLen {
+		t.Fatalf("log length %d when B is quiet, %d when B sends %d per slot", quiet.logLen, busy.logLen, k)
+	}
+	if !slices.Equal(quiet.sizes, busy.sizes) {
+		t.Fatalf("batch sizes differ: %v vs %v", quiet.sizes, busy.sizes)
+	}
+	for _, s := range quiet.sizes {
+		if s != pad {
+			t.Fatalf("batch of %d leaves, want %d (sizes %v)", s, pad, quiet.sizes)
+		}
+	}
+	if len(quiet.offsets) != len(busy.offsets) || len(quiet.offsets) != rounds-rounds/4 {
+		t.Fatalf("A's records in %d and %d batches, want %d", len(quiet.offsets), len(busy.offsets), rounds-rounds/4)
+	}
+	for rank := range 2 {
+		a, b := make([]int, pad), make([]int, pad)
+		for i := range quiet.offsets {
+			a[quiet.offsets[i][rank]]++
+			b[busy.offsets[i][rank]]++
+		}
+		x, df := chiSquare(a, b)
+		t.Logf("A's record %d of 2 per batch: positions %v (B quiet) vs %v (B sends %d): chi-square %.2f, df %d, critical %.2f at 0.001",
+			rank+1, a, b, k, x, df, chi2Crit001[df])
+		if x > chi2Crit001[df] {
+			t.Fatalf("A's in-batch positions tell B's activity apart (chi-square %.2f > %.2f)", x, chi2Crit001[df])
+		}
+	}
+	// The same observables without cover leak B's count.
+	off := mux.Cover{}
+	q0 := run("no cover, B quiet", off, 0, 0, 40)
+	b0 := run("no cover, B busy", off, 0, k, 40)
+	if q0.logLen == b0.logLen {
+		t.Fatal("without cover the log length did not change with B's activity: the test cannot see a leak")
+	}
+	t.Logf("without cover: log length %d (B quiet) vs %d (B sends %d per round)", q0.logLen, b0.logLen, k)
+}

@@ -1,0 +1,107 @@
+package wire
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+)
+
+// TestEvidenceParts: evidence split into parts is joined back exactly;
+// parts out of order, of another response, or beyond the stated total are
+// refused.
+func TestEvidenceParts(t *testing.T) {
+	ev := bytes.Repeat([]byte("0123456789abcdef"), 1000) // 16000 bytes
+	resp := &EvidenceResponse{ID: 9, Evidence: ev, UUID: [16]byte{1}, Key: [32]byte{2}, AKPEM: []byte("pem")}
+	for _, chunk := range []int{7, 100, 15999, 16000, 1 << 20} {
+		parts := EvidenceParts(resp, chunk)
+		if want := (len(ev) + chunk - 1) / chunk; len(parts) != want {
+			t.Fatalf("chunk %d: %d parts, want %d", chunk, len(parts), want)
+		}
+		var a Assembler
+		var got *EvidenceResponse
+		for i, p := range parts {
+			// Every part survives the wire.
+			f, err := Encode(TypeEvidenceResponse, p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fr, err := NewReader(bytes.NewReader(f), false).Next()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var m EvidenceResponse
+			if err := Decode(fr, &m); err != nil {
+				t.Fatal(err)
+			}
+			r, err := a.Add(&m)
+			if err != nil {
+				t.Fatalf("chunk %d part %d: %v", chunk, i, err)
+			}
+			if (r != nil) != (i == len(parts)-1) {
+				t.Fatalf("chunk %d part %d of %d: complete = %v", chunk, i, len(parts), r != nil)
+			}
+			got = r
+		}
+		if !bytes.Equal(got.Evidence, ev) || got.UUID != resp.UUID || got.Key != resp.Key || string(got.AKPEM) != "pem" || got.ID != 9 || got.More {
+			t.Fatalf("chunk %d: reassembled %d bytes, fields %+v", chunk, len(got.Evidence), got.UUID)
+		}
+	}
+	parts := EvidenceParts(resp, 5000) // 4 parts
+	tests := []struct {
+		name string
+		seq  []*EvidenceResponse
+	}{
+		{"skipped part", []*EvidenceResponse{parts[0], parts[2]}},
+		{"repeated part", []*EvidenceResponse{parts[0], parts[1], parts[1]}},
+		{"starts mid-way", []*EvidenceResponse{parts[1]}},
+		{"another response", []*EvidenceResponse{parts[0], {ID: 8, Part: 1, Evidence: []byte("x"), More: true}}},
+		{"over the total", []*EvidenceResponse{parts[0], parts[1], parts[2], {ID: 9, Part: 3, Evidence: make([]byte, 1001)}}},
+		{"short of the total", []*EvidenceResponse{parts[0], parts[1], parts[2], {ID: 9, Part: 3, Evidence: make([]byte, 999)}}},
+		{"total over the limit", []*EvidenceResponse{{ID: 9, Evidence: []byte("x"), More: true, Total: MaxEvidence + 1}}},
+	}
+	for _, tt := range tests {
+		var a Assembler
+		var err error
+		for _, p := range tt.seq {
+			if _, err = a.Add(p); err != nil {
+				break
+			}
+		}
+		if !errors.Is(err, ErrBadPart) {
+			t.Errorf("%s: err %v, want ErrBadPart", tt.name, err)
+		}
+	}
+}
+
+// FuzzAssembler: whatever parts arrive, the assembler never panics, never
+// returns more than the limit, and a response it completes is the
+// concatenation of what it accepted.
+func FuzzAssembler(f *testing.F) {
+	f.Add([]byte("abcdefgh"), uint8(3), uint64(0), uint8(0))
+	f.Add([]byte("abcdefgh"), uint8(3), uint64(8), uint8(1))
+	f.Add([]byte{}, uint8(0), uint64(1<<40), uint8(2))
+	f.Fuzz(func(t *testing.T, ev []byte, chunk uint8, total uint64, mangle uint8) {
+		parts := EvidenceParts(&EvidenceResponse{ID: 1, Evidence: ev}, int(chunk)%17+1)
+		if len(parts) > 0 && mangle%3 == 1 {
+			parts[0].Total = total
+		}
+		if len(parts) > 1 && mangle%3 == 2 {
+			parts[1].Part += uint32(mangle)
+		}
+		var a Assembler
+		for _, p := range parts {
+			r, err := a.Add(p)
+			if err != nil {
+				return
+			}
+			if r != nil {
+				if len(r.Evidence) > MaxEvidence {
+					t.Fatal("over the limit")
+				}
+				if mangle%3 == 0 && !bytes.Equal(r.Evidence, ev) {
+					t.Fatalf("reassembled %x, sent %x", r.Evidence, ev)
+				}
+			}
+		}
+	})
+}
