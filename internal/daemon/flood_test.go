@@ -205,6 +205,10 @@ func TestAttestUnderFlood(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", p.name, err)
 		}
+		// Incremental evidence holds only what follows the checkpoint.
+		if cp != nil && (ev.From == nil || (len(ev.Log) > 0 && ev.Log[0].G0 != cp.NextG)) {
+			t.Fatalf("%s: evidence since the checkpoint at global index %d is not a delta (from %+v)", p.name, cp.NextG, ev.From)
+		}
 		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AK: ak, PCR: 13, Checkpoint: cp})
 		took := time.Since(start)
 		if err != nil {
@@ -297,17 +301,20 @@ func TestAttestUnderFlood(t *testing.T) {
 		if s.finalFull < total*evidenceEntryBytes {
 			t.Fatalf("%s: full evidence of %d bytes cannot hold a log of %d entries", p.name, s.finalFull, total)
 		}
-		// After the flood the delta holds only the heartbeats since the
-		// checkpoint (concealment is on): a sliver of the full log.
-		if s.finalIncBytes*100 > s.finalFull {
-			t.Fatalf("%s: incremental evidence after the flood is %d bytes of a full %d: not incremental", p.name, s.finalIncBytes, s.finalFull)
-		}
-		if sorted[0] >= 100*time.Millisecond {
+		switch {
+		case raceEnabled:
+			t.Logf("%s: the 100 ms bound is not checked under the race detector", p.name)
+		case len(sorted) < 5:
+			t.Fatalf("%s: only %d incremental attestations during the flood: too few to bound their time; flood longer (TPMMUX_FLOOD_RECORDS)", p.name, len(sorted))
+		case sorted[0] >= 100*time.Millisecond:
 			t.Fatalf("%s: A's fastest incremental attestation under the flood took %v, want < 100ms", p.name, sorted[0])
 		}
 	}
-	if st[0].finalFull <= wire.MaxPayload {
-		t.Fatalf("the full evidence (%d bytes) fits one frame: the test does not exercise parts", st[0].finalFull)
+	if st[0].finalFull <= wire.EvidenceChunk {
+		t.Fatalf("the full evidence (%d bytes) fits one part: the test does not exercise parts", st[0].finalFull)
+	}
+	if total >= 1_000_000 && st[0].finalFull <= wire.MaxPayload {
+		t.Fatalf("the full evidence of %d records (%d bytes) fits the old one-frame limit of %d", total, st[0].finalFull, wire.MaxPayload)
 	}
 }
 
