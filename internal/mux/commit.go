@@ -73,6 +73,11 @@ func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
 		vs.ending = true
 	}
 	items[len(items)-1].ticket = t
+	for _, it := range items {
+		if it.kind == record.KindTPM {
+			m.urgent++
+		}
+	}
 	m.queue = append(m.queue, items...)
 	m.kick()
 	return t, nil
@@ -160,6 +165,7 @@ func (m *Mux) run(ctx context.Context) {
 		n := len(m.queue)
 		closed := m.closed
 		live := len(m.vms)
+		urgent := m.urgent
 		m.mu.Unlock()
 		if faulted {
 			m.tryHeal(ctx)
@@ -178,6 +184,11 @@ func (m *Mux) run(ctx context.Context) {
 		case !cv.on() || closed:
 			commitNow = n > 0
 		case n >= cv.flush():
+			commitNow = true
+		case urgent > 0:
+			// A vTPM event: the guest kernel's command waits for it, so it
+			// is not held for the slot. Its batch is padded like any other;
+			// its time shows (docs/security.md).
 			commitNow = true
 		case slot:
 			// A heartbeat while any VM is live, cover only if need be; none
@@ -206,6 +217,11 @@ func (m *Mux) run(ctx context.Context) {
 		take := min(len(m.queue), m.cfg.MaxBatch)
 		batch := m.queue[:take:take]
 		m.queue = m.queue[take:]
+		for _, it := range batch {
+			if it.kind == record.KindTPM {
+				m.urgent--
+			}
+		}
 		if len(m.queue) == 0 {
 			m.queue = nil
 		}
@@ -405,6 +421,7 @@ func (m *Mux) failAll(batch []*item, err error) {
 	m.mu.Lock()
 	rest := m.queue
 	m.queue = nil
+	m.urgent = 0
 	for _, it := range rest {
 		if it.kind == record.KindTeardown {
 			it.vm.ending = false

@@ -103,3 +103,23 @@ func TestJournalModes(t *testing.T) {
 		t.Fatalf("a refused event was recorded: %d events", len(evs))
 	}
 }
+
+// TestJournalNotHeldForTheSlot: with activity concealment on (a slotted
+// commit every Interval), a vTPM event is committed at once, not at the
+// next slot: a guest kernel waits on each of its extends.
+func TestJournalNotHeldForTheSlot(t *testing.T) {
+	r := newRig(t, mux.Config{Cover: mux.Cover{Pad: 16, Interval: 2 * time.Second}})
+	a, err := r.m.NewVM(context.Background(), mux.Launch{UUID: [16]byte{0x71}, Name: "vm-a", VTPMBanks: []uint16{uint16(vpcr.SHA256)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	for _, e := range []vpcr.Event{{Seq: 1, Kind: vpcr.KindInit}, {Seq: 2, Kind: vpcr.KindStartup, Command: 0x144, Banks: []vpcr.Alg{vpcr.SHA256}}, ext(1), ext(2)} {
+		if err := r.m.Journal(a.ID(), true).Append(context.Background(), e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if el := time.Since(start); el > 1500*time.Millisecond {
+		t.Fatalf("four vTPM events took %v with a 2 s slot: they waited for slots", el)
+	}
+}

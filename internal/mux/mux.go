@@ -92,6 +92,7 @@ type Mux struct {
 	// mu guards the queue, the VM map and the per-VM ending flags.
 	mu     sync.Mutex
 	queue  []*item
+	urgent int // queued vTPM events: a guest kernel waits on each
 	vms    map[conceal.Digest]*vmState
 	wake   chan struct{}
 	closed bool
