@@ -22,6 +22,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -54,7 +55,26 @@ func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	cmd := &cli.Command{
+	cmd := command()
+	if len(args) > 0 {
+		if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
+			return code
+		}
+	}
+	f := newFlags(cmd.FlagSet())
+	if code, done := cmd.Parse(args, stdout, stderr); done {
+		return code
+	}
+	v, err := f.prepare(cmd.FlagSet())
+	if err != nil {
+		return exitFor(err, stderr)
+	}
+	return v.run(stdout, stderr)
+}
+
+// command is tpmmux-verify's command line: its flags, help and man page.
+func command() *cli.Command {
+	return &cli.Command{
 		Name: "tpmmux-verify",
 		Synopsis: []string{
 			"--evidence FILE (--nonce HEX | --post-mortem) --identity FILE",
@@ -75,204 +95,285 @@ section), verifies IMA signatures, and requires keys bound in the VM's log. A pu
 			{Title: "See also", Body: `tpmmux-bridge(8), tpmmux-agent(1)`},
 		},
 	}
-	if len(args) > 0 {
-		if code, ok := cmd.Dispatch(args, "", stdout, stderr); ok {
-			return code
+}
+
+// flags are tpmmux-verify's flags.
+type flags struct {
+	evPath, nonceHex, identPath, akPath, ekCA, enrolled *string
+	policyPath, launchPath, expectUUID, cpIn, cpOut     *string
+	imaKeys, bindKeys                                   multi
+	postMortem, allowResettable, asJSON                 *bool
+	pcr                                                 *int
+}
+
+func newFlags(fs *flag.FlagSet) *flags {
+	f := &flags{}
+	f.evPath = fs.String("evidence", "", "evidence `FILE` (JSON or binary CBOR)")
+	f.nonceHex = fs.String("nonce", "", "the nonce you sent, `HEX`")
+	f.identPath = fs.String("identity", "", "the VM's identity.json `FILE` (uuid, instance, key)")
+	f.akPath = fs.String("ak", "", "PEM `FILE` of the trusted attestation key (a pinned AK)")
+	f.ekCA = fs.String("ek-ca", "", "PEM `FILE` of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
+	f.enrolled = fs.String("enrolled", "", "`DIR` of AKs enrolled with tpmmux-verify enroll (with --ek-ca)")
+	f.policyPath = fs.String("policy", "", "Keylime runtime policy JSON `FILE` (optionally with a tpmmux launch section)")
+	f.launchPath = fs.String("launch-policy", "", "launch policy JSON `FILE` (the tpmmux section, or its launch object) pinning the launch measurement")
+	fs.Var(&f.imaKeys, "ima-keys", "X.509 certificates or public keys `FILE` (PEM or DER) that verify IMA signatures (repeatable)")
+	fs.Var(&f.bindKeys, "bind-key", "PEM `FILE`: a public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
+	f.postMortem = fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
+	f.pcr = fs.Int("pcr", conceal.DefaultPCR, "the multiplexer `PCR` this host uses")
+	f.expectUUID = fs.String("expect-uuid", "", "the `UUID` of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
+	f.allowResettable = fs.Bool("insecure-allow-resettable-pcr", false, "accept evidence anchored in PCR 16-23, which can be reset without a reboot (tests only)")
+	f.asJSON = fs.Bool("json", false, "print the JSON report on stdout")
+	f.cpIn = fs.String("checkpoint", "", "checkpoint `FILE` of an earlier verification of this VM: a high-water mark (less history is a rollback); delta evidence must be the delta after it")
+	f.cpOut = fs.String("save-checkpoint", "", "write the checkpoint of this verification to `FILE` (mode 0600) when trusted")
+	return f
+}
+
+// usageError is an input or usage error: exit 2, "usage error: …".
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return &usageError{msg: fmt.Sprintf(format, a...)} }
+
+// rejectedError is a verdict reached before verification (an AK that is
+// not enrolled): exit 1, "rejected: …".
+type rejectedError struct{ err error }
+
+func (e *rejectedError) Error() string { return e.err.Error() }
+
+// exitFor prints err as its kind says and returns the exit code.
+func exitFor(err error, stderr io.Writer) int {
+	var rj *rejectedError
+	if errors.As(err, &rj) {
+		fmt.Fprintf(stderr, "rejected: %v\n", rj.err)
+		return exitRejected
+	}
+	fmt.Fprintf(stderr, "usage error: %v\n", err)
+	return exitUsage
+}
+
+// verification is one run: the evidence, the options, the trust report
+// and the appraiser, and where the report goes.
+type verification struct {
+	f     *flags
+	ev    *evidence.Evidence
+	opts  verify.Options
+	trust *verify.TrustReport
+	appr  *policy.Appraisal
+}
+
+// prepare checks the flags and reads every input.
+func (f *flags) prepare(fs *flag.FlagSet) (*verification, error) {
+	if err := f.check(fs); err != nil {
+		return nil, err
+	}
+	v := &verification{f: f, opts: verify.Options{PostMortem: *f.postMortem, PCR: *f.pcr, AllowResettablePCR: *f.allowResettable}}
+	for _, step := range []func() error{v.readChallenge, v.readEvidence, v.readTrustRoot, v.readPolicies, v.readVerifierState} {
+		if err := step(); err != nil {
+			return nil, err
 		}
 	}
-	fs := cmd.FlagSet()
-	evPath := fs.String("evidence", "", "evidence `FILE` (JSON or binary CBOR)")
-	nonceHex := fs.String("nonce", "", "the nonce you sent, `HEX`")
-	identPath := fs.String("identity", "", "the VM's identity.json `FILE` (uuid, instance, key)")
-	akPath := fs.String("ak", "", "PEM `FILE` of the trusted attestation key (a pinned AK)")
-	ekCA := fs.String("ek-ca", "", "PEM `FILE` of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
-	enrolled := fs.String("enrolled", "", "`DIR` of AKs enrolled with tpmmux-verify enroll (with --ek-ca)")
-	policyPath := fs.String("policy", "", "Keylime runtime policy JSON `FILE` (optionally with a tpmmux launch section)")
-	launchPath := fs.String("launch-policy", "", "launch policy JSON `FILE` (the tpmmux section, or its launch object) pinning the launch measurement")
-	var imaKeys, bindKeys multi
-	fs.Var(&imaKeys, "ima-keys", "X.509 certificates or public keys `FILE` (PEM or DER) that verify IMA signatures (repeatable)")
-	fs.Var(&bindKeys, "bind-key", "PEM `FILE`: a public key, certificate or private key that must be bound in the VM's log, e.g. the VM's TLS key (repeatable)")
-	postMortem := fs.Bool("post-mortem", false, "accept the bridge's final quote of an ended VM instead of a fresh quote")
-	pcr := fs.Int("pcr", conceal.DefaultPCR, "the multiplexer `PCR` this host uses")
-	expectUUID := fs.String("expect-uuid", "", "the `UUID` of the VM you mean to attest, known to you independently of the host (e.g. from creating it); another VM's evidence and identity are then rejected")
-	allowResettable := fs.Bool("insecure-allow-resettable-pcr", false, "accept evidence anchored in PCR 16-23, which can be reset without a reboot (tests only)")
-	asJSON := fs.Bool("json", false, "print the JSON report on stdout")
-	cpIn := fs.String("checkpoint", "", "checkpoint `FILE` of an earlier verification of this VM: a high-water mark (less history is a rollback); delta evidence must be the delta after it")
-	cpOut := fs.String("save-checkpoint", "", "write the checkpoint of this verification to `FILE` (mode 0600) when trusted")
-	if code, done := cmd.Parse(args, stdout, stderr); done {
-		return code
-	}
-	usage := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "usage error: "+format+"\n", a...)
-		return exitUsage
-	}
-	if fs.NArg() > 0 {
-		return usage("unexpected argument %q", fs.Arg(0))
-	}
-	if *evPath == "" || *identPath == "" {
-		return usage("--evidence and --identity are required")
-	}
+	return v, nil
+}
+
+// check refuses flag combinations that cannot work.
+func (f *flags) check(fs *flag.FlagSet) error {
 	switch {
-	case *akPath != "" && (*ekCA != "" || *enrolled != ""):
-		return usage("--ak pins an AK; --ek-ca with --enrolled uses an enrolled one: give one or the other")
-	case *akPath == "" && (*ekCA == "" || *enrolled == ""):
-		return usage("--ak, or --ek-ca with --enrolled, is required")
+	case fs.NArg() > 0:
+		return usagef("unexpected argument %q", fs.Arg(0))
+	case *f.evPath == "" || *f.identPath == "":
+		return usagef("--evidence and --identity are required")
+	case *f.akPath != "" && (*f.ekCA != "" || *f.enrolled != ""):
+		return usagef("--ak pins an AK; --ek-ca with --enrolled uses an enrolled one: give one or the other")
+	case *f.akPath == "" && (*f.ekCA == "" || *f.enrolled == ""):
+		return usagef("--ak, or --ek-ca with --enrolled, is required")
+	case *f.nonceHex == "" && !*f.postMortem:
+		return usagef("--nonce is required (or --post-mortem for an ended VM's final quote)")
+	case len(f.imaKeys) > 0 && *f.policyPath == "":
+		return usagef("--ima-keys needs --policy")
 	}
-	if *nonceHex == "" && !*postMortem {
-		return usage("--nonce is required (or --post-mortem for an ended VM's final quote)")
-	}
-	if len(imaKeys) > 0 && *policyPath == "" {
-		return usage("--ima-keys needs --policy")
-	}
-	opts := verify.Options{PostMortem: *postMortem, PCR: *pcr, AllowResettablePCR: *allowResettable}
-	if *nonceHex != "" {
-		n, err := hex.DecodeString(strings.TrimSpace(*nonceHex))
+	return nil
+}
+
+// readChallenge reads what the verifier knows on its own: its nonce and
+// the VM it means to attest.
+func (v *verification) readChallenge() error {
+	f := v.f
+	if *f.nonceHex != "" {
+		n, err := hex.DecodeString(strings.TrimSpace(*f.nonceHex))
 		if err != nil || len(n) == 0 {
-			return usage("--nonce %q is not hex", *nonceHex)
+			return usagef("--nonce %q is not hex", *f.nonceHex)
 		}
 		if len(n) < verify.MinNonce {
-			return usage("--nonce is %d bytes; use at least %d random bytes (e.g. openssl rand -hex 32)", len(n), verify.MinNonce)
+			return usagef("--nonce is %d bytes; use at least %d random bytes (e.g. openssl rand -hex 32)", len(n), verify.MinNonce)
 		}
-		opts.Nonce = n
+		v.opts.Nonce = n
 	}
-	if *expectUUID != "" {
-		u, err := conceal.ParseUUID(*expectUUID)
+	if *f.expectUUID != "" {
+		u, err := conceal.ParseUUID(*f.expectUUID)
 		if err != nil {
-			return usage("--expect-uuid %q: %v", *expectUUID, err)
+			return usagef("--expect-uuid %q: %v", *f.expectUUID, err)
 		}
-		opts.ExpectUUID = u
+		v.opts.ExpectUUID = u
 	}
-	raw, err := os.ReadFile(*evPath)
+	return nil
+}
+
+// readEvidence reads the evidence and the VM's identity.
+func (v *verification) readEvidence() error {
+	f := v.f
+	raw, err := os.ReadFile(*f.evPath)
 	if err != nil {
-		return usage("--evidence: %v", err)
+		return usagef("--evidence: %v", err)
 	}
-	ev, err := evidence.Decode(raw)
-	if err != nil {
+	if v.ev, err = evidence.Decode(raw); err != nil {
 		// Undecodable input is an input error (exit 2), not a verdict:
 		// nothing was verified.
-		return usage("--evidence %s: %v (want tpmmux evidence as written by tpmmux-bridge evidence or tpmmux-agent attest: evidence.json, or the binary CBOR evidence.cbor)", *evPath, err)
+		return usagef("--evidence %s: %v (want tpmmux evidence as written by tpmmux-bridge evidence or tpmmux-agent attest: evidence.json, or the binary CBOR evidence.cbor)", *f.evPath, err)
 	}
-	if ev.Kind == evidence.KindFinal && !*postMortem {
-		return usage("--evidence %s is post-mortem evidence (the bridge's final quote of an ended VM): its quote holds no nonce; verify it with --post-mortem instead of --nonce", *evPath)
+	if v.ev.Kind == evidence.KindFinal && !*f.postMortem {
+		return usagef("--evidence %s is post-mortem evidence (the bridge's final quote of an ended VM): its quote holds no nonce; verify it with --post-mortem instead of --nonce", *f.evPath)
 	}
-	identRaw, err := os.ReadFile(*identPath)
+	identRaw, err := os.ReadFile(*f.identPath)
 	if err != nil {
-		return usage("--identity: %v", err)
+		return usagef("--identity: %v", err)
 	}
 	var ident conceal.Identity
 	if err := json.Unmarshal(identRaw, &ident); err != nil {
-		return usage("identity %s: %v", *identPath, err)
+		return usagef("identity %s: %v", *f.identPath, err)
 	}
-	opts.Identity = &ident
+	v.opts.Identity = &ident
+	return nil
+}
 
-	// The trust root: a pinned AK, or the AK enrolled under the EK CA.
-	var trust *verify.TrustReport
-	if *akPath != "" {
-		ak, err := readAK(*akPath)
+// readTrustRoot reads the trust root: a pinned AK, or the AK enrolled
+// under the EK CA.
+func (v *verification) readTrustRoot() error {
+	f := v.f
+	if *f.akPath != "" {
+		ak, err := readAK(*f.akPath)
 		if err != nil {
-			return usage("ak %s: %v", *akPath, err)
+			return usagef("ak %s: %v", *f.akPath, err)
 		}
-		opts.AK = ak
+		v.opts.AK = ak
 		fp, _ := enroll.AKFingerprint(ak)
-		trust = &verify.TrustReport{AK: "pinned", AKSHA256: fp}
-	} else {
-		caPEM, err := os.ReadFile(*ekCA)
-		if err != nil {
-			return usage("--ek-ca: %v", err)
-		}
-		roots, _, err := enroll.ParseCAs(caPEM)
-		if err != nil {
-			return usage("ek-ca %s: %v", *ekCA, err)
-		}
-		// The evidence's AK field is informational: it only selects which
-		// enrolled AK to verify with.
-		var named *ecdsa.PublicKey
-		if len(ev.AK) > 0 {
-			if k, err := x509.ParsePKIXPublicKey(ev.AK); err == nil {
-				named, _ = k.(*ecdsa.PublicKey)
-			}
-		}
-		rec, ak, err := enroll.Lookup(*enrolled, named, roots, time.Now())
-		var ne *enroll.NotEnrolledError
-		switch {
-		case errors.As(err, &ne) || enroll.IsRejection(err):
-			fmt.Fprintf(stderr, "rejected: %v\n", err)
-			return exitRejected
-		case err != nil:
-			return usage("enrolled %s: %v", *enrolled, err)
-		}
-		opts.AK = ak
-		fp, _ := enroll.AKFingerprint(ak)
-		trust = &verify.TrustReport{AK: "enrolled", AKSHA256: fp, EKCertSHA256: hex.EncodeToString(rec.EKCertSHA256),
-			EKIssuer: rec.EKIssuer, Host: rec.Host, Enrolled: rec.Enrolled}
+		v.trust = &verify.TrustReport{AK: "pinned", AKSHA256: fp}
+		return nil
 	}
+	caPEM, err := os.ReadFile(*f.ekCA)
+	if err != nil {
+		return usagef("--ek-ca: %v", err)
+	}
+	roots, _, err := enroll.ParseCAs(caPEM)
+	if err != nil {
+		return usagef("ek-ca %s: %v", *f.ekCA, err)
+	}
+	// The evidence's AK field is informational: it only selects which
+	// enrolled AK to verify with.
+	var named *ecdsa.PublicKey
+	if len(v.ev.AK) > 0 {
+		if k, err := x509.ParsePKIXPublicKey(v.ev.AK); err == nil {
+			named, _ = k.(*ecdsa.PublicKey)
+		}
+	}
+	rec, ak, err := enroll.Lookup(*f.enrolled, named, roots, time.Now())
+	var ne *enroll.NotEnrolledError
+	switch {
+	case errors.As(err, &ne) || enroll.IsRejection(err):
+		return &rejectedError{err: err}
+	case err != nil:
+		return usagef("enrolled %s: %v", *f.enrolled, err)
+	}
+	v.opts.AK = ak
+	fp, _ := enroll.AKFingerprint(ak)
+	v.trust = &verify.TrustReport{AK: "enrolled", AKSHA256: fp, EKCertSHA256: hex.EncodeToString(rec.EKCertSHA256),
+		EKIssuer: rec.EKIssuer, Host: rec.Host, Enrolled: rec.Enrolled}
+	return nil
+}
 
-	// Step 5: the appraiser (runtime policy, IMA keys, launch policy).
-	var appr *policy.Appraisal
-	if *policyPath != "" {
-		pb, err := os.ReadFile(*policyPath)
+// readPolicies builds step 5's appraiser (runtime policy, IMA keys, launch
+// policy) and the keys that must be bound.
+func (v *verification) readPolicies() error {
+	f := v.f
+	if *f.policyPath != "" {
+		pb, err := os.ReadFile(*f.policyPath)
 		if err != nil {
-			return usage("--policy: %v", err)
+			return usagef("--policy: %v", err)
 		}
 		rt, err := policy.Parse(pb)
 		if err != nil {
-			return usage("policy %s: %v", *policyPath, err)
+			return usagef("policy %s: %v", *f.policyPath, err)
 		}
 		var keys []policy.Key
-		for _, p := range imaKeys {
+		for _, p := range f.imaKeys {
 			ks, err := policy.ReadKeyFile(p)
 			if err != nil {
-				return usage("ima-keys: %v", err)
+				return usagef("ima-keys: %v", err)
 			}
 			keys = append(keys, ks...)
 		}
-		appr = policy.New(rt, keys)
+		v.appr = policy.New(rt, keys)
 	}
-	if *launchPath != "" {
-		lb, err := os.ReadFile(*launchPath)
+	if *f.launchPath != "" {
+		lb, err := os.ReadFile(*f.launchPath)
 		if err != nil {
-			return usage("--launch-policy: %v", err)
+			return usagef("--launch-policy: %v", err)
 		}
 		ext, err := policy.ParseLaunch(lb)
 		if err != nil {
-			return usage("launch-policy %s: %v", *launchPath, err)
+			return usagef("launch-policy %s: %v", *f.launchPath, err)
 		}
-		if appr == nil {
-			appr = policy.New(nil, nil)
+		if v.appr == nil {
+			v.appr = policy.New(nil, nil)
 		}
-		appr.WithLaunch(ext.Launch)
+		v.appr.WithLaunch(ext.Launch)
 	}
-	if appr != nil {
-		opts.Appraiser = appr
+	if v.appr != nil {
+		v.opts.Appraiser = v.appr
 	}
-	for _, p := range bindKeys {
+	for _, p := range f.bindKeys {
 		b, err := os.ReadFile(p)
 		if err != nil {
-			return usage("--bind-key: %v", err)
+			return usagef("--bind-key: %v", err)
 		}
 		h, err := verify.KeyHashPEM(b)
 		if err != nil {
-			return usage("bind-key %s: %v", p, err)
+			return usagef("bind-key %s: %v", p, err)
 		}
-		opts.BindKeys = append(opts.BindKeys, h)
+		v.opts.BindKeys = append(v.opts.BindKeys, h)
 	}
-	if *cpIn != "" {
-		b, err := os.ReadFile(*cpIn)
-		if err != nil {
-			return usage("--checkpoint: %v", err)
-		}
-		var cp verify.Checkpoint
-		if err := json.Unmarshal(b, &cp); err != nil {
-			return usage("checkpoint %s: %v", *cpIn, err)
-		}
-		opts.Checkpoint = &cp
+	return nil
+}
+
+// readVerifierState reads the checkpoint an earlier verification left.
+func (v *verification) readVerifierState() error {
+	f := v.f
+	if *f.cpIn == "" {
+		return nil
 	}
-	rep, verr := verify.Verify(ev, opts)
-	rep.Trust = trust
-	if appr != nil {
-		rep.Appraisal = appr.Report()
+	b, err := os.ReadFile(*f.cpIn)
+	if err != nil {
+		return usagef("--checkpoint: %v", err)
 	}
-	if *asJSON {
+	var cp verify.Checkpoint
+	if err := json.Unmarshal(b, &cp); err != nil {
+		return usagef("checkpoint %s: %v", *f.cpIn, err)
+	}
+	v.opts.Checkpoint = &cp
+	return nil
+}
+
+// run verifies and reports: the JSON report with --json, the verdict on
+// stderr when rejected, a summary on stdout when trusted, and the new
+// checkpoint with --save-checkpoint.
+func (v *verification) run(stdout, stderr io.Writer) int {
+	f := v.f
+	rep, verr := verify.Verify(v.ev, v.opts)
+	rep.Trust = v.trust
+	if v.appr != nil {
+		rep.Appraisal = v.appr.Report()
+	}
+	if *f.asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(rep); err != nil {
@@ -281,49 +382,54 @@ section), verifies IMA signatures, and requires keys bound in the VM's log. A pu
 		}
 	}
 	if verr != nil {
-		if verify.IsRejection(verr) {
-			fmt.Fprintf(stderr, "rejected: %v\n", verr)
-			if !*asJSON {
-				for i, v := range rep.Violations {
-					if i == 20 {
-						fmt.Fprintf(stderr, "  … and %d more (--json lists all)\n", len(rep.Violations)-20)
-						break
-					}
-					fmt.Fprintf(stderr, "  violation: record %d %s %s: %s\n", v.Seq, v.Path, v.Digest, v.Reason)
-				}
-			}
-			return exitRejected
+		if !verify.IsRejection(verr) {
+			return exitFor(verr, stderr)
 		}
-		return usage("%v", verr)
+		fmt.Fprintf(stderr, "rejected: %v\n", verr)
+		if !*f.asJSON {
+			for i, x := range rep.Violations {
+				if i == 20 {
+					fmt.Fprintf(stderr, "  … and %d more (--json lists all)\n", len(rep.Violations)-20)
+					break
+				}
+				fmt.Fprintf(stderr, "  violation: record %d %s %s: %s\n", x.Seq, x.Path, x.Digest, x.Reason)
+			}
+		}
+		return exitRejected
 	}
-	if *cpOut != "" {
+	if *f.cpOut != "" {
 		b, err := json.MarshalIndent(rep.Checkpoint, "", " ")
 		if err == nil {
-			err = os.WriteFile(*cpOut, append(b, '\n'), 0o600)
+			err = os.WriteFile(*f.cpOut, append(b, '\n'), 0o600)
 		}
 		if err != nil {
 			fmt.Fprintf(stderr, "write checkpoint: %v\n", err)
 			return exitUsage
 		}
 	}
-	if !*asJSON {
-		fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %.16s (TPM resetCount %d); AK %s\n",
-			rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.SHA256, rep.Epoch.ResetCount, trust.AK)
-		if a := rep.Appraisal; a != nil {
-			fmt.Fprintf(stdout, "  policy: %d appraised, %d excluded, %d ignored", a.Appraised, a.Excluded, len(a.Ignored))
-			if s := a.Signatures; s != nil && s.Signed > 0 {
-				fmt.Fprintf(stdout, "; signatures: %d of %d verified", s.Verified, s.Signed)
-			}
-			if a.Launch != nil {
-				fmt.Fprintf(stdout, "; launch: %s pinned", strings.Join(a.Launch.Checked, ", "))
-			}
-			fmt.Fprintln(stdout)
-		}
-		for _, b := range rep.BoundKeys {
-			fmt.Fprintf(stdout, "  key %s bound (record %d, purpose %s)\n", b.SHA256, b.Seq, b.Purpose)
-		}
+	if !*f.asJSON {
+		printTrusted(stdout, rep)
 	}
 	return exitTrusted
+}
+
+// printTrusted is the summary of a trusted report.
+func printTrusted(stdout io.Writer, rep *verify.Report) {
+	fmt.Fprintf(stdout, "trusted: vm %s (%s) instance %s: %d records (%d measurements) in a log of %d entries, epoch %.16s (TPM resetCount %d); AK %s\n",
+		rep.VM.Name, rep.VM.UUID, rep.VM.Instance, rep.Records, rep.Counts.Measurements, rep.LogEntries, rep.Epoch.SHA256, rep.Epoch.ResetCount, rep.Trust.AK)
+	if a := rep.Appraisal; a != nil {
+		fmt.Fprintf(stdout, "  policy: %d appraised, %d excluded, %d ignored", a.Appraised, a.Excluded, len(a.Ignored))
+		if s := a.Signatures; s != nil && s.Signed > 0 {
+			fmt.Fprintf(stdout, "; signatures: %d of %d verified", s.Verified, s.Signed)
+		}
+		if a.Launch != nil {
+			fmt.Fprintf(stdout, "; launch: %s pinned", strings.Join(a.Launch.Checked, ", "))
+		}
+		fmt.Fprintln(stdout)
+	}
+	for _, b := range rep.BoundKeys {
+		fmt.Fprintf(stdout, "  key %s bound (record %d, purpose %s)\n", b.SHA256, b.Seq, b.Purpose)
+	}
 }
 
 func readAK(path string) (*ecdsa.PublicKey, error) {

@@ -355,62 +355,7 @@ type limits struct {
 }
 
 func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out *sender, acks chan<- pendingAck, next uint64, bootID string, resync bool, lim *limits) error {
-	fatal := func(code, format string, a ...any) error {
-		msg := fmt.Sprintf(format, a...)
-		out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
-		return &guestError{code: code, msg: msg}
-	}
-	// note puts an action record about a quota into the VM's own log.
-	note := func(action, detail string) error {
-		t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindAction, Time: b.now().UnixNano(), Action: &record.Action{Action: action, Detail: detail}})
-		if err != nil {
-			return fatal(wire.CodeUnavailable, "%v", err)
-		}
-		lim.count++
-		b.logger().Warn("guest over quota", "vm", b.nameOf(id), "action", action, "detail", detail)
-		select {
-		case acks <- pendingAck{ticket: t, silent: true}:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	// admit enforces the quota on a frame of n records of size bytes:
-	// the record limit refuses it, the rates slow it.
-	admit := func(seq uint64, n, size int) error {
-		if lim.qc.MaxRecords > 0 && lim.count+int64(n) > lim.qc.MaxRecords {
-			msg := fmt.Sprintf("this VM instance has %d records; %d more exceed the per-VM limit of %d records (bridge quota max_records): nothing of this frame is acknowledged; restart the VM for a new instance", lim.count, n, lim.qc.MaxRecords)
-			lim.q.mu.Lock()
-			first := !lim.q.capped
-			lim.q.capped = true
-			lim.q.mu.Unlock()
-			if first {
-				if err := note("quota-records", msg); err != nil {
-					return err
-				}
-			}
-			return fatal(wire.CodeQuota, "%s", msg)
-		}
-		adm := lim.q.admit(lim.qc, n, size, b.now())
-		if adm.episode != "" {
-			if err := out.send(wire.TypeError, &wire.Error{Code: wire.CodeQuota, Message: adm.episode, Seq: seq}); err != nil {
-				return err
-			}
-			if err := note("quota-rate", adm.episode); err != nil {
-				return err
-			}
-		}
-		if adm.wait > 0 {
-			tm := time.NewTimer(adm.wait)
-			defer tm.Stop()
-			select {
-			case <-tm.C:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-		return nil
-	}
+	g := &guestLoop{b: b, ctx: ctx, id: id, out: out, acks: acks, next: next, bootID: bootID, lim: lim}
 	for {
 		f, err := wc.Recv()
 		if err != nil {
@@ -418,105 +363,194 @@ func (b *Bridge) loop(ctx context.Context, id conceal.Digest, wc *wire.Conn, out
 		}
 		switch f.Type {
 		case wire.TypeMeasurements:
-			var m wire.Measurements
-			if err := wire.Decode(f, &m); err != nil {
-				return fatal(wire.CodeProtocol, "%v", err)
-			}
-			if m.First > next {
-				return fatal(wire.CodeGap, "entries start at log index %d, the bridge needs %d first", m.First, next)
-			}
-			skip := next - m.First
-			if skip >= uint64(len(m.Entries)) {
-				acks <- pendingAck{seq: m.Seq, next: next} // all already durable
-				continue
-			}
-			recs := make([]*record.Record, 0, len(m.Entries)-int(skip))
-			size := 0
-			for i, e := range m.Entries[skip:] {
-				idx := next + uint64(i)
-				if limit := lim.qc.MaxEntryBytes; limit > 0 && len(e.Data) > limit {
-					msg := fmt.Sprintf("entry %d: template data of %d bytes exceeds the per-entry limit of %d bytes (bridge quota max_entry_bytes); nothing from this entry on is acknowledged", idx, len(e.Data), limit)
-					if err := note("quota-entry-size", msg); err != nil {
-						return err
-					}
-					return fatal(wire.CodeQuota, "%s", msg)
-				}
-				size += len(e.Data) + len(e.TemplateHash) + len(e.Template)
-			}
-			if err := admit(m.Seq, len(m.Entries)-int(skip), size); err != nil {
-				return err
-			}
-			now := b.now().UnixNano()
-			for i, e := range m.Entries[skip:] {
-				idx := next + uint64(i)
-				r, err := measurementRecord(e, idx, bootID, now)
-				if err != nil {
-					return fatal(wire.CodeBadEntry, "entry %d: %v", idx, err)
-				}
-				recs = append(recs, r)
-			}
-			w := min(int64(len(recs)), b.budgetLimit())
-			if err := b.queued().Acquire(ctx, w); err != nil {
-				return err
-			}
-			t, err := b.Mux.Submit(id, recs...)
-			if err != nil {
-				b.queued().Release(w)
-				code := wire.CodeUnavailable
-				if errors.Is(err, mux.ErrEnded) || errors.Is(err, mux.ErrUnknownVM) {
-					code = wire.CodeEnded
-				}
-				return fatal(code, "%v", err)
-			}
-			next += uint64(len(recs))
-			lim.count += int64(len(recs))
-			select {
-			case acks <- pendingAck{seq: m.Seq, next: next, ticket: t, weight: w}:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+			err = g.measurements(f)
 		case wire.TypeBind:
-			var m wire.Bind
-			if err := wire.Decode(f, &m); err != nil {
-				return fatal(wire.CodeProtocol, "%v", err)
-			}
-			if m.Purpose == "" || len(m.Purpose) > 64 {
-				return fatal(wire.CodeProtocol, "bind purpose of %d bytes", len(m.Purpose))
-			}
-			if err := admit(m.Seq, 1, len(m.Purpose)+len(m.KeyHash)); err != nil {
-				return err
-			}
-			t, err := b.Mux.Submit(id, &record.Record{Kind: record.KindBinding, Time: b.now().UnixNano(), Binding: &record.Binding{Purpose: m.Purpose, KeyHash: m.KeyHash}})
-			if err != nil {
-				return fatal(wire.CodeUnavailable, "%v", err)
-			}
-			lim.count++
-			acks <- pendingAck{seq: m.Seq, next: next, ticket: t}
+			err = g.bind(f)
 		case wire.TypeEvidenceRequest:
 			var m wire.EvidenceRequest
 			if err := wire.Decode(f, &m); err != nil {
-				return fatal(wire.CodeProtocol, "%v", err)
+				return g.fatal(wire.CodeProtocol, "%v", err)
 			}
-			if err := b.serveEvidence(ctx, id, m, out); err != nil {
-				return err
-			}
+			err = b.serveEvidence(ctx, id, m, out)
 		case wire.TypeHello:
 			if !resync {
-				return fatal(wire.CodeProtocol, "a second hello on one connection")
+				return g.fatal(wire.CodeProtocol, "a second hello on one connection")
 			}
 			return &rehello{frame: f}
 		case wire.TypePing:
 			var m wire.Ping
 			if err := wire.Decode(f, &m); err != nil {
-				return fatal(wire.CodeProtocol, "%v", err)
+				return g.fatal(wire.CodeProtocol, "%v", err)
 			}
-			if err := out.send(wire.TypePong, &wire.Pong{Seq: m.Seq}); err != nil {
-				return err
-			}
+			err = out.send(wire.TypePong, &wire.Pong{Seq: m.Seq})
 		default:
-			return fatal(wire.CodeProtocol, "unexpected %s frame", f.Type)
+			return g.fatal(wire.CodeProtocol, "unexpected %s frame", f.Type)
+		}
+		if err != nil {
+			return err
 		}
 	}
+}
+
+// guestLoop is one guest session's frame loop: where the guest's stream
+// stands and its quota.
+type guestLoop struct {
+	b      *Bridge
+	ctx    context.Context
+	id     conceal.Digest
+	out    *sender
+	acks   chan<- pendingAck
+	next   uint64
+	bootID string
+	lim    *limits
+}
+
+// fatal tells the guest of a fatal error and ends the session.
+func (g *guestLoop) fatal(code, format string, a ...any) error {
+	msg := fmt.Sprintf(format, a...)
+	g.out.send(wire.TypeError, &wire.Error{Code: code, Message: msg, Fatal: true})
+	return &guestError{code: code, msg: msg}
+}
+
+// note puts an action record about a quota into the VM's own log.
+func (g *guestLoop) note(action, detail string) error {
+	b := g.b
+	t, err := b.Mux.Submit(g.id, &record.Record{Kind: record.KindAction, Time: b.now().UnixNano(), Action: &record.Action{Action: action, Detail: detail}})
+	if err != nil {
+		return g.fatal(wire.CodeUnavailable, "%v", err)
+	}
+	g.lim.count++
+	b.logger().Warn("guest over quota", "vm", b.nameOf(g.id), "action", action, "detail", detail)
+	select {
+	case g.acks <- pendingAck{ticket: t, silent: true}:
+		return nil
+	case <-g.ctx.Done():
+		return g.ctx.Err()
+	}
+}
+
+// admit enforces the quota on a frame of n records of size bytes: the
+// record limit refuses it, the rates slow it.
+func (g *guestLoop) admit(seq uint64, n, size int) error {
+	lim := g.lim
+	if lim.qc.MaxRecords > 0 && lim.count+int64(n) > lim.qc.MaxRecords {
+		msg := fmt.Sprintf("this VM instance has %d records; %d more exceed the per-VM limit of %d records (bridge quota max_records): nothing of this frame is acknowledged; restart the VM for a new instance", lim.count, n, lim.qc.MaxRecords)
+		lim.q.mu.Lock()
+		first := !lim.q.capped
+		lim.q.capped = true
+		lim.q.mu.Unlock()
+		if first {
+			if err := g.note("quota-records", msg); err != nil {
+				return err
+			}
+		}
+		return g.fatal(wire.CodeQuota, "%s", msg)
+	}
+	adm := lim.q.admit(lim.qc, n, size, g.b.now())
+	if adm.episode != "" {
+		if err := g.out.send(wire.TypeError, &wire.Error{Code: wire.CodeQuota, Message: adm.episode, Seq: seq}); err != nil {
+			return err
+		}
+		if err := g.note("quota-rate", adm.episode); err != nil {
+			return err
+		}
+	}
+	if adm.wait > 0 {
+		tm := time.NewTimer(adm.wait)
+		defer tm.Stop()
+		select {
+		case <-tm.C:
+		case <-g.ctx.Done():
+			return g.ctx.Err()
+		}
+	}
+	return nil
+}
+
+// measurements takes a frame of IMA entries: those not yet durable are
+// checked against the quota and submitted.
+func (g *guestLoop) measurements(f wire.Frame) error {
+	b, lim := g.b, g.lim
+	var m wire.Measurements
+	if err := wire.Decode(f, &m); err != nil {
+		return g.fatal(wire.CodeProtocol, "%v", err)
+	}
+	if m.First > g.next {
+		return g.fatal(wire.CodeGap, "entries start at log index %d, the bridge needs %d first", m.First, g.next)
+	}
+	skip := g.next - m.First
+	if skip >= uint64(len(m.Entries)) {
+		g.acks <- pendingAck{seq: m.Seq, next: g.next} // all already durable
+		return nil
+	}
+	recs := make([]*record.Record, 0, len(m.Entries)-int(skip))
+	size := 0
+	for i, e := range m.Entries[skip:] {
+		idx := g.next + uint64(i)
+		if limit := lim.qc.MaxEntryBytes; limit > 0 && len(e.Data) > limit {
+			msg := fmt.Sprintf("entry %d: template data of %d bytes exceeds the per-entry limit of %d bytes (bridge quota max_entry_bytes); nothing from this entry on is acknowledged", idx, len(e.Data), limit)
+			if err := g.note("quota-entry-size", msg); err != nil {
+				return err
+			}
+			return g.fatal(wire.CodeQuota, "%s", msg)
+		}
+		size += len(e.Data) + len(e.TemplateHash) + len(e.Template)
+	}
+	if err := g.admit(m.Seq, len(m.Entries)-int(skip), size); err != nil {
+		return err
+	}
+	now := b.now().UnixNano()
+	for i, e := range m.Entries[skip:] {
+		idx := g.next + uint64(i)
+		r, err := measurementRecord(e, idx, g.bootID, now)
+		if err != nil {
+			return g.fatal(wire.CodeBadEntry, "entry %d: %v", idx, err)
+		}
+		recs = append(recs, r)
+	}
+	w := min(int64(len(recs)), b.budgetLimit())
+	if err := b.queued().Acquire(g.ctx, w); err != nil {
+		return err
+	}
+	t, err := b.Mux.Submit(g.id, recs...)
+	if err != nil {
+		b.queued().Release(w)
+		code := wire.CodeUnavailable
+		if errors.Is(err, mux.ErrEnded) || errors.Is(err, mux.ErrUnknownVM) {
+			code = wire.CodeEnded
+		}
+		return g.fatal(code, "%v", err)
+	}
+	g.next += uint64(len(recs))
+	lim.count += int64(len(recs))
+	select {
+	case g.acks <- pendingAck{seq: m.Seq, next: g.next, ticket: t, weight: w}:
+		return nil
+	case <-g.ctx.Done():
+		return g.ctx.Err()
+	}
+}
+
+// bind takes a key binding from the guest.
+func (g *guestLoop) bind(f wire.Frame) error {
+	b := g.b
+	var m wire.Bind
+	if err := wire.Decode(f, &m); err != nil {
+		return g.fatal(wire.CodeProtocol, "%v", err)
+	}
+	if m.Purpose == "" || len(m.Purpose) > 64 {
+		return g.fatal(wire.CodeProtocol, "bind purpose of %d bytes", len(m.Purpose))
+	}
+	if err := g.admit(m.Seq, 1, len(m.Purpose)+len(m.KeyHash)); err != nil {
+		return err
+	}
+	t, err := b.Mux.Submit(g.id, &record.Record{Kind: record.KindBinding, Time: b.now().UnixNano(), Binding: &record.Binding{Purpose: m.Purpose, KeyHash: m.KeyHash}})
+	if err != nil {
+		return g.fatal(wire.CodeUnavailable, "%v", err)
+	}
+	g.lim.count++
+	g.acks <- pendingAck{seq: m.Seq, next: g.next, ticket: t}
+	return nil
 }
 
 // resume decides where the guest's stream continues. A boot id other than
