@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/verify"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
 // Extension is the "tpmmux" section of a runtime policy file (Keylime
@@ -19,7 +21,8 @@ import (
 //	"tpmmux": {
 //	  "launch": {
 //	    "domain_xml_sha256": ["<hex>", ...],
-//	    "files": {"kernel": ["<hex>"], "initrd": ["<hex>"], "loader": [...], "nvram": [...]}
+//	    "files": {"kernel": ["<hex>"], "initrd": ["<hex>"], "loader": [...], "nvram": [...]},
+//	    "vpcrs": {"sha256": {"0": ["<hex>"], "4": ["<hex>"]}, "sha1": {...}}
 //	  },
 //	  "tomtou": "ignore" | "reject"
 //	}
@@ -46,6 +49,10 @@ const (
 type LaunchPolicy struct {
 	DomainXML Digests            `json:"domain_xml_sha256,omitempty"`
 	Files     map[string]Digests `json:"files,omitempty"`
+	// VPCRs pins a vTPM VM's measured boot: by bank ("sha1", "sha256",
+	// …), by PCR index 0-9, the allowed values of the virtual PCR (its
+	// firmware and boot loader extends), as the verifier replays them.
+	VPCRs map[string]map[string][]string `json:"vpcrs,omitempty"`
 }
 
 // Digests is a list of SHA-256 digests in hex; a single string is taken
@@ -96,6 +103,9 @@ func parseExtension(raw []byte) (*Extension, error) {
 				return nil, fmt.Errorf("launch.files: unknown role %q (want %s)", role, strings.Join(launchRoles, ", "))
 			}
 		}
+		if err := e.Launch.checkVPCRs(); err != nil {
+			return nil, err
+		}
 	}
 	return &e, nil
 }
@@ -121,8 +131,8 @@ func ParseLaunch(b []byte) (*Extension, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse launch policy: %w", err)
 	}
-	if l.Launch == nil || (len(l.Launch.DomainXML) == 0 && len(l.Launch.Files) == 0) {
-		return nil, errors.New("parse launch policy: it pins nothing (want domain_xml_sha256 or files)")
+	if l.Launch == nil || (len(l.Launch.DomainXML) == 0 && len(l.Launch.Files) == 0 && len(l.Launch.VPCRs) == 0) {
+		return nil, errors.New("parse launch policy: it pins nothing (want domain_xml_sha256, files or vpcrs)")
 	}
 	return l, nil
 }
@@ -174,5 +184,77 @@ func (a *Appraisal) AppraiseGenesis(g *record.Genesis) []verify.Violation {
 		}
 	}
 	rep.OK = len(out) == 0
+	return out
+}
+
+// checkVPCRs validates the vpcrs pins: known banks, PCRs 0-9, digests of
+// the bank's size in hex (lower-cased).
+func (l *LaunchPolicy) checkVPCRs() error {
+	for bank, pcrs := range l.VPCRs {
+		a, err := vpcr.ParseAlg(bank)
+		if err != nil {
+			return fmt.Errorf("launch.vpcrs: %w", err)
+		}
+		for idx, vals := range pcrs {
+			i, err := strconv.Atoi(idx)
+			if err != nil || i < 0 || i > 9 {
+				return fmt.Errorf("launch.vpcrs.%s: %q is not a PCR of 0-9 (the measured boot)", bank, idx)
+			}
+			for k, v := range vals {
+				v = strings.ToLower(strings.TrimSpace(v))
+				if b, err := hex.DecodeString(v); err != nil || len(b) != a.Size() {
+					return fmt.Errorf("launch.vpcrs.%s.%s: %q is not a %s value in hex", bank, idx, vals[k], bank)
+				}
+				vals[k] = v
+			}
+		}
+	}
+	return nil
+}
+
+// AppraiseVPCRs implements verify.VPCRAppraiser: a vTPM VM's replayed
+// vPCRs 0-9 against the launch policy's pins. A VM without a vTPM (r nil)
+// fails every pin: its measured boot is not anchored.
+func (a *Appraisal) AppraiseVPCRs(r *verify.VTPMReport) []verify.Violation {
+	l := a.launch
+	if l == nil || len(l.VPCRs) == 0 {
+		return nil
+	}
+	if a.rep.Launch == nil {
+		a.rep.Launch = &verify.Launch{OK: true}
+	}
+	var out []verify.Violation
+	banks := make([]string, 0, len(l.VPCRs))
+	for b := range l.VPCRs {
+		banks = append(banks, b)
+	}
+	slices.Sort(banks)
+	for _, bank := range banks {
+		idxs := make([]string, 0, len(l.VPCRs[bank]))
+		for i := range l.VPCRs[bank] {
+			idxs = append(idxs, i)
+		}
+		slices.Sort(idxs)
+		for _, idx := range idxs {
+			path := "vpcr:" + bank + ":" + idx
+			a.rep.Launch.Checked = append(a.rep.Launch.Checked, path)
+			i, _ := strconv.Atoi(idx)
+			var got string
+			if r != nil && i < len(r.PCRs[strings.ToLower(bank)]) {
+				got = r.PCRs[strings.ToLower(bank)][i]
+			}
+			switch {
+			case r == nil:
+				out = append(out, verify.Violation{Path: path, Reason: "the launch policy pins vPCRs but the VM has no bridge-served vTPM"})
+			case got == "":
+				out = append(out, verify.Violation{Path: path, Reason: "the VM's vTPM has no " + bank + " bank"})
+			case !slices.Contains(l.VPCRs[bank][idx], got):
+				out = append(out, verify.Violation{Path: path, Digest: bank + ":" + got, Reason: "vPCR value not allowed by the launch policy"})
+			}
+		}
+	}
+	if len(out) > 0 {
+		a.rep.Launch.OK = false
+	}
 	return out
 }

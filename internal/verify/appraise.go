@@ -28,6 +28,13 @@ type Appraiser interface {
 	AppraiseMeasurement(seq uint64, m *record.Measurement) []Violation
 }
 
+// VPCRAppraiser is an Appraiser that also pins a vTPM VM's measured boot:
+// it is given the replayed vPCRs (nil for a VM without a vTPM) once the
+// records are verified.
+type VPCRAppraiser interface {
+	AppraiseVPCRs(r *VTPMReport) []Violation
+}
+
 // Appraisal is the appraiser's account of what it checked, beyond the
 // violations: how many entries it appraised or excluded, which it ignored
 // as Keylime does (and why), and the IMA signatures it saw.

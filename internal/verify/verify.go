@@ -131,6 +131,9 @@ func Verify(ev *evidence.Evidence, opts Options) (*Report, error) {
 	if err == nil {
 		err = rep.checkBindings(opts.BindKeys)
 	}
+	if va, ok := opts.Appraiser.(VPCRAppraiser); ok && err == nil {
+		rep.Violations = append(rep.Violations, va.AppraiseVPCRs(rep.VTPM)...)
+	}
 	if err == nil {
 		err = rep.judge()
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/policy"
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -250,5 +251,44 @@ func TestVTPMPairing(t *testing.T) {
 			}
 			t.Logf("rejected: %v", err)
 		})
+	}
+}
+
+// TestVTPMLaunchPins: a launch policy pins a vTPM VM's measured boot, its
+// vPCRs 0-9 as the verifier replays them; another value, and a VM without
+// a vTPM, are violations.
+func TestVTPMLaunchPins(t *testing.T) {
+	g := newVTPMGuest(t, vtpmMux(t))
+	g.power()
+	es := g.entries(2)
+	g.measure(es)
+	g.send(es, 0, "boot-1")
+	nonce := []byte("a nonce for the vTPM guest, 32 b")
+	ev, err := g.m.Evidence(context.Background(), g.ident.ID(), nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin := func(v string) verify.Options {
+		ext, err := policy.ParseLaunch([]byte(`{"vpcrs": {"sha256": {"0": ["` + v + `"]}}}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return verify.Options{Nonce: nonce, Identity: g.ident, AK: g.m.AK(), PCR: vtpmTestPCR, Appraiser: policy.New(nil, nil).WithLaunch(ext.Launch)}
+	}
+	good := hex.EncodeToString(g.st.Read(vpcr.SHA256, 0))
+	if _, err := verify.Verify(ev, pin(good)); err != nil {
+		t.Fatalf("the guest's own vPCR 0 pinned: %v", err)
+	}
+	_, err = verify.Verify(ev, pin(strings.Repeat("ab", 32)))
+	if !verify.IsRejection(err) || !strings.Contains(err.Error(), "vPCR value not allowed") {
+		t.Fatalf("another vPCR 0: %v", err)
+	}
+	// A VM in agent mode has no vPCRs to pin.
+	w := getWorld(t)
+	o := opts(w, w.a, w.nonce)
+	o.Appraiser = pin(good).Appraiser
+	_, err = verify.Verify(clone(t, w.evA), o)
+	if !verify.IsRejection(err) || !strings.Contains(err.Error(), "no bridge-served vTPM") {
+		t.Fatalf("pins on an agent-mode VM: %v", err)
 	}
 }
