@@ -31,7 +31,7 @@ say() { printf '[e2e-vtpm %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (libvirtd, hooks, swtpm)"
 
-SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED=''
+SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED='' CREATED_BRIDGE_CONF=''
 cleanup() {
   local rc=$?
   set +e
@@ -41,7 +41,12 @@ cleanup() {
   done
   if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
   if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
-  if [ -n "$HOOK_INSTALLED" ]; then bash "$ROOT/scripts/install.sh" --prefix "$WORK/prefix" --uninstall >/dev/null 2>&1 || rm -f /etc/libvirt/hooks/qemu.d/tpmmux; fi
+  if [ -n "$HOOK_INSTALLED" ]; then
+    bash "$ROOT/scripts/install.sh" --prefix "$WORK/prefix" --uninstall >/dev/null 2>&1
+    rm -f /etc/libvirt/hooks/qemu.d/tpmmux /etc/tpmmux/hook.json
+  fi
+  if [ -n "$CREATED_BRIDGE_CONF" ]; then rm -f /etc/tpmmux/bridge.json; fi
+  rmdir /etc/tpmmux 2>/dev/null
   if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
   if ((rc != 0)); then
     show_logs
@@ -105,6 +110,7 @@ BRIDGE_PID=$!
 wait_for 20 "the bridge's control socket" bridge status
 
 say "installing the hook, then (re)starting libvirtd so it sees the hooks folder"
+[ -e /etc/tpmmux/bridge.json ] || CREATED_BRIDGE_CONF=1
 HOOK_INSTALLED=1
 bash "$ROOT/scripts/install.sh" --from "$BIN" --prefix "$WORK/prefix" --no-systemd --control "$RUN/control.sock" --hook-timeout 5s >&2
 if bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null; fi
