@@ -215,7 +215,7 @@ func TestRealVsockSession(t *testing.T) {
 
 	// 1. Hello, the first part of the list, and an attest from the guest.
 	v.waitNext(uint64(parts[0]), time.Minute)
-	nonce := []byte("vsock attest 1")
+	nonce := []byte("vsock attest 1, a nonce of the verifier")
 	resp, err := run.a.Attest(ctx, nonce)
 	if err != nil {
 		t.Fatalf("attest over vsock: %v", err)
@@ -263,7 +263,7 @@ func TestRealVsockSession(t *testing.T) {
 	appendList(t, g.ima, list[bounds[parts[2]]:])
 	v.waitNext(realEntries, time.Minute)
 	v.verified(realEntries, g.boot, "sha1")
-	nonce = []byte("vsock attest 2")
+	nonce = []byte("vsock attest 2, a nonce of the verifier")
 	resp, err = run.a.Attest(ctx, nonce)
 	if err != nil {
 		t.Fatalf("attest over vsock after the reconnects: %v", err)
