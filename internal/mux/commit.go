@@ -197,6 +197,9 @@ func (m *Mux) run(ctx context.Context) {
 		}
 		if !commitNow {
 			if n == 0 && closed {
+				m.commitMu.Lock()
+				m.waitExtendedLocked()
+				m.commitMu.Unlock()
 				return
 			}
 			wait := faultRetry
@@ -227,20 +230,42 @@ func (m *Mux) run(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		m.commitMu.Lock()
-		ack, err := m.commit(ctx, batch)
+		err := m.commit(ctx, batch)
 		m.commitMu.Unlock()
 		if err != nil {
 			m.failAll(batch, err)
-			continue
 		}
-		ackAll(batch, ack)
 	}
 }
 
-// commit makes one batch durable and extends it. It runs under commitMu.
+// inflightExtend is the extend of a durable batch, running while the
+// committer writes the next batch.
+type inflightExtend struct {
+	done chan struct{}
+	err  error // set before done is closed
+	prev *inflightExtend
+}
+
+// waitExtendedLocked waits until no extend runs: then PCR p holds the value
+// the store replays to (or the mux is faulted). It runs under commitMu, so
+// no new one can start.
+func (m *Mux) waitExtendedLocked() error {
+	if x := m.inflight; x != nil {
+		<-x.done
+		return x.err
+	}
+	return nil
+}
+
+// commit makes one batch durable, then waits for the previous batch's
+// extend (which ran while this one was written) and starts this one's, which
+// acknowledges the batch when it is done: a durable record is acknowledged
+// as durable at once, as anchored one extend later, and the extends stay in
+// the order of the batches. An error means the batch is not acknowledged
+// (durable or not). It runs under commitMu.
 // With Cover on, the batch is padded with cover entries and the real
 // entries sit at random positions (coverSlots).
-func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
+func (m *Mux) commit(ctx context.Context, items []*item) error {
 	n := len(items)
 	total := n
 	var slots []int
@@ -248,7 +273,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 		total = max(cv.Pad, (n+cv.Pad-1)/cv.Pad*cv.Pad)
 		var err error
 		if slots, err = coverSlots(items, total, cv.rand()); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	g0 := m.nextG
@@ -256,7 +281,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 	entries := make([]byte, total*conceal.EntrySize)
 	if total > n {
 		if _, err := io.ReadFull(m.cfg.Cover.rand(), entries); err != nil {
-			return nil, fmt.Errorf("cover entries: %w", err)
+			return fmt.Errorf("cover entries: %w", err)
 		}
 	}
 	puts := make([]logstore.Put, n)
@@ -319,32 +344,69 @@ func (m *Mux) commit(ctx context.Context, items []*item) ([]Ack, error) {
 			s.vs.vm = s.prev
 		}
 		m.setFault(fmt.Errorf("log store write failed: %w", err))
-		return nil, err
+		return err
 	}
 	markDurable(items)
 	m.nextG += uint64(total)
 	m.nextBatch++
-	m.pcrPrev, m.pcrValue = m.pcrValue, conceal.ExtendPCR(m.pcrValue, v)
-	if err := m.extend(ctx, v); err != nil {
-		m.setFault(fmt.Errorf("extend batch %d: %w", index, err))
-		return nil, fmt.Errorf("extend batch %d (durable, not acknowledged): %w", index, err)
-	}
-	m.stats.Batches++
-	m.stats.Records += uint64(n)
-	m.stats.MaxBatch = max(m.stats.MaxBatch, n)
+	m.pcrValue = conceal.ExtendPCR(m.pcrValue, v)
 	m.cover.coverLeaves += uint64(total - n)
 	if n == 0 {
 		m.cover.slots++
 	}
-	m.observeBatch(total)
+	var ended []conceal.Digest
 	for _, s := range touched {
 		if s.vs.vm.Ended {
-			m.mu.Lock()
-			delete(m.vms, s.vs.id)
-			m.mu.Unlock()
+			ended = append(ended, s.vs.id)
 		}
 	}
-	return acks, nil
+	if m.extendSlots == nil {
+		m.extendSlots = make(chan struct{}, maxInflight)
+	}
+	m.extendSlots <- struct{}{} // at most maxInflight extends behind the writer
+	x := &inflightExtend{done: make(chan struct{}), prev: m.inflight}
+	m.inflight = x
+	go m.finishBatch(ctx, x, index, v, items, acks, ended, total)
+	return nil
+}
+
+// finishBatch extends a durable batch's digest and then acknowledges its
+// records; on failure the mux is faulted and the batch (with all queued
+// behind it) fails, durable but not acknowledged.
+func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, index uint64, v conceal.Digest, items []*item, acks []Ack, ended []conceal.Digest, total int) {
+	defer func() { <-m.extendSlots }()
+	if p := x.prev; p != nil {
+		<-p.done
+		x.prev = nil
+		if p.err != nil {
+			x.err = fmt.Errorf("batch %d is durable but not extended: a batch before it was not: %w", index, p.err)
+			close(x.done)
+			m.failAll(items, x.err)
+			return
+		}
+	}
+	if err := m.extend(ctx, v); err != nil {
+		m.setFault(fmt.Errorf("extend batch %d: %w", index, err))
+		x.err = fmt.Errorf("extend batch %d (durable, not acknowledged): %w", index, err)
+		close(x.done)
+		m.failAll(items, x.err)
+		return
+	}
+	m.smu.Lock()
+	m.stats.Batches++
+	m.stats.Records += uint64(len(items))
+	m.stats.MaxBatch = max(m.stats.MaxBatch, len(items))
+	m.smu.Unlock()
+	m.observeBatch(total)
+	if len(ended) > 0 {
+		m.mu.Lock()
+		for _, id := range ended {
+			delete(m.vms, id)
+		}
+		m.mu.Unlock()
+	}
+	close(x.done)
+	ackAll(items, acks)
 }
 
 // markDurable tells the submissions of a batch that it is in the store.
@@ -469,6 +531,7 @@ func (m *Mux) tryHeal(ctx context.Context) {
 		m.log.Warn("multiplexer still faulted", "err", err)
 		return
 	}
+	m.inflight = nil // its failure is repaired
 	m.mu.Lock()
 	m.fault = nil
 	m.mu.Unlock()
@@ -476,28 +539,27 @@ func (m *Mux) tryHeal(ctx context.Context) {
 }
 
 func (m *Mux) healLocked(ctx context.Context) error {
+	m.waitExtendedLocked()
 	vals, err := m.tpm.ReadPCRs(ctx, []int{m.cfg.PCR})
 	if err != nil {
 		return fmt.Errorf("read pcr %d: %w", m.cfg.PCR, err)
 	}
-	switch vals[0] {
-	case m.pcrValue:
+	if vals[0] == m.pcrValue {
 		return nil
-	case m.pcrPrev:
-		info := logstore.EpochInfo{Number: m.epoch}
-		rp, err := m.replay(info, m.epochInfo.StartValue)
-		if err != nil {
-			return err
-		}
-		if rp.value != m.pcrValue {
-			return fmt.Errorf("store replays to %x, expected %x", rp.value[:8], m.pcrValue[:8])
-		}
-		return m.extend(ctx, rp.lastV)
-	default:
-		err := &ReplayError{PCR: m.cfg.PCR, Got: vals[0], Want: m.pcrValue, Epoch: m.epoch, Batches: m.nextBatch}
-		m.mu.Lock()
-		m.fault = err
-		m.mu.Unlock()
+	}
+	rp, err := m.replay(logstore.EpochInfo{Number: m.epoch}, m.epochInfo.StartValue)
+	if err != nil {
 		return err
 	}
+	if rp.value != m.pcrValue {
+		return fmt.Errorf("store replays to %x, expected %x", rp.value[:8], m.pcrValue[:8])
+	}
+	if ok, err := m.catchUp(ctx, rp, vals[0]); ok {
+		return err
+	}
+	rerr := &ReplayError{PCR: m.cfg.PCR, Got: vals[0], Want: m.pcrValue, Epoch: m.epoch, Batches: m.nextBatch}
+	m.mu.Lock()
+	m.fault = rerr
+	m.mu.Unlock()
+	return rerr
 }

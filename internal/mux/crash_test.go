@@ -61,7 +61,7 @@ const (
 	// being extended.
 	crashInFlight = 3
 
-	crashUnextendedMsg = "last batch was durable but not extended"
+	crashUnextendedMsg = "batch was durable but not extended"
 )
 
 // crashVMNames are the child's VMs; their names are fixed so that a

@@ -297,10 +297,16 @@ func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conce
 	start := time.Now()
 	defer func() {
 		d := time.Since(start)
+		m.smu.Lock()
 		m.stats.Quotes++
 		m.stats.QuoteNanos += uint64(d)
+		m.smu.Unlock()
 		m.observeQuote(d)
 	}()
+	// The newest batch's extend may still run: the quote covers it.
+	if err := m.waitExtendedLocked(); err != nil {
+		return tpm.Quote{}, nil, err
+	}
 	for try := 0; try < 5; try++ {
 		vals, err := m.tpm.ReadPCRs(ctx, m.sel)
 		if err != nil {

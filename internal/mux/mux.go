@@ -106,7 +106,6 @@ type Mux struct {
 	epochInfo *record.Epoch // epochRec decoded
 	nextG     uint64
 	nextBatch uint64
-	pcrPrev   conceal.Digest // PCR value before the last batch
 	pcrValue  conceal.Digest // PCR value the store replays to
 
 	// qmu guards the quote batcher.
@@ -123,9 +122,16 @@ type Mux struct {
 	evLimit int64               // its size; 0: DefaultEvidenceBudget
 	evCache logCache            // the log segment the last quote's requests share
 
-	stats   Stats
-	done    chan struct{}
-	stopRun context.CancelFunc
+	// smu guards stats, which the committer, the extends it leaves
+	// running and the quotes all update.
+	smu   sync.Mutex
+	stats Stats
+	// inflight is the extend of the newest batch while it runs (under
+	// commitMu); quotes and heals wait for it.
+	inflight    *inflightExtend
+	extendSlots chan struct{} // a slot per running extend (maxInflight)
+	done        chan struct{}
+	stopRun     context.CancelFunc
 }
 
 type vmState struct {
@@ -368,17 +374,15 @@ func (m *Mux) recover(ctx context.Context) error {
 		return &ReplayError{PCR: m.cfg.PCR, Got: got, Epoch: info.Number, Detail: err.Error()}
 	}
 	m.nextG, m.nextBatch = rp.nextG, rp.batches
-	m.pcrPrev, m.pcrValue = rp.prev, rp.value
-	switch got {
-	case rp.value:
+	m.pcrValue = rp.value
+	if got == rp.value {
 		m.log.Info("log store replays to the PCR", "epoch", m.epoch, "batches", m.nextBatch, "entries", m.nextG)
 		return nil
-	case rp.prev:
-		m.log.Info("last batch was durable but not extended: extending it now", "epoch", m.epoch, "batch", m.nextBatch-1)
-		if err := m.extend(ctx, rp.lastV); err != nil {
-			return fmt.Errorf("extend recovered batch %d: %w", m.nextBatch-1, err)
-		}
-		return nil
+	}
+	if ok, err := m.catchUp(ctx, rp, got); ok {
+		return err
+	}
+	switch got {
 	case er.StartValue, conceal.Digest{}:
 		return &ReplayError{PCR: m.cfg.PCR, Got: got, Want: rp.value, Epoch: info.Number, Batches: rp.batches,
 			Detail: fmt.Sprintf("PCR %d is back at its reset value but the TPM's resetCount (%d) has not changed: it was reset without a reboot, which would truncate anchored history; refusing to open a new epoch", m.cfg.PCR, ci.ResetCount)}
@@ -406,9 +410,49 @@ func newPowerCycle(er *record.Epoch, ci tpm.ClockInfo, ak conceal.Digest) string
 type replayResult struct {
 	batches uint64
 	nextG   uint64
-	prev    conceal.Digest
 	value   conceal.Digest
-	lastV   conceal.Digest
+	// tail are the last batches (at most maxUnextended of them): the PCR
+	// value before each and its digest, oldest first.
+	tail []tailBatch
+}
+
+// tailBatch is one of the last batches of a replay.
+type tailBatch struct {
+	before conceal.Digest
+	v      conceal.Digest
+}
+
+// maxInflight bounds the extends the committer leaves running (each waits
+// for the one before it, so they stay in order) while it writes the next
+// batches, and maxUnextended is then how many of the newest batches a crash
+// can leave durable but not extended: the running ones and the one being
+// written.
+const (
+	maxInflight   = 3
+	maxUnextended = maxInflight + 1
+)
+
+// catchUp extends the batches of rp's tail that PCR value got has not
+// seen. It reports false when got is none of the tail's values (nor the
+// replay's), so the log and the PCR are not in step.
+func (m *Mux) catchUp(ctx context.Context, rp replayResult, got conceal.Digest) (bool, error) {
+	if got == rp.value {
+		return true, nil
+	}
+	for i := len(rp.tail) - 1; i >= 0; i-- {
+		if rp.tail[i].before != got {
+			continue
+		}
+		for j := i; j < len(rp.tail); j++ {
+			batch := rp.batches - uint64(len(rp.tail)-j)
+			m.log.Info("batch was durable but not extended: extending it now", "epoch", m.epoch, "batch", batch)
+			if err := m.extend(ctx, rp.tail[j].v); err != nil {
+				return true, fmt.Errorf("extend recovered batch %d: %w", batch, err)
+			}
+		}
+		return true, nil
+	}
+	return false, nil
 }
 
 // replay recomputes every batch digest of an epoch from its entries and
@@ -436,9 +480,11 @@ func (m *Mux) replay(info logstore.EpochInfo, start conceal.Digest) (replayResul
 			if v != b.V {
 				return fmt.Errorf("batch %d digest does not match its entries (store corrupted)", index)
 			}
-			rp.prev = rp.value
+			rp.tail = append(rp.tail, tailBatch{before: rp.value, v: v})
+			if len(rp.tail) > maxUnextended {
+				rp.tail = rp.tail[1:]
+			}
 			rp.value = conceal.ExtendPCR(rp.value, v)
-			rp.lastV = v
 			rp.nextG += uint64(n)
 			rp.batches++
 			return nil
@@ -475,7 +521,7 @@ func (m *Mux) beginEpoch(ctx context.Context, number uint64, start conceal.Diges
 	}
 	m.epoch, m.epochRec, m.epochInfo = number, raw, er
 	m.nextG, m.nextBatch = 1, 1
-	m.pcrPrev, m.pcrValue = start, conceal.ExtendPCR(start, v)
+	m.pcrValue = conceal.ExtendPCR(start, v)
 	if err := m.extend(ctx, v); err != nil {
 		return fmt.Errorf("extend epoch record: %w", err)
 	}
@@ -495,8 +541,10 @@ func (m *Mux) extend(ctx context.Context, v conceal.Digest) error {
 		err = fmt.Errorf("TPM did not answer within %v: %w", m.cfg.TPMTimeout, err)
 	}
 	d := time.Since(start)
+	m.smu.Lock()
 	m.stats.Extends++
 	m.stats.ExtendNanos += uint64(d)
+	m.smu.Unlock()
 	m.observeExtend(d)
 	return err
 }

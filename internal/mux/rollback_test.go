@@ -162,8 +162,11 @@ func TestResetAndTruncateAttack(t *testing.T) {
 	if out, err := exec.Command(pcrreset, "-T", tctiOf(p), "23").CombinedOutput(); err != nil {
 		t.Fatalf("tpm2_pcrreset 23: %v\n%s", err, out)
 	}
-	// Keep the epoch batch, genesis and three measurements: 5 records.
-	const keep = 5
+	// Keep the epoch batch, genesis and one measurement: 2 of 7 records.
+	// (A cut of at most maxUnextended (4) batches looks like a crash
+	// between durable writes and their extends, and the bridge re-extends
+	// the missing batches from its store: that restores the history.)
+	const keep = 2
 	forged := *h.ev
 	forged.Log = h.ev.Log[:keep+1]
 	forged.Records = h.ev.Records[:keep]

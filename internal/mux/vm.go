@@ -315,7 +315,10 @@ type Status struct {
 // Status reports the multiplexer's state.
 func (m *Mux) Status() Status {
 	m.commitMu.Lock()
-	st := Status{Epoch: m.epoch, Batches: m.nextBatch, Entries: m.nextG, PCR: m.cfg.PCR, PCRValue: m.pcrValue, Stats: m.stats}
+	m.smu.Lock()
+	stats := m.stats
+	m.smu.Unlock()
+	st := Status{Epoch: m.epoch, Batches: m.nextBatch, Entries: m.nextG, PCR: m.cfg.PCR, PCRValue: m.pcrValue, Stats: stats}
 	m.commitMu.Unlock()
 	m.mu.Lock()
 	st.LiveVMs, st.Queued = len(m.vms), len(m.queue)
