@@ -21,6 +21,9 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
@@ -513,12 +516,26 @@ func BenchmarkGuestBoot(b *testing.B) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
+	bridge := &bridgeMux{}
 	variants := []struct {
 		name  string
 		setup func(dir string) []string
 	}{
 		{"vtpm", func(dir string) []string {
 			v, err := vtpm.New(vtpm.Config{Journal: &vtpmtest.Journal{}, Logger: quietLog()}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			sctx, stop := context.WithCancel(ctx)
+			b.Cleanup(stop)
+			p, _ := serveVTPM(b, sctx, v, dir)
+			return tpmArgs(p)
+		}},
+		{"bridge", func(dir string) []string {
+			// The vTPM as the bridge serves it: every event through the
+			// multiplexer's journal on an fsynced store (mode durable).
+			j := bridge.journal(b, dir)
+			v, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, nil)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -556,7 +573,40 @@ func BenchmarkGuestBoot(b *testing.B) {
 	for i, v := range variants {
 		b.ReportMetric(total[i].Seconds()/float64(b.N), v.name+"-s/boot")
 	}
-	b.ReportMetric(float64(total[0])/float64(total[1]), "vtpm/swtpm")
+	b.ReportMetric(float64(total[0])/float64(total[2]), "vtpm/swtpm")
+	b.ReportMetric(float64(total[1])/float64(total[2]), "bridge/swtpm")
+}
+
+// bridgeMux is a multiplexer on the simulator (a process singleton: one
+// for the whole benchmark) with an fsynced store, serving a new VM's vTPM
+// journal (mode durable) for each boot.
+type bridgeMux struct {
+	m *mux.Mux
+	n int
+}
+
+func (bm *bridgeMux) journal(b *testing.B, dir string) *mux.Journal {
+	ctx := context.Background()
+	if bm.m == nil {
+		tp, err := tpm.Open(ctx, "sim")
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, err := logstore.Open(filepath.Join(dir, "log.db"), nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if bm.m, err = mux.Open(ctx, tp, st, mux.Config{Logger: quietLog()}); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { bm.m.Close(); st.Close(); tp.Close() })
+	}
+	bm.n++
+	id, err := bm.m.NewVM(ctx, mux.Launch{UUID: [16]byte{0xb0, byte(bm.n)}, Name: fmt.Sprintf("boot-%d", bm.n), VTPMBanks: []uint16{uint16(vpcr.SHA1), uint16(vpcr.SHA256)}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return bm.m.Journal(id.ID(), false)
 }
 
 func tail(b []byte, n int) string {
