@@ -35,31 +35,19 @@ SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED='' CREATED_BRIDGE_
 cleanup() {
   local rc=$?
   set +e
-  for n in "${NAMES[@]}"; do
-    virsh -q destroy "$n" >/dev/null 2>&1
-    virsh -q undefine "$n" >/dev/null 2>&1
-  done
-  if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
-  if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
+  stop_host "${NAMES[@]}"
   if [ -n "$HOOK_INSTALLED" ]; then
     bash "$ROOT/scripts/install.sh" --prefix "$WORK/prefix" --uninstall >/dev/null 2>&1
     rm -f /etc/libvirt/hooks/qemu.d/tpmmux /etc/tpmmux/hook.json
   fi
   if [ -n "$CREATED_BRIDGE_CONF" ]; then rm -f /etc/tpmmux/bridge.json; fi
   rmdir /etc/tpmmux 2>/dev/null
-  if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
-  if ((rc != 0)); then
-    show_logs
-  elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
-    rm -rf "$OUT" "$WORK/state"
-  fi
-  exit "$rc"
+  finish_host "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # shellcheck disable=SC1091
 . "$ROOT/scripts/e2e/host.sh"
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 marker_line() { grep -F "TPMMUX-E2E: $2" "$WORK/console-$1.log" | tail -1 | tr -d '\r'; }
 # evidence VM DIR [verify args...]: host evidence for a fresh nonce, then
 # tpmmux-verify; its exit code is returned, the report is DIR/report.json.

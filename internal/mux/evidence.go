@@ -74,21 +74,9 @@ func (m *Mux) evBudget() (*semaphore.Weighted, int64) {
 // serialized copy (a frame, a file) is bounded by the budget too; ev must
 // not be used after fn returns.
 func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, fn func(ev *evidence.Evidence) error) error {
-	if len(nonce) == 0 || len(nonce) > 64 {
-		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
-	}
-	m.mu.Lock()
-	fault := m.fault
-	m.mu.Unlock()
-	if fault != nil {
-		return fmt.Errorf("not serving evidence: %w", fault)
-	}
-	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
-	if res.err != nil {
-		return fmt.Errorf("evidence: %w", res.err)
-	}
-	if since != nil && since.Batch >= res.last+1 {
-		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	res, err := m.evidenceQuote(ctx, id, nonce, since)
+	if err != nil {
+		return err
 	}
 	sem, limit := m.evBudget()
 	w := min(max(m.evidenceWeight(res, since), 1), limit)
@@ -434,21 +422,9 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	if chunk <= 0 {
 		chunk = 4 << 20
 	}
-	if len(nonce) == 0 || len(nonce) > 64 {
-		return fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
-	}
-	m.mu.Lock()
-	fault := m.fault
-	m.mu.Unlock()
-	if fault != nil {
-		return fmt.Errorf("not serving evidence: %w", fault)
-	}
-	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
-	if res.err != nil {
-		return fmt.Errorf("evidence: %w", res.err)
-	}
-	if since != nil && since.Batch >= res.last+1 {
-		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	res, err := m.evidenceQuote(ctx, id, nonce, since)
+	if err != nil {
+		return err
 	}
 	shell, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
 	if err != nil {
@@ -671,4 +647,26 @@ func cborHead(b []byte, major byte, v uint64) []byte {
 		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
 	}
 	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
+}
+
+// evidenceQuote checks an evidence request (the nonce, the mux not
+// faulted, a checkpoint inside the log) and gets the quote that answers it.
+func (m *Mux) evidenceQuote(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since) (quoteRes, error) {
+	if len(nonce) == 0 || len(nonce) > 64 {
+		return quoteRes{}, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
+	}
+	m.mu.Lock()
+	fault := m.fault
+	m.mu.Unlock()
+	if fault != nil {
+		return quoteRes{}, fmt.Errorf("not serving evidence: %w", fault)
+	}
+	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
+	if res.err != nil {
+		return quoteRes{}, fmt.Errorf("evidence: %w", res.err)
+	}
+	if since != nil && since.Batch >= res.last+1 {
+		return quoteRes{}, fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	}
+	return res, nil
 }

@@ -65,3 +65,30 @@ show_logs() {
     [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 25 "$f" >&2; }
   done
 }
+
+# finish_host RC: the end of a script's cleanup: stop libvirtd if the script
+# started it, then show the logs after a failure (or drop the outputs after
+# a success, unless TPMMUX_E2E_KEEP=1), and exit with RC.
+finish_host() {
+  local rc=$1
+  if [ -n "$STARTED_LIBVIRTD" ]; then bash "$ROOT/scripts/libvirtd.sh" stop >/dev/null 2>&1; fi
+  if ((rc != 0)); then
+    show_logs
+  elif [ "${TPMMUX_E2E_KEEP:-}" != 1 ]; then
+    rm -rf "$OUT" "$WORK/state"
+  fi
+  exit "$rc"
+}
+
+# stop_host DOMAIN...: destroy and undefine the domains, stop the bridge and
+# swtpm (the start of a script's cleanup).
+stop_host() {
+  local n
+  for n in "$@"; do
+    virsh -q destroy "$n" >/dev/null 2>&1
+    virsh -q undefine "$n" >/dev/null 2>&1
+  done
+  if [ -n "$BRIDGE_PID" ]; then kill -TERM "$BRIDGE_PID" 2>/dev/null; wait "$BRIDGE_PID" 2>/dev/null; fi
+  if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
+  return 0
+}
