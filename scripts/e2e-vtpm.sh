@@ -107,41 +107,12 @@ STARTED_LIBVIRTD=1
 wait_for 30 "the bridge to follow libvirtd" grep -q "reconcil\|libvirt.*connected\|following libvirt" "$WORK/bridge.log"
 
 # ---------------------------------------------------------------- domains
-for n in "${NAMES[@]}"; do # left over from an interrupted run
-  virsh -q destroy "$n" >/dev/null 2>&1 || true
-  virsh -q undefine "$n" >/dev/null 2>&1 || true
-done
 for n in "${NAMES[@]}"; do
   tpm=''
   if [ "${MODE[$n]}" = vtpm ]; then
     tpm="<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='$RUN/vtpm/$n.sock'/></backend></tpm>"
   fi
-  cat >"$WORK/$n.xml" <<XML
-<domain type='qemu'>
-  <name>$n</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>$KERNEL</kernel>
-    <initrd>${INITRD_OF[$n]}</initrd>
-    <cmdline>$CMDLINE tpmmux_e2e.hole=$HOLE</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_reboot>restart</on_reboot>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='$WORK/console-$n.log'/><target port='0'/></serial>
-    <channel type='unix'>
-      <source mode='connect' path='$RUN/serial/$n.sock'><reconnect enabled='yes' timeout='2'/></source>
-      <target type='virtio' name='org.tpmmux.0'/>
-    </channel>
-    $tpm
-    <memballoon model='none'/>
-  </devices>
-</domain>
-XML
-  virsh -q define "$WORK/$n.xml" >/dev/null
+  define_domain "$n" "${INITRD_OF[$n]}" "tpmmux_e2e.hole=$HOLE" "$tpm"
 done
 for n in "${NAMES[@]}"; do
   say "virsh start $n (${MODE[$n]} mode)"

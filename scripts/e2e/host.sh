@@ -92,3 +92,40 @@ stop_host() {
   if [ -n "$SWTPM_PID" ]; then kill -TERM "$SWTPM_PID" 2>/dev/null; wait "$SWTPM_PID" 2>/dev/null; fi
   return 0
 }
+
+# define_domain NAME INITRD CMDLINE-EXTRA [DEVICES]: define the e2e guest
+# NAME (the kernel $KERNEL with $CMDLINE and CMDLINE-EXTRA, its console in
+# $WORK/console-NAME.log, the org.tpmmux.0 channel to the bridge's socket
+# in $RUN/serial, and DEVICES, e.g. a <tpm>).
+define_domain() {
+  local n=$1 initrd=$2 extra=$3 devices=${4:-}
+  # Left over from an interrupted run (its cleanup could not reach libvirtd)?
+  virsh -q destroy "$n" >/dev/null 2>&1 || true
+  virsh -q undefine "$n" >/dev/null 2>&1 || true
+  cat >"$WORK/$n.xml" <<XML
+<domain type='qemu'>
+  <name>$n</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KERNEL</kernel>
+    <initrd>$initrd</initrd>
+    <cmdline>$CMDLINE $extra</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='$WORK/console-$n.log'/><target port='0'/></serial>
+    <channel type='unix'>
+      <source mode='connect' path='$RUN/serial/$n.sock'><reconnect enabled='yes' timeout='2'/></source>
+      <target type='virtio' name='org.tpmmux.0'/>
+    </channel>
+    $devices
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+  virsh -q define "$WORK/$n.xml" >/dev/null
+}
