@@ -69,14 +69,13 @@ const (
 // ControlCapabilities is what CMD_GET_CAPABILITY reports. It covers QEMU's
 // minimum for a TPM 2.0 (INIT, SHUTDOWN, GET_TPMESTABLISHED, SET_LOCALITY,
 // RESET_TPMESTABLISHED, SET_DATAFD, STOP, SET_BUFFERSIZE) plus CANCEL,
-// STORE_VOLATILE and GET_CONFIG. It leaves out HASHING (the locality-4
-// D-RTM hash interface) and GET/SET_STATEBLOB: without those two QEMU
-// refuses to migrate the VM ("Migration disabled: TPM emulator does not
-// support migration") instead of migrating a TPM whose history would not
-// follow; see docs/vtpm.md.
+// STORE_VOLATILE, GET_CONFIG and GET/SET_STATEBLOB (live migration: the
+// blobs carry no PCR state, which moves through the bridges' authenticated
+// handover; migrate.go). It leaves out HASHING (the locality-4 D-RTM hash
+// interface).
 const ControlCapabilities uint64 = capInit | capShutdown | capGetTPMEstablished | capSetLocality |
 	capCancelTPMCmd | capStoreVolatile | capResetTPMEstablished | capStop | capGetConfig |
-	capSetDataFD | capSetBufferSize
+	capSetDataFD | capSetBufferSize | capGetStateBlob | capSetStateBlob
 
 // Limits of the control channel.
 const (
@@ -222,8 +221,9 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 		if len(body) < 4 {
 			return be32(ptmBadParameter), nil
 		}
-		// init_flags (DELETE_VOLATILE) has nothing to delete here.
-		return be32(v.Init(ctx)), nil
+		// init_flags: DELETE_VOLATILE after state blobs is the resume of a
+		// migrated vTPM (migrate.go); otherwise there is nothing to delete.
+		return be32(v.init(ctx, binary.BigEndian.Uint32(body))), nil
 	case cmdShutdown, cmdStop:
 		v.Stop()
 		return be32(ptmSuccess), nil
@@ -262,27 +262,38 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 		resp = binary.BigEndian.AppendUint32(resp, MinBufferSize)
 		return binary.BigEndian.AppendUint32(resp, MaxBufferSize), nil
 	case cmdGetStateBlob:
-		// Not supported (not advertised). QEMU reads the 16-byte header
-		// (result, flags, totlength, length) even on error.
-		v.log.Warn("vtpm: CMD_GET_STATEBLOB refused: migration of a vTPM is not supported")
-		return append(be32(ptmBadOrdinal), make([]byte, 12)...), nil
+		return v.getStateBlob(body), nil
 	case cmdSetStateBlob:
-		v.log.Warn("vtpm: CMD_SET_STATEBLOB refused: migration of a vTPM is not supported")
 		if len(body) < 12 {
 			return be32(ptmBadParameter), nil
 		}
-		// Bytes of the blob that came with the header are already read.
-		length := int64(binary.BigEndian.Uint32(body[8:12])) - int64(len(body)-12)
+		typ := binary.BigEndian.Uint32(body[4:8])
+		length := int64(binary.BigEndian.Uint32(body[8:12]))
+		blob := append([]byte(nil), body[12:]...) // bytes that came with the header
 		if length > maxDiscardBlob {
 			return nil, fmt.Errorf("vtpm: control channel: state blob of %d bytes; closing", length)
 		}
+		rest := max(length-int64(len(blob)), 0)
 		ctrl.SetReadDeadline(time.Now().Add(10 * time.Second))
-		_, err := io.CopyN(io.Discard, ctrl, max(length, 0))
+		var err error
+		if length <= maxStateBlob {
+			blob = append(blob, make([]byte, rest)...)
+			_, err = io.ReadFull(ctrl, blob[len(blob)-int(rest):])
+		} else {
+			_, err = io.CopyN(io.Discard, ctrl, rest)
+		}
 		ctrl.SetReadDeadline(time.Time{})
 		if err != nil {
-			return nil, fmt.Errorf("vtpm: control channel: drain state blob: %w", err)
+			return nil, fmt.Errorf("vtpm: control channel: read state blob: %w", err)
 		}
-		return be32(ptmBadOrdinal), nil
+		if length > maxStateBlob {
+			v.log.Warn("vtpm: CMD_SET_STATEBLOB refused: a state blob this large is not a tpmmux vTPM's (migrating from swtpm is not supported)", "bytes", length)
+			return be32(ptmBadParameter), nil
+		}
+		if int64(len(blob)) > length {
+			blob = blob[:length]
+		}
+		return be32(v.setStateBlob(typ, blob)), nil
 	case cmdHashStart, cmdHashData, cmdHashEnd:
 		// The locality-4 hash interface (D-RTM) is not implemented (not
 		// advertised; QEMU never sends it).

@@ -73,7 +73,8 @@ func TestSwtpmIoctl(t *testing.T) {
 		{args: []string{"-g"}, wantOut: "ptm configuration flags: 0x0"},
 		{args: []string{"-v"}},
 		{args: []string{"-C"}},
-		{args: []string{"--save", "volatile", filepath.Join(t.TempDir(), "blob")}, wantErr: true},
+		{args: []string{"--save", "volatile", filepath.Join(t.TempDir(), "blob")}},
+		{args: []string{"--load", "volatile", "/dev/null"}, wantErr: true}, // not migrating in
 		{args: []string{"-h", "data"}, wantErr: true},
 		{args: []string{"--stop"}},
 		{args: []string{"-s"}},
@@ -150,8 +151,8 @@ func TestControlChannelAsQEMU(t *testing.T) {
 
 	caps := binary.BigEndian.Uint64(ctrlCall(t, c, 1, nil, nil, 8))
 	const qemuMin = 1 | 2 | 4 | 8 | 0x80 | 0x1000 | 0x400 | 0x2000
-	if caps&qemuMin != qemuMin || caps&(0x100|0x200) != 0 {
-		t.Fatalf("caps %#x: want QEMU's TPM 2.0 minimum and no state blobs", caps)
+	if caps&qemuMin != qemuMin || caps&(0x100|0x200) != 0x300 {
+		t.Fatalf("caps %#x: want QEMU's TPM 2.0 minimum and the state blobs (migration)", caps)
 	}
 	// QEMU's probe before INIT: a ReadClock gets TPM_RC_FAILURE, 2.0 tag.
 	dc, _ := net.FileConn(data)

@@ -65,6 +65,15 @@ type Config struct {
 	// read, exactly once (see FileInflight). Without it a command in
 	// flight at a kill -9 is lost and QEMU waits for its answer forever.
 	Inflight Inflight
+	// Start, if set, is the vPCR state the VM arrived with by live
+	// migration (its migrated-in record's snapshot); past then holds only
+	// the events since. Nil for a VM that started on this host.
+	Start *vpcr.Snapshot
+	// Incoming makes a vTPM for a VM that is migrating in and has no
+	// state here yet: it answers QEMU's control commands (including the
+	// state blobs and the resume) without journaling, and guest commands
+	// wait until Adopt installs the state the bridges handed over.
+	Incoming bool
 	// Trace, if set, is called after every control command (Control true,
 	// code a CMD_* number, rc its result) and every TPM command (code the
 	// command code, rc the response code; code 0 for bytes too short to
@@ -118,6 +127,11 @@ type VTPM struct {
 	// as the bridge process (they protect nothing the vTPM implements).
 	phEnable, shEnable, ehEnable, phEnableNV bool
 	auth                                     map[uint32][]byte
+	// Live migration (migrate.go).
+	incoming    bool          // waiting for Adopt
+	adopted     chan struct{} // closed when not incoming
+	resumeArmed bool          // a volatile state blob arrived: the next CMD_INIT resumes
+	blobSeq     uint64        // the seq the state blob named
 }
 
 // New returns the vTPM whose PCRs are the replay of past, the VM's journal
@@ -133,20 +147,25 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 	if len(banks) == 0 {
 		banks = defaultBanks
 	}
-	st, err := vpcr.Replay(banks, past)
+	st, err := vpcr.ReplayFrom(banks, cfg.Start, past)
 	if err != nil {
 		return nil, fmt.Errorf("vtpm: restore from %d journal events: %w", len(past), err)
 	}
 	v := &VTPM{
-		journal: cfg.Journal,
-		log:     cfg.Logger,
-		rand:    cfg.Rand,
-		now:     cfg.Now,
-		trace:   cfg.Trace,
-		inf:     cfg.Inflight,
-		st:      st,
-		bufSize: DefaultBufferSize,
-		auth:    map[uint32][]byte{},
+		journal:  cfg.Journal,
+		log:      cfg.Logger,
+		rand:     cfg.Rand,
+		now:      cfg.Now,
+		trace:    cfg.Trace,
+		inf:      cfg.Inflight,
+		st:       st,
+		bufSize:  DefaultBufferSize,
+		auth:     map[uint32][]byte{},
+		incoming: cfg.Incoming,
+		adopted:  make(chan struct{}),
+	}
+	if !v.incoming {
+		close(v.adopted)
 	}
 	if v.log == nil {
 		v.log = slog.Default()
@@ -218,8 +237,27 @@ func (v *VTPM) record(ctx context.Context, e vpcr.Event) error {
 // reset. It is journaled, so a restarted bridge knows the TPM waits for
 // Startup. It returns a swtpm-ioctls result code.
 func (v *VTPM) Init(ctx context.Context) uint32 {
+	return v.init(ctx, 0)
+}
+
+// init is CMD_INIT with its flags. A VM migrating in gets QEMU's INITs
+// (at its start, and the resume after the state blobs) without a journal
+// event: it has no identity here yet and its TPM is not rebooting. After
+// the state blobs, an INIT with DELETE_VOLATILE resumes the migrated TPM
+// (no Startup follows) even if the state was adopted in between.
+func (v *VTPM) init(ctx context.Context, flags uint32) uint32 {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.resumeArmed && flags&initDeleteVolatile != 0 {
+		v.resumeArmed = false
+		v.stopped = false
+		v.log.Info("vtpm: resumed after live migration", "incoming", v.incoming)
+		return ptmSuccess
+	}
+	if v.incoming {
+		v.stopped = false
+		return ptmSuccess
+	}
 	if err := v.record(ctx, vpcr.Event{Kind: vpcr.KindInit, Locality: v.locality}); err != nil {
 		v.log.Error("vtpm: CMD_INIT not journaled; the TPM stays as it was", "err", err)
 		return ptmFail
@@ -278,6 +316,9 @@ func (v *VTPM) BufferSize() uint32 {
 // while the journal records a PCR change; ctx bounds that wait (on
 // cancellation the guest gets TPM_RC_RETRY and nothing changed).
 func (v *VTPM) Execute(ctx context.Context, cmd []byte) []byte {
+	if err := v.waitAdopted(ctx); err != nil {
+		return errorResponse(rcRetry)
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.inf != nil {
