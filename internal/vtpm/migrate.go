@@ -123,13 +123,14 @@ func (v *VTPM) getStateBlob(body []byte) []byte {
 	return append(resp, blob...)
 }
 
-// setStateBlob takes a CMD_SET_STATEBLOB blob. Only an incoming vTPM (a VM
-// migrating in) accepts one; the volatile blob arms the resume that the
+// setStateBlob takes a CMD_SET_STATEBLOB blob. Only the vTPM of a VM
+// migrating in accepts one, until its resume (the handover may be adopted
+// before or after QEMU loads the blobs); the volatile blob arms the resume that the
 // next CMD_INIT(DELETE_VOLATILE) performs.
 func (v *VTPM) setStateBlob(typ uint32, blob []byte) uint32 {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if !v.incoming {
+	if !v.awaitResume {
 		v.log.Warn("vtpm: CMD_SET_STATEBLOB refused: this VM is not migrating in (its vTPM already runs here)")
 		return ptmBadOrdinal
 	}
@@ -186,8 +187,16 @@ func (v *VTPM) Adopt(sn *vpcr.Snapshot, past []vpcr.Event) error {
 }
 
 // waitAdopted blocks a guest command of an incoming vTPM until Adopt (nil)
-// or ctx ends.
+// or ctx ends. QEMU's probe at its start (a TPM command before any INIT)
+// does not wait: it gets the answer of a TPM that is not initialised, as
+// on any VM's start.
 func (v *VTPM) waitAdopted(ctx context.Context) error {
+	v.mu.Lock()
+	wait := v.incoming && v.incomingInit
+	v.mu.Unlock()
+	if !wait {
+		return nil
+	}
 	select {
 	case <-v.adopted:
 		return nil

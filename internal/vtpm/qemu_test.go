@@ -161,14 +161,17 @@ func (w *cpioWriter) close() []byte {
 }
 
 // buildInitramfs returns the test guest's initramfs.
-func buildInitramfs(busybox []byte) []byte {
+func buildInitramfs(busybox []byte) []byte { return buildInitramfsWith(busybox, guestInit) }
+
+// buildInitramfsWith is buildInitramfs with another /init.
+func buildInitramfsWith(busybox []byte, init string) []byte {
 	var w cpioWriter
 	for _, d := range []string{"bin", "dev", "etc", "proc", "sys", "run", "tmp", "opt", "opt/vtpm"} {
 		w.dir(d)
 	}
 	w.entry("dev/console", 0o20600, 5, 1, nil)
 	w.file("bin/busybox", 0o755, busybox)
-	w.file("init", 0o755, []byte(guestInit))
+	w.file("init", 0o755, []byte(init))
 	w.file("etc/ima-policy", 0o644, []byte(guestPolicy))
 	w.file("opt/vtpm/data", 0o644, []byte("data the guest reads\n"))
 	for i := 1; i <= 3; i++ {

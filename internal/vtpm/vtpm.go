@@ -132,6 +132,12 @@ type VTPM struct {
 	adopted     chan struct{} // closed when not incoming
 	resumeArmed bool          // a volatile state blob arrived: the next CMD_INIT resumes
 	blobSeq     uint64        // the seq the state blob named
+	// incomingInit: QEMU sent INIT to the incoming vTPM; guest commands
+	// from then on wait for Adopt.
+	incomingInit bool
+	// awaitResume: created for a VM migrating in, and QEMU has not yet
+	// resumed it (state blobs are accepted until then).
+	awaitResume bool
 }
 
 // New returns the vTPM whose PCRs are the replay of past, the VM's journal
@@ -152,17 +158,18 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 		return nil, fmt.Errorf("vtpm: restore from %d journal events: %w", len(past), err)
 	}
 	v := &VTPM{
-		journal:  cfg.Journal,
-		log:      cfg.Logger,
-		rand:     cfg.Rand,
-		now:      cfg.Now,
-		trace:    cfg.Trace,
-		inf:      cfg.Inflight,
-		st:       st,
-		bufSize:  DefaultBufferSize,
-		auth:     map[uint32][]byte{},
-		incoming: cfg.Incoming,
-		adopted:  make(chan struct{}),
+		journal:     cfg.Journal,
+		log:         cfg.Logger,
+		rand:        cfg.Rand,
+		now:         cfg.Now,
+		trace:       cfg.Trace,
+		inf:         cfg.Inflight,
+		st:          st,
+		bufSize:     DefaultBufferSize,
+		auth:        map[uint32][]byte{},
+		incoming:    cfg.Incoming,
+		awaitResume: cfg.Incoming,
+		adopted:     make(chan struct{}),
 	}
 	if !v.incoming {
 		close(v.adopted)
@@ -250,12 +257,15 @@ func (v *VTPM) init(ctx context.Context, flags uint32) uint32 {
 	defer v.mu.Unlock()
 	if v.resumeArmed && flags&initDeleteVolatile != 0 {
 		v.resumeArmed = false
+		v.awaitResume = false
 		v.stopped = false
+		v.incomingInit = true
 		v.log.Info("vtpm: resumed after live migration", "incoming", v.incoming)
 		return ptmSuccess
 	}
 	if v.incoming {
 		v.stopped = false
+		v.incomingInit = true
 		return ptmSuccess
 	}
 	if err := v.record(ctx, vpcr.Event{Kind: vpcr.KindInit, Locality: v.locality}); err != nil {
