@@ -19,7 +19,25 @@ say() { printf '[host-steps %3ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root"
 dpkg-query -W -f='${Status}' tpmmux 2>/dev/null | grep -q "install ok" && die "tpmmux is installed already: this test would purge it"
-[ -n "$(ls -A /etc/tpmmux 2>/dev/null)" ] && die "/etc/tpmmux holds files: this test would purge them"
+# A configuration or state that is not the package's (a manual install, an
+# interrupted run) is set aside for the run and put back afterwards, so the
+# purge at the end takes nothing of it.
+SAVED=()
+set_aside() {
+  local p=$1 to
+  [ -e "$p" ] || return 0
+  to="$p.set-aside-by-host-steps.$$"
+  mv "$p" "$to" || die "cannot set $p aside"
+  SAVED+=("$p")
+  say "$p existed: set aside as $to until the test ends"
+}
+restore() {
+  local p
+  for p in "${SAVED[@]}"; do
+    rm -rf "$p"
+    mv "$p.set-aside-by-host-steps.$$" "$p" && say "$p put back"
+  done
+}
 [ -e /etc/libvirt/hooks/qemu.d/tpmmux ] && die "a tpmmux hook is installed already (scripts/e2e.sh running?)"
 [ -e /var/lib/tpmmux-swtpm ] && die "/var/lib/tpmmux-swtpm exists: this test would remove it"
 
@@ -38,9 +56,12 @@ cleanup() {
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 20 "$f" >&2; }; done
   fi
   rm -rf "$WORK"
+  restore
   exit "$rc"
 }
 trap cleanup EXIT
+set_aside /etc/tpmmux
+set_aside /var/lib/tpmmux
 
 # unit_lines UNIT KEY: the values of KEY= in a unit file, continuation
 # lines joined.

@@ -15,8 +15,25 @@ say() { printf '[package-test %3ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 die() { say "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt install)"
 if dpkg-query -W -f='${Status}' tpmmux 2>/dev/null | grep -q "install ok"; then die "tpmmux is installed already: this test would remove it"; fi
-[ -n "$(ls -A /etc/tpmmux 2>/dev/null)" ] && die "/etc/tpmmux holds files (a manual install?): this test would purge them"
-[ -e /var/lib/tpmmux ] && die "/var/lib/tpmmux exists: this test would purge it"
+# A configuration or state that is not the package's (a manual install, an
+# interrupted run) is set aside for the run and put back afterwards: the
+# purge below must find these paths empty, and must not take anything.
+SAVED=()
+set_aside() {
+  local p=$1 to
+  [ -e "$p" ] || return 0
+  to="$p.set-aside-by-package-test.$$"
+  mv "$p" "$to" || die "cannot set $p aside"
+  SAVED+=("$p")
+  say "$p existed: set aside as $to until the test ends"
+}
+restore() {
+  local p
+  for p in "${SAVED[@]}"; do
+    rm -rf "$p"
+    mv "$p.set-aside-by-package-test.$$" "$p" && say "$p put back"
+  done
+}
 [ -e /etc/libvirt/hooks/qemu.d/tpmmux ] && die "a tpmmux hook is installed already (scripts/e2e.sh running?)"
 command -v swtpm >/dev/null || bash "$ROOT/scripts/setup.sh" test
 
@@ -32,9 +49,12 @@ cleanup() {
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "---- $f" >&2; tail -n 20 "$f" >&2; }; done
   fi
   rm -rf "$WORK"
+  restore
   exit "$rc"
 }
 trap cleanup EXIT
+set_aside /etc/tpmmux
+set_aside /var/lib/tpmmux
 
 say "building the package"
 deb=$(bash "$ROOT/scripts/package.sh" --out "$WORK/dist")
