@@ -157,23 +157,28 @@ func startOf(i int) string {
 }
 
 // resolveAK picks the trusted AK that signed segment i: the one the
-// evidence names (its ak field, informational, only selects), or the one
-// its quote's signature verifies with. With one trusted AK and one
-// segment it is that AK (step 1 then says why the quote does not verify).
+// evidence names (its ak field, informational, only selects) if the
+// quote's signature verifies with it, or any other it verifies with. With
+// one trusted AK and one segment it is that AK whatever (step 1 then says
+// why the quote does not verify).
 func resolveAK(seg *evidence.Evidence, trusted []*ecdsa.PublicKey, i, n int) (*ecdsa.PublicKey, error) {
 	named := sha256.Sum256(seg.AK)
+	signed := func(k *ecdsa.PublicKey) bool {
+		_, err := quote.Check(seg.Quote.Attest, seg.Quote.Signature, k)
+		return err == nil
+	}
 	for _, k := range trusted {
-		if len(seg.AK) > 0 && quote.AKFingerprint(k) == named {
+		if len(seg.AK) > 0 && quote.AKFingerprint(k) == named && signed(k) {
+			return k, nil
+		}
+	}
+	for _, k := range trusted {
+		if signed(k) {
 			return k, nil
 		}
 	}
 	if len(trusted) == 1 && n == 1 {
 		return trusted[0], nil
-	}
-	for _, k := range trusted {
-		if _, err := quote.Check(seg.Quote.Attest, seg.Quote.Signature, k); err == nil {
-			return k, nil
-		}
 	}
 	what := "the evidence names no AK"
 	if _, err := x509.ParsePKIXPublicKey(seg.AK); err == nil {
@@ -228,6 +233,9 @@ func linkChain(links []*link, ident *conceal.Identity, cp *Checkpoint) error {
 			return reject(3, "missing segment: the VM's history starts with a migrated-in record (record %d, from host %q): its earlier segments, from the genesis on, are missing", head.MigratedIn.Seq, head.MigratedIn.SourceHost)
 		case i == 0:
 			l.first = 0 // genesis; the segment's own checks require it
+			if g := head.Genesis; n > 1 && g != nil && (g.UUID != ident.UUID || g.Instance != ident.Instance) {
+				return reject(4, "%s is another VM's: its genesis record is for uuid %s instance %x, not %s instance %x", segName(i, l, n), conceal.FormatUUID(g.UUID), g.Instance, conceal.FormatUUID(ident.UUID), ident.Instance)
+			}
 			continue
 		case head.Kind != record.KindMigratedIn:
 			return reject(4, "%s starts with a %s record, not migrated-in", segName(i, l, n), head.Kind)
@@ -340,20 +348,21 @@ func clone32(d [32]byte) []byte { return append([]byte(nil), d[:]...) }
 // saw: the same ones (no fork, no other history, none dropped), and for
 // incremental evidence the very same earlier segments, verified then.
 func checkSegments(cp *Checkpoint, marks []SegmentMark, links []*link) error {
-	for k, cm := range cp.Segments {
-		if k >= len(marks) {
-			last := cp.Segments[len(cp.Segments)-1]
-			return reject(3, "rollback: the verifier saw %d segments of the VM's history (the last on host %q), the evidence shows %d: the later ones are missing", len(cp.Segments), last.Host, len(marks))
-		}
-		em := marks[k]
-		if !bytes.Equal(cm.Start, em.Start) {
+	for k, cm := range cp.Segments[:min(len(cp.Segments), len(marks))] {
+		if em := marks[k]; !bytes.Equal(cm.Start, em.Start) {
 			if k > 0 && len(cm.Prev) > 0 && bytes.Equal(cm.Prev, em.Prev) {
 				return reject(4, "fork: segment %d (host %q, AK sha256:%x) continues from the same migrated-out record as the segment %d the verifier saw before (host %q, AK sha256:%x): the VM was handed to two destinations", k, em.Host, em.AK[:8], k, cm.Host, cm.AK[:8])
 			}
 			return reject(4, "segment %d (host %q) is not the segment %d the verifier saw before (host %q): another history of this VM", k, em.Host, k, cm.Host)
 		}
-		if len(cm.End) > 0 && !bytes.Equal(cm.End, em.End) {
-			return reject(4, "segment %d (host %q) ends otherwise than the verifier saw before: another history of this VM", k, em.Host)
+	}
+	if len(marks) < len(cp.Segments) {
+		last := cp.Segments[len(cp.Segments)-1]
+		return reject(3, "rollback: the verifier saw %d segments of the VM's history (the last on host %q), the evidence shows %d: the later ones are missing", len(cp.Segments), last.Host, len(marks))
+	}
+	for k, cm := range cp.Segments {
+		if len(cm.End) > 0 && !bytes.Equal(cm.End, marks[k].End) {
+			return reject(4, "segment %d (host %q) ends otherwise than the verifier saw before: another history of this VM", k, marks[k].Host)
 		}
 	}
 	if links[len(links)-1].delta {
