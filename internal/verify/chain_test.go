@@ -496,3 +496,90 @@ func forkOnB(t *testing.T, lf *life) *evidence.Evidence {
 	lf.b.add(lf.vm.ID(), "vm-mig", 40, 42)
 	return lf.b.fresh(lf.vm.ID(), lf.nonce)
 }
+
+// TestMigrationVTPM: a vTPM VM's vPCRs move in its migrated-in record: the
+// destination's mux gives the bridge what it restores the vTPM from (the
+// snapshot and this segment's events, replaying to the guest's PCRs), the
+// verifier replays the events of every host through it, and a snapshot
+// that is not the replay of the source's events is rejected.
+func TestMigrationVTPM(t *testing.T) {
+	ctx := t.Context()
+	a, b := newMHost(t, "hosta"), newMHost(t, "hostb")
+	banks := []vpcr.Alg{vpcr.SHA256}
+	ext := func(seq uint64, pcr int, v byte) vpcr.Event {
+		return vpcr.Event{Seq: seq, Kind: vpcr.KindExtend, Command: 0x182, PCR: pcr, Digests: []vpcr.Digest{{Alg: vpcr.SHA256, Value: bytes.Repeat([]byte{v}, 32)}}}
+	}
+	onA := []vpcr.Event{{Seq: 1, Kind: vpcr.KindInit}, {Seq: 2, Kind: vpcr.KindStartup, Command: 0x144, Banks: banks}, ext(3, 0, 1), ext(4, 7, 2)}
+	onB := []vpcr.Event{ext(5, 1, 3), ext(6, 0, 4)}
+	tests := []struct {
+		name  string
+		alter func(*vpcr.Snapshot)
+		want  string
+	}{
+		{"the vPCRs move with the VM", nil, ""},
+		{"a vPCR altered in transit", func(sn *vpcr.Snapshot) { sn.Values[0].PCRs[7][0] ^= 1 }, "not the replay of its vTPM events on the earlier hosts"},
+		{"an event dropped in transit", func(sn *vpcr.Snapshot) { sn.Seq-- }, "not the replay"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := mux.Launch{UUID: [16]byte{0x15, byte(i)}, Name: fmt.Sprint("vm-vtpm-", i), VTPMBanks: []uint16{uint16(vpcr.SHA256)}}
+			ident, err := a.m.NewVM(ctx, l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range onA {
+				if err := a.m.Journal(ident.ID(), false).Append(ctx, e); err != nil {
+					t.Fatal(err)
+				}
+			}
+			st, err := vpcr.Replay(banks, onA)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sn := st.Snapshot()
+			if tt.alter != nil {
+				tt.alter(sn)
+			}
+			move(t, a, b, ident, l, sn, a.tp.AK())
+			for _, e := range onB {
+				if err := b.m.Journal(ident.ID(), false).Append(ctx, e); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// What the destination bridge restores the vTPM from.
+			start, err := b.m.VTPMStart(ident.ID())
+			if err != nil || start == nil {
+				t.Fatalf("VTPMStart: %v", err)
+			}
+			past, err := b.m.TPMEvents(ident.ID())
+			if err != nil || len(past) != len(onB) {
+				t.Fatalf("TPMEvents on B: %d events, %v", len(past), err)
+			}
+			ev := b.fresh(ident.ID(), []byte("a nonce of the vTPM VM's verifier"))
+			rep, err := verify.Verify(ev, verify.Options{Nonce: []byte("a nonce of the vTPM VM's verifier"), Identity: ident, AKs: []*ecdsa.PublicKey{a.tp.AK(), b.tp.AK()}})
+			if tt.want != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("Verify = %v, want a rejection containing %q", err, tt.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			restored, err := vpcr.ReplayFrom(nil, start, past)
+			if err != nil {
+				t.Fatal(err)
+			}
+			whole, _ := vpcr.Replay(banks, append(append([]vpcr.Event(nil), onA...), onB...))
+			for p := range vpcr.NumPCRs {
+				want := fmt.Sprintf("%x", whole.Read(vpcr.SHA256, p))
+				if rep.VTPM == nil || rep.VTPM.PCRs["sha256"][p] != want || fmt.Sprintf("%x", restored.Read(vpcr.SHA256, p)) != want {
+					t.Fatalf("vPCR %d: verifier %v, restored %x, want %s", p, rep.VTPM, restored.Read(vpcr.SHA256, p), want)
+				}
+			}
+			if rep.VTPM.Events != len(onA)+len(onB) {
+				t.Fatalf("the verifier replayed %d vTPM events, want %d", rep.VTPM.Events, len(onA)+len(onB))
+			}
+		})
+	}
+}
