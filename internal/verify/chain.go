@@ -133,7 +133,7 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 	for i := skip; i < len(links); i++ {
 		l := links[i]
 		v := &verification{ev: l.ev, opts: opts, rep: rep, ident: ident, id: id, keys: keys,
-			ak: l.ak, seg: i, segFirst: l.first, earlier: i < len(links)-1, lastSeg: i == len(links)-1, chainLen: len(links), vt: vt}
+			ak: l.ak, host: l.host, seg: i, segFirst: l.first, earlier: i < len(links)-1, lastSeg: i == len(links)-1, chainLen: len(links), vt: vt}
 		if v.lastSeg {
 			v.cp = cp
 		}
@@ -221,6 +221,9 @@ func linkChain(links []*link, ident *conceal.Identity, cp *Checkpoint) error {
 			return reject(3, "segment %d (host %q) holds no records", i, l.host)
 		}
 		head, err := record.Unmarshal(recs[0].R)
+		if err != nil && n == 1 {
+			return nil // the segment's own checks say what is wrong with it
+		}
 		if err != nil {
 			return reject(4, "%s: its first record: %v", segName(i, l, n), err)
 		}
@@ -389,11 +392,7 @@ func (v *verification) where() string {
 	if v.chainLen <= 1 {
 		return ""
 	}
-	host := ""
-	if v.epochRec != nil {
-		host = v.epochRec.Host
-	}
-	return fmt.Sprintf("segment %d (host %q): ", v.seg, host)
+	return fmt.Sprintf("segment %d (host %q): ", v.seg, v.host)
 }
 
 // arrived checks a migrated-in record, record s of the segment: it opens

@@ -180,6 +180,7 @@ type verification struct {
 
 	// The segment of the VM's history this evidence is (chain.go).
 	ak       *ecdsa.PublicKey // the trusted AK that signed it
+	host     string           // its host, as its epoch record names it
 	seg      int              // its index in the chain
 	segFirst uint64           // the number of its first record
 	earlier  bool             // a Previous segment: final evidence, ended by migrated-out
