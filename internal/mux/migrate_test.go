@@ -2,6 +2,7 @@ package mux_test
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"errors"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // host is one tpmmux host of a migration test: its own TPM (the in-process
@@ -175,6 +177,12 @@ func TestMigrateMux(t *testing.T) {
 	fin, err := a.m.FinalEvidence(id)
 	if err != nil || len(fin.Previous) != 2 || len(fin.Records) != 4 || fin.Previous[1].Host != "hostb" {
 		t.Fatalf("A's final evidence: %v", err)
+	}
+	// The whole life verifies with both hosts' AKs (internal/verify
+	// TestMigrationChain has the attacks).
+	rep, err := verify.Verify(fin, verify.Options{PostMortem: true, Identity: ident, AKs: []*ecdsa.PublicKey{a.tp.AK(), b.tp.AK()}})
+	if err != nil || rep.Records != 14 || len(rep.Segments) != 3 || !rep.Ended {
+		t.Fatalf("verify the chain: %v", err)
 	}
 	// An old chain replayed to A (the first arrival's) is refused: A holds more.
 	if _, err := a.m.MigrateIn(ctx, mux.Arrival{Identity: ident, Launch: l, SourceAK: b.tp.AK(), Chain: c1}); err == nil {
