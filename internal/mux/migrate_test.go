@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
@@ -98,12 +99,19 @@ func handover(t *testing.T, src, dst *host, ident *conceal.Identity, l mux.Launc
 	if err != nil || len(again.Records) != len(chain.Records) {
 		t.Fatalf("%s: repeated migrate out: %v", src.name, err)
 	}
-	id, err := dst.m.MigrateIn(t.Context(), mux.Arrival{Identity: ident, Launch: l, SourceHost: src.name, SourceAK: src.tp.AK(), Chain: chain})
-	if err != nil {
-		t.Fatalf("%s: migrate in: %v", dst.name, err)
+	arr := mux.Arrival{Identity: ident, Launch: l, SourceHost: src.name, SourceAK: dst.tp.AK(), Chain: chain}
+	if _, err := dst.m.MigrateIn(t.Context(), arr); err == nil || !strings.Contains(err.Error(), "not the source AK's") {
+		t.Fatalf("%s: migrate in under another source AK: %v", dst.name, err)
 	}
-	if id != ident.ID() {
-		t.Fatalf("%s: the vm's id changed", dst.name)
+	arr.SourceAK = src.tp.AK()
+	for range 2 { // the retry of a handover after a crash finds it done
+		id, err := dst.m.MigrateIn(t.Context(), arr)
+		if err != nil {
+			t.Fatalf("%s: migrate in: %v", dst.name, err)
+		}
+		if id != ident.ID() {
+			t.Fatalf("%s: the vm's id changed", dst.name)
+		}
 	}
 	return chain
 }
