@@ -145,6 +145,10 @@ func TestMigrateMux(t *testing.T) {
 	if _, err := a.m.MigrateOut(ctx, id, other); !errors.Is(err, mux.ErrNotMigrating) {
 		t.Fatalf("second destination: %v, want ErrNotMigrating", err)
 	}
+	// The agent resumes on B where it stood on A (IMA log index 3 sent).
+	if gs, err := b.m.Guest(id); err != nil || gs.Next != 4 {
+		t.Fatalf("guest state on B after the arrival: %+v %v", gs, err)
+	}
 	b.appendN(id, 10, 13) // records 6-8 on B
 	if n, _ := b.m.NextSeq(id); n != 9 {
 		t.Fatalf("B's next record is %d, want 9", n)
@@ -167,6 +171,9 @@ func TestMigrateMux(t *testing.T) {
 	c2 := handover(t, b, a, ident, l) // B's migrated-out is 9, A's new segment starts at 10
 	if len(c2.Previous) != 1 || len(c2.Records) != 5 {
 		t.Fatalf("B's chain: %d previous, %d records", len(c2.Previous), len(c2.Records))
+	}
+	if gs, err := a.m.Guest(id); err != nil || gs.Next != 13 {
+		t.Fatalf("guest state back on A: %+v %v (not A's old segment's)", gs, err)
 	}
 	a.appendN(id, 20, 22) // records 11-12 on A
 	segs, err := a.m.Segments(id)
