@@ -1,6 +1,7 @@
 package mux_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -192,6 +193,15 @@ func TestMigrateMux(t *testing.T) {
 	fin, err := a.m.FinalEvidence(id)
 	if err != nil || len(fin.Previous) != 2 || len(fin.Records) != 4 || fin.Previous[1].Host != "hostb" {
 		t.Fatalf("A's final evidence: %v", err)
+	}
+	// Streamed, the final evidence is byte for byte the built one, its
+	// earlier segments included.
+	var streamed []byte
+	if err := a.m.StreamFinalEvidence(ctx, id, 256, func(p []byte, last bool) error { streamed = append(streamed, p...); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if built, _ := fin.MarshalBinary(); !bytes.Equal(streamed, built) {
+		t.Fatalf("streamed final evidence (%d bytes) differs from the built one (%d bytes)", len(streamed), len(built))
 	}
 	// The whole life verifies with both hosts' AKs (internal/verify
 	// TestMigrationChain has the attacks).
