@@ -54,6 +54,8 @@ type SegmentReport struct {
 	// FromCheckpoint: verified before (incremental verification of a later
 	// segment), not again now.
 	FromCheckpoint bool `json:"from_checkpoint,omitempty"`
+	// Unverified: taken as it is (Options.LastSegmentOnly).
+	Unverified bool `json:"unverified,omitempty"`
 }
 
 // SegmentMark is what a checkpoint keeps of one segment: where it starts,
@@ -86,6 +88,7 @@ type link struct {
 	tail   *record.Record
 	tailH  [32]byte
 	delta  bool
+	taken  bool // not verified (Options.LastSegmentOnly)
 }
 
 // verifyChain verifies evidence as the chain of the VM's segments: the
@@ -99,14 +102,25 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 	segs := ev.Segments()
 	links := make([]*link, len(segs))
 	for i, seg := range segs {
+		l := &link{ev: seg, epochH: record.EpochHash(seg.Epoch.Record), delta: seg.From != nil}
+		er, eerr := record.UnmarshalEpoch(seg.Epoch.Record)
+		if eerr == nil {
+			l.host = er.Host
+		}
+		if opts.LastSegmentOnly && i < len(segs)-1 {
+			// Taken as it is: its AK is the one its epoch record names.
+			l.taken = true
+			if eerr == nil {
+				l.fp = er.AK
+			}
+			links[i] = l
+			continue
+		}
 		ak, err := resolveAK(seg, opts.AKs, i, len(segs))
 		if err != nil {
 			return err
 		}
-		l := &link{ev: seg, ak: ak, fp: quote.AKFingerprint(ak), epochH: record.EpochHash(seg.Epoch.Record), delta: seg.From != nil}
-		if er, err := record.UnmarshalEpoch(seg.Epoch.Record); err == nil {
-			l.host = er.Host
-		}
+		l.ak, l.fp = ak, quote.AKFingerprint(ak)
 		links[i] = l
 	}
 	if err := linkChain(links, ident, cp); err != nil {
@@ -132,6 +146,11 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 	keys := ident.Keys()
 	for i := skip; i < len(links); i++ {
 		l := links[i]
+		if l.taken {
+			rep.Segments = append(rep.Segments, SegmentReport{Index: i, Host: l.host, AK: hex.EncodeToString(l.fp[:]), Epoch: hex.EncodeToString(l.epochH[:]),
+				Kind: l.ev.Kind, First: l.first, Last: l.first + uint64(len(l.ev.Records)) - 1, Start: startOf(i), End: record.KindMigratedOut.String(), Unverified: true})
+			continue
+		}
 		v := &verification{ev: l.ev, opts: opts, rep: rep, ident: ident, id: id, keys: keys,
 			ak: l.ak, host: l.host, seg: i, segFirst: l.first, earlier: i < len(links)-1, lastSeg: i == len(links)-1, chainLen: len(links), vt: vt}
 		if v.lastSeg {
@@ -145,7 +164,9 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 		last = v
 	}
 	last.marks = marks
-	rep.Checkpoint = last.checkpoint()
+	if !opts.LastSegmentOnly {
+		rep.Checkpoint = last.checkpoint()
+	}
 	return nil
 }
 
@@ -408,6 +429,18 @@ func (v *verification) arrived(s uint64, in *record.MigratedIn) error {
 		return reject(4, "%smigrated-in record names epoch %x but the log is epoch %x: the VM's leaves were replanted in another epoch", v.where(), in.Epoch[:8], v.epochHash[:8])
 	case in.UUID != v.ident.UUID || in.Instance != v.ident.Instance:
 		return reject(4, "%sthe segment is another VM's: its migrated-in record is for uuid %s instance %x", v.where(), conceal.FormatUUID(in.UUID), in.Instance)
+	}
+	if v.vt == nil && in.VPCRs != nil && v.opts.LastSegmentOnly {
+		// The earlier segments are taken as they are: so are the vPCRs
+		// the VM arrived with, and this segment's events replay on them.
+		vt, err := newVTPMTrackFrom(in.VTPMBanks, in.VPCRs)
+		if err != nil {
+			return reject(4, "%smigrated-in record %d: %v", v.where(), s, err)
+		}
+		v.vt = vt
+		v.vt.taken = true
+		v.rep.VM.Name = in.Name
+		return nil
 	}
 	switch {
 	case v.vt == nil && in.VPCRs != nil:

@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -235,6 +236,7 @@ func TestMigrationChain(t *testing.T) {
 			{"the first chain handed over, A's key only", lf.c1, verify.Options{PostMortem: true, Identity: lf.vm, AK: akA}, 1, 5, "hosta", "migrated-out"},
 			{"the third chain handed over", lf.c3, pm, 3, 16, "hosta hostb hosta", "migrated-out"},
 			{"post-mortem after the teardown, 4 segments", lf.finB3, pm, 4, 20, "hosta hostb hosta hostb", "teardown"},
+			{"a handover checked by a destination that knows only the source", lf.c3, verify.Options{PostMortem: true, Identity: lf.vm, AK: akA, LastSegmentOnly: true}, 3, 16, "hosta hostb hosta", "migrated-out"},
 		}
 		for _, tt := range tests {
 			t.Run(tt.name, func(t *testing.T) {
@@ -256,6 +258,9 @@ func TestMigrationChain(t *testing.T) {
 				}
 				if rep.VM.Name != "vm-mig" {
 					t.Fatalf("vm name %q", rep.VM.Name)
+				}
+				if tt.opts.LastSegmentOnly != rep.Segments[0].Unverified || (rep.Checkpoint == nil) != tt.opts.LastSegmentOnly {
+					t.Fatalf("last segment only: unverified %v, checkpoint %v", rep.Segments[0].Unverified, rep.Checkpoint != nil)
 				}
 			})
 		}
@@ -391,6 +396,8 @@ func TestMigrationChain(t *testing.T) {
 			{"a verifier given only one host's AK", lf.evB1, func(o *verify.Options) { o.AKs = []*ecdsa.PublicKey{akA} }, "segment 1 (host \"hostb\"): untrusted AK"},
 			{"a segment under a wrong AK", withAK(lf.evB1, 1, otherDER), func(o *verify.Options) { o.AKs = []*ecdsa.PublicKey{akA, &otherKey.PublicKey} }, "segment 1 (host \"hostb\"): untrusted AK"},
 			{"a fork inside the chain", nil, nil, "fork: segment 2"},
+			{"the last segment only, under the wrong host's AK", lf.c3, func(o *verify.Options) { o.AKs, o.LastSegmentOnly = []*ecdsa.PublicKey{akB}, true }, "segment 2 (host \"hosta\"): untrusted AK"},
+			{"the last segment only, an earlier one not chained", segs(segB3, &segA0), func(o *verify.Options) { o.LastSegmentOnly = true }, "does not start where segment 0"},
 		}
 		// Prev altered and renumbered: rewrite B1's migrated-in record.
 		tests[8].ev = rewriteHead(t, lf.evB1, func(in *record.MigratedIn) { in.Prev[0] ^= 1 })
@@ -579,6 +586,12 @@ func TestMigrationVTPM(t *testing.T) {
 			}
 			if rep.VTPM.Events != len(onA)+len(onB) {
 				t.Fatalf("the verifier replayed %d vTPM events, want %d", rep.VTPM.Events, len(onA)+len(onB))
+			}
+			// A verifier of B's segment alone replays B's events from the
+			// vPCRs the VM arrived with, to the same values.
+			only, err := verify.Verify(ev, verify.Options{Nonce: []byte("a nonce of the vTPM VM's verifier"), Identity: ident, AK: b.tp.AK(), LastSegmentOnly: true})
+			if err != nil || only.VTPM == nil || only.VTPM.Events != len(onB) || !slices.Equal(only.VTPM.PCRs["sha256"], rep.VTPM.PCRs["sha256"]) {
+				t.Fatalf("B's segment alone: %v", err)
 			}
 		})
 	}
