@@ -173,7 +173,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 		t.Fatal("the guest's firmware event log is empty")
 	}
 	for _, le := range logged {
-		t.Logf("event log: PCR %d type %#x %q", le.PCR, le.Type, printable(le.Data))
+		t.Logf("event log: PCR %d %s %q", le.PCR, evTypeName(le.Type), describe(le))
 	}
 	if len(logged) > len(recs) {
 		t.Fatalf("firmware event log: %d extends, vTPM records of PCRs 0-9: %d", len(logged), len(recs))
@@ -600,6 +600,48 @@ func printable(b []byte) string {
 // evNoAction is EV_NO_ACTION: a log entry that extends nothing.
 const evNoAction = 3
 
+// evTypes are the TCG PC Client event types an OVMF + GRUB boot logs.
+var evTypes = map[uint32]string{
+	0x3: "EV_NO_ACTION", 0x4: "EV_SEPARATOR", 0x5: "EV_ACTION", 0x8: "EV_S_CRTM_VERSION", 0xd: "EV_IPL",
+	0x80000001: "EV_EFI_VARIABLE_DRIVER_CONFIG", 0x80000002: "EV_EFI_VARIABLE_BOOT",
+	0x80000003: "EV_EFI_BOOT_SERVICES_APPLICATION", 0x80000006: "EV_EFI_GPT_EVENT",
+	0x80000007: "EV_EFI_ACTION", 0x80000008: "EV_EFI_PLATFORM_FIRMWARE_BLOB",
+	0x80000009: "EV_EFI_HANDOFF_TABLES", 0x8000000A: "EV_EFI_PLATFORM_FIRMWARE_BLOB2",
+	0x8000000B: "EV_EFI_HANDOFF_TABLES2", 0x800000E0: "EV_EFI_VARIABLE_AUTHORITY",
+}
+
+func evTypeName(t uint32) string {
+	if n, ok := evTypes[t]; ok {
+		return n
+	}
+	return fmt.Sprintf("%#x", t)
+}
+
+// describe is a short text of an event's data: the variable name of an
+// EFI variable event (UEFI_VARIABLE_DATA), the string of GRUB's and
+// OVMF's text events, else nothing (a blob or a digest).
+func describe(e tcgEvent) string {
+	switch e.Type {
+	case 0x80000001, 0x80000002, 0x800000E0:
+		r := &leReader{b: e.Data}
+		r.bytes(16) // VariableName GUID
+		n := r.bytes(8)
+		r.bytes(8)
+		if r.err != nil || binary.LittleEndian.Uint64(n) > 64 {
+			return ""
+		}
+		name := r.bytes(int(binary.LittleEndian.Uint64(n)) * 2)
+		var out []rune
+		for i := 0; i+1 < len(name); i += 2 {
+			out = append(out, rune(binary.LittleEndian.Uint16(name[i:])))
+		}
+		return "variable " + string(out)
+	case 0xd, 0x80000007, 0x5:
+		return strings.TrimRight(string(e.Data), "\x00")
+	}
+	return ""
+}
+
 // tcgEvent is one entry of a crypto-agile (TCG2) firmware event log.
 type tcgEvent struct {
 	PCR     int
@@ -719,7 +761,7 @@ func writeOVMFFixture(t *testing.T, path string, logged []tcgEvent, recs []vpcr.
 	for i, r := range recs {
 		x := fixtureExtend{PCR: r.PCR, Digests: map[string]string{}}
 		if i < len(logged) {
-			x.Type, x.Event = fmt.Sprintf("%#x", logged[i].Type), printable(logged[i].Data)
+			x.Type, x.Event = evTypeName(logged[i].Type), describe(logged[i])
 		}
 		for _, d := range r.Digests {
 			x.Digests[d.Alg.String()] = hex.EncodeToString(d.Value)
