@@ -190,7 +190,7 @@ func pair(x pairedExtend, m measured, pcrs09 [][]byte, vr *VTPMReport) error {
 		return reject(4, "record %d: IMA entry %d is for PCR %d, its anchored extend (record %d) for PCR %d", m.s, m.m.LogIndex, m.m.PCR, x.s, x.e.PCR)
 	}
 	violation := isZero(m.m.TemplateHash)
-	bound := violation || m.m.Template == "ima" // a bank holds the entry's own hash (imafallback.go)
+	bound := violation || m.m.Template == "ima" // a bank holds the entry's own hash (vtpm_fallback.go)
 	for _, d := range x.e.Digests {
 		h := d.Alg.Hash()
 		want := bytes.Repeat([]byte{0xff}, h.Size())

@@ -18,6 +18,8 @@ import (
 // (newer kernels without CONFIG_IMA_COMPAT_FALLBACK_TPM_EXTEND) 0xfe
 // bytes. The pairing accepts that in the sha384 and sha512 banks only,
 // and only when another bank of the extend holds the entry's own hash.
+// (vtpmMux extends the simulator's PCR 14, which tamper_test.go's forge
+// needs untouched: files that use it sort after tamper_test.go.)
 func TestVTPMPairingIMAFallback(t *testing.T) {
 	sha1Padded := func(a vpcr.Alg, data []byte) []byte {
 		s := sha1.Sum(data)
