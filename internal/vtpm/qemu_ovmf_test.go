@@ -466,7 +466,7 @@ func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 	// The vTPM journals through the multiplexer (mode anchored) on the
 	// simulator, as the bridge serves it; the launch records the OVMF
 	// build as the domain's loader.
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute) // 11-26 s here under TCG
 	defer cancel()
 	m := openOVMFMux(t, dir)
 	code, err := os.ReadFile(ovmfCode)
