@@ -167,9 +167,12 @@ func (m *Mux) quoteLoop() {
 	var linger time.Duration
 	target := 0
 	for {
+		var waited time.Duration
+		awaited := 0
 		if linger > 0 {
+			start := time.Now()
 			m.gather(target, linger)
-			linger = 0
+			waited, awaited, linger = time.Since(start), target, 0
 		}
 		m.qmu.Lock()
 		n := min(len(m.qpending), maxQuoteBatch)
@@ -181,6 +184,7 @@ func (m *Mux) quoteLoop() {
 		reqs := m.qpending[:n:n]
 		m.qpending = m.qpending[n:]
 		m.qmu.Unlock()
+		m.observeQuoteBatch(n, awaited, waited)
 		extra := reqs[0].extra
 		var paths [][]conceal.Digest
 		if n > 1 {
