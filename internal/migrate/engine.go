@@ -293,7 +293,7 @@ func (e *Engine) Serve(ctx context.Context, l net.Listener) error {
 	mux.HandleFunc("POST /v1/cancel", e.handle(e.cancel))
 	mux.HandleFunc("POST /v1/done", e.handle(e.done))
 	srv := &http.Server{Handler: mux, TLSConfig: e.serverTLS(), ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog: slog.NewLogLogger(e.o.Logger.Handler(), slog.LevelDebug),
+		ErrorLog:    slog.NewLogLogger(e.o.Logger.Handler(), slog.LevelDebug),
 		BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		<-ctx.Done()

@@ -98,7 +98,6 @@ func ecPoint(k *ecdsa.PublicKey) (x, y []byte, err error) {
 	return b[1 : 1+n], b[1+n:], nil
 }
 
-
 // Credential is a fresh secret wrapped to a recipient's TPM
 // (TPM2_MakeCredential in software, to its EK and for its AK's name).
 type Credential struct {
