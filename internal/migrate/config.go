@@ -12,6 +12,7 @@
 package migrate
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -20,6 +21,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -65,6 +67,25 @@ type Peer struct {
 	// docs/trust.md): the EK a handover to it is wrapped to, and the AK its
 	// evidence is checked with.
 	Enrolled string `json:"enrolled"`
+}
+
+// Enabled reports whether the block is configured: a listener or peers.
+// Without it the bridge takes part in no migration (an incoming attested
+// VM is refused at "migrate begin").
+func (c *Config) Enabled() bool { return c.Listen != "" || len(c.Peers) > 0 }
+
+// UnmarshalJSON decodes a peer strictly: a misspelt key is an error, not a
+// peer without its pin.
+func (p *Peer) UnmarshalJSON(b []byte) error {
+	type plain Peer
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	var v plain
+	if err := d.Decode(&v); err != nil {
+		return fmt.Errorf("migration peer: %w (keys: name, address, tls_sha256, enrolled)", err)
+	}
+	*p = Peer(v)
+	return nil
 }
 
 // DefaultHandoverTimeout is Config.HandoverTimeout's default.

@@ -88,7 +88,9 @@ type Options struct {
 	// MigrateIn); it must also check that the last record is the
 	// migrated-out record naming out.
 	VerifyChain func(ev *evidence.Evidence, id *conceal.Identity, sourceAK *ecdsa.PublicKey, out Out) error
-	// Snapshot, when set, gives the vPCR snapshot of a vTPM VM at handover.
+	// Snapshot, when set, gives the vPCR snapshot of a vTPM VM (nil for
+	// another VM) when libvirt reports it stopped for migration
+	// (SourceStopped); it travels sealed with the identity.
 	Snapshot func(name string) (*vpcr.Snapshot, error)
 	Logger   *slog.Logger
 	Now      func() time.Time
@@ -127,6 +129,8 @@ type reservation struct {
 	// Stopped is set when libvirt reported the VM stopped with reason
 	// migrated: the handover may be answered.
 	Stopped bool `json:"stopped,omitempty"`
+	// VPCRs is a vTPM VM's vPCR snapshot, taken when it stopped.
+	VPCRs *vpcr.Snapshot `json:"vpcrs,omitempty"`
 	// Answer is the handover once made (sealed to the destination's TPM:
 	// safe at rest); it is answered again to a retried poll.
 	Answer *Handover `json:"answer,omitempty"`
@@ -196,6 +200,17 @@ func New(o Options) (*Engine, error) {
 		return nil, err
 	}
 	return e, nil
+}
+
+// Stats reports the configured peers' names, the VMs reserved here by a
+// destination, and the incoming VMs waiting for their handover.
+func (e *Engine) Stats() (peers []string, reserved, incoming int) {
+	for _, p := range e.peers {
+		peers = append(peers, p.Name)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return peers, len(e.out), len(e.pending)
 }
 
 // CertSHA256 is the hex sha256 of this bridge's migration certificate: what
@@ -488,12 +503,7 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	if err != nil {
 		return nil, err
 	}
-	pl := payload{Identity: *ident}
-	if e.o.Snapshot != nil {
-		if pl.VPCRs, err = e.o.Snapshot(r.Name); err != nil {
-			return nil, fmt.Errorf("vPCR snapshot of %s: %w", r.Name, err)
-		}
-	}
+	pl := payload{Identity: *ident, VPCRs: r.VPCRs}
 	cred, secret, err := MakeCredential(p.rcp, nil)
 	if err != nil {
 		return nil, err
@@ -610,6 +620,13 @@ func (e *Engine) SourceStopped(name string) bool {
 	for _, r := range e.out {
 		if r.Name == name && !r.Stopped {
 			r.Stopped = true
+			if e.o.Snapshot != nil {
+				sn, err := e.o.Snapshot(name)
+				if err != nil {
+					e.o.Logger.Error("vPCR snapshot at migration", "vm", name, "err", err)
+				}
+				r.VPCRs = sn
+			}
 			if err := e.save(r); err != nil {
 				e.o.Logger.Warn("store reservation", "vm", name, "err", err)
 			}
@@ -709,11 +726,18 @@ func (e *Engine) Reserve(ctx context.Context, uuid [16]byte, name string) (strin
 		src string
 		err error
 	}
+	// A peer that does not answer must not use up the hook's whole time.
+	pctx := ctx
+	if dl, ok := ctx.Deadline(); ok {
+		var c context.CancelFunc
+		pctx, c = context.WithDeadline(ctx, time.Now().Add(time.Until(dl)*4/5))
+		defer c()
+	}
 	ch := make(chan res, len(e.peers))
 	for _, p := range e.peers {
 		go func() {
 			var rr ReserveResponse
-			err := e.call(ctx, p, "/v1/reserve", ReserveRequest{UUID: key, Name: name, DestHost: e.o.Host, Nonce: nonce}, &rr)
+			err := e.call(pctx, p, "/v1/reserve", ReserveRequest{UUID: key, Name: name, DestHost: e.o.Host, Nonce: nonce}, &rr)
 			ch <- res{p, rr.SourceHost, err}
 		}()
 	}
