@@ -91,7 +91,7 @@ func (d *Daemon) startMigration() error {
 		return nil
 	}
 	o := migrate.Options{Config: mc, StateDir: d.cfg.StateDir, Host: d.host, AK: d.tpm.AK(), Mux: engineMux{d},
-		VerifyChain: migrate.VerifyChain, Snapshot: d.vtpmSnapshot, Logger: d.log.With("part", "migration")}
+		Snapshot: d.vtpmSnapshot, Logger: d.log.With("part", "migration")}
 	if en, ok := d.tpm.(tpm.Enroller); ok {
 		o.TPM = activator{en}
 	}

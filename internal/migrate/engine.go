@@ -83,11 +83,12 @@ type Options struct {
 	// TPM activates handovers on the destination (with the EK kind of
 	// its enrolled record, which the source names).
 	TPM Activator
-	// VerifyChain checks a source's final chain evidence against the
-	// source's AK for the identity (the destination's check before
-	// MigrateIn); it must also check that the last record is the
-	// migrated-out record naming out.
-	VerifyChain func(ev *evidence.Evidence, id *conceal.Identity, sourceAK *ecdsa.PublicKey, out Out) error
+	// VerifyChain checks a source's final chain evidence for the identity
+	// (the destination's check before MigrateIn): the last segment against
+	// the source's AK, earlier ones against any trusted AK (every peer's
+	// and this host's), and that it ends with the migrated-out record
+	// naming out. Default: the package's VerifyChain.
+	VerifyChain func(ev *evidence.Evidence, id *conceal.Identity, sourceAK *ecdsa.PublicKey, trusted []*ecdsa.PublicKey, out Out) error
 	// Snapshot, when set, gives the vPCR snapshot of a vTPM VM (nil for
 	// another VM) when libvirt reports it stopped for migration
 	// (SourceStopped); it travels sealed with the identity.
@@ -835,10 +836,11 @@ func (e *Engine) open(ctx context.Context, pd *pendingIn, uuid [16]byte, h *Hand
 		return nil, fmt.Errorf("handover of %s: chain evidence: %w", pd.name, err)
 	}
 	out := Out{DestHost: e.o.Host, DestAK: myAK, Nonce: pd.nonce, Credential: h.Credential.Digest()}
-	if e.o.VerifyChain == nil {
-		return nil, errors.New("no chain verifier configured")
+	verifyChain := e.o.VerifyChain
+	if verifyChain == nil {
+		verifyChain = VerifyChain
 	}
-	if err := e.o.VerifyChain(ev, &pl.Identity, p.rcp.AK, out); err != nil {
+	if err := verifyChain(ev, &pl.Identity, p.rcp.AK, e.trusted(), out); err != nil {
 		return nil, fmt.Errorf("handover of %s: the source's chain evidence does not verify against %s's enrolled AK: %w", pd.name, p.Name, err)
 	}
 	ident := pl.Identity
@@ -868,6 +870,19 @@ func (e *Engine) finish(ctx context.Context, uuid [16]byte, path string) error {
 		return nil
 	}
 	return e.call(ctx, pd.peer, path, HandoverRequest{UUID: key, Nonce: pd.nonce}, nil)
+}
+
+// trusted are the AKs a chain's earlier segments may be signed by: this
+// host's and every peer's.
+func (e *Engine) trusted() []*ecdsa.PublicKey {
+	var out []*ecdsa.PublicKey
+	if e.o.AK != nil {
+		out = append(out, e.o.AK)
+	}
+	for _, p := range e.peers {
+		out = append(out, p.rcp.AK)
+	}
+	return out
 }
 
 func akFP(ak *ecdsa.PublicKey) [32]byte {

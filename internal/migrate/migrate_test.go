@@ -101,14 +101,30 @@ func TestHandover(t *testing.T) {
 	if live(t, a, ident) {
 		t.Fatal("the VM's segment did not end on the source")
 	}
-	if err := b.eng.Done(ctx, ident.UUID); err != nil {
-		t.Fatal(err)
-	}
+	arrive(t, b, r.a)
 	if a.eng.Reserved("vm1") || b.eng.Pending(ident.UUID) {
 		t.Fatal("reservation left after done")
 	}
 	if ents, _ := os.ReadDir(filepath.Join(a.state, "migration", "out")); len(ents) != 0 {
 		t.Fatalf("reservation files left: %v", ents)
+	}
+	// The VM's history on b: two segments, each verified against its
+	// host's AK, one verdict.
+	if n := attest(t, b, ident, a, b); n != 2 {
+		t.Fatalf("%d segments after A -> B", n)
+	}
+	// And back: A -> B -> A, three segments; A keeps its old one.
+	if _, err := a.eng.Reserve(ctx, ident.UUID, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	b.eng.SourceStopped("vm1")
+	ar, err := a.eng.Receive(ctx, ident.UUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	arrive(t, a, ar)
+	if n := attest(t, a, ident, a, b); n != 3 {
+		t.Fatalf("%d segments after A -> B -> A", n)
 	}
 }
 
@@ -154,8 +170,9 @@ func TestAbortAndReverse(t *testing.T) {
 	if *ar.Identity != *ident {
 		t.Fatal("identity changed")
 	}
-	if err := a.eng.Done(ctx, ident.UUID); err != nil {
-		t.Fatal(err)
+	arrive(t, a, ar)
+	if n := attest(t, a, ident, a, b); n != 2 {
+		t.Fatalf("%d segments", n)
 	}
 }
 
@@ -275,6 +292,31 @@ func TestRefusals(t *testing.T) {
 	}).ActivateCredential(ctx, "rsa", h.Credential.Blob, h.Credential.EncryptedSecret); err == nil {
 		t.Fatal("a's TPM activated b's credential")
 	}
+	// The chain's migrated-out record binds this handover: another
+	// nonce, credential or destination does not pass.
+	ev, err := evidence.Decode(h.Evidence)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := Out{DestHost: "hostb", DestAK: akFP(b.tp.AK()), Nonce: nonce, Credential: h.Credential.Digest()}
+	if err := VerifyChain(ev, ident, a.tp.AK(), nil, good); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		f    func(o *Out)
+		want string
+	}{
+		{func(o *Out) { o.Nonce[0] ^= 1 }, "replayed"},
+		{func(o *Out) { o.Credential[0] ^= 1 }, "another credential"},
+		{func(o *Out) { o.DestAK[0] ^= 1 }, "not to this host"},
+		{func(o *Out) { o.DestHost = "hostc" }, "not to this host"},
+	} {
+		o := good
+		tc.f(&o)
+		wantErr(t, VerifyChain(ev, ident, a.tp.AK(), nil, o), tc.want)
+	}
+	// Signed by another AK than the source's: refused.
+	wantErr(t, VerifyChain(ev, ident, b.tp.AK(), nil, good), "AK")
 	// The genuine answer opens.
 	ar, err := b.eng.open(ctx, &pd, ident.UUID, &h)
 	if err != nil || *ar.Identity != *ident {
@@ -338,5 +380,21 @@ func TestSourceRestart(t *testing.T) {
 	ar, err := b.eng.Receive(ctx, ident.UUID)
 	if err != nil || *ar.Identity != *ident {
 		t.Fatalf("receive after source restart: %v", err)
+	}
+	// The source restarts after handing over, before the destination's
+	// done: the same handover is answered again (the evidence from the
+	// ended instance), and it still opens.
+	start(t, a, ekCA, b)
+	pd := *b.eng.pending[conceal.FormatUUID(ident.UUID)]
+	var h Handover
+	if err := b.eng.call(ctx, b.eng.peers[0], "/v1/handover", HandoverRequest{UUID: conceal.FormatUUID(ident.UUID), Nonce: pd.nonce}, &h); err != nil {
+		t.Fatal(err)
+	}
+	if ar2, err := b.eng.open(ctx, &pd, ident.UUID, &h); err != nil || *ar2.Identity != *ident {
+		t.Fatalf("handover after a source restart: %v", err)
+	}
+	arrive(t, b, ar)
+	if n := attest(t, b, ident, a, b); n != 2 {
+		t.Fatalf("%d segments", n)
 	}
 }

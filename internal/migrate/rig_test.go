@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // host is one bridge of the test: a real TPM (the in-process simulator or
@@ -42,11 +44,43 @@ type host struct {
 // testMux is the engine's Mux on a real multiplexer.
 type testMux struct{ *mux.Mux }
 
-func (m testMux) MigrateOut(ctx context.Context, id conceal.Digest, _ Out) (*evidence.Evidence, error) {
-	if _, err := m.Teardown(ctx, id, "migrated"); err != nil {
-		return nil, err
+func (m testMux) MigrateOut(ctx context.Context, id conceal.Digest, out Out) (*evidence.Evidence, error) {
+	return m.Mux.MigrateOut(ctx, id, MigratedOut(out))
+}
+
+// arrive opens the arrived VM's segment on h (mux MigrateIn), as the
+// daemon does, and tells the source the handover is done.
+func arrive(t *testing.T, h *host, ar *Arrival) conceal.Digest {
+	t.Helper()
+	id, err := h.mux.MigrateIn(t.Context(), mux.Arrival{Identity: ar.Identity, Launch: mux.Launch{Name: ar.Name},
+		SourceHost: ar.SourceHost, SourceAK: ar.SourceAK, Chain: ar.Chain, VPCRs: ar.VPCRs})
+	if err != nil {
+		t.Fatal(err)
 	}
-	return m.Mux.FinalEvidence(id)
+	if err := h.eng.Done(t.Context(), ar.Identity.UUID); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// attest verifies h's fresh evidence of the VM against every host's AK
+// and returns the number of segments.
+func attest(t *testing.T, h *host, ident *conceal.Identity, hosts ...*host) int {
+	t.Helper()
+	nonce := []byte("a fresh verifier nonce, 32 bytes")
+	ev, err := h.mux.Evidence(t.Context(), ident.ID(), nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var aks []*ecdsa.PublicKey
+	for _, x := range hosts {
+		aks = append(aks, x.tp.AK())
+	}
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AKs: aks})
+	if err != nil {
+		t.Fatalf("evidence of %s on %s: %v", conceal.FormatUUID(ident.UUID), h.name, err)
+	}
+	return len(rep.Segments)
 }
 
 // twoHosts starts host a on the simulator (ECC EK, test vendor CA) and
@@ -173,7 +207,7 @@ func start(t *testing.T, h *host, ekCA string, peers ...*host) {
 		cfg.Peers = append(cfg.Peers, peerOf(p))
 	}
 	eng, err := New(Options{Config: cfg, StateDir: h.state, Host: h.name, AK: h.tp.AK(), Mux: testMux{h.mux},
-		TPM: h.tp.(tpm.Enroller), VerifyChain: VerifyChain, Logger: quiet()})
+		TPM: h.tp.(tpm.Enroller), Logger: quiet()})
 	if err != nil {
 		t.Fatal(err)
 	}
