@@ -19,4 +19,3 @@ func (d *Daemon) migrateIn(ctx context.Context, ar *migrate.Arrival, l mux.Launc
 	return d.mux.MigrateIn(ctx, mux.Arrival{Identity: ar.Identity, Launch: l, SourceHost: ar.SourceHost,
 		SourceAK: ar.SourceAK, Chain: ar.Chain, VPCRs: ar.VPCRs})
 }
-
