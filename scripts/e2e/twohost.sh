@@ -158,8 +158,9 @@ start_bridge() {
   [ -n "$BIN" ] || die "TPMMUX_HOSTB_BIN is not set"
   alive bridge && die "B's bridge runs already (pid $(cat "$PIDS/bridge.pid"))"
   [ -s "$RUNB/swtpm.port" ] || die "start B's swtpm first"
-  inb "$BIN/tpmmux-bridge" run --tpm "swtpm:127.0.0.1:$(cat "$RUNB/swtpm.port")" --serial-group root \
-    --libvirt /run/libvirt/libvirt-sock --host "$HOSTB" "$@" </dev/null >>"$RUNB/bridge.log" 2>&1 &
+  # exec: the PID is the bridge's own (nsenter execs it), not a subshell's.
+  (exec nsenter -t "$(holder)" -m -u -- "$BIN/tpmmux-bridge" run --tpm "swtpm:127.0.0.1:$(cat "$RUNB/swtpm.port")" \
+    --serial-group root --libvirt /run/libvirt/libvirt-sock --host "$HOSTB" "$@" </dev/null >>"$RUNB/bridge.log" 2>&1) &
   echo $! >"$PIDS/bridge.pid"
   for _ in $(seq 1 100); do
     if "$BIN/tpmmux-bridge" status --control "$RUNB/tpmmux/control.sock" >/dev/null 2>&1; then return 0; fi
