@@ -371,10 +371,14 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		}
 		ev.Epoch = evidence.Epoch{Number: epoch, Record: ei.Record}
 		ev.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
-		fromBatch, fromSeq := uint64(0), uint64(0)
+		fromBatch, fromSeq := uint64(0), vm.FirstSeq
 		if since != nil {
 			ev.From = since
-			fromBatch, fromSeq = since.Batch+1, since.Records
+			fromBatch, fromSeq = since.Batch+1, max(since.Records, vm.FirstSeq)
+		}
+		// A VM that came by live migration: its earlier segments.
+		if ev.Previous, err = evidence.DecodeChain(vm.Chain); err != nil {
+			return err
 		}
 		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
 			if index > last || !withLog {

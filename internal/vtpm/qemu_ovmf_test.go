@@ -1,0 +1,548 @@
+package vtpm_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/sha1"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/vtpm"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
+	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
+)
+
+// The OVMF test boots a disk the way a UEFI VM boots: OVMF (UEFI firmware,
+// measured boot through its Tcg2 driver) -> GRUB from the disk's EFI system
+// partition (with its tpm module: commands and the kernel command line
+// into PCR 8, the files it loads into PCR 9) -> the e2e guest kernel (its
+// EFI stub) with IMA on the vTPM. scripts/e2e/build-uefi-disk.sh builds the
+// disk; its init prints the guest's PCRs 0-10 in both banks, the firmware
+// event log the kernel got from UEFI, and its IMA list.
+//
+// Needs what TestQEMUGuestIMA needs plus OVMF, GRUB's EFI modules, mtools,
+// dosfstools and sfdisk (scripts/setup.sh ovmf). Skipped otherwise and
+// with -short; CI fails on the skip.
+
+// ovmfCode and ovmfVars are Debian's OVMF (package ovmf), the 4 MiB build
+// without Secure Boot that libvirt's firmware auto-selection also finds.
+const (
+	ovmfCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	ovmfVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
+
+// ovmfInit is the OVMF guest's /init.
+const ovmfInit = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t securityfs securityfs /sys/kernel/security
+mount -t ramfs ramfs /run
+echo "VTPM-TEST: start"
+if cat /etc/ima-policy >/sys/kernel/security/ima/policy; then echo "VTPM-TEST: policy loaded"; fi
+for t in /opt/vtpm/tool-*; do "$t"; done
+cat /opt/vtpm/data >/dev/null
+ls /sys/class/tpm/ | sed 's/^/VTPM-TEST: tpm-dev /'
+dmesg | grep -i -E 'tpm|ima|efi: ' | sed 's/^/VTPM-TEST: dmesg /'
+for b in sha1 sha256 sha384 sha512; do
+  [ -d /sys/class/tpm/tpm0/pcr-$b ] || continue
+  for i in 0 1 2 3 4 5 6 7 8 9; do
+    echo "VTPM-TEST: pcr $b $i $(cat /sys/class/tpm/tpm0/pcr-$b/$i)"
+  done
+done
+base64 /sys/kernel/security/tpm0/binary_bios_measurements | sed 's/^/VTPM-TEST: evlog /'
+a=$(cat /sys/class/tpm/tpm0/pcr-sha256/10)
+cp /sys/kernel/security/ima/binary_runtime_measurements /run/ima.bin
+b=$(cat /sys/class/tpm/tpm0/pcr-sha256/10)
+echo "VTPM-TEST: pcr10-sha256 $a $b"
+base64 /run/ima.bin | sed 's/^/VTPM-TEST: b64 /'
+echo "VTPM-TEST: done"
+poweroff -f
+`
+
+// TestQEMUOVMFMeasuredBoot boots OVMF -> GRUB -> Linux with IMA on the
+// vTPM and checks that the firmware's and GRUB's extends are the VM's
+// records: every extend of the firmware event log the guest kernel holds
+// is a journaled record, in order, with both banks' digests; GRUB's
+// kernel command line is in PCR 8 and the kernel and initrd it loaded are
+// in PCR 9; the guest's own PCRs 0-9 (both banks) equal the replay of the
+// records; boot_aggregate is their digest; IMA ran on the TPM.
+func TestQEMUOVMFMeasuredBoot(t *testing.T) {
+	for _, c := range []struct {
+		model string
+		banks []vpcr.Alg
+	}{
+		{"tpm-crb", vtpm.DefaultBanks()},
+		{"tpm-tis", []vpcr.Alg{vpcr.SHA1, vpcr.SHA256, vpcr.SHA384, vpcr.SHA512}},
+	} {
+		t.Run(c.model, func(t *testing.T) { testQEMUOVMF(t, c.model, c.banks) })
+	}
+}
+
+// ovmfBoot is what one OVMF boot produced.
+type ovmfBoot struct {
+	events  []vpcr.Event            // the vTPM's journal
+	state   *vpcr.State             // the replay of events
+	guest   map[vpcr.Alg][10][]byte // the guest's own PCRs 0-9 (sysfs)
+	evlog   []tcgEvent
+	ima     []ima.Entry
+	cmdline string
+	kernel  []byte
+	initrd  []byte
+	tr      *traceLog
+	took    time.Duration
+}
+
+func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
+	b := bootOVMF(t, model, banks)
+	t.Logf("OVMF -> GRUB -> Linux to power-off in %v", b.took.Round(10*time.Millisecond))
+
+	// Per PCR, the journaled extends (firmware, GRUB, stub, IMA).
+	counts := map[int]int{}
+	for _, e := range b.events {
+		if e.Kind == vpcr.KindExtend {
+			counts[e.PCR]++
+			if e.PCR <= 9 {
+				var algs []vpcr.Alg
+				for _, d := range e.Digests {
+					algs = append(algs, d.Alg)
+				}
+				if !slices.Equal(algs, banks) {
+					t.Errorf("record %d (PCR %d) has digests of %v, want every bank %v", e.Seq, e.PCR, algs, banks)
+				}
+			}
+		}
+	}
+	var cs []string
+	for i := 0; i <= 10; i++ {
+		cs = append(cs, fmt.Sprintf("%d:%d", i, counts[i]))
+	}
+	t.Logf("extend records per PCR: %s", strings.Join(cs, " "))
+	// OVMF measures into 0-7 (at least the separators), GRUB into 8 and 9.
+	for i := 0; i <= 9; i++ {
+		if counts[i] == 0 {
+			t.Errorf("no extend record for PCR %d", i)
+		}
+	}
+
+	// 1. The firmware event log the kernel got from UEFI (OVMF's and
+	// GRUB's events, in order) is the sequence of the records of PCRs 0-9:
+	// same PCR, same digests in both banks.
+	var logged []tcgEvent
+	for _, e := range b.evlog {
+		if e.Type != evNoAction {
+			logged = append(logged, e)
+		}
+	}
+	var recs []vpcr.Event
+	for _, e := range b.events {
+		if e.Kind == vpcr.KindExtend && e.PCR <= 9 {
+			recs = append(recs, e)
+		}
+	}
+	if len(logged) == 0 {
+		t.Fatal("the guest's firmware event log is empty")
+	}
+	for _, le := range logged {
+		t.Logf("event log: PCR %d type %#x %q", le.PCR, le.Type, printable(le.Data))
+	}
+	if len(logged) > len(recs) {
+		t.Fatalf("firmware event log: %d extends, vTPM records of PCRs 0-9: %d", len(logged), len(recs))
+	}
+	for i, le := range logged {
+		r := recs[i]
+		if le.PCR != r.PCR || !digestsEqual(le.Digests, r.Digests) {
+			t.Fatalf("event log entry %d (PCR %d, type %#x, %q) differs from record %d (PCR %d)", i, le.PCR, le.Type, printable(le.Data), r.Seq, r.PCR)
+		}
+	}
+	// Records past the log's end are what came after the kernel copied the
+	// log: extends of PCRs 0-9 after ExitBootServices (none expected).
+	if extra := recs[len(logged):]; len(extra) > 0 {
+		for _, r := range extra {
+			t.Logf("record %d: PCR %d, not in the guest's event log", r.Seq, r.PCR)
+		}
+	}
+
+	// 2. GRUB's measurements: the kernel command line (a string event in
+	// PCR 8) and the kernel and initrd files (PCR 9) are records.
+	var cmdlineSeen bool
+	for _, le := range logged {
+		s := strings.TrimRight(string(le.Data), "\x00")
+		if le.PCR == 8 && strings.HasPrefix(s, "kernel_cmdline: ") && strings.HasSuffix(s, b.cmdline) {
+			// GRUB measures the command line without the prefix.
+			cmdlineSeen = true
+			want := sha256.Sum256([]byte(strings.TrimPrefix(s, "kernel_cmdline: ")))
+			if !hasRecord(b.events, 8, vpcr.SHA256, want[:]) {
+				t.Errorf("GRUB's %q: no PCR 8 record with its sha256", s)
+			}
+		}
+	}
+	if !cmdlineSeen {
+		t.Error("no kernel_cmdline event of GRUB in PCR 8")
+	}
+	for name, data := range map[string][]byte{"kernel": b.kernel, "initrd": b.initrd} {
+		s256, s1 := sha256.Sum256(data), sha1.Sum(data)
+		if !hasRecord(b.events, 9, vpcr.SHA256, s256[:]) || !hasRecord(b.events, 9, vpcr.SHA1, s1[:]) {
+			t.Errorf("GRUB loaded the %s, but no PCR 9 record holds its digests", name)
+		}
+	}
+
+	// 3. The guest's own PCRs 0-9 equal the replay of the records.
+	for _, alg := range banks {
+		for i := 0; i <= 9; i++ {
+			if got, want := b.guest[alg][i], b.state.Read(alg, i); !bytes.Equal(got, want) {
+				t.Errorf("guest PCR %d (%v) %x, replay of the records %x", i, alg, got, want)
+			}
+		}
+	}
+
+	// 4. IMA on the TPM: boot_aggregate over vPCRs 0-9 (now holding the
+	// firmware's and GRUB's measurements), PCR 10 the replay of the list.
+	if len(b.ima) < 5 || b.ima[0].Fields.Path != "boot_aggregate" {
+		t.Fatalf("guest IMA list: %d entries", len(b.ima))
+	}
+	h := sha256.New()
+	for i := 0; i <= 9; i++ {
+		h.Write(b.state.Read(vpcr.SHA256, i))
+	}
+	if ba := b.ima[0].Fields.Digest; !bytes.Equal(ba, h.Sum(nil)) {
+		t.Errorf("boot_aggregate %x, want sha256 over vPCRs 0-9 %x", ba, h.Sum(nil))
+	}
+	pcr := make([]byte, 32)
+	for _, e := range b.ima {
+		h := sha256.New()
+		h.Write(pcr)
+		h.Write(e.ExtendDigest(crypto.SHA256))
+		pcr = h.Sum(nil)
+	}
+	if want := b.state.Read(vpcr.SHA256, 10); !bytes.Equal(pcr, want) {
+		t.Errorf("replay of %d IMA entries %x, vPCR 10 %x", len(b.ima), pcr, want)
+	}
+
+	// 5. Every command OVMF, GRUB and the kernel sent was answered; a
+	// PCR_Allocate, if the firmware sent one, succeeded and is journaled.
+	b.tr.mu.Lock()
+	defer b.tr.mu.Unlock()
+	for cc, rcs := range b.tr.rcs {
+		for _, rc := range rcs {
+			if rc != 0 {
+				t.Logf("TPM command %s answered rc %#x", ccName(cc), rc)
+			}
+		}
+	}
+	if rcs := b.tr.rcs[0x12B]; len(rcs) > 0 {
+		var allocs int
+		for _, e := range b.events {
+			if e.Kind == vpcr.KindAllocate {
+				allocs++
+			}
+		}
+		if slices.ContainsFunc(rcs, func(rc uint32) bool { return rc != 0 }) || allocs != len(rcs) {
+			t.Errorf("OVMF's PCR_Allocate: rcs %#x, %d allocate records", rcs, allocs)
+		}
+	} else {
+		t.Logf("OVMF sent no PCR_Allocate (the vTPM's banks %v are all in its hash mask)", banks)
+	}
+	for _, cc := range []uint32{0x182, 0x17E, 0x17A} {
+		if slices.ContainsFunc(b.tr.rcs[cc], func(rc uint32) bool { return rc != 0 }) {
+			t.Errorf("%s failed: rcs %#x", ccName(cc), b.tr.rcs[cc])
+		}
+	}
+}
+
+// bootOVMF builds the UEFI disk and boots it on a fresh vTPM to power-off.
+func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
+	t.Helper()
+	qemu, kernel, _ := guestSetup(t)
+	for _, f := range []string{ovmfCode, ovmfVars, "/usr/lib/grub/x86_64-efi/tpm.mod"} {
+		if _, err := os.Stat(f); err != nil {
+			t.Skipf("%s missing (scripts/setup.sh ovmf)", f)
+		}
+	}
+	for _, c := range []string{"mkfs.vfat", "mcopy", "sfdisk", "grub-mkstandalone"} {
+		if _, err := exec.LookPath(c); err != nil {
+			t.Skipf("%s not installed (scripts/setup.sh ovmf)", c)
+		}
+	}
+	busybox, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Skip("no /bin/busybox (Debian: busybox-static)")
+	}
+	dir := t.TempDir()
+	initrdData := buildInitramfsWith(busybox, ovmfInit)
+	initrd := filepath.Join(dir, "initrd.img")
+	if err := os.WriteFile(initrd, initrdData, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kernelData, err := os.ReadFile(kernel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(dir, "disk.img")
+	build := exec.Command("bash", "../../scripts/e2e/build-uefi-disk.sh", disk,
+		"--kernel", kernel, "--initrd", initrd, "--cmdline", guestCmdline)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build-uefi-disk.sh: %v\n%s", err, out)
+	}
+	vars := filepath.Join(dir, "OVMF_VARS.fd")
+	vd, err := os.ReadFile(ovmfVars)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(vars, vd, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	tr := &traceLog{}
+	j := &vtpmtest.Journal{}
+	v, err := vtpm.New(vtpm.Config{Banks: banks, Journal: j, Logger: quietLog(), Trace: tr.record}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	ctrlPath, served := serveVTPM(t, ctx, v, dir)
+
+	console := filepath.Join(dir, "console.log")
+	args := []string{"-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1",
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + ovmfCode,
+		"-drive", "if=pflash,format=raw,unit=1,file=" + vars,
+		"-drive", "if=virtio,format=raw,file=" + disk,
+		"-chardev", "file,id=con0,path=" + console, "-serial", "chardev:con0"}
+	cmd := exec.CommandContext(ctx, qemu, append(args, tpmArgsModel(ctrlPath, model)...)...)
+	var qerr bytes.Buffer
+	cmd.Stderr = &qerr
+	start := time.Now()
+	runErr := cmd.Run()
+	took := time.Since(start)
+	out, _ := os.ReadFile(console)
+	if runErr != nil {
+		t.Fatalf("qemu after %v: %v\nstderr: %s\nconsole tail: %s", took, runErr, qerr.String(), tail(out, 3000))
+	}
+	if !bytes.Contains(out, []byte("VTPM-TEST: done")) {
+		t.Fatalf("guest did not finish in %v; console tail:\n%s", took, tail(out, 4000))
+	}
+	cancel()
+	<-served
+	tr.mu.Lock()
+	t.Logf("control commands: %s", summary(tr.control, func(c uint32) string { return fmt.Sprintf("%d", c) }))
+	t.Logf("TPM commands: %s", summary(tr.tpm, ccName))
+	tr.mu.Unlock()
+
+	b := &ovmfBoot{events: j.Events(), guest: map[vpcr.Alg][10][]byte{}, cmdline: guestCmdline,
+		kernel: kernelData, initrd: initrdData, tr: tr, took: took}
+	if b.state, err = vpcr.Replay(banks, b.events); err != nil {
+		t.Fatal(err)
+	}
+	if !b.state.Equal(v.PCRs()) {
+		t.Fatal("the vTPM's vPCRs differ from the replay of its journal")
+	}
+	var evlog, list strings.Builder
+	var policy bool
+	var pcrA, pcrB string
+	var dmesg []string
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := strings.TrimRight(sc.Text(), "\r")
+		i := strings.Index(line, "VTPM-TEST: ")
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(line[i+len("VTPM-TEST: "):])
+		if len(f) == 0 {
+			continue
+		}
+		switch {
+		case f[0] == "pcr" && len(f) == 4:
+			alg := map[string]vpcr.Alg{"sha1": vpcr.SHA1, "sha256": vpcr.SHA256, "sha384": vpcr.SHA384, "sha512": vpcr.SHA512}[f[1]]
+			n, err := strconv.Atoi(f[2])
+			d, err2 := hex.DecodeString(f[3])
+			if alg == 0 || err != nil || err2 != nil || n < 0 || n > 9 {
+				t.Fatalf("guest line %q", line)
+			}
+			a := b.guest[alg]
+			a[n] = d
+			b.guest[alg] = a
+		case f[0] == "evlog" && len(f) == 2:
+			evlog.WriteString(f[1])
+		case f[0] == "b64" && len(f) == 2:
+			list.WriteString(f[1])
+		case f[0] == "pcr10-sha256" && len(f) == 3:
+			pcrA, pcrB = f[1], f[2]
+		case f[0] == "policy":
+			policy = true
+		case f[0] == "dmesg":
+			dmesg = append(dmesg, strings.Join(f[1:], " "))
+		}
+	}
+	for _, d := range dmesg {
+		t.Logf("guest dmesg: %s", d)
+	}
+	if !policy {
+		t.Fatalf("the guest did not load its IMA policy; console tail:\n%s", tail(out, 3000))
+	}
+	if bytes.Contains(out, []byte("TPM-bypass")) {
+		t.Fatal("IMA ran in TPM-bypass mode: the guest did not find the vTPM")
+	}
+	raw, err := base64.StdEncoding.DecodeString(evlog.String())
+	if err != nil {
+		t.Fatalf("guest event log: %v", err)
+	}
+	if b.evlog, err = parseTCG2Log(raw); err != nil {
+		t.Fatalf("guest event log (%d bytes): %v", len(raw), err)
+	}
+	rawList, err := base64.StdEncoding.DecodeString(list.String())
+	if err != nil {
+		t.Fatalf("guest IMA list: %v", err)
+	}
+	if b.ima, err = ima.ParseList(rawList); err != nil {
+		t.Fatalf("parse guest IMA list: %v", err)
+	}
+	if pcrA == "" || pcrA != pcrB {
+		t.Fatalf("guest PCR 10 %q then %q", pcrA, pcrB)
+	}
+	if g, _ := hex.DecodeString(pcrA); !bytes.Equal(g, b.state.Read(vpcr.SHA256, 10)) {
+		t.Fatalf("guest PCR 10 %s, replay of the records %x", pcrA, b.state.Read(vpcr.SHA256, 10))
+	}
+	return b
+}
+
+// hasRecord reports whether events hold an extend of pcr with digest d in
+// bank alg.
+func hasRecord(events []vpcr.Event, pcr int, alg vpcr.Alg, d []byte) bool {
+	return slices.ContainsFunc(events, func(e vpcr.Event) bool {
+		return e.Kind == vpcr.KindExtend && e.PCR == pcr && slices.ContainsFunc(e.Digests, func(x vpcr.Digest) bool {
+			return x.Alg == alg && bytes.Equal(x.Value, d)
+		})
+	})
+}
+
+// digestsEqual compares an event log entry's digests with a record's.
+func digestsEqual(a, b []vpcr.Digest) bool {
+	return slices.EqualFunc(a, b, func(x, y vpcr.Digest) bool { return x.Alg == y.Alg && bytes.Equal(x.Value, y.Value) })
+}
+
+func printable(b []byte) string {
+	if len(b) > 60 {
+		b = b[:60]
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '.'
+		}
+		return r
+	}, string(b))
+}
+
+// evNoAction is EV_NO_ACTION: a log entry that extends nothing.
+const evNoAction = 3
+
+// tcgEvent is one entry of a crypto-agile (TCG2) firmware event log.
+type tcgEvent struct {
+	PCR     int
+	Type    uint32
+	Digests []vpcr.Digest
+	Data    []byte
+}
+
+// parseTCG2Log parses a TCG PC Client crypto-agile event log (what the
+// guest's /sys/kernel/security/tpm0/binary_bios_measurements holds on
+// UEFI): a TCG_PCR_EVENT header (the Spec ID event, naming the digest
+// sizes), then TCG_PCR_EVENT2 entries, little-endian. The header is left
+// out of the result.
+func parseTCG2Log(b []byte) ([]tcgEvent, error) {
+	r := &leReader{b: b}
+	// TCG_PCR_EVENT: pcrIndex, eventType, sha1 digest, eventSize, event.
+	r.u32()
+	r.u32()
+	r.bytes(20)
+	spec := r.bytes(int(r.u32()))
+	if r.err != nil || !bytes.HasPrefix(spec, []byte("Spec ID Event03\x00")) {
+		return nil, errors.New("no Spec ID Event03 header: not a crypto-agile log")
+	}
+	sr := &leReader{b: spec[16:]}
+	sr.u32() // platformClass
+	sr.bytes(4)
+	sizes := map[vpcr.Alg]int{}
+	for n := sr.u32(); n > 0 && sr.err == nil; n-- {
+		alg := vpcr.Alg(sr.u16())
+		sizes[alg] = int(sr.u16())
+	}
+	if sr.err != nil {
+		return nil, fmt.Errorf("spec ID event: %w", sr.err)
+	}
+	var out []tcgEvent
+	for len(r.b) > 0 && r.err == nil {
+		var e tcgEvent
+		e.PCR = int(r.u32())
+		e.Type = r.u32()
+		for n := r.u32(); n > 0 && r.err == nil; n-- {
+			alg := vpcr.Alg(r.u16())
+			size, ok := sizes[alg]
+			if !ok {
+				return nil, fmt.Errorf("event %d: digest of unknown algorithm %#x", len(out), alg)
+			}
+			e.Digests = append(e.Digests, vpcr.Digest{Alg: alg, Value: r.bytes(size)})
+		}
+		e.Data = r.bytes(int(r.u32()))
+		if r.err == nil {
+			out = append(out, e)
+		}
+	}
+	if r.err != nil {
+		return nil, fmt.Errorf("event %d: %w", len(out), r.err)
+	}
+	return out, nil
+}
+
+type leReader struct {
+	b   []byte
+	err error
+}
+
+func (r *leReader) bytes(n int) []byte {
+	if r.err != nil {
+		return nil
+	}
+	if n < 0 || n > len(r.b) {
+		r.err = errors.New("truncated")
+		return nil
+	}
+	v := r.b[:n]
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *leReader) u32() uint32 {
+	if v := r.bytes(4); v != nil {
+		return binary.LittleEndian.Uint32(v)
+	}
+	return 0
+}
+
+func (r *leReader) u16() uint16 {
+	if v := r.bytes(2); v != nil {
+		return binary.LittleEndian.Uint16(v)
+	}
+	return 0
+}
