@@ -209,6 +209,7 @@ func pair(x pairedExtend, m measured, pcrs09 [][]byte, vr *VTPMReport) error {
 		return reject(4, "record %d: IMA entry %d is for PCR %d, its anchored extend (record %d) for PCR %d", m.s, m.m.LogIndex, m.m.PCR, x.s, x.e.PCR)
 	}
 	violation := isZero(m.m.TemplateHash)
+	bound := violation || m.m.Template == "ima" // a bank holds the entry's own hash (vtpm_fallback.go)
 	for _, d := range x.e.Digests {
 		h := d.Alg.Hash()
 		want := bytes.Repeat([]byte{0xff}, h.Size())
@@ -220,9 +221,14 @@ func pair(x pairedExtend, m measured, pcrs09 [][]byte, vr *VTPMReport) error {
 		if m.m.Template == "ima" {
 			continue // the legacy template hashes a padded form
 		}
-		if !bytes.Equal(d.Value, want) {
+		if bytes.Equal(d.Value, want) {
+			bound = true
+		} else if violation || !imaFallback(d, m.m.TemplateData) {
 			return reject(4, "record %d: IMA entry %d does not match the anchored extend at record %d (%v bank): entries reordered or altered", m.s, m.m.LogIndex, x.s, d.Alg)
 		}
+	}
+	if !bound {
+		return reject(4, "record %d: the anchored extend at record %d holds only IMA's fallback digests (no bank the guest kernel could hash): it cannot be paired with IMA entry %d", m.s, x.s, m.m.LogIndex)
 	}
 	if m.m.LogIndex != 0 {
 		return nil

@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -21,10 +22,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/ima"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/policy"
+	"github.com/tpmmux/tpmmux/internal/record"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
-	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
 )
 
 // The OVMF test boots a disk the way a UEFI VM boots: OVMF (UEFI firmware,
@@ -109,6 +116,10 @@ type ovmfBoot struct {
 	initrd  []byte
 	tr      *traceLog
 	took    time.Duration
+	mux     *mux.Mux          // the multiplexer that holds the VM's records
+	ident   *conceal.Identity // the VM's
+	loader  []byte            // sha256 of the OVMF build (the launch's loader)
+	sent    bool              // the IMA list is in the log as the agent's entries
 }
 
 func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
@@ -162,7 +173,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 		t.Fatal("the guest's firmware event log is empty")
 	}
 	for _, le := range logged {
-		t.Logf("event log: PCR %d type %#x %q", le.PCR, le.Type, printable(le.Data))
+		t.Logf("event log: PCR %d %s %q", le.PCR, evTypeName(le.Type), describe(le))
 	}
 	if len(logged) > len(recs) {
 		t.Fatalf("firmware event log: %d extends, vTPM records of PCRs 0-9: %d", len(logged), len(recs))
@@ -237,6 +248,36 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 		t.Errorf("replay of %d IMA entries %x, vPCR 10 %x", len(b.ima), pcr, want)
 	}
 
+	// What the guest kernel extends into each bank for IMA: its own hash
+	// of the template data, or (a bank whose hash its IMA lacks) the
+	// SHA-1 zero-padded, which the verifier's pairing accepts there.
+	var ext10 []vpcr.Event
+	for _, e := range b.events {
+		if e.Kind == vpcr.KindExtend && e.PCR == 10 {
+			ext10 = append(ext10, e)
+		}
+	}
+	forms := map[string]int{}
+	for i, e := range b.ima {
+		if i >= len(ext10) {
+			break
+		}
+		s1 := sha1.Sum(e.TemplateData)
+		for _, d := range ext10[i].Digests {
+			h := d.Alg.Hash().New()
+			h.Write(e.TemplateData)
+			switch {
+			case bytes.Equal(d.Value, h.Sum(nil)):
+				forms[d.Alg.String()+" own hash"]++
+			case bytes.Equal(d.Value, append(s1[:], make([]byte, d.Alg.Size()-len(s1))...)):
+				forms[d.Alg.String()+" padded sha1"]++
+			default:
+				forms[d.Alg.String()+" other"]++
+			}
+		}
+	}
+	t.Logf("IMA's PCR 10 extends, per bank: %v", forms)
+
 	// 5. Every command OVMF, GRUB and the kernel sent was answered; a
 	// PCR_Allocate, if the firmware sent one, succeeded and is journaled.
 	b.tr.mu.Lock()
@@ -266,6 +307,117 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 			t.Errorf("%s failed: rcs %#x", ccName(cc), b.tr.rcs[cc])
 		}
 	}
+
+	// 6. The launch policy pins this measured boot: the loader (the OVMF
+	// build) and vPCRs 0-9 in every bank, with the values the guest's own
+	// firmware event log replays to. The verifier, from the VM's records
+	// alone, trusts it; a boot whose PCR 4 differs (another boot loader)
+	// is rejected naming vPCR 4.
+	pins := logPins(t, logged, banks)
+	if err := b.verifyPins(t, pins); err != nil {
+		t.Fatalf("the boot's own vPCRs 0-9 pinned: %v", err)
+	}
+	other := logPins(t, logged, banks)
+	other["sha256"]["4"] = other["sha256"]["5"]
+	err := b.verifyPins(t, other)
+	if !verify.IsRejection(err) || !strings.Contains(err.Error(), "vpcr:sha256:4") {
+		t.Fatalf("PCR 4 pinned to another value: %v, want a rejection naming vpcr:sha256:4", err)
+	}
+	t.Logf("pinned vPCRs 0-9 of %v and the loader: trusted; PCR 4 pinned otherwise: %v", banks, err)
+	if f := os.Getenv("TPMMUX_OVMF_FIXTURE"); f != "" && model == "tpm-crb" {
+		writeOVMFFixture(t, f, logged, recs, pins)
+	}
+}
+
+// logPins are launch-policy pins (bank -> PCR -> allowed values) of vPCRs
+// 0-9 in banks: the replay of the firmware event log's extends.
+func logPins(t *testing.T, logged []tcgEvent, banks []vpcr.Alg) map[string]map[string][]string {
+	t.Helper()
+	st, err := vpcr.New(banks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := []vpcr.Event{{Seq: 1, Kind: vpcr.KindInit}, {Seq: 2, Kind: vpcr.KindStartup, Command: 0x144, Banks: banks}}
+	for _, e := range logged {
+		evs = append(evs, vpcr.Event{Seq: uint64(len(evs) + 1), Kind: vpcr.KindExtend, Command: 0x182, PCR: e.PCR, Digests: e.Digests})
+	}
+	for _, e := range evs {
+		if err := st.Apply(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pins := map[string]map[string][]string{}
+	for _, a := range banks {
+		pins[a.String()] = map[string][]string{}
+		for i := 0; i <= 9; i++ {
+			pins[a.String()][strconv.Itoa(i)] = []string{hex.EncodeToString(st.Read(a, i))}
+		}
+	}
+	return pins
+}
+
+// verifyPins sends the guest's IMA list as its agent would (once), takes
+// evidence and verifies it under a launch policy of the loader and pins.
+func (b *ovmfBoot) verifyPins(t *testing.T, pins map[string]map[string][]string) error {
+	t.Helper()
+	ctx := context.Background()
+	if !b.sent {
+		for i, e := range b.ima {
+			r := &record.Record{Kind: record.KindMeasurement, Time: 1, Measurement: &record.Measurement{
+				PCR: 10, TemplateHashAlg: "sha1", TemplateHash: e.TemplateHash, Template: e.TemplateName,
+				TemplateData: e.TemplateData, LogIndex: uint64(i), BootID: "ovmf-boot-1"}}
+			if _, err := b.mux.Append(ctx, b.ident.ID(), r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b.sent = true
+	}
+	raw, err := json.Marshal(map[string]any{"files": map[string][]string{"loader": {hex.EncodeToString(b.loader)}}, "vpcrs": pins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext, err := policy.ParseLaunch(raw)
+	if err != nil {
+		t.Fatalf("launch policy %s: %v", raw, err)
+	}
+	nonce := []byte("a nonce for the OVMF guest, 32 b")
+	ev, err := b.mux.Evidence(ctx, b.ident.ID(), nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: b.ident, AK: b.mux.AK(), PCR: ovmfMuxPCR,
+		Appraiser: policy.New(nil, nil).WithLaunch(ext.Launch)})
+	if err == nil && (rep.VTPM == nil || rep.VTPM.Paired != len(b.ima) || rep.VTPM.BootAggregates != 1) {
+		t.Fatalf("trusted, but the vTPM report is %+v", rep.VTPM)
+	}
+	return err
+}
+
+// ovmfMuxPCR is the host PCR the OVMF test's multiplexer anchors in.
+const ovmfMuxPCR = 13
+
+// openOVMFMux opens a multiplexer on the in-process simulator with a
+// fresh store in dir.
+func openOVMFMux(t *testing.T, dir string) *mux.Mux {
+	t.Helper()
+	ctx := context.Background()
+	tp, err := tpm.Open(ctx, "sim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := logstore.Open(filepath.Join(dir, "log.db"), &logstore.Options{NoSync: true})
+	if err != nil {
+		tp.Close()
+		t.Fatal(err)
+	}
+	m, err := mux.Open(ctx, tp, st, mux.Config{PCR: ovmfMuxPCR, Logger: quietLog()})
+	if err != nil {
+		st.Close()
+		tp.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); st.Close(); tp.Close() })
+	return m
 }
 
 // bootOVMF builds the UEFI disk and boots it on a fresh vTPM to power-off.
@@ -311,14 +463,31 @@ func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 		t.Fatal(err)
 	}
 
-	tr := &traceLog{}
-	j := &vtpmtest.Journal{}
-	v, err := vtpm.New(vtpm.Config{Banks: banks, Journal: j, Logger: quietLog(), Trace: tr.record}, nil)
+	// The vTPM journals through the multiplexer (mode anchored) on the
+	// simulator, as the bridge serves it; the launch records the OVMF
+	// build as the domain's loader.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute) // 11-26 s here under TCG
+	defer cancel()
+	m := openOVMFMux(t, dir)
+	code, err := os.ReadFile(ovmfCode)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
+	codeSum := sha256.Sum256(code)
+	var ids []uint16
+	for _, a := range banks {
+		ids = append(ids, uint16(a))
+	}
+	ident, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x0f, 0x0f}, Name: "ovmf-" + model, VTPMBanks: ids,
+		Files: []record.File{{Role: "loader", Path: ovmfCode, SHA256: codeSum[:]}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &traceLog{}
+	v, err := vtpm.New(vtpm.Config{Banks: banks, Journal: m.Journal(ident.ID(), true), Logger: quietLog(), Trace: tr.record}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctrlPath, served := serveVTPM(t, ctx, v, dir)
 
 	console := filepath.Join(dir, "console.log")
@@ -348,8 +517,12 @@ func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 	t.Logf("TPM commands: %s", summary(tr.tpm, ccName))
 	tr.mu.Unlock()
 
-	b := &ovmfBoot{events: j.Events(), guest: map[vpcr.Alg][10][]byte{}, cmdline: guestCmdline,
-		kernel: kernelData, initrd: initrdData, tr: tr, took: took}
+	events, err := m.TPMEvents(ident.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &ovmfBoot{events: events, guest: map[vpcr.Alg][10][]byte{}, cmdline: guestCmdline,
+		kernel: kernelData, initrd: initrdData, tr: tr, took: took, mux: m, ident: ident, loader: codeSum[:]}
 	if b.state, err = vpcr.Replay(banks, b.events); err != nil {
 		t.Fatal(err)
 	}
@@ -457,6 +630,48 @@ func printable(b []byte) string {
 // evNoAction is EV_NO_ACTION: a log entry that extends nothing.
 const evNoAction = 3
 
+// evTypes are the TCG PC Client event types an OVMF + GRUB boot logs.
+var evTypes = map[uint32]string{
+	0x3: "EV_NO_ACTION", 0x4: "EV_SEPARATOR", 0x5: "EV_ACTION", 0x8: "EV_S_CRTM_VERSION", 0xd: "EV_IPL",
+	0x80000001: "EV_EFI_VARIABLE_DRIVER_CONFIG", 0x80000002: "EV_EFI_VARIABLE_BOOT",
+	0x80000003: "EV_EFI_BOOT_SERVICES_APPLICATION", 0x80000006: "EV_EFI_GPT_EVENT",
+	0x80000007: "EV_EFI_ACTION", 0x80000008: "EV_EFI_PLATFORM_FIRMWARE_BLOB",
+	0x80000009: "EV_EFI_HANDOFF_TABLES", 0x8000000A: "EV_EFI_PLATFORM_FIRMWARE_BLOB2",
+	0x8000000B: "EV_EFI_HANDOFF_TABLES2", 0x800000E0: "EV_EFI_VARIABLE_AUTHORITY",
+}
+
+func evTypeName(t uint32) string {
+	if n, ok := evTypes[t]; ok {
+		return n
+	}
+	return fmt.Sprintf("%#x", t)
+}
+
+// describe is a short text of an event's data: the variable name of an
+// EFI variable event (UEFI_VARIABLE_DATA), the string of GRUB's and
+// OVMF's text events, else nothing (a blob or a digest).
+func describe(e tcgEvent) string {
+	switch e.Type {
+	case 0x80000001, 0x80000002, 0x800000E0:
+		r := &leReader{b: e.Data}
+		r.bytes(16) // VariableName GUID
+		n := r.bytes(8)
+		r.bytes(8)
+		if r.err != nil || binary.LittleEndian.Uint64(n) > 64 {
+			return ""
+		}
+		name := r.bytes(int(binary.LittleEndian.Uint64(n)) * 2)
+		var out []rune
+		for i := 0; i+1 < len(name); i += 2 {
+			out = append(out, rune(binary.LittleEndian.Uint16(name[i:])))
+		}
+		return "variable " + string(out)
+	case 0xd, 0x80000007, 0x5:
+		return strings.TrimRight(string(e.Data), "\x00")
+	}
+	return ""
+}
+
 // tcgEvent is one entry of a crypto-agile (TCG2) firmware event log.
 type tcgEvent struct {
 	PCR     int
@@ -545,4 +760,50 @@ func (r *leReader) u16() uint16 {
 		return binary.LittleEndian.Uint16(v)
 	}
 	return 0
+}
+
+// ovmfFixture is internal/verify/testdata/ovmf-boot.json: a real OVMF ->
+// GRUB boot's extends of vPCRs 0-9 and the pins they give, for the
+// verifier's fast tests. TPMMUX_OVMF_FIXTURE=PATH writes it.
+type ovmfFixture struct {
+	About   string                         `json:"about"`
+	Banks   []string                       `json:"banks"`
+	Extends []fixtureExtend                `json:"extends"`
+	VPCRs   map[string]map[string][]string `json:"vpcrs"`
+}
+
+type fixtureExtend struct {
+	PCR     int               `json:"pcr"`
+	Type    string            `json:"type"`
+	Event   string            `json:"event"`
+	Digests map[string]string `json:"digests"`
+}
+
+func writeOVMFFixture(t *testing.T, path string, logged []tcgEvent, recs []vpcr.Event, pins map[string]map[string][]string) {
+	t.Helper()
+	f := ovmfFixture{About: "The vTPM records of PCRs 0-9 of a real boot (Debian's OVMF 2022.11 OVMF_CODE_4M.fd, q35, " +
+		"tpm-crb, GRUB 2.06 built by scripts/e2e/build-uefi-disk.sh, the e2e 6.1 kernel), from " +
+		"TestQEMUOVMFMeasuredBoot with TPMMUX_OVMF_FIXTURE set, and the launch-policy pins of vPCRs 0-9 they replay to.",
+		VPCRs: pins}
+	for _, a := range vtpm.DefaultBanks() {
+		f.Banks = append(f.Banks, a.String())
+	}
+	for i, r := range recs {
+		x := fixtureExtend{PCR: r.PCR, Digests: map[string]string{}}
+		if i < len(logged) {
+			x.Type, x.Event = evTypeName(logged[i].Type), describe(logged[i])
+		}
+		for _, d := range r.Digests {
+			x.Digests[d.Alg.String()] = hex.EncodeToString(d.Value)
+		}
+		f.Extends = append(f.Extends, x)
+	}
+	b, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("wrote %s", path)
 }
