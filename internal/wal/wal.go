@@ -1,0 +1,393 @@
+// Package wal is an append-only write-ahead log of checksummed, numbered
+// frames in rotated segment files. One Append is one write(2) and one
+// fdatasync, however many frames it carries, so a caller that groups its
+// work pays one sync per group. On Open, a torn tail (a frame cut short or
+// garbled at the very end of the newest segment, what a crash in the middle
+// of an unsynced write leaves) is truncated; a damaged frame followed by a
+// valid one is not a crash artefact but corruption, and Open refuses it with
+// an error naming the file and offset. Segments are deleted by Release once
+// their frames are applied elsewhere.
+package wal
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Frame layout: u32 payload length, u32 CRC-32C of (length, seq, payload),
+// u64 sequence number, payload. Sequence numbers are consecutive across
+// segments, starting at 1.
+const (
+	headerSize = 16
+	// MaxPayload bounds one frame's payload: a length above it is damage,
+	// not a frame.
+	MaxPayload = 64 << 20
+	// segMagic starts every segment file.
+	segMagic = "tpmmux-wal-v1\n\x00\x00"
+	// DefaultSegmentSize is the size past which Append starts a new
+	// segment.
+	DefaultSegmentSize = 4 << 20
+	segSuffix          = ".wal"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrCorrupt reports a damaged frame that is not a torn tail.
+var ErrCorrupt = errors.New("write-ahead log corrupt")
+
+// errShort is Decode's answer for bytes that end inside a frame.
+var errShort = errors.New("frame cut short")
+
+// Frame is one decoded frame.
+type Frame struct {
+	Seq     uint64
+	Payload []byte
+}
+
+// Encode appends the frame (seq, payload) to b.
+func Encode(b []byte, seq uint64, payload []byte) []byte {
+	var h [headerSize]byte
+	binary.LittleEndian.PutUint32(h[0:], uint32(len(payload)))
+	binary.LittleEndian.PutUint64(h[8:], seq)
+	binary.LittleEndian.PutUint32(h[4:], checksum(h[:], payload))
+	b = append(b, h[:]...)
+	return append(b, payload...)
+}
+
+func checksum(h []byte, payload []byte) uint32 {
+	c := crc32.Update(0, castagnoli, h[0:4])
+	c = crc32.Update(c, castagnoli, h[8:16])
+	return crc32.Update(c, castagnoli, payload)
+}
+
+// Decode decodes the frame at the start of b and returns it and its size
+// in bytes. The payload aliases b. Bytes that end inside the frame give an
+// error wrapping io.ErrUnexpectedEOF's meaning (errShort); any other
+// mismatch gives ErrCorrupt.
+func Decode(b []byte) (Frame, int, error) {
+	if len(b) < headerSize {
+		return Frame{}, 0, errShort
+	}
+	n := binary.LittleEndian.Uint32(b[0:])
+	if n > MaxPayload {
+		return Frame{}, 0, fmt.Errorf("%w: frame length %d exceeds %d", ErrCorrupt, n, MaxPayload)
+	}
+	if len(b)-headerSize < int(n) {
+		return Frame{}, 0, errShort
+	}
+	payload := b[headerSize : headerSize+int(n)]
+	if checksum(b[:headerSize], payload) != binary.LittleEndian.Uint32(b[4:]) {
+		return Frame{}, 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
+	}
+	return Frame{Seq: binary.LittleEndian.Uint64(b[8:]), Payload: payload}, headerSize + int(n), nil
+}
+
+// Options tune a Log; the zero value is the safe default.
+type Options struct {
+	// SegmentSize is the size past which a new segment starts; default
+	// DefaultSegmentSize.
+	SegmentSize int64
+	// NoSync skips fdatasync: only tests and benchmarks that measure the
+	// rest of the pipeline set it.
+	NoSync bool
+	// BeforeWrite, if set, is called with each group's bytes before they
+	// are written; a crash test kills the process in it (after writing a
+	// part itself, to leave a torn tail).
+	BeforeWrite func(f *os.File, b []byte)
+}
+
+// Log is an open write-ahead log. Append and Release must not be called
+// concurrently with each other (one writer).
+type Log struct {
+	dir  string
+	opts Options
+	segs []segment // oldest first; the last is open for appending
+	f    *os.File  // the last segment
+	size int64     // its size
+	next uint64    // the next frame's sequence number
+	buf  []byte
+	// frames read by Open, in order; dropped after Frames is called.
+	frames []Frame
+}
+
+type segment struct {
+	first uint64 // sequence number of its first frame (its name)
+	path  string
+}
+
+func segName(first uint64) string { return fmt.Sprintf("%016x%s", first, segSuffix) }
+
+// Open opens (creating if needed, mode 0700) the log in dir, checks every
+// frame and truncates a torn tail. Frames returns what it read.
+func Open(dir string, opts Options) (*Log, error) {
+	if opts.SegmentSize <= 0 {
+		opts.SegmentSize = DefaultSegmentSize
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open write-ahead log %s: %w", dir, err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open write-ahead log %s: %w", dir, err)
+	}
+	l := &Log{dir: dir, opts: opts, next: 1}
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasSuffix(name, segSuffix) {
+			continue
+		}
+		first, err := strconv.ParseUint(strings.TrimSuffix(name, segSuffix), 16, 64)
+		if err != nil || segName(first) != name {
+			return nil, fmt.Errorf("open write-ahead log %s: unexpected file %s (move it out of the directory)", dir, name)
+		}
+		l.segs = append(l.segs, segment{first: first, path: filepath.Join(dir, name)})
+	}
+	slices.SortFunc(l.segs, func(a, b segment) int { return cmpU64(a.first, b.first) })
+	for i, s := range l.segs {
+		last := i == len(l.segs)-1
+		if i == 0 {
+			l.next = s.first
+		}
+		if s.first != l.next {
+			return nil, fmt.Errorf("%w: %s starts at frame %d but the segment before it ends at frame %d", ErrCorrupt, s.path, s.first, l.next-1)
+		}
+		if err := l.readSegment(s, last); err != nil {
+			return nil, err
+		}
+	}
+	if len(l.segs) == 0 {
+		if err := l.newSegment(); err != nil {
+			return nil, err
+		}
+		return l, nil
+	}
+	s := l.segs[len(l.segs)-1]
+	f, err := os.OpenFile(s.path, os.O_RDWR|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open write-ahead log segment %s: %w", s.path, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open write-ahead log segment %s: %w", s.path, err)
+	}
+	l.f, l.size = f, fi.Size()
+	return l, nil
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// readSegment reads segment s's frames into l.frames. In the newest
+// segment (last) a bad frame with no valid frame after it is a torn tail:
+// the file is truncated before it.
+func (l *Log) readSegment(s segment, last bool) error {
+	b, err := os.ReadFile(s.path)
+	if err != nil {
+		return fmt.Errorf("read write-ahead log segment %s: %w", s.path, err)
+	}
+	if len(b) < len(segMagic) || string(b[:len(segMagic)]) != segMagic {
+		if last && len(b) < len(segMagic) && strings.HasPrefix(segMagic, string(b)) {
+			// Created, header not yet complete: a crash at rotation.
+			return l.truncate(s.path, 0, true)
+		}
+		return fmt.Errorf("%w: %s offset 0: not a tpmmux write-ahead log segment", ErrCorrupt, s.path)
+	}
+	off := len(segMagic)
+	for off < len(b) {
+		fr, n, err := Decode(b[off:])
+		if err == nil && fr.Seq != l.next {
+			err = fmt.Errorf("%w: frame %d where frame %d belongs", ErrCorrupt, fr.Seq, l.next)
+		}
+		if err != nil {
+			if !last {
+				return fmt.Errorf("%s offset %d: %w (the segment is not the newest, so this is not a torn write: restore the state directory from a backup or move the segment aside, losing what it holds)", s.path, off, errors.Join(ErrCorrupt, err))
+			}
+			if at, ok := l.validAfter(b, off+1); ok {
+				return fmt.Errorf("%s offset %d: %w: a valid frame follows at offset %d, so this is damage, not a torn write (restore the state directory from a backup)", s.path, off, errors.Join(ErrCorrupt, err), at)
+			}
+			return l.truncate(s.path, int64(off), false)
+		}
+		l.frames = append(l.frames, Frame{Seq: fr.Seq, Payload: slices.Clone(fr.Payload)})
+		l.next++
+		off += n
+	}
+	return nil
+}
+
+// validAfter reports whether a frame that decodes, with a sequence number
+// this log could still hold, starts at or after offset from in b.
+func (l *Log) validAfter(b []byte, from int) (int, bool) {
+	for at := from; at+headerSize <= len(b); at++ {
+		if fr, _, err := Decode(b[at:]); err == nil && fr.Seq >= l.next {
+			return at, true
+		}
+	}
+	return 0, false
+}
+
+func (l *Log) truncate(path string, size int64, header bool) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("truncate torn tail of %s: %w", path, err)
+	}
+	defer f.Close()
+	if header {
+		if err := f.Truncate(0); err != nil {
+			return fmt.Errorf("truncate torn tail of %s: %w", path, err)
+		}
+		if _, err := f.WriteAt([]byte(segMagic), 0); err != nil {
+			return fmt.Errorf("rewrite header of %s: %w", path, err)
+		}
+	} else if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("truncate torn tail of %s at offset %d: %w", path, size, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("truncate torn tail of %s: %w", path, err)
+	}
+	return nil
+}
+
+// Frames returns the frames Open read, oldest first, once; the log keeps
+// no copy afterwards.
+func (l *Log) Frames() []Frame {
+	fr := l.frames
+	l.frames = nil
+	return fr
+}
+
+// Next returns the sequence number the next appended frame gets.
+func (l *Log) Next() uint64 { return l.next }
+
+// newSegment starts a segment whose first frame is l.next and makes it
+// durable (header and directory entry) before any frame goes into it.
+func (l *Log) newSegment() error {
+	s := segment{first: l.next, path: filepath.Join(l.dir, segName(l.next))}
+	f, err := os.OpenFile(s.path, os.O_RDWR|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("create write-ahead log segment: %w", err)
+	}
+	if _, err := f.Write([]byte(segMagic)); err != nil {
+		f.Close()
+		os.Remove(s.path)
+		return fmt.Errorf("write header of %s: %w", s.path, err)
+	}
+	if !l.opts.NoSync {
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			f.Close()
+			return fmt.Errorf("sync %s: %w", s.path, err)
+		}
+		if err := syncDir(l.dir); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if l.f != nil {
+		l.f.Close()
+	}
+	l.f, l.size = f, int64(len(segMagic))
+	l.segs = append(l.segs, s)
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Append writes the payloads as consecutive frames with one write and one
+// fdatasync, and returns the first one's sequence number. When it returns
+// nil, every frame is durable. On an error none may be relied on, and the
+// log must not be appended to again (the caller faults; Open recovers).
+func (l *Log) Append(payloads ...[]byte) (uint64, error) {
+	if len(payloads) == 0 {
+		return l.next, nil
+	}
+	if l.size >= l.opts.SegmentSize {
+		if err := l.newSegment(); err != nil {
+			return 0, err
+		}
+	}
+	first := l.next
+	b := l.buf[:0]
+	for i, p := range payloads {
+		if len(p) > MaxPayload {
+			return 0, fmt.Errorf("write-ahead log frame of %d bytes exceeds %d", len(p), MaxPayload)
+		}
+		b = Encode(b, first+uint64(i), p)
+	}
+	l.buf = b
+	if l.opts.BeforeWrite != nil {
+		l.opts.BeforeWrite(l.f, b)
+	}
+	if _, err := l.f.Write(b); err != nil {
+		return 0, fmt.Errorf("append to write-ahead log %s: %w", l.f.Name(), err)
+	}
+	if !l.opts.NoSync {
+		if err := unix.Fdatasync(int(l.f.Fd())); err != nil {
+			return 0, fmt.Errorf("sync write-ahead log %s: %w", l.f.Name(), err)
+		}
+	}
+	l.size += int64(len(b))
+	l.next += uint64(len(payloads))
+	if cap(l.buf) > 1<<20 {
+		l.buf = nil
+	}
+	return first, nil
+}
+
+// Release says frames before seq are applied and no longer needed: every
+// segment all of whose frames are before seq is deleted (never the one
+// being appended to). It returns how many were deleted.
+func (l *Log) Release(seq uint64) (int, error) {
+	n := 0
+	for len(l.segs) > 1 && l.segs[1].first <= seq {
+		if err := os.Remove(l.segs[0].path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return n, fmt.Errorf("delete applied write-ahead log segment: %w", err)
+		}
+		l.segs = l.segs[1:]
+		n++
+	}
+	if n > 0 && !l.opts.NoSync {
+		if err := syncDir(l.dir); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// Segments returns how many segment files the log has.
+func (l *Log) Segments() int { return len(l.segs) }
+
+// Close closes the segment being appended to.
+func (l *Log) Close() error {
+	if l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	return err
+}

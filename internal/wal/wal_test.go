@@ -1,0 +1,278 @@
+package wal
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func payload(i int) []byte { return fmt.Appendf(nil, "frame %d %s", i, strings.Repeat("x", i%37)) }
+
+// write opens a log in dir and appends n frames in groups of group.
+func write(t *testing.T, dir string, opts Options, n, group int) *Log {
+	t.Helper()
+	l, err := Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i += group {
+		var ps [][]byte
+		for j := i; j < min(n, i+group); j++ {
+			ps = append(ps, payload(j))
+		}
+		first, err := l.Append(ps...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first != uint64(i+1) {
+			t.Fatalf("group at %d got first seq %d", i, first)
+		}
+	}
+	return l
+}
+
+func checkFrames(t *testing.T, fr []Frame, n int) {
+	t.Helper()
+	if len(fr) != n {
+		t.Fatalf("%d frames, want %d", len(fr), n)
+	}
+	for i, f := range fr {
+		if f.Seq != uint64(i+1) || !bytes.Equal(f.Payload, payload(i)) {
+			t.Fatalf("frame %d: seq %d payload %q", i, f.Seq, f.Payload)
+		}
+	}
+}
+
+func lastSegment(t *testing.T, dir string) string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+	if len(m) == 0 {
+		t.Fatal("no segment")
+	}
+	return m[len(m)-1]
+}
+
+// TestReopen: frames survive a close and reopen, across rotated segments,
+// and appending continues the numbering.
+func TestReopen(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		n, group int
+		segSize  int64
+		wantSegs int
+	}{
+		{"one segment", 10, 3, 0, 1},
+		{"rotated", 200, 7, 512, 0},
+		{"single frames", 50, 1, 256, 0},
+		{"empty", 0, 1, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			opts := Options{SegmentSize: tc.segSize}
+			l := write(t, dir, opts, tc.n, tc.group)
+			segs := l.Segments()
+			if tc.wantSegs > 0 && segs != tc.wantSegs {
+				t.Errorf("%d segments, want %d", segs, tc.wantSegs)
+			}
+			if tc.wantSegs == 0 && segs < 2 {
+				t.Errorf("%d segments: no rotation", segs)
+			}
+			l.Close()
+			l, err := Open(dir, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), tc.n)
+			if l.Next() != uint64(tc.n+1) {
+				t.Fatalf("next %d, want %d", l.Next(), tc.n+1)
+			}
+			if _, err := l.Append(payload(tc.n)); err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			l, err = Open(dir, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), tc.n+1)
+			l.Close()
+		})
+	}
+}
+
+// TestTornTailVersusDamage: damage at the very end of the newest segment
+// is a torn write and is truncated, keeping every frame before it; damage
+// with a valid frame after it is a hard error naming the file and offset.
+func TestTornTailVersusDamage(t *testing.T) {
+	const n = 20
+	for _, tc := range []struct {
+		name string
+		// mangle changes the newest segment's bytes.
+		mangle func(b []byte) []byte
+		keep   int    // frames expected after reopen; -1: Open fails
+		errHas string // substring of the error
+	}{
+		{"intact", func(b []byte) []byte { return b }, n, ""},
+		{"cut inside the last frame's payload", func(b []byte) []byte { return b[:len(b)-3] }, n - 1, ""},
+		{"cut inside the last frame's header", func(b []byte) []byte { return b[:len(b)-len(payload(n-1))-5] }, n - 1, ""},
+		{"garbage appended", func(b []byte) []byte { return append(b, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3) }, n, ""},
+		{"zeros appended", func(b []byte) []byte { return append(b, make([]byte, 4096)...) }, n, ""},
+		{"last frame's payload flipped", func(b []byte) []byte { b[len(b)-1] ^= 1; return b }, n - 1, ""},
+		{"a middle frame's payload flipped", func(b []byte) []byte { b[len(segMagic)+headerSize+2] ^= 0x40; return b }, -1, "offset " + fmt.Sprint(len(segMagic))},
+		{"a middle frame's length changed", func(b []byte) []byte { b[len(segMagic)] ^= 0x08; return b }, -1, "a valid frame follows"},
+		{"header damaged", func(b []byte) []byte { b[0] = 'X'; return b }, -1, "not a tpmmux write-ahead log segment"},
+		{"header cut at creation", func(b []byte) []byte { return b[:5] }, 0, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			write(t, dir, Options{}, n, 4).Close()
+			path := lastSegment(t, dir)
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(path, tc.mangle(bytes.Clone(b)), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			l, err := Open(dir, Options{})
+			if tc.keep < 0 {
+				if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), tc.errHas) {
+					t.Fatalf("Open = %v, want ErrCorrupt naming %s and %q", err, path, tc.errHas)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), tc.keep)
+			// The tail is gone from the file: appending continues after
+			// the kept frames and a reopen reads them all.
+			if _, err := l.Append(payload(tc.keep)); err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			l, err = Open(dir, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), tc.keep+1)
+			l.Close()
+		})
+	}
+}
+
+// TestDamageInOlderSegment: an older segment is complete by construction
+// (it was synced before the next one began), so any bad frame in it is a
+// hard error, even at its end.
+func TestDamageInOlderSegment(t *testing.T) {
+	dir := t.TempDir()
+	l := write(t, dir, Options{SegmentSize: 300}, 60, 3)
+	if l.Segments() < 3 {
+		t.Fatalf("%d segments", l.Segments())
+	}
+	l.Close()
+	m, _ := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+	b, _ := os.ReadFile(m[0])
+	os.WriteFile(m[0], b[:len(b)-2], 0o600)
+	if _, err := Open(dir, Options{}); err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), m[0]) {
+		t.Fatalf("Open = %v, want ErrCorrupt naming %s", err, m[0])
+	}
+	// A missing middle segment is a gap.
+	os.WriteFile(m[0], b, 0o600)
+	os.Remove(m[1])
+	if _, err := Open(dir, Options{}); err == nil || !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Open with a missing segment = %v, want ErrCorrupt", err)
+	}
+}
+
+// TestRelease: applied segments are deleted, never the one being written,
+// and a reopen starts at the first kept frame.
+func TestRelease(t *testing.T) {
+	dir := t.TempDir()
+	l := write(t, dir, Options{SegmentSize: 400}, 100, 5)
+	segs := l.Segments()
+	if segs < 3 {
+		t.Fatalf("%d segments", segs)
+	}
+	if n, err := l.Release(1); err != nil || n != 0 {
+		t.Fatalf("Release(1) deleted %d: %v", n, err)
+	}
+	n, err := l.Release(50)
+	if err != nil || n == 0 {
+		t.Fatalf("Release(50) deleted %d: %v", n, err)
+	}
+	l.Close()
+	l, err = Open(dir, Options{SegmentSize: 400})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fr := l.Frames()
+	if fr[0].Seq > 50 || fr[len(fr)-1].Seq != 100 {
+		t.Fatalf("frames %d..%d after Release(50)", fr[0].Seq, fr[len(fr)-1].Seq)
+	}
+	if n, err := l.Release(1 << 40); err != nil || l.Segments() != 1 {
+		t.Fatalf("Release(all) deleted %d, %d left: %v", n, l.Segments(), err)
+	}
+	if _, err := l.Append(payload(100)); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	l, err = Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fr = l.Frames()
+	if len(fr) == 0 || fr[len(fr)-1].Seq != 101 {
+		t.Fatalf("after releasing all and appending: %v", fr)
+	}
+	l.Close()
+}
+
+// TestTornWriteHook: a group cut short by a crash in the middle of its
+// write (the hook writes part of it and stops, as a kill would) keeps the
+// frames before the cut and loses the rest.
+func TestTornWriteHook(t *testing.T) {
+	dir := t.TempDir()
+	l := write(t, dir, Options{}, 10, 2)
+	l.Close()
+	l, err := Open(dir, Options{BeforeWrite: func(f *os.File, b []byte) {
+		f.Write(b[:len(Encode(nil, 11, payload(10)))+headerSize+3])
+		panic("killed")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Frames()
+	func() {
+		defer func() { recover() }()
+		l.Append(payload(10), payload(11), payload(12))
+	}()
+	l.Close()
+	l, err = Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, l.Frames(), 11)
+	l.Close()
+}
+
+// FuzzDecode: Decode never panics, and what it accepts re-encodes to the
+// same bytes.
+func FuzzDecode(f *testing.F) {
+	f.Add(Encode(nil, 1, []byte("hello")))
+	f.Add(Encode(nil, 1<<40, nil))
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr, n, err := Decode(b)
+		if err != nil {
+			return
+		}
+		if n > len(b) || !bytes.Equal(Encode(nil, fr.Seq, fr.Payload), b[:n]) {
+			t.Fatalf("decoded %d bytes that do not re-encode", n)
+		}
+	})
+}
