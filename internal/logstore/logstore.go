@@ -1,8 +1,11 @@
 // Package logstore is the durable host log of tpmmux: epochs, batches of
 // public leaves, per-VM records and identities, and post-mortem quotes, kept
-// in one bbolt file. Every Commit is one fsynced transaction, which is what
-// makes the write-ahead rule (docs/protocol.md, Group commit) hold: a batch is durable before
-// the bridge extends it into the TPM.
+// in one bbolt file behind a write-ahead log (wal.go). The multiplexer
+// stages records and batches in the write-ahead log, one fdatasync per
+// group, which is what makes the write-ahead rule (docs/protocol.md, Group
+// commit) hold: a batch is durable before the bridge extends it into the
+// TPM. Apply then writes the batches into bbolt off the acknowledgement's
+// path, and Open replays what bbolt missed.
 package logstore
 
 import (
@@ -18,6 +21,7 @@ import (
 
 	"github.com/fxamacker/cbor/v2"
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/wal"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -152,6 +156,13 @@ type Store struct {
 	db   *bolt.DB
 	bo   *bolt.Options
 	path string
+	opts Options
+
+	walMu sync.Mutex // the write-ahead log has one writer at a time
+	wal   *wal.Log
+	// unbatched are the staged records Open found in no batch.
+	unbatched     []Staged
+	unbatchedFrom uint64
 }
 
 // view runs a read transaction.
@@ -170,10 +181,22 @@ func (s *Store) update(fn func(tx *bolt.Tx) error) error {
 
 // Options tune durability; the zero value is the safe default.
 type Options struct {
-	// NoSync skips fsync on commit. Only benchmarks that measure the rest of
-	// the pipeline set it; a bridge never does.
+	// NoSync skips fsync on commit and fdatasync in the write-ahead log.
+	// Only tests and benchmarks that measure the rest of the pipeline set
+	// it; a bridge never does.
 	NoSync bool
+	// WALSegmentSize is the size past which the write-ahead log starts a
+	// new segment file; default wal.DefaultSegmentSize.
+	WALSegmentSize int64
+	// WALBeforeWrite and ApplyHook are crash-test hooks: called before a
+	// group is written to the write-ahead log (with the file and the
+	// bytes) and before batches are applied to bbolt.
+	WALBeforeWrite func(f *os.File, b []byte)
+	ApplyHook      func(cs []*Commit)
 }
+
+// WALDir is where the store at path keeps its write-ahead log.
+func WALDir(path string) string { return path + ".wal" }
 
 // Open opens (creating if needed, mode 0600) the store at path.
 func Open(path string, opts *Options) (*Store, error) {
@@ -208,14 +231,31 @@ func Open(path string, opts *Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open log store %s: %w", path, err)
 	}
-	return &Store{db: db, bo: bo, path: path}, nil
+	s := &Store{db: db, bo: bo, path: path}
+	if opts != nil {
+		s.opts = *opts
+	}
+	s.wal, err = wal.Open(WALDir(path), wal.Options{NoSync: s.opts.NoSync, SegmentSize: s.opts.WALSegmentSize, BeforeWrite: s.opts.WALBeforeWrite})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open log store %s: %w", path, err)
+	}
+	if err := s.replayWAL(); err != nil {
+		s.wal.Close()
+		db.Close()
+		return nil, fmt.Errorf("open log store %s: %w", path, err)
+	}
+	return s, nil
 }
 
 // Close closes the store.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.db.Close()
+	s.walMu.Lock()
+	werr := s.wal.Close()
+	s.walMu.Unlock()
+	return errors.Join(s.db.Close(), werr)
 }
 
 // CurrentEpoch returns the newest epoch, or ok=false when none has begun.
@@ -314,33 +354,36 @@ func endLiveVMs(tx *bolt.Tx, epoch uint64, why string) error {
 // which must have ended, is kept with its final quote (Snapshot.Segments)
 // in the same transaction.
 func (s *Store) Commit(c *Commit) error {
-	err := s.update(func(tx *bolt.Tx) error {
-		batches := tx.Bucket(bucketBatches)
-		key := batchKey(c.Epoch, c.Index)
-		if batches.Get(key) != nil {
-			return fmt.Errorf("batch %d of epoch %d already exists", c.Index, c.Epoch)
-		}
-		if err := putCBOR(batches, key, &c.Batch); err != nil {
-			return err
-		}
-		if err := putRecords(tx.Bucket(bucketRecords), c.Records); err != nil {
-			return err
-		}
-		vms := tx.Bucket(bucketVMs)
-		for i := range c.VMs {
-			if slices.Contains(c.Opens, c.VMs[i].ID) {
-				if err := archiveSegment(tx, &c.VMs[i]); err != nil {
-					return err
-				}
-			}
-			if err := putCBOR(vms, c.VMs[i].ID[:], &c.VMs[i]); err != nil {
+	err := s.update(func(tx *bolt.Tx) error { return commitTx(tx, c) })
+	if err != nil {
+		return fmt.Errorf("commit batch %d of epoch %d: %w", c.Index, c.Epoch, err)
+	}
+	return nil
+}
+
+// commitTx writes commit c in transaction tx.
+func commitTx(tx *bolt.Tx, c *Commit) error {
+	batches := tx.Bucket(bucketBatches)
+	key := batchKey(c.Epoch, c.Index)
+	if batches.Get(key) != nil {
+		return fmt.Errorf("batch %d of epoch %d already exists", c.Index, c.Epoch)
+	}
+	if err := putCBOR(batches, key, &c.Batch); err != nil {
+		return err
+	}
+	if err := putRecords(tx.Bucket(bucketRecords), c.Records); err != nil {
+		return err
+	}
+	vms := tx.Bucket(bucketVMs)
+	for i := range c.VMs {
+		if slices.Contains(c.Opens, c.VMs[i].ID) {
+			if err := archiveSegment(tx, &c.VMs[i]); err != nil {
 				return err
 			}
 		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("commit batch %d of epoch %d: %w", c.Index, c.Epoch, err)
+		if err := putCBOR(vms, c.VMs[i].ID[:], &c.VMs[i]); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package mux
 
 import (
+	"cmp"
 	"context"
 	crand "crypto/rand"
 	"errors"
@@ -157,9 +158,13 @@ func (c *coverState) kicks() chan struct{} {
 	return c.kick
 }
 
-// run is the committer: while one batch is being made durable and extended,
-// the next one fills in the queue. With Cover on, it commits at slots (and
-// when the queue reaches Cover.Flush).
+// run is the committer. Each round is one group: the records queued since
+// the last one are staged in the write-ahead log and, when fewer than
+// maxInflight batches are being applied and extended, a batch of the
+// staged records not yet batched (pending) goes into the same write, one
+// fdatasync for both. A staged record is durable, and acknowledged as
+// such, at once; its batch follows at the pace of the extends. With Cover
+// on, it commits at slots (and when the queue reaches Cover.Flush).
 func (m *Mux) run(ctx context.Context) {
 	defer close(m.done)
 	cv := m.cfg.Cover
@@ -168,6 +173,7 @@ func (m *Mux) run(ctx context.Context) {
 		m.mu.Lock()
 		faulted := m.fault != nil
 		n := len(m.queue)
+		np := len(m.pending)
 		closed := m.closed
 		live := len(m.vms)
 		urgent := m.urgent
@@ -184,7 +190,7 @@ func (m *Mux) run(ctx context.Context) {
 				}
 			}
 		}
-		var commitNow bool
+		var commitNow, heartbeat bool
 		switch {
 		case !cv.on() || closed:
 			commitNow = n > 0
@@ -199,9 +205,14 @@ func (m *Mux) run(ctx context.Context) {
 			// A heartbeat while any VM is live, cover only if need be; none
 			// while faulted (it would fail and say nothing).
 			commitNow = n > 0 || (live > 0 && !faulted)
+			heartbeat = commitNow
+		}
+		// Staged records wait for a batch only while the extends are busy.
+		if !commitNow && np > 0 && !faulted && len(m.extendSlots) < maxInflight {
+			commitNow = true
 		}
 		if !commitNow {
-			if n == 0 && closed {
+			if n == 0 && closed && (np == 0 || faulted) {
 				m.commitMu.Lock()
 				m.waitExtendedLocked()
 				m.commitMu.Unlock()
@@ -235,7 +246,7 @@ func (m *Mux) run(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		m.commitMu.Lock()
-		err := m.commit(ctx, batch)
+		err := m.commit(ctx, batch, heartbeat && !faulted)
 		m.commitMu.Unlock()
 		if err != nil {
 			m.failAll(batch, err)
@@ -243,34 +254,155 @@ func (m *Mux) run(ctx context.Context) {
 	}
 }
 
-// inflightExtend is the extend of a durable batch, running while the
-// committer writes the next batch.
+// inflightExtend is a durable batch on its way into bbolt and the TPM,
+// while the committer writes the next groups.
 type inflightExtend struct {
-	done chan struct{}
-	err  error // set before done is closed
-	prev *inflightExtend
+	cm       *logstore.Commit
+	release  uint64        // write-ahead log frames before it are applied once cm is
+	applied  chan struct{} // cm is in bbolt (or applyErr)
+	applyErr error
+	extended chan struct{} // the extend ran (err says whether it failed)
+	done     chan struct{} // both, and its records are acknowledged or failed
+	err      error         // set before extended is closed
+	prev     *inflightExtend
 }
 
-// waitExtendedLocked waits until no extend runs: then PCR p holds the value
-// the store replays to (or the mux is faulted). It runs under commitMu, so
-// no new one can start.
+// waitExtendedLocked waits until no batch is being applied or extended:
+// then PCR p holds the value the store replays to (or the mux is
+// faulted). It runs under commitMu, so no new one can start.
 func (m *Mux) waitExtendedLocked() error {
 	if x := m.inflight; x != nil {
 		<-x.done
-		return x.err
+		if x.err != nil {
+			return x.err
+		}
+		return x.applyErr
 	}
 	return nil
 }
 
-// commit makes one batch durable, then waits for the previous batch's
-// extend (which ran while this one was written) and starts this one's, which
-// acknowledges the batch when it is done: a durable record is acknowledged
-// as durable at once, as anchored one extend later, and the extends stay in
-// the order of the batches. An error means the batch is not acknowledged
-// (durable or not). It runs under commitMu.
-// With Cover on, the batch is padded with cover entries and the real
-// entries sit at random positions (coverSlots).
-func (m *Mux) commit(ctx context.Context, items []*item) error {
+// stagedVM is a VM's state before a group staged its records, to restore
+// if the write fails.
+type stagedVM struct {
+	vs   *vmState
+	prev logstore.VM
+}
+
+// commit is one group (under commitMu): it numbers the new items, stages
+// them in the write-ahead log and, if an extend slot is free (heartbeat:
+// waiting for one), batches the pending records with them in the same
+// write. The new items are durable once it returns nil. The batch is then
+// applied to bbolt and extended behind it (finishBatch), in order, and its
+// records acknowledged: a durable record is acknowledged as durable at
+// once, as anchored once its batch is extended. An error means the new
+// items were not written (durable or not).
+func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
+	var touched []stagedVM
+	seen := make(map[*vmState]bool)
+	staged := make([]logstore.Staged, 0, len(items))
+	for _, it := range items {
+		vs := it.vm
+		if !seen[vs] {
+			seen[vs] = true
+			touched = append(touched, stagedVM{vs, vs.vm})
+		}
+		st := logstore.Staged{Epoch: m.epoch, ID: vs.id, Seq: vs.vm.NextSeq, R: it.r}
+		if it.kind == record.KindGenesis || it.kind == record.KindMigratedIn {
+			v := vs.vm
+			st.VM = &v
+		}
+		it.seq = vs.vm.NextSeq
+		vs.vm.NextSeq++
+		if it.kind.Terminal() {
+			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
+		}
+		staged = append(staged, st)
+	}
+	m.mu.Lock()
+	cands := slices.Concat(m.pending, items)
+	m.mu.Unlock()
+	slotTaken := false
+	if len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat {
+		m.extendSlots <- struct{}{} // free, or a heartbeat waits for one
+		slotTaken = true
+	}
+	restore := func() {
+		for _, s := range touched {
+			s.vs.vm = s.prev
+		}
+		if slotTaken {
+			<-m.extendSlots
+		}
+	}
+	var b *builtBatch
+	var rest []*item
+	if slotTaken {
+		take := min(len(cands), m.cfg.MaxBatch)
+		var err error
+		if b, err = m.buildBatch(cands[:take]); err != nil {
+			restore()
+			return err
+		}
+		rest = cands[take:]
+	} else {
+		rest = cands
+	}
+	var cm *logstore.Commit
+	if b != nil {
+		cm = b.cm
+	}
+	if len(staged) == 0 && cm == nil {
+		restore()
+		return nil
+	}
+	rFrame, bFrame, err := m.store.Stage(staged, cm)
+	if err != nil {
+		restore()
+		m.setFault(fmt.Errorf("write-ahead log write failed: %w", err))
+		return err
+	}
+	for _, it := range items {
+		it.frame = rFrame
+	}
+	m.mu.Lock()
+	m.pending = slices.Clip(rest)
+	m.mu.Unlock()
+	markDurable(items)
+	if b == nil {
+		return nil
+	}
+	m.nextG += uint64(b.total)
+	m.nextBatch++
+	m.pcrValue = conceal.ExtendPCR(m.pcrValue, b.cm.Batch.V)
+	m.cover.coverLeaves += uint64(b.total - len(b.items))
+	if len(b.items) == 0 {
+		m.cover.slots++
+	}
+	x := &inflightExtend{cm: b.cm, applied: make(chan struct{}), extended: make(chan struct{}), done: make(chan struct{}), prev: m.inflight}
+	x.release = bFrame + 1
+	if len(rest) > 0 {
+		x.release = rest[0].frame
+	}
+	m.inflight = x
+	m.queueApply(x)
+	go m.finishBatch(ctx, x, b)
+	return nil
+}
+
+// builtBatch is a batch of staged items, ready to be written.
+type builtBatch struct {
+	cm    *logstore.Commit
+	items []*item
+	acks  []Ack
+	ended []conceal.Digest
+	total int
+}
+
+// buildBatch makes the next batch of staged items (numbered already):
+// their entries, padded with cover entries at random positions (Cover
+// on), the records' places and each VM's state as of its last record in
+// the batch. It changes nothing until the caller commits to it.
+func (m *Mux) buildBatch(items []*item) (*builtBatch, error) {
 	n := len(items)
 	total := n
 	var slots []int
@@ -278,7 +410,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		total = max(cv.Pad, (n+cv.Pad-1)/cv.Pad*cv.Pad)
 		var err error
 		if slots, err = coverSlots(items, total, cv.rand()); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	g0 := m.nextG
@@ -286,27 +418,22 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 	entries := make([]byte, total*conceal.EntrySize)
 	if total > n {
 		if _, err := io.ReadFull(m.cfg.Cover.rand(), entries); err != nil {
-			return fmt.Errorf("cover entries: %w", err)
+			return nil, fmt.Errorf("cover entries: %w", err)
 		}
 	}
 	puts := make([]logstore.Put, n)
 	acks := make([]Ack, n)
 	bh := conceal.NewBatchHasher(g0, uint32(total))
-	type saved struct {
-		vs   *vmState
-		prev logstore.VM
-	}
-	var touched []saved
 	var opens [][32]byte
-	seen := make(map[*vmState]bool)
+	last := make(map[*vmState]uint64)
+	var order []*vmState
 	for i, it := range items {
 		vs := it.vm
-		if !seen[vs] {
-			seen[vs] = true
-			touched = append(touched, saved{vs, vs.vm})
+		if _, ok := last[vs]; !ok {
+			order = append(order, vs)
 		}
-		s := vs.vm.NextSeq
-		vs.vm.NextSeq++
+		s := it.seq
+		last[vs] = s
 		t := vs.keys.Tag(s)
 		c := vs.keys.Commit(vs.id, s, it.h)
 		pos := i
@@ -324,9 +451,6 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		acks[i] = Ack{Seq: s, G: g, Batch: index}
 		if it.kind == record.KindMigratedIn {
 			opens = append(opens, vs.id)
-		}
-		if it.kind.Terminal() {
-			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
 		}
 	}
 	if slots != nil {
@@ -346,80 +470,144 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		Records: puts,
 		Opens:   opens,
 	}
-	for _, s := range touched {
-		cm.VMs = append(cm.VMs, s.vs.vm)
-	}
-	if err := m.store.Commit(cm); err != nil {
-		for _, s := range touched {
-			s.vs.vm = s.prev
-		}
-		m.setFault(fmt.Errorf("log store write failed: %w", err))
-		return err
-	}
-	markDurable(items)
-	m.nextG += uint64(total)
-	m.nextBatch++
-	m.pcrValue = conceal.ExtendPCR(m.pcrValue, v)
-	m.cover.coverLeaves += uint64(total - n)
-	if n == 0 {
-		m.cover.slots++
-	}
 	var ended []conceal.Digest
-	for _, s := range touched {
-		if s.vs.vm.Ended {
-			ended = append(ended, s.vs.id)
+	for _, vs := range order {
+		vm := vs.vm
+		vm.NextSeq = last[vs] + 1
+		if vm.NextSeq < vs.vm.NextSeq {
+			// Later records are staged, not in this batch: the VM has not
+			// ended as far as bbolt is concerned.
+			vm.Ended, vm.EndedBy, vm.EndedAt = false, "", 0
 		}
+		if vm.Ended {
+			ended = append(ended, vs.id)
+		}
+		cm.VMs = append(cm.VMs, vm)
 	}
-	if m.extendSlots == nil {
-		m.extendSlots = make(chan struct{}, maxInflight)
-	}
-	m.extendSlots <- struct{}{} // at most maxInflight extends behind the writer
-	x := &inflightExtend{done: make(chan struct{}), prev: m.inflight}
-	m.inflight = x
-	go m.finishBatch(ctx, x, index, v, items, acks, ended, total)
-	return nil
+	return &builtBatch{cm: cm, items: items, acks: acks, ended: ended, total: total}, nil
 }
 
-// finishBatch extends a durable batch's digest and then acknowledges its
-// records; on failure the mux is faulted and the batch (with all queued
-// behind it) fails, durable but not acknowledged.
-func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, index uint64, v conceal.Digest, items []*item, acks []Ack, ended []conceal.Digest, total int) {
-	defer func() { <-m.extendSlots }()
-	if p := x.prev; p != nil {
-		<-p.done
-		x.prev = nil
-		if p.err != nil {
-			x.err = fmt.Errorf("batch %d is durable but not extended: a batch before it was not: %w", index, p.err)
-			close(x.done)
-			m.failAll(items, x.err)
-			return
+// queueApply hands a durable batch to the applier, which writes batches
+// into bbolt in order, as many at once as have queued.
+func (m *Mux) queueApply(x *inflightExtend) {
+	m.amu.Lock()
+	m.applyQ = append(m.applyQ, x)
+	m.amu.Unlock()
+	select {
+	case m.applyWake <- struct{}{}:
+	default:
+	}
+}
+
+// applyRetry is how often the applier retries batches bbolt refused.
+const applyRetry = 200 * time.Millisecond
+
+// applyLoop is the applier. When bbolt refuses batches (a full disk), the
+// mux faults and their records fail (durable in the write-ahead log, not
+// acknowledged); the applier keeps them, ahead of any later ones, and
+// retries until bbolt takes them, and the mux then heals.
+func (m *Mux) applyLoop() {
+	defer close(m.applyDone)
+	var retry []*logstore.Commit
+	var last uint64 // release point of the newest batch handed over
+	for {
+		m.amu.Lock()
+		q := m.applyQ
+		m.applyQ = nil
+		stop := m.applyStop
+		m.amu.Unlock()
+		if len(q) == 0 && len(retry) == 0 {
+			if stop {
+				return
+			}
+			<-m.applyWake
+			continue
+		}
+		cms := retry
+		for _, x := range q {
+			cms = append(cms, x.cm)
+			last = x.release
+		}
+		err := m.store.Apply(cms)
+		if err != nil {
+			err = fmt.Errorf("log store apply failed (the batches are durable in the write-ahead log; retrying): %w", err)
+			m.setFault(err)
+			retry = cms
+		} else {
+			retry = nil
+			if rerr := m.store.Release(last); rerr != nil {
+				m.log.Warn("write-ahead log segments not deleted", "err", rerr)
+			}
+		}
+		for _, x := range q {
+			x.applyErr = err
+			x.cm = nil
+			close(x.applied)
+		}
+		if err != nil {
+			if stop {
+				return // the next start applies them from the write-ahead log
+			}
+			t := time.NewTimer(applyRetry)
+			select {
+			case <-t.C:
+			case <-m.applyWake:
+			}
+			t.Stop()
 		}
 	}
-	if err := m.extend(ctx, v); err != nil {
-		m.setFault(fmt.Errorf("extend batch %d: %w", index, err))
-		x.err = fmt.Errorf("extend batch %d (durable, not acknowledged): %w", index, err)
+}
+
+// finishBatch applies (through the applier) and extends a durable batch,
+// both in the order of the batches, and then acknowledges its records; on
+// failure the mux is faulted and the batch (with all queued behind it)
+// fails, durable but not acknowledged.
+func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch) {
+	defer func() {
+		<-m.extendSlots
+		m.kick()
+	}()
+	index := b.cm.Index
+	v := b.cm.Batch.V
+	p := x.prev
+	switch {
+	case p != nil && func() bool { <-p.extended; return p.err != nil }():
+		x.err = fmt.Errorf("batch %d is durable but not extended: a batch before it was not: %w", index, p.err)
+	default:
+		if err := m.extend(ctx, v); err != nil {
+			m.setFault(fmt.Errorf("extend batch %d: %w", index, err))
+			x.err = fmt.Errorf("extend batch %d (durable, not acknowledged): %w", index, err)
+		}
+	}
+	close(x.extended)
+	<-x.applied
+	if p != nil {
+		<-p.done
+	}
+	x.prev = nil
+	if err := cmp.Or(x.err, x.applyErr); err != nil {
 		close(x.done)
-		m.failAll(items, x.err)
+		m.failAll(b.items, err)
 		return
 	}
 	m.smu.Lock()
 	m.stats.Batches++
-	m.stats.Records += uint64(len(items))
-	m.stats.MaxBatch = max(m.stats.MaxBatch, len(items))
+	m.stats.Records += uint64(len(b.items))
+	m.stats.MaxBatch = max(m.stats.MaxBatch, len(b.items))
 	m.smu.Unlock()
-	m.observeBatch(total)
-	if len(ended) > 0 {
+	m.observeBatch(b.total)
+	if len(b.ended) > 0 {
 		m.mu.Lock()
-		for _, id := range ended {
+		for _, id := range b.ended {
 			delete(m.vms, id)
 		}
 		m.mu.Unlock()
 	}
 	close(x.done)
-	ackAll(items, acks)
+	ackAll(b.items, b.acks)
 }
 
-// markDurable tells the submissions of a batch that it is in the store.
+// markDurable tells the submissions of a group that they are staged.
 func markDurable(items []*item) {
 	for _, it := range items {
 		if it.ticket != nil {
@@ -480,18 +668,19 @@ func (m *Mux) CoverStats() (heartbeats, coverLeaves uint64) {
 func ackAll(items []*item, acks []Ack) {
 	for i, it := range items {
 		if it.ticket != nil {
-			it.ticket.ack = acks[i]
-			close(it.ticket.done)
+			it.ticket.finish(acks[i], nil)
 		}
 	}
 }
 
 // failAll fails the batch and everything queued behind it: a submission
 // whose earlier records failed must not have its later records land, or the
-// guest's log would get a gap.
+// guest's log would get a gap. Staged records waiting for a batch fail too
+// (durable, not acknowledged) but stay staged: the committer batches them
+// once the mux has healed.
 func (m *Mux) failAll(batch []*item, err error) {
 	m.mu.Lock()
-	rest := m.queue
+	rest := slices.Concat(m.pending, m.queue)
 	m.queue = nil
 	m.urgent = 0
 	for _, it := range rest {
@@ -508,8 +697,7 @@ func (m *Mux) failAll(batch []*item, err error) {
 	for _, list := range [][]*item{batch, rest} {
 		for _, it := range list {
 			if it.ticket != nil {
-				it.ticket.err = fmt.Errorf("records not acknowledged: %w", err)
-				close(it.ticket.done)
+				it.ticket.finish(Ack{}, fmt.Errorf("records not acknowledged: %w", err))
 			}
 		}
 	}

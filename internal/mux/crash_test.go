@@ -62,7 +62,17 @@ const (
 	crashInFlight = 3
 
 	crashUnextendedMsg = "batch was durable but not extended"
+	crashUnbatchedMsg  = "records were durable but not batched"
 )
+
+// crashPoints are where a child kills itself (SIGKILL) at its After-th
+// pass, besides the kills at random times: "wal-torn" in the middle of a
+// write-ahead log group (half of it written, nothing synced: a torn tail),
+// "wal-durable" after a group's write and fdatasync, before the committer
+// learns of it (durable, never acknowledged), "apply" before batches go
+// into bbolt (durable in the log only), "apply-mid" a few microseconds
+// into the bbolt transaction.
+var crashPoints = []string{"wal-torn", "wal-durable", "apply", "apply-mid"}
 
 // crashVMNames are the child's VMs; their names are fixed so that a
 // restarted child finds them again with Mux.Lookup.
@@ -75,6 +85,57 @@ type crashChildConfig struct {
 	// Recover makes the child open, recover, report READY and exit
 	// cleanly instead of ingesting until killed.
 	Recover bool `json:"recover"`
+	// Point and After: the child kills itself at crash point Point (one
+	// of crashPoints) on its After-th pass there.
+	Point string `json:"point,omitempty"`
+	After int    `json:"after,omitempty"`
+}
+
+// crashSelfKill is the child's SIGKILL of itself, as a kill -9 from outside
+// would land; it does not return.
+func crashSelfKill(out *crashOut, point string) {
+	out.printf("SELFKILL %s\n", point)
+	syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	select {}
+}
+
+// crashHooks are the store options that kill the child at cfg's point.
+func crashHooks(cfg crashChildConfig, out *crashOut) *logstore.Options {
+	var mu sync.Mutex
+	n := 0
+	hit := func(point string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if cfg.Point != point {
+			return false
+		}
+		n++
+		return n == cfg.After
+	}
+	return &logstore.Options{
+		WALBeforeWrite: func(f *os.File, b []byte) {
+			switch {
+			case hit("wal-torn"):
+				f.Write(b[:len(b)/2])
+				crashSelfKill(out, "wal-torn")
+			case hit("wal-durable"):
+				f.Write(b)
+				f.Sync()
+				crashSelfKill(out, "wal-durable")
+			}
+		},
+		ApplyHook: func(cs []*logstore.Commit) {
+			switch {
+			case hit("apply"):
+				crashSelfKill(out, "apply")
+			case hit("apply-mid"):
+				go func() {
+					time.Sleep(time.Duration(mrand.IntN(300)) * time.Microsecond)
+					crashSelfKill(out, "apply-mid")
+				}()
+			}
+		},
+	}
 }
 
 // crashRecord is record j of VM vm (its measurement with guest log index
@@ -179,7 +240,7 @@ func crashChild(cfg crashChildConfig, out *crashOut) error {
 		return err
 	}
 	defer tp.Close()
-	st, err := logstore.Open(filepath.Join(cfg.Dir, "log.db"), nil)
+	st, err := logstore.Open(filepath.Join(cfg.Dir, "log.db"), crashHooks(cfg, out))
 	if err != nil {
 		return err
 	}
@@ -426,8 +487,10 @@ func TestCrashKill9(t *testing.T) {
 	var (
 		maxAck        = map[string]uint64{} // highest acknowledged log index per VM
 		ackLines      int
-		earlyKills    int    // kills before the child reported READY (during start-up or recovery)
-		unextended    int    // restarts that found a durable batch not yet extended
+		earlyKills    int // kills before the child reported READY (during start-up or recovery)
+		unextended    int // restarts that found a durable batch not yet extended
+		unbatched     int // restarts that found durable records not yet batched
+		selfKills     = map[string]int{}
 		unacked       uint64 // records a kill left durable but unacknowledged
 		identRestored int
 		prepared      = map[string]int{}
@@ -443,6 +506,9 @@ func TestCrashKill9(t *testing.T) {
 		r.mu.Unlock()
 		if strings.Contains(r.stderr.String(), crashUnextendedMsg) {
 			unextended++
+		}
+		if strings.Contains(r.stderr.String(), crashUnbatchedMsg) {
+			unbatched++
 		}
 		for _, line := range lines {
 			f := strings.Fields(line)
@@ -479,6 +545,8 @@ func TestCrashKill9(t *testing.T) {
 				identRestored++
 			case f[0] == "QUOTE":
 				quotes++
+			case f[0] == "SELFKILL" && len(f) == 2:
+				selfKills[f[1]]++
 			case f[0] == "TORNDOWN" && len(f) == 2:
 				tornDown[f[1]] = true
 			case f[0] == "FAULT" || f[0] == "ERROR":
@@ -488,13 +556,21 @@ func TestCrashKill9(t *testing.T) {
 	}
 
 	for i := 0; i < kills; i++ {
-		r := startCrashChild(t, crashChildConfig{Spec: sw.Spec(), Dir: dir, Seed: seed + uint64(i)})
+		cfg := crashChildConfig{Spec: sw.Spec(), Dir: dir, Seed: seed + uint64(i)}
 		delay := crashMinDelay + time.Duration(rng.Int64N(int64(crashMaxDelay-crashMinDelay)))
 		// The first kill and one in four of the others come within the
 		// child's start-up (10-40 ms here), so they may land in tpm.Open,
 		// recovery or VM preparation; the others land during ingest,
-		// 20-300 ms after the child is ready.
+		// 20-300 ms after the child is ready. Half of those are the
+		// child's own, at a crash point (write-ahead log, bbolt apply),
+		// with the timed kill as a backstop.
 		early := i == 0 || rng.IntN(4) == 0
+		if !early && i%2 == 1 {
+			cfg.Point = crashPoints[(i/2)%len(crashPoints)]
+			cfg.After = 1 + rng.IntN(60)
+			delay = 4 * crashMaxDelay
+		}
+		r := startCrashChild(t, cfg)
 		if early {
 			delay = time.Millisecond + time.Duration(rng.Int64N(int64(crashEarlyMax)))
 		} else {
@@ -508,7 +584,10 @@ func TestCrashKill9(t *testing.T) {
 				t.Fatalf("run %d: child not ready after 30s\n%s", i, r.output())
 			}
 		}
-		time.Sleep(delay)
+		select {
+		case <-time.After(delay):
+		case <-r.eof: // killed itself at its crash point
+		}
 		killErr := r.cmd.Process.Signal(syscall.SIGKILL)
 		ps, _ := r.wait()
 		ws, ok := ps.Sys().(syscall.WaitStatus)
@@ -574,8 +653,8 @@ func TestCrashKill9(t *testing.T) {
 	if status.Epoch != 1 {
 		t.Errorf("epoch %d after the crashes, want 1: swtpm kept running, so no new epoch may begin", status.Epoch)
 	}
-	if strings.Contains(logBuf.String(), crashUnextendedMsg) {
-		t.Errorf("the recovery run finished recovery, yet the next Open still found an unextended batch:\n%s", logBuf.String())
+	if strings.Contains(logBuf.String(), crashUnextendedMsg) || strings.Contains(logBuf.String(), crashUnbatchedMsg) {
+		t.Errorf("the recovery run finished recovery, yet the next Open still found an unextended batch or unbatched records:\n%s", logBuf.String())
 	}
 	infos, err := m.VMs()
 	if err != nil {
@@ -748,8 +827,15 @@ func TestCrashKill9(t *testing.T) {
 	if totalAcked == 0 {
 		t.Errorf("no record was acknowledged in %d runs: the kills came too early to test anything", kills)
 	}
-	t.Logf("kills %d (%d before the child was ready); ACK lines %d; records acknowledged %d, durable %d, lost %d, doubled %d, gaps %d; records a kill left durable but unacknowledged (found by the agents' resume, not resent): %d; restarts that found a durable batch not yet extended: %d; identity files restored from the store: %d; log: %d batches, %d entries",
-		kills, earlyKills, ackLines, totalAcked, totalDurable, lost, doubled, gaps, unacked, unextended, identRestored, status.Batches, status.Entries)
+	t.Logf("kills %d (%d before the child was ready; at crash points: %v); ACK lines %d; records acknowledged %d, durable %d, lost %d, doubled %d, gaps %d; records a kill left durable but unacknowledged (found by the agents' resume, not resent): %d; restarts that found a durable batch not yet extended: %d, durable records not yet batched: %d; identity files restored from the store: %d; log: %d batches, %d entries",
+		kills, earlyKills, selfKills, ackLines, totalAcked, totalDurable, lost, doubled, gaps, unacked, unextended, unbatched, identRestored, status.Batches, status.Entries)
+	if kills >= 2*len(crashPoints)+4 {
+		for _, p := range crashPoints {
+			if selfKills[p] == 0 {
+				t.Errorf("no kill landed at crash point %s", p)
+			}
+		}
+	}
 }
 
 // crashReplay folds the current epoch's stored batches into the PCR value

@@ -130,12 +130,21 @@ type Mux struct {
 	// running and the quotes all update.
 	smu   sync.Mutex
 	stats Stats
-	// inflight is the extend of the newest batch while it runs (under
+	// inflight is the newest batch while it is applied and extended (under
 	// commitMu); quotes and heals wait for it.
 	inflight    *inflightExtend
-	extendSlots chan struct{} // a slot per running extend (maxInflight)
-	done        chan struct{}
-	stopRun     context.CancelFunc
+	extendSlots chan struct{} // a slot per batch being applied and extended (maxInflight)
+	// pending are the staged (durable) items no batch holds yet, oldest
+	// first (guarded by mu; the committer moves them into batches).
+	pending []*item
+	// The applier (applyLoop) writes durable batches into bbolt in order.
+	amu       sync.Mutex
+	applyQ    []*inflightExtend
+	applyStop bool
+	applyWake chan struct{}
+	applyDone chan struct{}
+	done      chan struct{}
+	stopRun   context.CancelFunc
 }
 
 type vmState struct {
@@ -152,6 +161,8 @@ type item struct {
 	kind   record.Kind
 	reason string
 	ticket *Ticket // set on the last item of a submission
+	seq    uint64  // the record's number in its VM, once staged
+	frame  uint64  // the write-ahead log frame that staged it
 }
 
 // Ack says where an acknowledged record sits.
@@ -164,9 +175,18 @@ type Ack struct {
 // Ticket completes when a submission's records are durable and extended.
 type Ticket struct {
 	done    chan struct{}
-	durable chan struct{} // closed once the submission's batch is durable
+	durable chan struct{} // closed once the submission is staged (durable)
+	once    sync.Once     // done is closed once: acknowledged or failed
 	ack     Ack
 	err     error
+}
+
+// finish completes the ticket, once; a later call changes nothing.
+func (t *Ticket) finish(ack Ack, err error) {
+	t.once.Do(func() {
+		t.ack, t.err = ack, err
+		close(t.done)
+	})
 }
 
 // WaitDurable blocks until the submission's records are durable in the log
@@ -256,8 +276,15 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 		vms:   make(map[conceal.Digest]*vmState),
 		wake:  make(chan struct{}, 1),
 		done:  make(chan struct{}),
+
+		extendSlots: make(chan struct{}, maxInflight),
+		applyDone:   make(chan struct{}),
+		applyWake:   make(chan struct{}, 1),
 	}
 	if err := m.openDataKey(ctx); err != nil {
+		return nil, err
+	}
+	if err := m.batchUnbatched(); err != nil {
 		return nil, err
 	}
 	if err := m.recover(ctx); err != nil {
@@ -278,6 +305,7 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	m.stopRun = cancel
+	go m.applyLoop()
 	go m.run(runCtx)
 	return m, nil
 }
@@ -295,6 +323,14 @@ func (m *Mux) Close() error {
 	m.mu.Unlock()
 	m.kick()
 	<-m.done
+	m.amu.Lock()
+	m.applyStop = true
+	m.amu.Unlock()
+	select {
+	case m.applyWake <- struct{}{}:
+	default:
+	}
+	<-m.applyDone
 	m.stopRun()
 	return nil
 }
@@ -600,4 +636,101 @@ func (m *Mux) kick() {
 	case m.wake <- struct{}{}:
 	default:
 	}
+}
+
+// batchUnbatched commits, as one batch of the store's current epoch, the
+// records the write-ahead log staged that no batch holds: a crash came
+// after they were durable (and acknowledged as such) and before their
+// batch was written. It runs before recover, which then extends this batch
+// with any others the crash left unextended.
+func (m *Mux) batchUnbatched() error {
+	staged, _ := m.store.Unbatched()
+	if len(staged) == 0 {
+		return nil
+	}
+	info, ok, err := m.store.CurrentEpoch()
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("the write-ahead log holds %d staged records but the log store has no epoch (restore the state directory whole)", len(staged))
+	}
+	er, err := record.UnmarshalEpoch(info.Record)
+	if err != nil {
+		return fmt.Errorf("epoch %d in the log store: %w", info.Number, err)
+	}
+	rp, err := m.replay(info, er.StartValue)
+	if err != nil {
+		return fmt.Errorf("batch staged records: %w", err)
+	}
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	m.epoch, m.epochRec, m.epochInfo = info.Number, info.Record, er
+	m.nextG, m.nextBatch, m.pcrValue = rp.nextG, rp.batches, rp.value
+	states := make(map[conceal.Digest]*vmState)
+	err = m.store.View(func(sn *logstore.Snapshot) error {
+		for _, st := range staged {
+			if vs := states[st.ID]; vs != nil && st.VM == nil {
+				continue
+			}
+			vm := st.VM
+			if vm == nil {
+				var err error
+				if vm, err = sn.VM(st.ID); err != nil {
+					return fmt.Errorf("staged record %d: %w", st.Seq, err)
+				}
+			}
+			states[st.ID] = &vmState{vm: *vm, id: st.ID}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("batch staged records: %w", err)
+	}
+	for _, vs := range states {
+		k, err := m.unwrapKey(&vs.vm)
+		if err != nil {
+			return fmt.Errorf("batch staged records: %w", err)
+		}
+		vs.keys = conceal.Derive(k)
+	}
+	items := make([]*item, len(staged))
+	for i, st := range staged {
+		rec, err := record.Unmarshal(st.R)
+		if err != nil {
+			return fmt.Errorf("staged record %d of vm %x: %w", st.Seq, st.ID[:8], err)
+		}
+		vs := states[st.ID]
+		if st.VM != nil && vs.vm.FirstSeq != st.VM.FirstSeq {
+			vs = &vmState{vm: *st.VM, id: st.ID, keys: vs.keys}
+			states[st.ID] = vs
+		}
+		it := &item{vm: vs, r: st.R, h: record.Hash(st.R), kind: rec.Kind, seq: st.Seq}
+		switch {
+		case rec.Teardown != nil:
+			it.reason = rec.Teardown.Reason
+		case rec.Kind == record.KindMigratedOut:
+			it.reason = EndedByMigration
+		}
+		vs.vm.NextSeq = st.Seq + 1
+		if rec.Kind.Terminal() {
+			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, rec.Time
+		}
+		items[i] = it
+	}
+	b, err := m.buildBatch(items)
+	if err != nil {
+		return fmt.Errorf("batch staged records: %w", err)
+	}
+	if _, _, err := m.store.Stage(nil, b.cm); err != nil {
+		return fmt.Errorf("batch staged records: %w", err)
+	}
+	if err := m.store.Apply([]*logstore.Commit{b.cm}); err != nil {
+		return fmt.Errorf("batch staged records: %w", err)
+	}
+	if err := m.store.Release(m.store.NextFrame()); err != nil {
+		m.log.Warn("write-ahead log segments not deleted", "err", err)
+	}
+	m.log.Info("records were durable but not batched: batched them now", "epoch", m.epoch, "batch", b.cm.Index, "records", len(items))
+	return nil
 }

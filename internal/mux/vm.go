@@ -295,8 +295,18 @@ func (m *Mux) Identity(id conceal.Digest) (*conceal.Identity, error) {
 	})
 }
 
-// NextSeq returns how many of VM id's records are durable.
+// NextSeq returns how many of VM id's records are durable: for a live VM,
+// staged in the write-ahead log (some may not be batched yet).
 func (m *Mux) NextSeq(id conceal.Digest) (uint64, error) {
+	m.mu.Lock()
+	vs, ok := m.vms[id]
+	m.mu.Unlock()
+	if ok {
+		m.commitMu.Lock()
+		n := vs.vm.NextSeq
+		m.commitMu.Unlock()
+		return n, nil
+	}
 	return viewVM(m, id, func(vm *logstore.VM) (uint64, error) { return vm.NextSeq, nil })
 }
 

@@ -115,6 +115,9 @@ type Log struct {
 	size int64     // its size
 	next uint64    // the next frame's sequence number
 	buf  []byte
+	// broken is set when a failed append could not be undone: the file's
+	// end is unknown, so nothing more is appended until a reopen.
+	broken error
 	// frames read by Open, in order; dropped after Frames is called.
 	frames []Frame
 }
@@ -320,9 +323,14 @@ func syncDir(dir string) error {
 
 // Append writes the payloads as consecutive frames with one write and one
 // fdatasync, and returns the first one's sequence number. When it returns
-// nil, every frame is durable. On an error none may be relied on, and the
-// log must not be appended to again (the caller faults; Open recovers).
+// nil, every frame is durable. On an error none may be relied on: a failed
+// write (a full disk) is cut off the file again, so a later Append may
+// succeed; after a failed fdatasync, whose data may or may not be on disk,
+// every later Append fails until the log is reopened (Open recovers).
 func (l *Log) Append(payloads ...[]byte) (uint64, error) {
+	if l.broken != nil {
+		return 0, l.broken
+	}
 	if len(payloads) == 0 {
 		return l.next, nil
 	}
@@ -344,11 +352,16 @@ func (l *Log) Append(payloads ...[]byte) (uint64, error) {
 		l.opts.BeforeWrite(l.f, b)
 	}
 	if _, err := l.f.Write(b); err != nil {
-		return 0, fmt.Errorf("append to write-ahead log %s: %w", l.f.Name(), err)
+		err = fmt.Errorf("append to write-ahead log %s: %w", l.f.Name(), err)
+		if terr := l.f.Truncate(l.size); terr != nil {
+			l.broken = fmt.Errorf("%w; cutting the partial write off failed (%v): reopen the log", err, terr)
+		}
+		return 0, err
 	}
 	if !l.opts.NoSync {
 		if err := unix.Fdatasync(int(l.f.Fd())); err != nil {
-			return 0, fmt.Errorf("sync write-ahead log %s: %w", l.f.Name(), err)
+			l.broken = fmt.Errorf("sync write-ahead log %s: %w (whether the data is on disk is unknown: reopen the log)", l.f.Name(), err)
+			return 0, l.broken
 		}
 	}
 	l.size += int64(len(b))
