@@ -56,7 +56,7 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 }
 
 func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
-	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{})}
+	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{}), extended: make(chan struct{})}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -216,6 +216,10 @@ func (m *Mux) run(ctx context.Context) {
 				m.commitMu.Lock()
 				m.waitExtendedLocked()
 				m.commitMu.Unlock()
+				if np > 0 {
+					// Durable, batched by the next start.
+					m.failAll(nil, ErrClosed)
+				}
 				return
 			}
 			wait := faultRetry
@@ -320,9 +324,12 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	}
 	m.mu.Lock()
 	cands := slices.Concat(m.pending, items)
+	faulted := m.fault != nil
 	m.mu.Unlock()
 	slotTaken := false
-	if len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat {
+	// No batch while faulted: the heal must find the store and the PCR
+	// as the fault left them; staged records wait for it.
+	if !faulted && (len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat) {
 		m.extendSlots <- struct{}{} // free, or a heartbeat waits for one
 		slotTaken = true
 	}
@@ -563,10 +570,6 @@ func (m *Mux) applyLoop() {
 // failure the mux is faulted and the batch (with all queued behind it)
 // fails, durable but not acknowledged.
 func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch) {
-	defer func() {
-		<-m.extendSlots
-		m.kick()
-	}()
 	index := b.cm.Index
 	v := b.cm.Batch.V
 	p := x.prev
@@ -580,6 +583,17 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 		}
 	}
 	close(x.extended)
+	if x.err == nil {
+		for _, it := range b.items {
+			if it.ticket != nil {
+				close(it.ticket.extended)
+			}
+		}
+	}
+	// The slot bounds the batches durable but not extended (what a
+	// crash can leave for recovery to extend); bbolt may lag behind.
+	<-m.extendSlots
+	m.kick()
 	<-x.applied
 	if p != nil {
 		<-p.done

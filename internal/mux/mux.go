@@ -176,9 +176,12 @@ type Ack struct {
 type Ticket struct {
 	done    chan struct{}
 	durable chan struct{} // closed once the submission is staged (durable)
-	once    sync.Once     // done is closed once: acknowledged or failed
-	ack     Ack
-	err     error
+	// extended is closed once its batch is extended into the PCR (it may
+	// not be in bbolt yet: done follows).
+	extended chan struct{}
+	once     sync.Once // done is closed once: acknowledged or failed
+	ack      Ack
+	err      error
 }
 
 // finish completes the ticket, once; a later call changes nothing.
@@ -207,6 +210,25 @@ func (t *Ticket) WaitDurable(ctx context.Context) (bool, error) {
 		return false, t.err
 	case <-ctx.Done():
 		return false, fmt.Errorf("wait for durability: %w", ctx.Err())
+	}
+}
+
+// WaitExtended blocks until the submission's batch is extended into the
+// PCR (nil; bbolt may not hold it yet, Wait says when it does), or the
+// submission failed, or ctx ends.
+func (t *Ticket) WaitExtended(ctx context.Context) error {
+	select {
+	case <-t.extended:
+		return nil
+	case <-t.done:
+		select {
+		case <-t.extended:
+			return nil
+		default:
+		}
+		return t.err
+	case <-ctx.Done():
+		return fmt.Errorf("wait for the extend: %w", ctx.Err())
 	}
 }
 
@@ -462,13 +484,16 @@ type tailBatch struct {
 	v      conceal.Digest
 }
 
-// maxInflight bounds the extends the committer leaves running (each waits
-// for the one before it, so they stay in order) while it writes the next
-// batches, and maxUnextended is then how many of the newest batches a crash
-// can leave durable but not extended: the running ones and the one being
-// written.
+// maxInflight bounds the batches written to the write-ahead log but not
+// yet extended (each extend waits for the one before it, so they stay in
+// order), and maxUnextended is then how many of the newest batches a crash
+// can leave durable but not extended: those, and the one the next start
+// makes of the records staged but not batched (batchUnbatched). Records do
+// not wait for a slot to be durable, only to be batched: one batch at a
+// time keeps an anchored record's wait to the extend running when it
+// arrives and its own.
 const (
-	maxInflight   = 3
+	maxInflight   = 1
 	maxUnextended = maxInflight + 1
 )
 

@@ -90,7 +90,7 @@ func (j *Journal) Append(ctx context.Context, e vpcr.Event) error {
 	if !j.anchored {
 		return nil
 	}
-	if _, err := t.Wait(ctx); err == nil {
+	if err := t.WaitExtended(ctx); err == nil {
 		return nil
 	}
 	for ctx.Err() == nil && j.m.Status().Fault != "" {
