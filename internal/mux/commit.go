@@ -276,6 +276,7 @@ type inflightExtend struct {
 // faulted). It runs under commitMu, so no new one can start.
 func (m *Mux) waitExtendedLocked() error {
 	if x := m.inflight; x != nil {
+		m.flushApply()
 		<-x.done
 		if x.err != nil {
 			return x.err
@@ -506,8 +507,21 @@ func (m *Mux) queueApply(x *inflightExtend) {
 	}
 }
 
-// applyRetry is how often the applier retries batches bbolt refused.
-const applyRetry = 200 * time.Millisecond
+// applyRetry is how often the applier retries batches bbolt refused, and
+// defaultApplyEvery the least time between two bbolt transactions
+// (Config.ApplyEvery).
+const (
+	applyRetry        = 200 * time.Millisecond
+	defaultApplyEvery = 4 * time.Millisecond
+)
+
+// flushApply asks the applier to write what it holds into bbolt now.
+func (m *Mux) flushApply() {
+	select {
+	case m.applyFlush <- struct{}{}:
+	default:
+	}
+}
 
 // applyLoop is the applier. When bbolt refuses batches (a full disk), the
 // mux faults and their records fail (durable in the write-ahead log, not
@@ -517,6 +531,7 @@ func (m *Mux) applyLoop() {
 	defer close(m.applyDone)
 	var retry []*logstore.Commit
 	var last uint64 // release point of the newest batch handed over
+	var applied time.Time
 	for {
 		m.amu.Lock()
 		q := m.applyQ
@@ -529,6 +544,21 @@ func (m *Mux) applyLoop() {
 			}
 			<-m.applyWake
 			continue
+		}
+		if wait := time.Until(applied.Add(m.applyEvery)); wait > 0 && !stop && len(retry) == 0 {
+			// Let batches gather: bbolt's two fsyncs a transaction compete
+			// with the write-ahead log's, and only reads wait for them
+			// (a quote asks for them at once: flushApply).
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-m.applyFlush:
+			}
+			t.Stop()
+			m.amu.Lock()
+			q = append(q, m.applyQ...)
+			m.applyQ = nil
+			m.amu.Unlock()
 		}
 		cms := retry
 		for _, x := range q {
@@ -545,6 +575,7 @@ func (m *Mux) applyLoop() {
 			if rerr := m.store.Release(last); rerr != nil {
 				m.log.Warn("write-ahead log segments not deleted", "err", rerr)
 			}
+			applied = time.Now()
 		}
 		for _, x := range q {
 			x.applyErr = err

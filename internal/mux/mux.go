@@ -138,13 +138,15 @@ type Mux struct {
 	// first (guarded by mu; the committer moves them into batches).
 	pending []*item
 	// The applier (applyLoop) writes durable batches into bbolt in order.
-	amu       sync.Mutex
-	applyQ    []*inflightExtend
-	applyStop bool
-	applyWake chan struct{}
-	applyDone chan struct{}
-	done      chan struct{}
-	stopRun   context.CancelFunc
+	amu        sync.Mutex
+	applyQ     []*inflightExtend
+	applyStop  bool
+	applyWake  chan struct{}
+	applyFlush chan struct{}
+	applyDone  chan struct{}
+	applyEvery time.Duration // least time between bbolt transactions
+	done       chan struct{}
+	stopRun    context.CancelFunc
 }
 
 type vmState struct {
@@ -302,6 +304,8 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 		extendSlots: make(chan struct{}, maxInflight),
 		applyDone:   make(chan struct{}),
 		applyWake:   make(chan struct{}, 1),
+		applyFlush:  make(chan struct{}, 1),
+		applyEvery:  defaultApplyEvery,
 	}
 	if err := m.openDataKey(ctx); err != nil {
 		return nil, err
