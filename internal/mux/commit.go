@@ -614,6 +614,12 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 		}
 	}
 	close(x.extended)
+	// The slot bounds the batches durable but not extended (what a
+	// crash can leave for recovery to extend); bbolt may lag behind. It is
+	// free before an anchored guest learns of the extend, so the guest's
+	// next event finds it free and is batched in the write that stages it.
+	<-m.extendSlots
+	m.kick()
 	if x.err == nil {
 		for _, it := range b.items {
 			if it.ticket != nil {
@@ -621,10 +627,6 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 			}
 		}
 	}
-	// The slot bounds the batches durable but not extended (what a
-	// crash can leave for recovery to extend); bbolt may lag behind.
-	<-m.extendSlots
-	m.kick()
 	<-x.applied
 	if p != nil {
 		<-p.done
