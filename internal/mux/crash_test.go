@@ -555,6 +555,7 @@ func TestCrashKill9(t *testing.T) {
 		}
 	}
 
+	late := 0 // kills after start-up so far: every other one is at a crash point
 	for i := 0; i < kills; i++ {
 		cfg := crashChildConfig{Spec: sw.Spec(), Dir: dir, Seed: seed + uint64(i)}
 		delay := crashMinDelay + time.Duration(rng.Int64N(int64(crashMaxDelay-crashMinDelay)))
@@ -565,10 +566,13 @@ func TestCrashKill9(t *testing.T) {
 		// child's own, at a crash point (write-ahead log, bbolt apply),
 		// with the timed kill as a backstop.
 		early := i == 0 || rng.IntN(4) == 0
-		if !early && i%2 == 1 {
-			cfg.Point = crashPoints[(i/2)%len(crashPoints)]
-			cfg.After = 1 + rng.IntN(60)
-			delay = 4 * crashMaxDelay
+		if !early {
+			if late%2 == 1 {
+				cfg.Point = crashPoints[(late/2)%len(crashPoints)]
+				cfg.After = 1 + rng.IntN(60)
+				delay = 4 * crashMaxDelay
+			}
+			late++
 		}
 		r := startCrashChild(t, cfg)
 		if early {
@@ -829,7 +833,7 @@ func TestCrashKill9(t *testing.T) {
 	}
 	t.Logf("kills %d (%d before the child was ready; at crash points: %v); ACK lines %d; records acknowledged %d, durable %d, lost %d, doubled %d, gaps %d; records a kill left durable but unacknowledged (found by the agents' resume, not resent): %d; restarts that found a durable batch not yet extended: %d, durable records not yet batched: %d; identity files restored from the store: %d; log: %d batches, %d entries",
 		kills, earlyKills, selfKills, ackLines, totalAcked, totalDurable, lost, doubled, gaps, unacked, unextended, unbatched, identRestored, status.Batches, status.Entries)
-	if kills >= 2*len(crashPoints)+4 {
+	if kills >= crashDefaultKills {
 		for _, p := range crashPoints {
 			if selfKills[p] == 0 {
 				t.Errorf("no kill landed at crash point %s", p)
