@@ -163,6 +163,7 @@ type Store struct {
 	// unbatched are the staged records Open found in no batch.
 	unbatched     []Staged
 	unbatchedFrom uint64
+	released      uint64 // frames before it are applied (Release)
 }
 
 // view runs a read transaction.
@@ -662,10 +663,15 @@ func (s *Store) Forget(id [32]byte) error {
 }
 
 // Compact rewrites the store into a fresh file and replaces the old one,
-// so that pages freed by Forget leave no copy in the state directory. It
-// may run while the store is in use: transactions wait for it. A crash
-// leaves either file whole (the new one is renamed over the old).
+// so that pages freed by Forget leave no copy in the state directory, and
+// deletes the write-ahead log segments whose frames are all applied (they
+// may hold a forgotten VM's records). It may run while the store is in
+// use: transactions wait for it. A crash leaves either file whole (the new
+// one is renamed over the old).
 func (s *Store) Compact() error {
+	if err := s.dropAppliedWAL(); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	tmp := s.path + ".compact"

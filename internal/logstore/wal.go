@@ -100,6 +100,7 @@ func (s *Store) Apply(cs []*Commit) error {
 func (s *Store) Release(seq uint64) error {
 	s.walMu.Lock()
 	defer s.walMu.Unlock()
+	s.released = max(s.released, seq)
 	if _, err := s.wal.Release(seq); err != nil {
 		return fmt.Errorf("release write-ahead log: %w", err)
 	}
@@ -206,6 +207,7 @@ func (s *Store) replayWAL() error {
 	}
 	if len(s.unbatched) == 0 {
 		s.unbatchedFrom = s.wal.Next()
+		s.released = s.wal.Next()
 		if _, err := s.wal.Release(s.wal.Next()); err != nil {
 			return fmt.Errorf("release write-ahead log: %w", err)
 		}
@@ -234,4 +236,19 @@ func nextBatchIndex(tx *bolt.Tx, epoch uint64) uint64 {
 		return 0
 	}
 	return binary.BigEndian.Uint64(k[8:]) + 1
+}
+
+// dropAppliedWAL rotates the write-ahead log and deletes every segment
+// whose frames are all applied (Compact: no copy of forgotten data may
+// stay in a segment).
+func (s *Store) dropAppliedWAL() error {
+	s.walMu.Lock()
+	defer s.walMu.Unlock()
+	if err := s.wal.Rotate(); err != nil {
+		return fmt.Errorf("rotate write-ahead log: %w", err)
+	}
+	if _, err := s.wal.Release(s.released); err != nil {
+		return fmt.Errorf("release write-ahead log: %w", err)
+	}
+	return nil
 }

@@ -271,19 +271,41 @@ type inflightExtend struct {
 	prev     *inflightExtend
 }
 
-// waitExtendedLocked waits until no batch is being applied or extended:
-// then PCR p holds the value the store replays to (or the mux is
-// faulted). It runs under commitMu, so no new one can start.
+// waitExtendedLocked waits until every staged record is batched (unless
+// the mux is faulted) and no batch is being applied or extended: then PCR
+// p holds the value the store replays to, and bbolt holds every durable
+// record (or the mux is faulted). It runs under commitMu, so nothing new
+// is staged meanwhile.
 func (m *Mux) waitExtendedLocked() error {
-	if x := m.inflight; x != nil {
-		m.flushApply()
-		<-x.done
-		if x.err != nil {
-			return x.err
+	for {
+		var err error
+		if x := m.inflight; x != nil {
+			m.flushApply()
+			<-x.done
+			err = cmp.Or(x.err, x.applyErr)
 		}
-		return x.applyErr
+		m.mu.Lock()
+		np, faulted := len(m.pending), m.fault != nil
+		m.mu.Unlock()
+		if np == 0 || faulted || err != nil {
+			return err
+		}
+		ctx := m.runCtx
+		if ctx == nil {
+			ctx = context.Background()
+		}
+		if err := m.commit(ctx, nil, false); err != nil {
+			return err
+		}
 	}
-	return nil
+}
+
+// syncStore waits until bbolt holds every record staged so far (see
+// waitExtendedLocked), for readers of the store that must see them all.
+func (m *Mux) syncStore() {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	m.waitExtendedLocked()
 }
 
 // stagedVM is a VM's state before a group staged its records, to restore

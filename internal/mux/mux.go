@@ -146,6 +146,7 @@ type Mux struct {
 	applyDone  chan struct{}
 	applyEvery time.Duration // least time between bbolt transactions
 	done       chan struct{}
+	runCtx     context.Context // the committer's; extends run under it
 	stopRun    context.CancelFunc
 }
 
@@ -330,7 +331,7 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 		}
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
-	m.stopRun = cancel
+	m.runCtx, m.stopRun = runCtx, cancel
 	go m.applyLoop()
 	go m.run(runCtx)
 	return m, nil

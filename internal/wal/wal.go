@@ -392,6 +392,19 @@ func (l *Log) Release(seq uint64) (int, error) {
 	return n, nil
 }
 
+// Rotate starts a new segment if the current one holds any frame, so that
+// a Release can delete every frame written so far once it is applied (a
+// store that forgets data calls it: no segment keeps the data longer).
+func (l *Log) Rotate() error {
+	if l.broken != nil {
+		return l.broken
+	}
+	if l.size <= int64(len(segMagic)) {
+		return nil
+	}
+	return l.newSegment()
+}
+
 // Segments returns how many segment files the log has.
 func (l *Log) Segments() int { return len(l.segs) }
 

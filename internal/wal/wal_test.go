@@ -229,6 +229,21 @@ func TestRelease(t *testing.T) {
 	if len(fr) == 0 || fr[len(fr)-1].Seq != 101 {
 		t.Fatalf("after releasing all and appending: %v", fr)
 	}
+	// Rotate + Release of everything leaves no frame on disk.
+	if err := l.Rotate(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Release(l.Next()); err != nil || l.Segments() != 1 {
+		t.Fatalf("after Rotate, Release(next): %d segments, %v", l.Segments(), err)
+	}
+	l.Close()
+	l, err = Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fr := l.Frames(); len(fr) != 0 || l.Next() != 102 {
+		t.Fatalf("after Rotate and Release: %d frames, next %d", len(fr), l.Next())
+	}
 	l.Close()
 }
 
