@@ -1,11 +1,12 @@
 // Package wal is an append-only write-ahead log of checksummed, numbered
 // frames in rotated segment files. One Append is one write(2) and one
 // fdatasync, however many frames it carries, so a caller that groups its
-// work pays one sync per group. On Open, a torn tail (a frame cut short or
-// garbled at the very end of the newest segment, what a crash in the middle
-// of an unsynced write leaves) is truncated; a damaged frame followed by a
-// valid one is not a crash artefact but corruption, and Open refuses it with
-// an error naming the file and offset. Segments are deleted by Release once
+// work pays one sync per group. On Open, a torn tail (damage within the
+// last write of the newest segment, what a crash or power loss in the
+// middle of an unsynced write leaves; each write's last frame is marked)
+// is truncated; a damaged frame followed by a whole later write is not a
+// crash artefact but corruption, and Open refuses it with an error naming
+// the file and offset. Segments are deleted by Release once
 // their frames are applied elsewhere.
 package wal
 
@@ -23,9 +24,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Frame layout: u32 payload length, u32 CRC-32C of (length, seq, payload),
-// u64 sequence number, payload. Sequence numbers are consecutive across
-// segments, starting at 1.
+// Frame layout: u32 payload length (its top bit set on the last frame of
+// an Append), u32 CRC-32C of (length, seq, payload), u64 sequence number,
+// payload. Sequence numbers are consecutive across segments, starting at 1.
 const (
 	headerSize = 16
 	// MaxPayload bounds one frame's payload: a length above it is damage,
@@ -47,16 +48,30 @@ var ErrCorrupt = errors.New("write-ahead log corrupt")
 // errShort is Decode's answer for bytes that end inside a frame.
 var errShort = errors.New("frame cut short")
 
+// groupEnd is the length field's flag of the last frame of an Append.
+const groupEnd = 1 << 31
+
 // Frame is one decoded frame.
 type Frame struct {
 	Seq     uint64
 	Payload []byte
+	// Last says the frame ended its Append: only the frames of the last
+	// Append, unsynced at a crash, may be damaged by it.
+	Last bool
 }
 
-// Encode appends the frame (seq, payload) to b.
+// Encode appends the frame (seq, payload), the last of its Append, to b.
 func Encode(b []byte, seq uint64, payload []byte) []byte {
+	return encode(b, seq, payload, true)
+}
+
+func encode(b []byte, seq uint64, payload []byte, last bool) []byte {
 	var h [headerSize]byte
-	binary.LittleEndian.PutUint32(h[0:], uint32(len(payload)))
+	n := uint32(len(payload))
+	if last {
+		n |= groupEnd
+	}
+	binary.LittleEndian.PutUint32(h[0:], n)
 	binary.LittleEndian.PutUint64(h[8:], seq)
 	binary.LittleEndian.PutUint32(h[4:], checksum(h[:], payload))
 	b = append(b, h[:]...)
@@ -78,6 +93,8 @@ func Decode(b []byte) (Frame, int, error) {
 		return Frame{}, 0, errShort
 	}
 	n := binary.LittleEndian.Uint32(b[0:])
+	last := n&groupEnd != 0
+	n &^= groupEnd
 	if n > MaxPayload {
 		return Frame{}, 0, fmt.Errorf("%w: frame length %d exceeds %d", ErrCorrupt, n, MaxPayload)
 	}
@@ -88,7 +105,7 @@ func Decode(b []byte) (Frame, int, error) {
 	if checksum(b[:headerSize], payload) != binary.LittleEndian.Uint32(b[4:]) {
 		return Frame{}, 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
-	return Frame{Seq: binary.LittleEndian.Uint64(b[8:]), Payload: payload}, headerSize + int(n), nil
+	return Frame{Seq: binary.LittleEndian.Uint64(b[8:]), Payload: payload, Last: last}, headerSize + int(n), nil
 }
 
 // Options tune a Log; the zero value is the safe default.
@@ -222,9 +239,11 @@ func (l *Log) readSegment(s segment, last bool) error {
 			if !last {
 				return fmt.Errorf("%s offset %d: %w (the segment is not the newest, so this is not a torn write: restore the state directory from a backup or move the segment aside, losing what it holds)", s.path, off, errors.Join(ErrCorrupt, err))
 			}
-			if at, ok := l.validAfter(b, off+1); ok {
-				return fmt.Errorf("%s offset %d: %w: a valid frame follows at offset %d, so this is damage, not a torn write (restore the state directory from a backup)", s.path, off, errors.Join(ErrCorrupt, err), at)
+			if at, ok := l.laterAppend(b, off+1); ok {
+				return fmt.Errorf("%s offset %d: %w: a whole later write follows at offset %d, so this is damage, not a torn write (restore the state directory from a backup)", s.path, off, errors.Join(ErrCorrupt, err), at)
 			}
+			// A torn last write: a crash, or a power loss that kept some
+			// of its pages and not others. None of it was acknowledged.
 			return l.truncate(s.path, int64(off), false)
 		}
 		l.frames = append(l.frames, Frame{Seq: fr.Seq, Payload: slices.Clone(fr.Payload)})
@@ -234,11 +253,30 @@ func (l *Log) readSegment(s segment, last bool) error {
 	return nil
 }
 
-// validAfter reports whether a frame that decodes, with a sequence number
-// this log could still hold, starts at or after offset from in b.
-func (l *Log) validAfter(b []byte, from int) (int, bool) {
-	for at := from; at+headerSize <= len(b); at++ {
-		if fr, _, err := Decode(b[at:]); err == nil && fr.Seq >= l.next {
+// laterAppend reports whether, after a bad frame, b holds the frames of a
+// later Append than the one the bad frame may belong to: then the bad
+// frame is not in the last, unsynced write, and is damage. The frames of
+// the last write that follow a bad one (a power loss can keep its later
+// pages and lose an earlier one) are at most one Append: a run of valid
+// frames to the end of b in which only the final one ends an Append.
+func (l *Log) laterAppend(b []byte, from int) (int, bool) {
+	at := -1
+	for p := from; p+headerSize <= len(b); p++ {
+		if fr, _, err := Decode(b[p:]); err == nil && fr.Seq >= l.next {
+			at = p
+			break
+		}
+	}
+	if at < 0 {
+		return 0, false
+	}
+	for p := at; p < len(b); {
+		fr, n, err := Decode(b[p:])
+		if err != nil {
+			return at, true // damaged again: not one torn write
+		}
+		p += n
+		if fr.Last && p < len(b) {
 			return at, true
 		}
 	}
@@ -345,7 +383,7 @@ func (l *Log) Append(payloads ...[]byte) (uint64, error) {
 		if len(p) > MaxPayload {
 			return 0, fmt.Errorf("write-ahead log frame of %d bytes exceeds %d", len(p), MaxPayload)
 		}
-		b = Encode(b, first+uint64(i), p)
+		b = encode(b, first+uint64(i), p, i == len(payloads)-1)
 	}
 	l.buf = b
 	if l.opts.BeforeWrite != nil {

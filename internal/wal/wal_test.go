@@ -123,7 +123,14 @@ func TestTornTailVersusDamage(t *testing.T) {
 		{"zeros appended", func(b []byte) []byte { return append(b, make([]byte, 4096)...) }, n, ""},
 		{"last frame's payload flipped", func(b []byte) []byte { b[len(b)-1] ^= 1; return b }, n - 1, ""},
 		{"a middle frame's payload flipped", func(b []byte) []byte { b[len(segMagic)+headerSize+2] ^= 0x40; return b }, -1, "offset " + fmt.Sprint(len(segMagic))},
-		{"a middle frame's length changed", func(b []byte) []byte { b[len(segMagic)] ^= 0x08; return b }, -1, "a valid frame follows"},
+		{"a middle frame's length changed", func(b []byte) []byte { b[len(segMagic)] ^= 0x08; return b }, -1, "a whole later write follows"},
+		// Groups of 4: frames 17-20 are the last write. A power loss may
+		// keep its later pages and lose an earlier one.
+		{"last write's first frame lost, the rest kept", func(b []byte) []byte {
+			return zeroFrame(b, 17)
+		}, 16, ""},
+		{"last write's middle frame lost", func(b []byte) []byte { return zeroFrame(b, 19) }, 18, ""},
+		{"an earlier write's frame lost", func(b []byte) []byte { return zeroFrame(b, 15) }, -1, "a whole later write follows"},
 		{"header damaged", func(b []byte) []byte { b[0] = 'X'; return b }, -1, "not a tpmmux write-ahead log segment"},
 		{"header cut at creation", func(b []byte) []byte { return b[:5] }, 0, ""},
 	} {
@@ -163,6 +170,17 @@ func TestTornTailVersusDamage(t *testing.T) {
 			l.Close()
 		})
 	}
+}
+
+// zeroFrame zeroes frame seq's bytes in segment bytes b (frames 1.. of
+// payload(i-1), starting after the header).
+func zeroFrame(b []byte, seq int) []byte {
+	off := len(segMagic)
+	for i := 1; i < seq; i++ {
+		off += headerSize + len(payload(i-1))
+	}
+	clear(b[off : off+headerSize+len(payload(seq-1))])
+	return b
 }
 
 // TestDamageInOlderSegment: an older segment is complete by construction
@@ -280,13 +298,14 @@ func TestTornWriteHook(t *testing.T) {
 func FuzzDecode(f *testing.F) {
 	f.Add(Encode(nil, 1, []byte("hello")))
 	f.Add(Encode(nil, 1<<40, nil))
+	f.Add(encode(nil, 7, []byte("not last"), false))
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fr, n, err := Decode(b)
 		if err != nil {
 			return
 		}
-		if n > len(b) || !bytes.Equal(Encode(nil, fr.Seq, fr.Payload), b[:n]) {
+		if n > len(b) || !bytes.Equal(encode(nil, fr.Seq, fr.Payload, fr.Last), b[:n]) {
 			t.Fatalf("decoded %d bytes that do not re-encode", n)
 		}
 	})
