@@ -85,7 +85,8 @@ func (d *Daemon) listenVTPM(path string) (*net.UnixListener, error) {
 // and its in-flight record are kept in the fd store; kept ones a previous
 // process left (a crash or restart) are served first. It ends when e
 // closes.
-func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event) error {
+// mods adjust the vTPM's configuration last (an incoming VM's: migrate.go).
+func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event, mods ...func(*vtpm.Config)) error {
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
 	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
@@ -101,6 +102,9 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 				go d.keepConns(e, s)
 			}
 		}
+	}
+	for _, m := range mods {
+		m(&cfg)
 	}
 	v, err := vtpm.New(cfg, past)
 	if err != nil {

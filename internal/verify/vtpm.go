@@ -54,6 +54,22 @@ type vtpmTrack struct {
 	byBoot  map[string]*tpmBoot // agent boot id -> the vTPM boot current when it first appeared
 	entries map[string][]measured
 	events  int
+	// taken: the track starts from a migrated-in record's vPCRs whose
+	// earlier events were not verified (Options.LastSegmentOnly), so IMA
+	// entries of a boot begun on an earlier host cannot be paired.
+	taken bool
+}
+
+// newVTPMTrackFrom is newVTPMTrack from the vPCRs a VM arrived with.
+func newVTPMTrackFrom(banks []uint16, sn *vpcr.Snapshot) (*vtpmTrack, error) {
+	t, err := newVTPMTrack(banks)
+	if err != nil {
+		return nil, err
+	}
+	if t.state, err = vpcr.FromSnapshot(sn); err != nil {
+		return nil, err
+	}
+	return t, nil
 }
 
 type measured struct {
@@ -144,6 +160,9 @@ func (t *vtpmTrack) readPCRs09() [][]byte {
 func (t *vtpmTrack) check(rep *Report) error {
 	vr := &VTPMReport{PCRs: map[string][]string{}, Events: t.events, Boots: len(t.boots)}
 	rep.VTPM = vr
+	if t.taken {
+		t.entries, t.boots = nil, nil // no pairing: see vtpmTrack.taken
+	}
 	for _, a := range t.state.Active() {
 		vr.Banks = append(vr.Banks, a.String())
 		vals := make([]string, vpcr.NumPCRs)

@@ -1,0 +1,224 @@
+package migrate
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/enroll"
+	"github.com/tpmmux/tpmmux/internal/enroll/enrolltest"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// host is one bridge of the test: a real TPM (the in-process simulator or
+// a manufactured swtpm), a real multiplexer on it, its enrolled record,
+// and its migration engine.
+type host struct {
+	name   string
+	tp     tpm.TPM
+	mux    *mux.Mux
+	rec    *enroll.Record
+	recPth string
+	state  string
+	pin    string
+	l      net.Listener
+	eng    *Engine
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// testMux is the engine's Mux on a real multiplexer.
+type testMux struct{ *mux.Mux }
+
+func (m testMux) MigrateOut(ctx context.Context, id conceal.Digest, out Out) (*evidence.Evidence, error) {
+	return m.Mux.MigrateOut(ctx, id, MigratedOut(out))
+}
+
+// arrive opens the arrived VM's segment on h (mux MigrateIn), as the
+// daemon does, and tells the source the handover is done.
+func arrive(t *testing.T, h *host, ar *Arrival) conceal.Digest {
+	t.Helper()
+	id, err := h.mux.MigrateIn(t.Context(), mux.Arrival{Identity: ar.Identity, Launch: mux.Launch{Name: ar.Name},
+		SourceHost: ar.SourceHost, SourceAK: ar.SourceAK, Chain: ar.Chain, VPCRs: ar.VPCRs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.eng.Done(t.Context(), ar.Identity.UUID); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// attest verifies h's fresh evidence of the VM against every host's AK
+// and returns the number of segments.
+func attest(t *testing.T, h *host, ident *conceal.Identity, hosts ...*host) int {
+	t.Helper()
+	nonce := []byte("a fresh verifier nonce, 32 bytes")
+	ev, err := h.mux.Evidence(t.Context(), ident.ID(), nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var aks []*ecdsa.PublicKey
+	for _, x := range hosts {
+		aks = append(aks, x.tp.AK())
+	}
+	rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: ident, AKs: aks})
+	if err != nil {
+		t.Fatalf("evidence of %s on %s: %v", conceal.FormatUUID(ident.UUID), h.name, err)
+	}
+	return len(rep.Segments)
+}
+
+// twoHosts starts host a on the simulator (ECC EK, test vendor CA) and
+// host b on swtpm (RSA EK from swtpm_setup), enrolls both, and writes the
+// EK CA bundle both trust. The engines are not made yet (newEngine).
+func twoHosts(t *testing.T) (a, b *host, ekCA string) {
+	t.Helper()
+	ctx := t.Context()
+	p, swCA := swtpmproc.ManufactureTest(t, "")
+	dir := t.TempDir()
+	a = &host{name: "hosta", state: filepath.Join(dir, "a")}
+	b = &host{name: "hostb", state: filepath.Join(dir, "b")}
+	var err error
+	if a.tp, err = tpm.Open(ctx, "sim"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.tp.Close() })
+	if b.tp, err = tpm.Open(ctx, p.Spec()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.tp.Close() })
+	vendor, err := enrolltest.NewCA("vendor EK CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := enrolltest.Provision(ctx, a.tp, vendor); err != nil {
+		t.Fatal(err)
+	}
+	bundle, err := swCA.Bundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ekCA = filepath.Join(dir, "ek-ca.pem")
+	if err := os.WriteFile(ekCA, append(append([]byte{}, vendor.PEM...), bundle...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pool, _, err := enroll.ParseCAs(append(append([]byte{}, vendor.PEM...), bundle...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range []*host{a, b} {
+		if err := os.MkdirAll(h.state, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		h.rec = enrollHost(t, h.tp, h.name, pool)
+		if h.recPth, err = enroll.Save(filepath.Join(dir, "enrolled-"+h.name), h.rec); err != nil {
+			t.Fatal(err)
+		}
+		st, err := logstore.Open(filepath.Join(h.state, "log.db"), &logstore.Options{NoSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := mux.Open(ctx, h.tp, st, mux.Config{Host: h.name, Logger: quiet()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close(); st.Close() })
+		h.mux = m
+		if h.pin, err = (&Config{}).CertSHA256(h.state, h.name); err != nil {
+			t.Fatal(err)
+		}
+		if h.l, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.l.Close() })
+	}
+	return a, b, ekCA
+}
+
+func quiet() *slog.Logger {
+	if testing.Verbose() {
+		return slog.Default()
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// enrollHost runs the enrollment of docs/trust.md for tp.
+func enrollHost(t *testing.T, tp tpm.TPM, name string, pool *x509.CertPool) *enroll.Record {
+	t.Helper()
+	ctx := t.Context()
+	en := tp.(tpm.Enroller)
+	e, err := en.Enrollment(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &enroll.Request{Version: enroll.Version, Host: name, EKKind: string(e.Kind),
+		EKCertIndex: fmt.Sprintf("0x%08x", e.CertIndex),
+		EKCert:      string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.EKCert})),
+		EKPublic:    e.EKPublic, AKPublic: e.AKPublic}
+	chal, st, err := enroll.NewChallenge(req, pool, enroll.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := en.ActivateCredential(ctx, tpm.EKKind(chal.EKKind), chal.CredentialBlob, chal.EncryptedSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := enroll.Finish(st, &enroll.Answer{Version: enroll.Version, Request: chal.Request, Secret: s}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+// peerOf is h as a peer in another host's configuration.
+func peerOf(h *host) Peer {
+	return Peer{Name: h.name, Address: h.l.Addr().String(), TLSSHA256: h.pin, Enrolled: h.recPth}
+}
+
+// start makes h's engine with peers and serves it on h's listener.
+func start(t *testing.T, h *host, ekCA string, peers ...*host) {
+	t.Helper()
+	if h.eng != nil {
+		h.cancel()
+		<-h.done
+		l, err := net.Listen("tcp", h.l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.l = l
+	}
+	cfg := Config{EKCA: ekCA, HandoverTimeout: "30s"}
+	for _, p := range peers {
+		cfg.Peers = append(cfg.Peers, peerOf(p))
+	}
+	eng, err := New(Options{Config: cfg, StateDir: h.state, Host: h.name, AK: h.tp.AK(), Mux: testMux{h.mux},
+		TPM: h.tp.(tpm.Enroller), Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	h.eng, h.cancel, h.done = eng, cancel, done
+	go func() {
+		defer close(done)
+		eng.Serve(ctx, h.l)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
