@@ -24,7 +24,6 @@ import (
 	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
 )
 
-
 // migHosts makes two bridges that trust each other for live migration:
 // a on the simulator (ECC EK, a test vendor CA), b on a manufactured
 // swtpm (RSA EK from swtpm_setup), each enrolled and pinned by the other.
