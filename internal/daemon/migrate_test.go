@@ -285,3 +285,46 @@ func TestMigrateUnknownVM(t *testing.T) {
 		t.Fatalf("migrate of a VM no peer runs: %v", err)
 	}
 }
+
+// A VM with a bridge-served vTPM: the destination's vTPM socket exists at
+// prepare (QEMU connects to it as it starts and moves its state blobs
+// through it), the vTPM is incoming until the handover, then adopts the
+// vPCRs the source had when the VM stopped.
+func TestMigrationVTPM(t *testing.T) {
+	a, b := migHosts(t)
+	withTPM := func(e *env) string {
+		sock := filepath.Join(e.cfg.VTPMDir, "vm-v.sock")
+		return strings.Replace(e.domainXML("vm-v", migUUID), "</devices>", "<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='"+sock+"'/></backend></tpm></devices>", 1)
+	}
+	xa, xb := withTPM(a), withTPM(b)
+	a.mustCall(&control.Request{Op: control.OpPrepare, XML: xa})
+	want, err := a.d.vtpmSnapshot("vm-v")
+	if err != nil || want == nil {
+		t.Fatalf("source vTPM snapshot: %v %v", want, err)
+	}
+	b.mustCall(&control.Request{Op: control.OpMigrate, Name: "vm-v", XML: xb})
+	b.mustCall(&control.Request{Op: control.OpPrepare, XML: xb})
+	if _, err := os.Stat(filepath.Join(b.cfg.VTPMDir, "vm-v.sock")); err != nil {
+		t.Fatalf("no vTPM socket on the destination at prepare: %v", err)
+	}
+	in := b.d.incomingOf("vm-v")
+	if in == nil || in.e.vtpm == nil || !in.e.vtpm.v.Incoming() {
+		t.Fatal("the destination's vTPM is not incoming")
+	}
+	a.mustCall(&control.Request{Op: control.OpStopped, Name: "vm-v", Reason: "-"})
+	a.mustCall(&control.Request{Op: control.OpRelease, Name: "vm-v", Reason: "-"})
+	waitFor(t, "the VM live on the destination", func() bool { v := vmRow(t, b, "vm-v", false); return v != nil && v.Live })
+	e := b.d.entry("vm-v")
+	if e == nil || e.vtpm == nil || e.vtpm.v.Incoming() {
+		t.Fatal("the destination's vTPM did not adopt the handover")
+	}
+	got := e.vtpm.v.PCRs().Snapshot()
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("vPCRs on the destination %+v, want the source's %+v", got, want)
+	}
+	nonce := []byte("verifier nonce 2")
+	ev := b.mustCall(&control.Request{Op: control.OpEvidence, VM: "vm-v", Nonce: nonce}).Evidence
+	if rep := verifyChain(t, ev, nonce, a.tp, b.tp); len(rep.Segments) != 2 {
+		t.Fatalf("%d segments", len(rep.Segments))
+	}
+}
