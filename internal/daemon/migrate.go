@@ -76,9 +76,6 @@ func (m engineMux) Lookup(name string) (conceal.Digest, bool) { return m.d.mux.L
 func (m engineMux) Identity(id conceal.Digest) (*conceal.Identity, error) {
 	return m.d.mux.Identity(id)
 }
-func (m engineMux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
-	return m.d.mux.FinalEvidence(id)
-}
 func (m engineMux) MigrateOut(ctx context.Context, id conceal.Digest, out migrate.Out) (*evidence.Evidence, error) {
 	return m.d.migrateOut(ctx, id, out)
 }

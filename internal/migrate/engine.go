@@ -37,18 +37,16 @@ type Out struct {
 }
 
 // Mux is the multiplexer as the engine uses it (mux.Mux's MigrateOut,
-// FinalEvidence, Lookup and Identity).
+// Lookup and Identity).
 type Mux interface {
 	// Lookup finds the live instance of the domain named name.
 	Lookup(name string) (conceal.Digest, bool)
 	// Identity is instance id's identity, K included.
 	Identity(id conceal.Digest) (*conceal.Identity, error)
 	// MigrateOut ends the VM's segment here with a migrated-out record and
-	// returns the final evidence of its chain.
+	// returns the final evidence of its chain; called again with the same
+	// out (a handover answered again after a restart) it returns the same.
 	MigrateOut(ctx context.Context, id conceal.Digest, out Out) (*evidence.Evidence, error)
-	// FinalEvidence is an ended instance's final evidence (kept at
-	// MigrateOut), to answer a handover again after a restart.
-	FinalEvidence(id conceal.Digest) (*evidence.Evidence, error)
 }
 
 // Activator is the destination's TPM: it releases a credential's secret
@@ -100,8 +98,9 @@ type Options struct {
 // peer is a configured peer, resolved.
 type peer struct {
 	Peer
-	pin [32]byte
-	rcp *Recipient
+	pin    [32]byte
+	rcp    *Recipient
+	client *http.Client // keeps its TLS connections open between calls
 }
 
 // Engine is one bridge's side of handovers, as source and as destination.
@@ -194,6 +193,7 @@ func New(o Options) (*Engine, error) {
 			return nil, fmt.Errorf("migration peer %s: tls_sha256 is this bridge's own certificate", p.Name)
 		}
 		pp := &peer{Peer: p, pin: pin, rcp: rcp}
+		pp.client = &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(pp), MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute}}
 		e.peers = append(e.peers, pp)
 		e.byPin[pin] = pp
 	}
@@ -482,19 +482,22 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	if r.Answer != nil && r.Answer.Evidence != nil {
 		return r.Answer, nil
 	}
-	if r.Answer != nil { // sealed and migrated out before a restart: the evidence is kept
+	if r.Answer != nil {
+		// Sealed before a restart (or a failed MigrateOut): MigrateOut
+		// again, which for the same destination and nonce returns the same
+		// final evidence, or ends the segment now if it had not.
 		id, err := hexID(r.ID)
 		if err != nil {
 			return nil, err
 		}
-		ev, err := e.o.Mux.FinalEvidence(id)
+		ev, err := e.o.Mux.MigrateOut(ctx, id, Out{DestHost: p.Name, DestAK: p.rcp.AKFP, Nonce: r.Nonce, Credential: r.Answer.Credential.Digest()})
 		if err != nil {
-			return nil, fmt.Errorf("final evidence of %s: %w", r.Name, err)
+			return nil, fmt.Errorf("migrate out %s: %w", r.Name, err)
 		}
 		if r.Answer.Evidence, err = ev.MarshalBinary(); err != nil {
 			return nil, err
 		}
-		return r.Answer, e.save(r)
+		return r.Answer, nil
 	}
 	id, ok := e.o.Mux.Lookup(r.Name)
 	if !ok {
@@ -530,13 +533,13 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	}
 	ev, err := e.o.Mux.MigrateOut(ctx, id, Out{DestHost: p.Name, DestAK: p.rcp.AKFP, Nonce: r.Nonce, Credential: cred.Digest()})
 	if err != nil {
+		// The sealed answer stays: a retried poll migrates out again.
 		return nil, fmt.Errorf("migrate out %s: %w", r.Name, err)
 	}
+	// The evidence is not stored again: a restarted source takes it from
+	// the ended instance (FinalEvidence).
 	if ans.Evidence, err = ev.MarshalBinary(); err != nil {
 		return nil, err
-	}
-	if err := e.save(r); err != nil {
-		e.o.Logger.Warn("store handover evidence", "vm", r.Name, "err", err)
 	}
 	e.o.Logger.Info("migration handed over", "vm", r.Name, "dest", p.Name)
 	return ans, nil
@@ -681,8 +684,11 @@ func (e *Engine) call(ctx context.Context, p *peer, path string, req, resp any) 
 		return err
 	}
 	hr.Header.Set("Content-Type", "application/json")
-	c := &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(p), ForceAttemptHTTP2: false, DisableKeepAlives: true}}
-	r, err := c.Do(hr)
+	// Every call may be sent again (a reserve with the same nonce, a
+	// handover poll, a cancel or done): this lets the client retry one
+	// that met a kept-alive connection the peer had closed (a restart).
+	hr.Header.Set("Idempotency-Key", path)
+	r, err := p.client.Do(hr)
 	if err != nil {
 		return fmt.Errorf("migration peer %s at %s: %w", p.Name, p.Address, err)
 	}
