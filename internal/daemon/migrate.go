@@ -213,7 +213,7 @@ func (d *Daemon) prepareIncoming(dom *libvirt.Domain, xml []byte, plan listenPla
 		}
 		in.journal = &lateJournal{}
 		if err := d.serveVTPM(e, plan.vtpm, vl, nil, func(c *vtpm.Config) {
-			c.Incoming, c.Journal, c.Inflight, c.Trace = true, in.journal, nil, nil
+			c.Incoming, c.Journal = true, in.journal
 		}); err != nil {
 			return fail(err)
 		}
