@@ -328,3 +328,37 @@ func TestMigrationVTPM(t *testing.T) {
 		t.Fatalf("%d segments", len(rep.Segments))
 	}
 }
+
+// The destination's bridge restarts mid-migration (after the incoming
+// domain's prepare): the new process takes the incoming migration up from
+// its state directory, reopens the VM's sockets and receives the handover
+// when the source stops; the VM arrives with its chain.
+func TestMigrationDestRestart(t *testing.T) {
+	a, b := migHosts(t)
+	xa, xb := a.domainXML("vm-r", migUUID), b.domainXML("vm-r", migUUID)
+	a.mustCall(&control.Request{Op: control.OpPrepare, XML: xa})
+	b.mustCall(&control.Request{Op: control.OpMigrate, Name: "vm-r", XML: xb})
+	b.mustCall(&control.Request{Op: control.OpPrepare, XML: xb})
+	b.stop()
+	if a.mustCall(&control.Request{Op: control.OpStatus}).Status.Migration.Reserved != 1 {
+		t.Fatal("the destination's shutdown cancelled the reservation")
+	}
+	b.start()
+	if b.d.incomingOf("vm-r") == nil {
+		t.Fatal("the restarted destination did not take the incoming migration up")
+	}
+	if _, err := os.Stat(b.serialPath("vm-r")); err != nil {
+		t.Fatalf("no serial socket after the restart: %v", err)
+	}
+	a.mustCall(&control.Request{Op: control.OpStopped, Name: "vm-r", Reason: "-"})
+	a.mustCall(&control.Request{Op: control.OpRelease, Name: "vm-r", Reason: "migrated"})
+	waitFor(t, "the VM live on the destination", func() bool { v := vmRow(t, b, "vm-r", false); return v != nil && v.Live })
+	nonce := []byte("verifier nonce 3")
+	ev := b.mustCall(&control.Request{Op: control.OpEvidence, VM: "vm-r", Nonce: nonce}).Evidence
+	if rep := verifyChain(t, ev, nonce, a.tp, b.tp); len(rep.Segments) != 2 {
+		t.Fatalf("%d segments", len(rep.Segments))
+	}
+	if ents, _ := os.ReadDir(filepath.Join(b.cfg.StateDir, "migration", "in")); len(ents) != 0 {
+		t.Fatalf("incoming files left: %v", ents)
+	}
+}

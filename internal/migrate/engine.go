@@ -117,6 +117,7 @@ type Engine struct {
 	out     map[string]*reservation // source: by uuid
 	wake    map[string]chan struct{}
 	pending map[string]*pendingIn // destination: by uuid
+	inDir   string
 }
 
 // reservation is a source's durable promise of a VM to one destination.
@@ -146,6 +147,20 @@ type pendingIn struct {
 	sourceHost string
 }
 
+// pendingFile is a pendingIn at rest (STATE_DIR/migration/in/<uuid>.json):
+// a destination bridge that restarts mid-migration still holds its nonce,
+// so it can take the handover, or cancel it.
+type pendingFile struct {
+	UUID       string `json:"uuid"`
+	Name       string `json:"name"`
+	Peer       string `json:"peer"`
+	Nonce      Nonce  `json:"nonce"`
+	SourceHost string `json:"source_host"`
+	// Domain is the incoming domain XML, once its prepare ran (the
+	// daemon's: to reopen its sockets after a restart).
+	Domain []byte `json:"domain,omitempty"`
+}
+
 // New resolves the peers (each enrolled record re-checked against the EK
 // CA), loads the TLS certificate (making it under StateDir if needed) and
 // the source's durable reservations.
@@ -160,7 +175,8 @@ func New(o Options) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{o: o, byPin: map[[32]byte]*peer{}, out: map[string]*reservation{}, wake: map[string]chan struct{}{},
-		pending: map[string]*pendingIn{}, outDir: filepath.Join(o.StateDir, "migration", "out"), timeout: o.Config.handoverTimeout()}
+		pending: map[string]*pendingIn{}, outDir: filepath.Join(o.StateDir, "migration", "out"), inDir: filepath.Join(o.StateDir, "migration", "in"),
+		timeout: o.Config.handoverTimeout()}
 	crt, pin, err := o.Config.LoadCert(o.StateDir, o.Host)
 	if err != nil {
 		return nil, err
@@ -200,7 +216,102 @@ func New(o Options) (*Engine, error) {
 	if err := e.load(); err != nil {
 		return nil, err
 	}
+	if err := e.loadPending(); err != nil {
+		return nil, err
+	}
 	return e, nil
+}
+
+// loadPending reads the destination's reservations a previous process
+// left; one at a peer no longer configured is dropped.
+func (e *Engine) loadPending() error {
+	ents, err := os.ReadDir(e.inDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("incoming migrations: %w", err)
+	}
+	for _, ent := range ents {
+		if filepath.Ext(ent.Name()) != ".json" {
+			continue
+		}
+		path := filepath.Join(e.inDir, ent.Name())
+		var pf pendingFile
+		b, err := os.ReadFile(path)
+		if err == nil {
+			err = json.Unmarshal(b, &pf)
+		}
+		if err != nil {
+			return fmt.Errorf("incoming migration %s: %w (remove the file to drop it)", path, err)
+		}
+		var p *peer
+		for _, q := range e.peers {
+			if q.Name == pf.Peer {
+				p = q
+			}
+		}
+		if p == nil {
+			e.o.Logger.Warn("incoming migration from a peer no longer configured: dropped", "vm", pf.Name, "peer", pf.Peer)
+			os.Remove(path)
+			continue
+		}
+		e.pending[pf.UUID] = &pendingIn{peer: p, name: pf.Name, nonce: pf.Nonce, sourceHost: pf.SourceHost}
+	}
+	return nil
+}
+
+func (e *Engine) savePending(key string, pd *pendingIn, domain []byte) error {
+	if err := os.MkdirAll(e.inDir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(pendingFile{UUID: key, Name: pd.name, Peer: pd.peer.Name, Nonce: pd.nonce, SourceHost: pd.sourceHost, Domain: domain})
+	if err != nil {
+		return err
+	}
+	return writeFile(filepath.Join(e.inDir, key+".json"), b, 0o600)
+}
+
+// PendingVM is an incoming migration a destination holds.
+type PendingVM struct {
+	UUID   [16]byte
+	Name   string
+	Source string
+	// Domain is the incoming domain XML SetDomain kept, if any.
+	Domain []byte
+}
+
+// Incoming lists the incoming migrations this bridge holds (after a
+// restart: the ones to resume).
+func (e *Engine) Incoming() []PendingVM {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []PendingVM
+	for key, pd := range e.pending {
+		u, err := conceal.ParseUUID(key)
+		if err != nil {
+			continue
+		}
+		var pf pendingFile
+		if b, err := os.ReadFile(filepath.Join(e.inDir, key+".json")); err == nil {
+			json.Unmarshal(b, &pf)
+		}
+		out = append(out, PendingVM{UUID: u, Name: pd.name, Source: pd.peer.Name, Domain: pf.Domain})
+	}
+	return out
+}
+
+// SetDomain keeps the incoming domain's XML with its reservation, so a
+// restarted bridge can reopen its sockets.
+func (e *Engine) SetDomain(uuid [16]byte, xml []byte) error {
+	key := conceal.FormatUUID(uuid)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pd := e.pending[key]
+	if pd == nil {
+		return fmt.Errorf("VM %s is not an incoming migration here", key)
+	}
+	return e.savePending(key, pd, xml)
 }
 
 // Stats reports the configured peers' names, the VMs reserved here by a
@@ -767,10 +878,18 @@ func (e *Engine) Reserve(ctx context.Context, uuid [16]byte, name string) (strin
 		}
 		return "", fmt.Errorf("VM %s is live on %d peers (%s, %s): refusing to migrate a forked VM", name, len(got), got[0].p.Name, got[1].p.Name)
 	}
+	pd := &pendingIn{peer: got[0].p, name: name, nonce: nonce, sourceHost: got[0].src}
 	e.mu.Lock()
 	old := e.pending[key]
-	e.pending[key] = &pendingIn{peer: got[0].p, name: name, nonce: nonce, sourceHost: got[0].src}
+	err := e.savePending(key, pd, nil)
+	if err == nil {
+		e.pending[key] = pd
+	}
 	e.mu.Unlock()
+	if err != nil {
+		e.call(context.WithoutCancel(ctx), pd.peer, "/v1/cancel", HandoverRequest{UUID: key, Nonce: nonce}, nil)
+		return "", fmt.Errorf("store the incoming migration of %s: %w", name, err)
+	}
 	if old != nil {
 		e.call(context.WithoutCancel(ctx), old.peer, "/v1/cancel", HandoverRequest{UUID: key, Nonce: old.nonce}, nil)
 	}
@@ -871,6 +990,9 @@ func (e *Engine) finish(ctx context.Context, uuid [16]byte, path string) error {
 	e.mu.Lock()
 	pd := e.pending[key]
 	delete(e.pending, key)
+	if err := os.Remove(filepath.Join(e.inDir, key+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		e.o.Logger.Warn("remove incoming migration file", "vm", key, "err", err)
+	}
 	e.mu.Unlock()
 	if pd == nil {
 		return nil
