@@ -22,6 +22,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire/wiretest"
+	"github.com/tpmmux/tpmmux/libvirt"
 )
 
 // migHosts makes two bridges that trust each other for live migration:
@@ -360,5 +361,31 @@ func TestMigrationDestRestart(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(b.cfg.StateDir, "migration", "in")); len(ents) != 0 {
 		t.Fatalf("incoming files left: %v", ents)
+	}
+}
+
+// The source's bridge misses the stop (it was down): reconciliation finds
+// the reserved VM gone from libvirt and hands it over instead of tearing
+// it down.
+func TestMigrationSourceMissedStop(t *testing.T) {
+	a, b := migHosts(t)
+	xa, xb := a.domainXML("vm-s", migUUID), b.domainXML("vm-s", migUUID)
+	a.mustCall(&control.Request{Op: control.OpPrepare, XML: xa})
+	b.mustCall(&control.Request{Op: control.OpMigrate, Name: "vm-s", XML: xb})
+	b.mustCall(&control.Request{Op: control.OpPrepare, XML: xb})
+	a.stop()
+	a.start()
+	id, ok := a.d.mux.Lookup("vm-s")
+	if !ok {
+		t.Fatal("the source lost the VM in its restart")
+	}
+	var u [16]byte
+	copy(u[:], []byte{0x0b, 0x5e, 0x1c, 0x7a, 0x8d, 0x2f, 0x4e, 0x61, 0x9a, 0x3b, 0x7c, 0x4d, 0x5e, 0x6f, 0x70, 0x81})
+	if err := a.d.LibvirtHost().Teardown(t.Context(), libvirt.KnownVM{ID: id, Name: "vm-s", UUID: u}, libvirt.ReasonMissedStop); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the VM live on the destination", func() bool { v := vmRow(t, b, "vm-s", false); return v != nil && v.Live })
+	if v := vmRow(t, a, "vm-s", true); v == nil || v.EndedBy != "migrated-out" {
+		t.Fatalf("source row %+v", v)
 	}
 }

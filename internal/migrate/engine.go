@@ -919,8 +919,26 @@ func (e *Engine) Receive(ctx context.Context, uuid [16]byte) (*Arrival, error) {
 	ctx, cancel := context.WithTimeout(ctx, e.timeout)
 	defer cancel()
 	var h Handover
-	if err := e.call(ctx, pd.peer, "/v1/handover", HandoverRequest{UUID: key, Nonce: pd.nonce}, &h); err != nil {
-		return nil, fmt.Errorf("handover of %s: %w", pd.name, err)
+	// A source that restarts (or a network that drops the long poll) is
+	// waited for: only its refusal, or the handover timeout, ends the wait.
+	for delay := 250 * time.Millisecond; ; delay = min(2*delay, 5*time.Second) {
+		err := e.call(ctx, pd.peer, "/v1/handover", HandoverRequest{UUID: key, Nonce: pd.nonce}, &h)
+		var re *RemoteError
+		switch {
+		case err == nil:
+		case errors.As(err, &re) && re.Status != http.StatusRequestTimeout:
+			return nil, fmt.Errorf("handover of %s: %w", pd.name, err)
+		case ctx.Err() != nil:
+			return nil, fmt.Errorf("handover of %s: no handover from %s within %s: %w", pd.name, pd.peer.Name, e.timeout, err)
+		default:
+			e.o.Logger.Warn("migration: waiting for the handover again", "vm", pd.name, "source", pd.peer.Name, "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(delay):
+			}
+			continue
+		}
+		break
 	}
 	return e.open(ctx, pd, uuid, &h)
 }
