@@ -2,8 +2,6 @@ package bridge
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -650,9 +648,7 @@ func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.E
 		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, Evidence: p, More: !last}
 		if part == 0 {
 			resp.UUID, resp.Instance, resp.Key = ident.UUID, ident.Instance, ident.Key
-			if der, err := x509.MarshalPKIXPublicKey(b.Mux.AK()); err == nil {
-				resp.AKPEM = pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
-			}
+			resp.AKPEM = b.Mux.AKPEM() // encoded once
 		}
 		part++
 		return send(resp)

@@ -129,6 +129,10 @@ type Commit struct {
 	Batch   Batch
 	Records []Put
 	VMs     []VM // VM states to write (e.g. new NextSeq, Ended)
+	// Opens are the VMs (IDs, among VMs) whose new segment this commit
+	// opens (a migrated-in record): a stored, ended earlier segment of
+	// the same VM is kept aside (Snapshot.Segments).
+	Opens [][32]byte
 }
 
 // Put is one record to store under a VM.
@@ -305,10 +309,10 @@ func endLiveVMs(tx *bolt.Tx, epoch uint64, why string) error {
 }
 
 // Commit makes one batch, its records and the VM state changes durable in
-// one fsynced transaction. A VM state whose FirstSeq differs from the
-// stored one opens a new segment of that VM (it came back by live
-// migration): the stored segment, which must have ended, is kept with its
-// final quote (Snapshot.Segments) in the same transaction.
+// one fsynced transaction. For a VM of c.Opens whose stored state is
+// another segment (it came back by live migration), the stored segment,
+// which must have ended, is kept with its final quote (Snapshot.Segments)
+// in the same transaction.
 func (s *Store) Commit(c *Commit) error {
 	err := s.update(func(tx *bolt.Tx) error {
 		batches := tx.Bucket(bucketBatches)
@@ -324,8 +328,10 @@ func (s *Store) Commit(c *Commit) error {
 		}
 		vms := tx.Bucket(bucketVMs)
 		for i := range c.VMs {
-			if err := archiveSegment(tx, &c.VMs[i]); err != nil {
-				return err
+			if slices.Contains(c.Opens, c.VMs[i].ID) {
+				if err := archiveSegment(tx, &c.VMs[i]); err != nil {
+					return err
+				}
 			}
 			if err := putCBOR(vms, c.VMs[i].ID[:], &c.VMs[i]); err != nil {
 				return err

@@ -297,6 +297,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		prev logstore.VM
 	}
 	var touched []saved
+	var opens [][32]byte
 	seen := make(map[*vmState]bool)
 	for i, it := range items {
 		vs := it.vm
@@ -321,6 +322,9 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		g := g0 + uint64(pos)
 		puts[i] = logstore.Put{ID: vs.id, Record: logstore.Record{Seq: s, G: g, Batch: index, R: it.r}}
 		acks[i] = Ack{Seq: s, G: g, Batch: index}
+		if it.kind == record.KindMigratedIn {
+			opens = append(opens, vs.id)
+		}
 		if it.kind.Terminal() {
 			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
 		}
@@ -340,6 +344,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		Index:   index,
 		Batch:   logstore.Batch{G0: g0, N: uint32(total), Entries: entries, V: v},
 		Records: puts,
+		Opens:   opens,
 	}
 	for _, s := range touched {
 		cm.VMs = append(cm.VMs, s.vs.vm)

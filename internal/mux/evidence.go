@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -79,7 +78,7 @@ func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte,
 		return err
 	}
 	sem, limit := m.evBudget()
-	w := min(max(m.evidenceWeight(res, since), 1), limit)
+	w := min(max(m.evidenceWeight(res, since)+2*m.chainWeight(id), 1), limit)
 	if err := sem.Acquire(ctx, w); err != nil {
 		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
 	}
@@ -94,6 +93,7 @@ func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte,
 
 // evidenceWeight estimates the bytes of public log a build will copy: the
 // entries from the first batch it includes to the quoted end of the log.
+// A migrated VM's earlier segments are not counted: see chainWeight.
 func (m *Mux) evidenceWeight(res quoteRes, since *evidence.Since) int64 {
 	g0 := uint64(0)
 	if since != nil {
@@ -166,11 +166,14 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 // running starts one at once, so an idle TPM is never waited for.
 func (m *Mux) quoteLoop() {
 	var linger time.Duration
-	served := 0
+	target := 0
 	for {
+		var waited time.Duration
+		awaited := 0
 		if linger > 0 {
-			m.gather(served, linger)
-			linger = 0
+			start := time.Now()
+			m.gather(target, linger)
+			waited, awaited, linger = time.Since(start), target, 0
 		}
 		m.qmu.Lock()
 		n := min(len(m.qpending), maxQuoteBatch)
@@ -182,6 +185,7 @@ func (m *Mux) quoteLoop() {
 		reqs := m.qpending[:n:n]
 		m.qpending = m.qpending[n:]
 		m.qmu.Unlock()
+		m.observeQuoteBatch(n, awaited, waited)
 		extra := reqs[0].extra
 		var paths [][]conceal.Digest
 		if n > 1 {
@@ -198,8 +202,17 @@ func (m *Mux) quoteLoop() {
 		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
 		cancel()
-		if served = n; n > 1 && err == nil {
+		if n > 1 && err == nil {
 			linger = min(time.Since(start)/2, maxQuoteLinger)
+			// The requests that queued during the quote are other
+			// requesters than the n it served (which have no answer yet):
+			// the next quote waits for both (gather). Counted after the
+			// answers go out, the served ones that are already back would
+			// be counted twice, and the gather would wait for requesters
+			// that do not exist.
+			m.qmu.Lock()
+			target = n + len(m.qpending)
+			m.qmu.Unlock()
 		}
 		for i, r := range reqs {
 			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
@@ -222,20 +235,15 @@ const maxQuoteLinger = 100 * time.Millisecond
 // gather is the quote loop's pause after a quote that served several
 // requests: the next quote can only include a requester that has asked
 // again, and in a closed loop they all ask again within the time it takes
-// to build and send their evidence. It waits until the requests the last
-// quote served are waiting again beside those that queued during it (so
-// that cohorts merge), or until none has arrived for 10 ms
-// (the rest are not coming soon), or at most linger. An idle TPM is
-// never waited for: without requests the loop has ended.
-func (m *Mux) gather(served int, linger time.Duration) {
+// to build and send their evidence. It waits until target requests are
+// waiting (the ones the last quote served and those that queued during it,
+// so that cohorts merge), or until none has arrived for gap (the rest are
+// not coming soon), or at most linger. An idle TPM is never waited for:
+// without requests the loop has ended.
+func (m *Mux) gather(target int, linger time.Duration) {
 	gap := min(linger/5, 10*time.Millisecond)
 	start := time.Now()
 	last, lastN := start, -1
-	// Requests that queued during the quote are another cohort: wait for
-	// the served ones to join them, so that cohorts merge into one.
-	m.qmu.Lock()
-	target := served + len(m.qpending)
-	m.qmu.Unlock()
 	for {
 		m.qmu.Lock()
 		waiting := len(m.qpending)
@@ -354,8 +362,8 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 	for i, p := range sel {
 		ev.PCRValues = append(ev.PCRValues, evidence.PCRValue{Index: uint32(p), SHA256: append([]byte(nil), vals[i][:]...)})
 	}
-	if der, err := x509.MarshalPKIXPublicKey(m.tpm.AK()); err == nil {
-		ev.AK = der
+	if der, _ := m.akEncoded(); der != nil {
+		ev.AK = append([]byte(nil), der...)
 	}
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		vm, err := sn.VM(id)
@@ -406,6 +414,20 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		return nil, fmt.Errorf("build evidence: %w", err)
 	}
 	return ev, nil
+}
+
+// chainWeight is the size of VM id's earlier segments (live migration),
+// which every evidence of it carries as Previous: decoded, and encoded
+// again, on top of the log.
+func (m *Mux) chainWeight(id conceal.Digest) int64 {
+	var n int64
+	m.store.View(func(sn *logstore.Snapshot) error {
+		if vm, err := sn.VM(id); err == nil {
+			n = int64(len(vm.Chain))
+		}
+		return nil
+	})
+	return n
 }
 
 type stopErr struct{}

@@ -165,8 +165,11 @@ func (m *Mux) MigrateIn(ctx context.Context, a Arrival) (conceal.Digest, error) 
 	if err != nil {
 		return conceal.Digest{}, fmt.Errorf("migrate in %s: %w", l.Name, err)
 	}
-	if err := m.checkReturn(id, in.Seq); err != nil {
-		return conceal.Digest{}, fmt.Errorf("migrate in %s: %w", l.Name, err)
+	if done, err := m.checkReturn(id, in); err != nil || done {
+		if err != nil {
+			return conceal.Digest{}, fmt.Errorf("migrate in %s: %w", l.Name, err)
+		}
+		return id, nil
 	}
 	vs := &vmState{
 		vm: logstore.VM{ID: id, UUID: l.UUID, Instance: ident.Instance, Name: l.Name, CID: l.CID,
@@ -215,6 +218,10 @@ func (m *Mux) arrivalRecord(a Arrival, l Launch) (*record.MigratedIn, error) {
 	if ch.VM.UUID != conceal.FormatUUID(ident.UUID) || !bytes.Equal(ch.VM.Instance, ident.Instance[:]) {
 		return nil, fmt.Errorf("the chain is vm %s instance %x's, not this identity's", ch.VM.UUID, []byte(ch.VM.Instance))
 	}
+	info, err := quote.Check(ch.Quote.Attest, ch.Quote.Signature, a.SourceAK)
+	if err != nil {
+		return nil, fmt.Errorf("the chain's final quote is not the source AK's (verify the chain with the source's enrolled AK first): %w", err)
+	}
 	first, err := record.Unmarshal(ch.Records[0].R)
 	if err != nil {
 		return nil, fmt.Errorf("the chain's first record: %w", err)
@@ -235,6 +242,9 @@ func (m *Mux) arrivalRecord(a Arrival, l Launch) (*record.MigratedIn, error) {
 	if last.Kind != record.KindMigratedOut {
 		return nil, fmt.Errorf("the chain ends with a %s record, not migrated-out", last.Kind)
 	}
+	if want := conceal.FinalData(ident.ID(), record.Hash(lastRaw)); !bytes.Equal(info.ExtraData, want[:]) {
+		return nil, errors.New("the chain's final quote does not cover its migrated-out record for this vm")
+	}
 	if own := quote.AKFingerprint(m.tpm.AK()); last.MigratedOut.DestAK != own {
 		return nil, fmt.Errorf("the source's migrated-out record names destination AK sha256:%x, not this host's sha256:%x", last.MigratedOut.DestAK[:8], own[:8])
 	}
@@ -251,9 +261,11 @@ func (m *Mux) arrivalRecord(a Arrival, l Launch) (*record.MigratedIn, error) {
 
 // checkReturn refuses an arrival this host's own store contradicts: the
 // VM is live here, or this host holds more of its history than the chain
-// (an old chain replayed to roll it back).
-func (m *Mux) checkReturn(id conceal.Digest, seq uint64) error {
-	err := m.store.View(func(sn *logstore.Snapshot) error {
+// (an old chain replayed to roll it back). The very same arrival, already
+// durable here (a handover retried after a crash), is done.
+func (m *Mux) checkReturn(id conceal.Digest, in *record.MigratedIn) (done bool, err error) {
+	epoch := m.epochOf() // not under the store's lock (logstore.Store.mu)
+	err = m.store.View(func(sn *logstore.Snapshot) error {
 		vm, err := sn.VM(id)
 		if errors.Is(err, logstore.ErrNotFound) {
 			return nil
@@ -261,15 +273,36 @@ func (m *Mux) checkReturn(id conceal.Digest, seq uint64) error {
 		if err != nil {
 			return err
 		}
+		if !vm.Ended && vm.FirstSeq == in.Seq && vm.Epoch == epoch {
+			err := sn.Records(id, in.Seq, func(r *logstore.Record) error {
+				if rec, err := record.Unmarshal(r.R); err == nil && rec.Kind == record.KindMigratedIn && rec.MigratedIn.Prev == in.Prev {
+					done = true
+				}
+				return errStop
+			})
+			if err != nil && err != errStop {
+				return err
+			}
+			if done {
+				return nil
+			}
+		}
 		if !vm.Ended {
 			return fmt.Errorf("the vm is live on this host (epoch %d, %d records)", vm.Epoch, vm.NextSeq)
 		}
-		if vm.NextSeq > seq {
-			return fmt.Errorf("this host already holds the vm's records up to %d, the arrival would be record %d: an old chain", vm.NextSeq-1, seq)
+		if vm.NextSeq > in.Seq {
+			return fmt.Errorf("this host already holds the vm's records up to %d, the arrival would be record %d: an old chain", vm.NextSeq-1, in.Seq)
 		}
 		return nil
 	})
-	return err
+	return done, err
+}
+
+// epochOf returns the current epoch's number.
+func (m *Mux) epochOf() uint64 {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	return m.epoch
 }
 
 // VTPMStart returns the vPCRs VM id's vTPM started from on this host: the

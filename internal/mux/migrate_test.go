@@ -1,10 +1,13 @@
 package mux_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
@@ -15,6 +18,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
+	"github.com/tpmmux/tpmmux/internal/verify"
 )
 
 // host is one tpmmux host of a migration test: its own TPM (the in-process
@@ -96,12 +100,19 @@ func handover(t *testing.T, src, dst *host, ident *conceal.Identity, l mux.Launc
 	if err != nil || len(again.Records) != len(chain.Records) {
 		t.Fatalf("%s: repeated migrate out: %v", src.name, err)
 	}
-	id, err := dst.m.MigrateIn(t.Context(), mux.Arrival{Identity: ident, Launch: l, SourceHost: src.name, SourceAK: src.tp.AK(), Chain: chain})
-	if err != nil {
-		t.Fatalf("%s: migrate in: %v", dst.name, err)
+	arr := mux.Arrival{Identity: ident, Launch: l, SourceHost: src.name, SourceAK: dst.tp.AK(), Chain: chain}
+	if _, err := dst.m.MigrateIn(t.Context(), arr); err == nil || !strings.Contains(err.Error(), "not the source AK's") {
+		t.Fatalf("%s: migrate in under another source AK: %v", dst.name, err)
 	}
-	if id != ident.ID() {
-		t.Fatalf("%s: the vm's id changed", dst.name)
+	arr.SourceAK = src.tp.AK()
+	for range 2 { // the retry of a handover after a crash finds it done
+		id, err := dst.m.MigrateIn(t.Context(), arr)
+		if err != nil {
+			t.Fatalf("%s: migrate in: %v", dst.name, err)
+		}
+		if id != ident.ID() {
+			t.Fatalf("%s: the vm's id changed", dst.name)
+		}
 	}
 	return chain
 }
@@ -135,6 +146,10 @@ func TestMigrateMux(t *testing.T) {
 	if _, err := a.m.MigrateOut(ctx, id, other); !errors.Is(err, mux.ErrNotMigrating) {
 		t.Fatalf("second destination: %v, want ErrNotMigrating", err)
 	}
+	// The agent resumes on B where it stood on A (IMA log index 3 sent).
+	if gs, err := b.m.Guest(id); err != nil || gs.Next != 4 {
+		t.Fatalf("guest state on B after the arrival: %+v %v", gs, err)
+	}
 	b.appendN(id, 10, 13) // records 6-8 on B
 	if n, _ := b.m.NextSeq(id); n != 9 {
 		t.Fatalf("B's next record is %d, want 9", n)
@@ -158,6 +173,9 @@ func TestMigrateMux(t *testing.T) {
 	if len(c2.Previous) != 1 || len(c2.Records) != 5 {
 		t.Fatalf("B's chain: %d previous, %d records", len(c2.Previous), len(c2.Records))
 	}
+	if gs, err := a.m.Guest(id); err != nil || gs.Next != 13 {
+		t.Fatalf("guest state back on A: %+v %v (not A's old segment's)", gs, err)
+	}
 	a.appendN(id, 20, 22) // records 11-12 on A
 	segs, err := a.m.Segments(id)
 	if err != nil || len(segs) != 2 || segs[0].FirstSeq != 0 || segs[0].NextSeq != 5 || !segs[0].Final || segs[1].FirstSeq != 10 || segs[1].NextSeq != 13 || segs[1].Ended {
@@ -175,6 +193,21 @@ func TestMigrateMux(t *testing.T) {
 	fin, err := a.m.FinalEvidence(id)
 	if err != nil || len(fin.Previous) != 2 || len(fin.Records) != 4 || fin.Previous[1].Host != "hostb" {
 		t.Fatalf("A's final evidence: %v", err)
+	}
+	// Streamed, the final evidence is byte for byte the built one, its
+	// earlier segments included.
+	var streamed []byte
+	if err := a.m.StreamFinalEvidence(ctx, id, 256, func(p []byte, last bool) error { streamed = append(streamed, p...); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if built, _ := fin.MarshalBinary(); !bytes.Equal(streamed, built) {
+		t.Fatalf("streamed final evidence (%d bytes) differs from the built one (%d bytes)", len(streamed), len(built))
+	}
+	// The whole life verifies with both hosts' AKs (internal/verify
+	// TestMigrationChain has the attacks).
+	rep, err := verify.Verify(fin, verify.Options{PostMortem: true, Identity: ident, AKs: []*ecdsa.PublicKey{a.tp.AK(), b.tp.AK()}})
+	if err != nil || rep.Records != 14 || len(rep.Segments) != 3 || !rep.Ended {
+		t.Fatalf("verify the chain: %v", err)
 	}
 	// An old chain replayed to A (the first arrival's) is refused: A holds more.
 	if _, err := a.m.MigrateIn(ctx, mux.Arrival{Identity: ident, Launch: l, SourceAK: b.tp.AK(), Chain: c1}); err == nil {

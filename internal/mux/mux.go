@@ -113,6 +113,10 @@ type Mux struct {
 	qpending []*quoteReq
 	quoting  bool
 
+	akOnce sync.Once // akEncoded
+	akDER  []byte
+	akPEM  []byte
+
 	aead cipher.AEAD // wraps VM keys; nil when keys are stored in clear
 
 	cover coverState // slot schedule of activity concealment (commit.go)

@@ -12,8 +12,9 @@ import (
 // across hosts: when the source's migrated-out record is number n, the
 // destination's migrated-in record is n+1.
 
-// maxHostName bounds a host name in a migration record.
-const maxHostName = 255
+// maxHostName bounds a host or domain name in a migration record (far
+// above what DNS or libvirt use: it only keeps hostile input small).
+const maxHostName = 4096
 
 // MigratedOut is the last record of a VM's segment on the source host: the
 // VM left for the destination named here. The source keeps a post-mortem

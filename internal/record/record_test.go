@@ -81,7 +81,7 @@ func TestMigrationRecords(t *testing.T) {
 		{"banks without vpcrs", func(r *Record) { r.MigratedIn.VPCRs = nil }, "without its vPCR snapshot"},
 		{"short pcr", func(r *Record) { r.MigratedIn.VPCRs.Values[0].PCRs[3] = []byte{1} }, "bytes"},
 		{"unknown bank", func(r *Record) { r.MigratedIn.VPCRs.Active = []vpcr.Alg{0x99} }, "banks"},
-		{"long host", func(r *Record) { r.MigratedIn.Host = strings.Repeat("h", 256) }, "name of more"},
+		{"long host", func(r *Record) { r.MigratedIn.Host = strings.Repeat("h", 4097) }, "name of more"},
 		{"two bodies", func(r *Record) { r.MigratedOut = &MigratedOut{} }, "bodies"},
 	}
 	for _, tt := range tests {

@@ -54,6 +54,8 @@ type SegmentReport struct {
 	// FromCheckpoint: verified before (incremental verification of a later
 	// segment), not again now.
 	FromCheckpoint bool `json:"from_checkpoint,omitempty"`
+	// Unverified: taken as it is (Options.LastSegmentOnly).
+	Unverified bool `json:"unverified,omitempty"`
 }
 
 // SegmentMark is what a checkpoint keeps of one segment: where it starts,
@@ -86,6 +88,7 @@ type link struct {
 	tail   *record.Record
 	tailH  [32]byte
 	delta  bool
+	taken  bool // not verified (Options.LastSegmentOnly)
 }
 
 // verifyChain verifies evidence as the chain of the VM's segments: the
@@ -99,14 +102,25 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 	segs := ev.Segments()
 	links := make([]*link, len(segs))
 	for i, seg := range segs {
+		l := &link{ev: seg, epochH: record.EpochHash(seg.Epoch.Record), delta: seg.From != nil}
+		er, eerr := record.UnmarshalEpoch(seg.Epoch.Record)
+		if eerr == nil {
+			l.host = er.Host
+		}
+		if opts.LastSegmentOnly && i < len(segs)-1 {
+			// Taken as it is: its AK is the one its epoch record names.
+			l.taken = true
+			if eerr == nil {
+				l.fp = er.AK
+			}
+			links[i] = l
+			continue
+		}
 		ak, err := resolveAK(seg, opts.AKs, i, len(segs))
 		if err != nil {
 			return err
 		}
-		l := &link{ev: seg, ak: ak, fp: quote.AKFingerprint(ak), epochH: record.EpochHash(seg.Epoch.Record), delta: seg.From != nil}
-		if er, err := record.UnmarshalEpoch(seg.Epoch.Record); err == nil {
-			l.host = er.Host
-		}
+		l.ak, l.fp = ak, quote.AKFingerprint(ak)
 		links[i] = l
 	}
 	if err := linkChain(links, ident, cp); err != nil {
@@ -132,8 +146,13 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 	keys := ident.Keys()
 	for i := skip; i < len(links); i++ {
 		l := links[i]
+		if l.taken {
+			rep.Segments = append(rep.Segments, SegmentReport{Index: i, Host: l.host, AK: hex.EncodeToString(l.fp[:]), Epoch: hex.EncodeToString(l.epochH[:]),
+				Kind: l.ev.Kind, First: l.first, Last: l.first + uint64(len(l.ev.Records)) - 1, Start: startOf(i), End: record.KindMigratedOut.String(), Unverified: true})
+			continue
+		}
 		v := &verification{ev: l.ev, opts: opts, rep: rep, ident: ident, id: id, keys: keys,
-			ak: l.ak, seg: i, segFirst: l.first, earlier: i < len(links)-1, lastSeg: i == len(links)-1, chainLen: len(links), vt: vt}
+			ak: l.ak, host: l.host, seg: i, segFirst: l.first, earlier: i < len(links)-1, lastSeg: i == len(links)-1, chainLen: len(links), vt: vt}
 		if v.lastSeg {
 			v.cp = cp
 		}
@@ -145,7 +164,9 @@ func verifyChain(ev *evidence.Evidence, opts Options, rep *Report) error {
 		last = v
 	}
 	last.marks = marks
-	rep.Checkpoint = last.checkpoint()
+	if !opts.LastSegmentOnly {
+		rep.Checkpoint = last.checkpoint()
+	}
 	return nil
 }
 
@@ -157,23 +178,28 @@ func startOf(i int) string {
 }
 
 // resolveAK picks the trusted AK that signed segment i: the one the
-// evidence names (its ak field, informational, only selects), or the one
-// its quote's signature verifies with. With one trusted AK and one
-// segment it is that AK (step 1 then says why the quote does not verify).
+// evidence names (its ak field, informational, only selects) if the
+// quote's signature verifies with it, or any other it verifies with. With
+// one trusted AK and one segment it is that AK whatever (step 1 then says
+// why the quote does not verify).
 func resolveAK(seg *evidence.Evidence, trusted []*ecdsa.PublicKey, i, n int) (*ecdsa.PublicKey, error) {
 	named := sha256.Sum256(seg.AK)
+	signed := func(k *ecdsa.PublicKey) bool {
+		_, err := quote.Check(seg.Quote.Attest, seg.Quote.Signature, k)
+		return err == nil
+	}
 	for _, k := range trusted {
-		if len(seg.AK) > 0 && quote.AKFingerprint(k) == named {
+		if len(seg.AK) > 0 && quote.AKFingerprint(k) == named && signed(k) {
+			return k, nil
+		}
+	}
+	for _, k := range trusted {
+		if signed(k) {
 			return k, nil
 		}
 	}
 	if len(trusted) == 1 && n == 1 {
 		return trusted[0], nil
-	}
-	for _, k := range trusted {
-		if _, err := quote.Check(seg.Quote.Attest, seg.Quote.Signature, k); err == nil {
-			return k, nil
-		}
 	}
 	what := "the evidence names no AK"
 	if _, err := x509.ParsePKIXPublicKey(seg.AK); err == nil {
@@ -216,6 +242,9 @@ func linkChain(links []*link, ident *conceal.Identity, cp *Checkpoint) error {
 			return reject(3, "segment %d (host %q) holds no records", i, l.host)
 		}
 		head, err := record.Unmarshal(recs[0].R)
+		if err != nil && n == 1 {
+			return nil // the segment's own checks say what is wrong with it
+		}
 		if err != nil {
 			return reject(4, "%s: its first record: %v", segName(i, l, n), err)
 		}
@@ -228,6 +257,9 @@ func linkChain(links []*link, ident *conceal.Identity, cp *Checkpoint) error {
 			return reject(3, "missing segment: the VM's history starts with a migrated-in record (record %d, from host %q): its earlier segments, from the genesis on, are missing", head.MigratedIn.Seq, head.MigratedIn.SourceHost)
 		case i == 0:
 			l.first = 0 // genesis; the segment's own checks require it
+			if g := head.Genesis; n > 1 && g != nil && (g.UUID != ident.UUID || g.Instance != ident.Instance) {
+				return reject(4, "%s is another VM's: its genesis record is for uuid %s instance %x, not %s instance %x", segName(i, l, n), conceal.FormatUUID(g.UUID), g.Instance, conceal.FormatUUID(ident.UUID), ident.Instance)
+			}
 			continue
 		case head.Kind != record.KindMigratedIn:
 			return reject(4, "%s starts with a %s record, not migrated-in", segName(i, l, n), head.Kind)
@@ -340,20 +372,21 @@ func clone32(d [32]byte) []byte { return append([]byte(nil), d[:]...) }
 // saw: the same ones (no fork, no other history, none dropped), and for
 // incremental evidence the very same earlier segments, verified then.
 func checkSegments(cp *Checkpoint, marks []SegmentMark, links []*link) error {
-	for k, cm := range cp.Segments {
-		if k >= len(marks) {
-			last := cp.Segments[len(cp.Segments)-1]
-			return reject(3, "rollback: the verifier saw %d segments of the VM's history (the last on host %q), the evidence shows %d: the later ones are missing", len(cp.Segments), last.Host, len(marks))
-		}
-		em := marks[k]
-		if !bytes.Equal(cm.Start, em.Start) {
+	for k, cm := range cp.Segments[:min(len(cp.Segments), len(marks))] {
+		if em := marks[k]; !bytes.Equal(cm.Start, em.Start) {
 			if k > 0 && len(cm.Prev) > 0 && bytes.Equal(cm.Prev, em.Prev) {
 				return reject(4, "fork: segment %d (host %q, AK sha256:%x) continues from the same migrated-out record as the segment %d the verifier saw before (host %q, AK sha256:%x): the VM was handed to two destinations", k, em.Host, em.AK[:8], k, cm.Host, cm.AK[:8])
 			}
 			return reject(4, "segment %d (host %q) is not the segment %d the verifier saw before (host %q): another history of this VM", k, em.Host, k, cm.Host)
 		}
-		if len(cm.End) > 0 && !bytes.Equal(cm.End, em.End) {
-			return reject(4, "segment %d (host %q) ends otherwise than the verifier saw before: another history of this VM", k, em.Host)
+	}
+	if len(marks) < len(cp.Segments) {
+		last := cp.Segments[len(cp.Segments)-1]
+		return reject(3, "rollback: the verifier saw %d segments of the VM's history (the last on host %q), the evidence shows %d: the later ones are missing", len(cp.Segments), last.Host, len(marks))
+	}
+	for k, cm := range cp.Segments {
+		if len(cm.End) > 0 && !bytes.Equal(cm.End, marks[k].End) {
+			return reject(4, "segment %d (host %q) ends otherwise than the verifier saw before: another history of this VM", k, marks[k].Host)
 		}
 	}
 	if links[len(links)-1].delta {
@@ -380,11 +413,7 @@ func (v *verification) where() string {
 	if v.chainLen <= 1 {
 		return ""
 	}
-	host := ""
-	if v.epochRec != nil {
-		host = v.epochRec.Host
-	}
-	return fmt.Sprintf("segment %d (host %q): ", v.seg, host)
+	return fmt.Sprintf("segment %d (host %q): ", v.seg, v.host)
 }
 
 // arrived checks a migrated-in record, record s of the segment: it opens
@@ -400,6 +429,18 @@ func (v *verification) arrived(s uint64, in *record.MigratedIn) error {
 		return reject(4, "%smigrated-in record names epoch %x but the log is epoch %x: the VM's leaves were replanted in another epoch", v.where(), in.Epoch[:8], v.epochHash[:8])
 	case in.UUID != v.ident.UUID || in.Instance != v.ident.Instance:
 		return reject(4, "%sthe segment is another VM's: its migrated-in record is for uuid %s instance %x", v.where(), conceal.FormatUUID(in.UUID), in.Instance)
+	}
+	if v.vt == nil && in.VPCRs != nil && v.opts.LastSegmentOnly {
+		// The earlier segments are taken as they are: so are the vPCRs
+		// the VM arrived with, and this segment's events replay on them.
+		vt, err := newVTPMTrackFrom(in.VTPMBanks, in.VPCRs)
+		if err != nil {
+			return reject(4, "%smigrated-in record %d: %v", v.where(), s, err)
+		}
+		v.vt = vt
+		v.vt.taken = true
+		v.rep.VM.Name = in.Name
+		return nil
 	}
 	switch {
 	case v.vt == nil && in.VPCRs != nil:

@@ -38,6 +38,14 @@ type Options struct {
 	// migration has one segment of history per stay on a host, each
 	// verified against its host's AK, which must be among these.
 	AKs []*ecdsa.PublicKey
+	// LastSegmentOnly verifies only the evidence's own segment against
+	// the AKs; the earlier segments of a migrated VM are taken as they are
+	// (their chaining is still checked on their records in clear, and the
+	// report marks them unverified). It is for a destination bridge that
+	// accepts a handover and knows only its peer's AK: the tenant's
+	// verifier checks the whole chain. Such a report has no checkpoint,
+	// and a vTPM VM's IMA entries are not paired with its extends.
+	LastSegmentOnly bool
 	// PCR, when non-zero, is the multiplexer PCR the verifier expects.
 	PCR int
 	// AllowResettablePCR accepts evidence anchored in a PCR above 15 (16
@@ -180,6 +188,7 @@ type verification struct {
 
 	// The segment of the VM's history this evidence is (chain.go).
 	ak       *ecdsa.PublicKey // the trusted AK that signed it
+	host     string           // its host, as its epoch record names it
 	seg      int              // its index in the chain
 	segFirst uint64           // the number of its first record
 	earlier  bool             // a Previous segment: final evidence, ended by migrated-out

@@ -1,7 +1,12 @@
 package wire
 
 import (
+	"bytes"
+	"encoding/binary"
 	"fmt"
+	"hash/crc32"
+
+	"github.com/fxamacker/cbor/v2"
 
 	"github.com/tpmmux/tpmmux/internal/canon"
 )
@@ -129,13 +134,37 @@ var (
 	decMode = canon.Dec(canon.Limits{Nested: 6, Array: MaxEntries, Map: 16})
 )
 
-// Encode returns the frame for message m.
+// bufEnc is encMode encoding into a caller's buffer.
+var bufEnc = encMode.(cbor.UserBufferEncMode)
+
+// sizeHinter is a message that knows about how large its encoding is.
+type sizeHinter interface{ sizeHint() int }
+
+// sizeHint bounds the encoding of the fields other than the evidence and
+// the AK's PEM from above (fixed-size fields and CBOR heads).
+func (m *EvidenceResponse) sizeHint() int { return len(m.Evidence) + len(m.AKPEM) + 192 }
+
+// Encode returns the frame for message m. The payload is encoded in place,
+// in one buffer of the frame's size when m knows its size (an evidence
+// response): a bridge answering a thousand verifiers per quote otherwise
+// allocated and copied each response's evidence twice more.
 func Encode(t Type, m any) ([]byte, error) {
-	p, err := encMode.Marshal(m)
-	if err != nil {
+	hint := 64
+	if h, ok := m.(sizeHinter); ok {
+		hint = h.sizeHint()
+	}
+	buf := bytes.NewBuffer(make([]byte, HeaderSize, HeaderSize+hint+TrailerLen))
+	if err := bufEnc.MarshalToBuffer(m, buf); err != nil {
 		return nil, fmt.Errorf("encode %s: %w", t, err)
 	}
-	return AppendFrame(nil, t, p)
+	b := buf.Bytes()
+	payload := b[HeaderSize:]
+	if len(payload) > MaxPayload {
+		return nil, fmt.Errorf("encode %s frame: %d bytes: %w", t, len(payload), ErrTooLarge)
+	}
+	h := frameHeader(t, len(payload))
+	copy(b, h[:])
+	return binary.BigEndian.AppendUint32(b, crc32.Checksum(payload, castagnoli)), nil
 }
 
 // Decode decodes a frame's payload into m, which must be the message type

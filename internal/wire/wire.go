@@ -110,13 +110,19 @@ func AppendFrame(b []byte, t Type, payload []byte) ([]byte, error) {
 	if len(payload) > MaxPayload {
 		return b, fmt.Errorf("encode %s frame: %d bytes: %w", t, len(payload), ErrTooLarge)
 	}
-	var h [HeaderSize]byte
-	h[0], h[1], h[2], h[3] = magic[0], magic[1], Version, byte(t)
-	binary.BigEndian.PutUint32(h[4:8], uint32(len(payload)))
-	binary.BigEndian.PutUint32(h[8:12], crc32.Checksum(h[:8], castagnoli))
+	h := frameHeader(t, len(payload))
 	b = append(b, h[:]...)
 	b = append(b, payload...)
 	return binary.BigEndian.AppendUint32(b, crc32.Checksum(payload, castagnoli)), nil
+}
+
+// frameHeader is the header of a frame of type t with n payload bytes.
+func frameHeader(t Type, n int) [HeaderSize]byte {
+	var h [HeaderSize]byte
+	h[0], h[1], h[2], h[3] = magic[0], magic[1], Version, byte(t)
+	binary.BigEndian.PutUint32(h[4:8], uint32(n))
+	binary.BigEndian.PutUint32(h[8:12], crc32.Checksum(h[:8], castagnoli))
+	return h
 }
 
 // Reader reads frames from a byte stream.

@@ -229,3 +229,44 @@ func TestTornFrameOnLiveStream(t *testing.T) {
 		t.Fatal("reader waits forever behind a torn frame")
 	}
 }
+
+// TestEncodeInPlace: Encode, which encodes the payload in place, writes
+// byte for byte the frame AppendFrame makes of the message's encoding, and
+// an evidence response's frame fits the buffer its size hint made (no
+// second copy of the evidence while the buffer grows).
+func TestEncodeInPlace(t *testing.T) {
+	big := bytes.Repeat([]byte{0xa5}, 72<<10)
+	cases := []struct {
+		name string
+		t    Type
+		m    any
+	}{
+		{"ping", TypePing, &Ping{Seq: 7}},
+		{"measurements", TypeMeasurements, &Measurements{Seq: 1, First: 2, Entries: []Entry{{PCR: 10, HashAlg: "sha256", TemplateHash: make([]byte, 32), Template: "ima-ng", Data: []byte("data")}}}},
+		{"evidence, empty", TypeEvidenceResponse, &EvidenceResponse{ID: 1}},
+		{"evidence, 72 KiB, every field", TypeEvidenceResponse, &EvidenceResponse{ID: 1 << 60, Evidence: big, UUID: [16]byte{1}, Instance: [16]byte{2}, Key: [32]byte{3},
+			AKPEM: bytes.Repeat([]byte{'k'}, 180), Part: 1 << 31, More: true, Total: 1 << 62}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := Encode(c.t, c.m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := encMode.Marshal(c.m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := AppendFrame(nil, c.t, p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("Encode gives %d bytes, AppendFrame of the encoding %d, and they differ", len(got), len(want))
+			}
+			if h, ok := c.m.(sizeHinter); ok && len(p) > h.sizeHint() {
+				t.Errorf("encoding of %d bytes exceeds the size hint %d", len(p), h.sizeHint())
+			}
+		})
+	}
+}

@@ -54,14 +54,20 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# GRUB reads this from its memdisk. insmod tpm first: every later command,
-# the kernel command line and every file GRUB loads is then measured.
+# The kernel must start through its EFI stub, which hands the UEFI event
+# log to the kernel: Debian 12's GRUB 2.06 does that with linuxefi and
+# initrdefi (with its plain linux the kernel got no event log here); GRUB
+# 2.12's linux does it unasked and has no linuxefi.
+grub_linux=linux grub_initrd=initrd
+if [ -f "$grubdir/linuxefi.mod" ]; then grub_linux=linuxefi grub_initrd=initrdefi; fi
+# insmod tpm first: every later command, the kernel command line and every
+# file GRUB loads is then measured.
 cat >"$tmp/grub.cfg" <<EOF
 insmod tpm
 set timeout=0
 echo 'tpmmux: grub loading the kernel'
-linuxefi (\$root)/vmlinuz $cmdline
-initrdefi (\$root)/initrd.img
+$grub_linux (\$root)/vmlinuz $cmdline
+$grub_initrd (\$root)/initrd.img
 boot
 EOF
 # The memdisk's config finds the ESP (the partition with /vmlinuz) and
@@ -71,7 +77,7 @@ search --no-floppy --file --set=root /vmlinuz
 configfile ($root)/grub.cfg
 EOF
 grub-mkstandalone --format=x86_64-efi --output="$tmp/BOOTX64.EFI" \
-  --modules="tpm part_gpt fat search search_fs_file linuxefi echo configfile normal" \
+  --modules="tpm part_gpt fat search search_fs_file $grub_linux echo configfile normal" \
   --locales= --fonts= --themes= \
   "boot/grub/grub.cfg=$tmp/early.cfg" >/dev/null 2>"$tmp/grub.err" ||
   { cat "$tmp/grub.err" >&2; e2e_die "grub-mkstandalone failed"; }

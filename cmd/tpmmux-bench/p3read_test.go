@@ -1,0 +1,80 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+
+	"github.com/tpmmux/tpmmux/internal/wire"
+)
+
+// TestFrameReader: the P3 verifiers' reader takes frames as wire.Encode
+// writes them, checks them as wire.Reader does (a flipped bit in the
+// header or the payload is an error, not a response) and answers only the
+// request it is waiting for; decodeFull gives back every field.
+func TestFrameReader(t *testing.T) {
+	resp := &wire.EvidenceResponse{ID: 7, Evidence: bytes.Repeat([]byte{0x5a}, 72<<10), UUID: [16]byte{1}, Instance: [16]byte{2}, Key: [32]byte{3}, AKPEM: []byte("pem")}
+	good, err := wire.Encode(wire.TypeEvidenceResponse, resp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errFrame, err := wire.Encode(wire.TypeError, &wire.Error{Code: wire.CodeEvidence, Message: "no quote"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	flip := func(i int) []byte {
+		b := bytes.Clone(good)
+		b[i] ^= 1
+		return b
+	}
+	cases := []struct {
+		name    string
+		stream  []byte
+		id      uint64
+		wantErr bool
+	}{
+		{"response", good, 7, false},
+		{"another request's response", good, 8, true},
+		{"header bit flipped", flip(5), 7, true},
+		{"payload bit flipped", flip(wire.HeaderSize + 1000), 7, true},
+		{"trailer bit flipped", flip(len(good) - 1), 7, true},
+		{"cut short", good[:len(good)-10], 7, true},
+		{"error frame", errFrame, 7, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			fr := newFrameReader(bytes.NewReader(c.stream))
+			f, err := fr.readResponse(c.id)
+			if c.wantErr {
+				if err == nil {
+					t.Fatal("accepted")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := decodeFull(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.ID != resp.ID || !bytes.Equal(got.Evidence, resp.Evidence) || got.UUID != resp.UUID || got.Key != resp.Key || !bytes.Equal(got.AKPEM, resp.AKPEM) {
+				t.Fatal("decoded response differs from the one sent")
+			}
+		})
+	}
+	// A bridge error arrives as a *wire.Error.
+	fr := newFrameReader(bytes.NewReader(errFrame))
+	_, err = fr.readResponse(1)
+	var we *wire.Error
+	if !errors.As(err, &we) || we.Code != wire.CodeEvidence {
+		t.Fatalf("error frame gave %v, want the bridge's error", err)
+	}
+	// The buffer is reused: two responses in a row both read.
+	fr = newFrameReader(bytes.NewReader(append(bytes.Clone(good), good...)))
+	for i := range 2 {
+		if _, err := fr.readResponse(7); err != nil {
+			t.Fatalf("response %d: %v", i, err)
+		}
+	}
+}
