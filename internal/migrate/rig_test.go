@@ -243,3 +243,55 @@ func start(t testing.TB, h *host, ekCA string, peers ...*host) {
 }
 
 func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+
+// thirdHost adds host c on another manufactured swtpm, its EK CA appended
+// to ekCA, enrolled; engines are started afterwards (start).
+func thirdHost(t testing.TB, ekCA string) *host {
+	t.Helper()
+	ctx := t.Context()
+	p, ca := swtpmproc.ManufactureTest(t, "")
+	c := &host{name: "hostc", state: t.TempDir()}
+	var err error
+	if c.tp, err = tpm.Open(ctx, p.Spec()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.tp.Close() })
+	bundle, err := ca.Bundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := os.ReadFile(ekCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cas := append(old, bundle...)
+	if err := os.WriteFile(ekCA, cas, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pool, _, err := enroll.ParseCAs(cas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.rec = enrollHost(t, c.tp, c.name, pool)
+	if c.recPth, err = enroll.Save(filepath.Join(t.TempDir(), "enrolled-c"), c.rec); err != nil {
+		t.Fatal(err)
+	}
+	st, err := logstore.Open(filepath.Join(c.state, "log.db"), &logstore.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := mux.Open(ctx, c.tp, st, mux.Config{Host: c.name, Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); st.Close() })
+	c.mux = m
+	if c.pin, err = (&Config{}).CertSHA256(c.state, c.name); err != nil {
+		t.Fatal(err)
+	}
+	if c.l, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.l.Close() })
+	return c
+}
