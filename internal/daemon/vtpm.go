@@ -90,7 +90,12 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
 	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
-	if d.fds.on() {
+	for _, m := range mods {
+		m(&cfg)
+	}
+	// An incoming VM's vTPM (live migration) has no identity, so no fd
+	// store names, yet: its connections are not kept across a restart.
+	if d.fds.on() && !cfg.Incoming {
 		inf, err := d.inflight(names[2])
 		if err != nil {
 			l.Close()
@@ -102,9 +107,6 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 				go d.keepConns(e, s)
 			}
 		}
-	}
-	for _, m := range mods {
-		m(&cfg)
 	}
 	v, err := vtpm.New(cfg, past)
 	if err != nil {

@@ -47,7 +47,7 @@ type Config struct {
 	// records are re-checked against (as tpmmux-verify --ek-ca).
 	EKCA string `json:"ek_ca"`
 	// Peers are the bridges this one migrates VMs to and from.
-	Peers []Peer `json:"peers"`
+	Peers Peers `json:"peers"`
 	// HandoverTimeout bounds how long a destination waits for the source's
 	// handover after reserving (default 10m: a live migration of a large
 	// VM takes minutes).
@@ -73,6 +73,25 @@ type Peer struct {
 // Without it the bridge takes part in no migration (an incoming attested
 // VM is refused at "migrate begin").
 func (c *Config) Enabled() bool { return c.Listen != "" || len(c.Peers) > 0 }
+
+// Peers is the peer list; it decodes each peer strictly.
+type Peers []Peer
+
+// UnmarshalJSON decodes the list, naming the peer a bad key is in.
+func (ps *Peers) UnmarshalJSON(b []byte) error {
+	var raw []json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return fmt.Errorf("want a list of peers [{\"name\", \"address\", \"tls_sha256\", \"enrolled\"}, …]")
+	}
+	out := make(Peers, len(raw))
+	for i, r := range raw {
+		if err := out[i].UnmarshalJSON(r); err != nil {
+			return fmt.Errorf("[%d]: %w", i, err)
+		}
+	}
+	*ps = out
+	return nil
+}
 
 // UnmarshalJSON decodes a peer strictly: a misspelt key is an error, not a
 // peer without its pin.

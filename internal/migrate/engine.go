@@ -37,18 +37,16 @@ type Out struct {
 }
 
 // Mux is the multiplexer as the engine uses it (mux.Mux's MigrateOut,
-// FinalEvidence, Lookup and Identity).
+// Lookup and Identity).
 type Mux interface {
 	// Lookup finds the live instance of the domain named name.
 	Lookup(name string) (conceal.Digest, bool)
 	// Identity is instance id's identity, K included.
 	Identity(id conceal.Digest) (*conceal.Identity, error)
 	// MigrateOut ends the VM's segment here with a migrated-out record and
-	// returns the final evidence of its chain.
+	// returns the final evidence of its chain; called again with the same
+	// out (a handover answered again after a restart) it returns the same.
 	MigrateOut(ctx context.Context, id conceal.Digest, out Out) (*evidence.Evidence, error)
-	// FinalEvidence is an ended instance's final evidence (kept at
-	// MigrateOut), to answer a handover again after a restart.
-	FinalEvidence(id conceal.Digest) (*evidence.Evidence, error)
 }
 
 // Activator is the destination's TPM: it releases a credential's secret
@@ -100,8 +98,9 @@ type Options struct {
 // peer is a configured peer, resolved.
 type peer struct {
 	Peer
-	pin [32]byte
-	rcp *Recipient
+	pin    [32]byte
+	rcp    *Recipient
+	client *http.Client // keeps its TLS connections open between calls
 }
 
 // Engine is one bridge's side of handovers, as source and as destination.
@@ -118,6 +117,7 @@ type Engine struct {
 	out     map[string]*reservation // source: by uuid
 	wake    map[string]chan struct{}
 	pending map[string]*pendingIn // destination: by uuid
+	inDir   string
 }
 
 // reservation is a source's durable promise of a VM to one destination.
@@ -147,6 +147,20 @@ type pendingIn struct {
 	sourceHost string
 }
 
+// pendingFile is a pendingIn at rest (STATE_DIR/migration/in/<uuid>.json):
+// a destination bridge that restarts mid-migration still holds its nonce,
+// so it can take the handover, or cancel it.
+type pendingFile struct {
+	UUID       string `json:"uuid"`
+	Name       string `json:"name"`
+	Peer       string `json:"peer"`
+	Nonce      Nonce  `json:"nonce"`
+	SourceHost string `json:"source_host"`
+	// Domain is the incoming domain XML, once its prepare ran (the
+	// daemon's: to reopen its sockets after a restart).
+	Domain []byte `json:"domain,omitempty"`
+}
+
 // New resolves the peers (each enrolled record re-checked against the EK
 // CA), loads the TLS certificate (making it under StateDir if needed) and
 // the source's durable reservations.
@@ -161,7 +175,8 @@ func New(o Options) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{o: o, byPin: map[[32]byte]*peer{}, out: map[string]*reservation{}, wake: map[string]chan struct{}{},
-		pending: map[string]*pendingIn{}, outDir: filepath.Join(o.StateDir, "migration", "out"), timeout: o.Config.handoverTimeout()}
+		pending: map[string]*pendingIn{}, outDir: filepath.Join(o.StateDir, "migration", "out"), inDir: filepath.Join(o.StateDir, "migration", "in"),
+		timeout: o.Config.handoverTimeout()}
 	crt, pin, err := o.Config.LoadCert(o.StateDir, o.Host)
 	if err != nil {
 		return nil, err
@@ -194,13 +209,109 @@ func New(o Options) (*Engine, error) {
 			return nil, fmt.Errorf("migration peer %s: tls_sha256 is this bridge's own certificate", p.Name)
 		}
 		pp := &peer{Peer: p, pin: pin, rcp: rcp}
+		pp.client = &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(pp), MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute}}
 		e.peers = append(e.peers, pp)
 		e.byPin[pin] = pp
 	}
 	if err := e.load(); err != nil {
 		return nil, err
 	}
+	if err := e.loadPending(); err != nil {
+		return nil, err
+	}
 	return e, nil
+}
+
+// loadPending reads the destination's reservations a previous process
+// left; one at a peer no longer configured is dropped.
+func (e *Engine) loadPending() error {
+	ents, err := os.ReadDir(e.inDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("incoming migrations: %w", err)
+	}
+	for _, ent := range ents {
+		if filepath.Ext(ent.Name()) != ".json" {
+			continue
+		}
+		path := filepath.Join(e.inDir, ent.Name())
+		var pf pendingFile
+		b, err := os.ReadFile(path)
+		if err == nil {
+			err = json.Unmarshal(b, &pf)
+		}
+		if err != nil {
+			return fmt.Errorf("incoming migration %s: %w (remove the file to drop it)", path, err)
+		}
+		var p *peer
+		for _, q := range e.peers {
+			if q.Name == pf.Peer {
+				p = q
+			}
+		}
+		if p == nil {
+			e.o.Logger.Warn("incoming migration from a peer no longer configured: dropped", "vm", pf.Name, "peer", pf.Peer)
+			os.Remove(path)
+			continue
+		}
+		e.pending[pf.UUID] = &pendingIn{peer: p, name: pf.Name, nonce: pf.Nonce, sourceHost: pf.SourceHost}
+	}
+	return nil
+}
+
+func (e *Engine) savePending(key string, pd *pendingIn, domain []byte) error {
+	if err := os.MkdirAll(e.inDir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(pendingFile{UUID: key, Name: pd.name, Peer: pd.peer.Name, Nonce: pd.nonce, SourceHost: pd.sourceHost, Domain: domain})
+	if err != nil {
+		return err
+	}
+	return writeFile(filepath.Join(e.inDir, key+".json"), b, 0o600)
+}
+
+// PendingVM is an incoming migration a destination holds.
+type PendingVM struct {
+	UUID   [16]byte
+	Name   string
+	Source string
+	// Domain is the incoming domain XML SetDomain kept, if any.
+	Domain []byte
+}
+
+// Incoming lists the incoming migrations this bridge holds (after a
+// restart: the ones to resume).
+func (e *Engine) Incoming() []PendingVM {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []PendingVM
+	for key, pd := range e.pending {
+		u, err := conceal.ParseUUID(key)
+		if err != nil {
+			continue
+		}
+		var pf pendingFile
+		if b, err := os.ReadFile(filepath.Join(e.inDir, key+".json")); err == nil {
+			json.Unmarshal(b, &pf)
+		}
+		out = append(out, PendingVM{UUID: u, Name: pd.name, Source: pd.peer.Name, Domain: pf.Domain})
+	}
+	return out
+}
+
+// SetDomain keeps the incoming domain's XML with its reservation, so a
+// restarted bridge can reopen its sockets.
+func (e *Engine) SetDomain(uuid [16]byte, xml []byte) error {
+	key := conceal.FormatUUID(uuid)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pd := e.pending[key]
+	if pd == nil {
+		return fmt.Errorf("VM %s is not an incoming migration here", key)
+	}
+	return e.savePending(key, pd, xml)
 }
 
 // Stats reports the configured peers' names, the VMs reserved here by a
@@ -482,19 +593,22 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	if r.Answer != nil && r.Answer.Evidence != nil {
 		return r.Answer, nil
 	}
-	if r.Answer != nil { // sealed and migrated out before a restart: the evidence is kept
+	if r.Answer != nil {
+		// Sealed before a restart (or a failed MigrateOut): MigrateOut
+		// again, which for the same destination and nonce returns the same
+		// final evidence, or ends the segment now if it had not.
 		id, err := hexID(r.ID)
 		if err != nil {
 			return nil, err
 		}
-		ev, err := e.o.Mux.FinalEvidence(id)
+		ev, err := e.o.Mux.MigrateOut(ctx, id, Out{DestHost: p.Name, DestAK: p.rcp.AKFP, Nonce: r.Nonce, Credential: r.Answer.Credential.Digest()})
 		if err != nil {
-			return nil, fmt.Errorf("final evidence of %s: %w", r.Name, err)
+			return nil, fmt.Errorf("migrate out %s: %w", r.Name, err)
 		}
 		if r.Answer.Evidence, err = ev.MarshalBinary(); err != nil {
 			return nil, err
 		}
-		return r.Answer, e.save(r)
+		return r.Answer, nil
 	}
 	id, ok := e.o.Mux.Lookup(r.Name)
 	if !ok {
@@ -530,13 +644,13 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	}
 	ev, err := e.o.Mux.MigrateOut(ctx, id, Out{DestHost: p.Name, DestAK: p.rcp.AKFP, Nonce: r.Nonce, Credential: cred.Digest()})
 	if err != nil {
+		// The sealed answer stays: a retried poll migrates out again.
 		return nil, fmt.Errorf("migrate out %s: %w", r.Name, err)
 	}
+	// The evidence is not stored again: a restarted source takes it from
+	// the ended instance (FinalEvidence).
 	if ans.Evidence, err = ev.MarshalBinary(); err != nil {
 		return nil, err
-	}
-	if err := e.save(r); err != nil {
-		e.o.Logger.Warn("store handover evidence", "vm", r.Name, "err", err)
 	}
 	e.o.Logger.Info("migration handed over", "vm", r.Name, "dest", p.Name)
 	return ans, nil
@@ -681,8 +795,11 @@ func (e *Engine) call(ctx context.Context, p *peer, path string, req, resp any) 
 		return err
 	}
 	hr.Header.Set("Content-Type", "application/json")
-	c := &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(p), ForceAttemptHTTP2: false, DisableKeepAlives: true}}
-	r, err := c.Do(hr)
+	// Every call may be sent again (a reserve with the same nonce, a
+	// handover poll, a cancel or done): this lets the client retry one
+	// that met a kept-alive connection the peer had closed (a restart).
+	hr.Header.Set("Idempotency-Key", path)
+	r, err := p.client.Do(hr)
 	if err != nil {
 		return fmt.Errorf("migration peer %s at %s: %w", p.Name, p.Address, err)
 	}
@@ -761,10 +878,18 @@ func (e *Engine) Reserve(ctx context.Context, uuid [16]byte, name string) (strin
 		}
 		return "", fmt.Errorf("VM %s is live on %d peers (%s, %s): refusing to migrate a forked VM", name, len(got), got[0].p.Name, got[1].p.Name)
 	}
+	pd := &pendingIn{peer: got[0].p, name: name, nonce: nonce, sourceHost: got[0].src}
 	e.mu.Lock()
 	old := e.pending[key]
-	e.pending[key] = &pendingIn{peer: got[0].p, name: name, nonce: nonce, sourceHost: got[0].src}
+	err := e.savePending(key, pd, nil)
+	if err == nil {
+		e.pending[key] = pd
+	}
 	e.mu.Unlock()
+	if err != nil {
+		e.call(context.WithoutCancel(ctx), pd.peer, "/v1/cancel", HandoverRequest{UUID: key, Nonce: nonce}, nil)
+		return "", fmt.Errorf("store the incoming migration of %s: %w", name, err)
+	}
 	if old != nil {
 		e.call(context.WithoutCancel(ctx), old.peer, "/v1/cancel", HandoverRequest{UUID: key, Nonce: old.nonce}, nil)
 	}
@@ -794,8 +919,26 @@ func (e *Engine) Receive(ctx context.Context, uuid [16]byte) (*Arrival, error) {
 	ctx, cancel := context.WithTimeout(ctx, e.timeout)
 	defer cancel()
 	var h Handover
-	if err := e.call(ctx, pd.peer, "/v1/handover", HandoverRequest{UUID: key, Nonce: pd.nonce}, &h); err != nil {
-		return nil, fmt.Errorf("handover of %s: %w", pd.name, err)
+	// A source that restarts (or a network that drops the long poll) is
+	// waited for: only its refusal, or the handover timeout, ends the wait.
+	for delay := 250 * time.Millisecond; ; delay = min(2*delay, 5*time.Second) {
+		err := e.call(ctx, pd.peer, "/v1/handover", HandoverRequest{UUID: key, Nonce: pd.nonce}, &h)
+		var re *RemoteError
+		switch {
+		case err == nil:
+		case errors.As(err, &re) && re.Status != http.StatusRequestTimeout:
+			return nil, fmt.Errorf("handover of %s: %w", pd.name, err)
+		case ctx.Err() != nil:
+			return nil, fmt.Errorf("handover of %s: no handover from %s within %s: %w", pd.name, pd.peer.Name, e.timeout, err)
+		default:
+			e.o.Logger.Warn("migration: waiting for the handover again", "vm", pd.name, "source", pd.peer.Name, "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(delay):
+			}
+			continue
+		}
+		break
 	}
 	return e.open(ctx, pd, uuid, &h)
 }
@@ -865,6 +1008,9 @@ func (e *Engine) finish(ctx context.Context, uuid [16]byte, path string) error {
 	e.mu.Lock()
 	pd := e.pending[key]
 	delete(e.pending, key)
+	if err := os.Remove(filepath.Join(e.inDir, key+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		e.o.Logger.Warn("remove incoming migration file", "vm", key, "err", err)
+	}
 	e.mu.Unlock()
 	if pd == nil {
 		return nil

@@ -398,3 +398,35 @@ func TestSourceRestart(t *testing.T) {
 		t.Fatalf("%d segments", n)
 	}
 }
+
+// A -> B -> C where C peers only with B (it does not know A's AK): C
+// verifies B's segment and the chaining, takes A's as B verified it, and
+// the tenant's verifier, with all three AKs, gets one verdict over three
+// segments.
+func TestThreeHosts(t *testing.T) {
+	a, b, ekCA := twoHosts(t)
+	c := thirdHost(t, ekCA)
+	start(t, a, ekCA, b)
+	start(t, b, ekCA, a, c)
+	start(t, c, ekCA, b)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	ident := launch(t, a, "vm5")
+	move := func(from, to *host) {
+		t.Helper()
+		if _, err := to.eng.Reserve(ctx, ident.UUID, "vm5"); err != nil {
+			t.Fatal(err)
+		}
+		from.eng.SourceStopped("vm5")
+		ar, err := to.eng.Receive(ctx, ident.UUID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		arrive(t, to, ar)
+	}
+	move(a, b)
+	move(b, c)
+	if n := attest(t, c, ident, a, b, c); n != 3 {
+		t.Fatalf("%d segments", n)
+	}
+}
