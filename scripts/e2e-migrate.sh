@@ -421,7 +421,7 @@ hop() { # hop FROM TO: migrate $VM FROM -> TO at full speed and check it
     chain_ok "$to" "$VM" "$d/chain" "$SEGS"; then
     C_ATTEST[$c]="trusted, $SEGS segments"
     check "$c.ticks" both "every tick the guest measured is in the chain once, in order" ticks_whole "$d/chain/evidence.json" "$before" || true
-  elif evidence "$to" "$VM" "$d/own" --ak "$OUT/ak-$to.pem"; then
+  elif evidence "$to" "$VM" "$d/own" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem"; then
     C_ATTEST[$c]="PENDING; $to alone: trusted, $(jq -r '.counts.measurements' "$d/own/report.json") meas"
   else
     C_ATTEST[$c]="PENDING; $to alone: $OBSERVED"
@@ -432,7 +432,8 @@ hop() { # hop FROM TO: migrate $VM FROM -> TO at full speed and check it
   fi
   # The source: a migrated-out record naming the destination, then the
   # final quote, as for a teardown.
-  evidence "$from" "$VM" "$d/src" --ak "$OUT/ak-$from.pem" || die "$c: $from's post-mortem evidence rejected: $OBSERVED"
+  # (its post-mortem evidence carries the earlier segments too: both AKs)
+  evidence "$from" "$VM" "$d/src" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || die "$c: $from's post-mortem evidence rejected: $OBSERVED"
   check "$c.migrated-out" both "$from's last record for the VM is migrated-out, to $to" migrated_out "$d/src/report.json" "$(if [ "$to" = A ]; then echo "$HOSTA"; else echo "$HOSTB"; fi)" || true
 }
 # chain_ok HOST VM DIR N: HOST's evidence of VM verifies against both
@@ -481,7 +482,7 @@ check "$c.agent" handover "the agent goes on streaming to A (records grow)" reco
 check "$c.dest" handover "B's bridge keeps no half identity of $VM" no_instance B "$VM" "$nb0" || true
 if check "$c.attest" both "the VM's chain evidence from A verifies against both AKs, $SEGS segments, live" chain_ok A "$VM" "$OUT/abort" "$SEGS"; then
   C_ATTEST[$c]="trusted, $SEGS segments"
-elif evidence A "$VM" "$OUT/abort-own" --ak "$OUT/ak-A.pem"; then
+elif evidence A "$VM" "$OUT/abort-own" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem"; then
   C_ATTEST[$c]="PENDING; A alone: trusted"
 else
   C_ATTEST[$c]="PENDING; A alone: $OBSERVED"
@@ -522,7 +523,7 @@ else
   # The migration went through while B's bridge was down: B's bridge
   # must take the VM over with its history (the handover retried), or
   # hold no identity for it at all while A keeps the history intact.
-  evidence A "$VMK" "$OUT/$c-src" --ak "$OUT/ak-A.pem" || die "$c: A's evidence of $VMK rejected: $OBSERVED"
+  evidence A "$VMK" "$OUT/$c-src" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || die "$c: A's evidence of $VMK rejected: $OBSERVED"
   if [ -n "$HAVE_CHAIN" ] && chain_ok B "$VMK" "$OUT/$c" 2; then
     C_ATTEST[$c]="B: trusted, 2 segments"
   elif check "$c.dest" handover "B either took $VMK over with its chain or holds no identity of it" no_instance B "$VMK" "$nb0"; then
