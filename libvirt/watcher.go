@@ -164,6 +164,17 @@ type StopHost interface {
 	Stopped(ctx context.Context, name string, uuid [16]byte, detail string)
 }
 
+// ResumeHost is a Host that also wants libvirt's resumed events: on the
+// source of a live migration, a domain that resumes was not migrated (the
+// migration failed or was aborted: virsh domjobabort), so the bridge drops
+// the handover it had reserved for the destination.
+type ResumeHost interface {
+	Host
+	// Resumed is called for libvirt's resumed event of a domain, on the
+	// event goroutine: keep it short.
+	Resumed(ctx context.Context, name string, uuid [16]byte, detail string)
+}
+
 // ResetCoalesce is the window in which Follow records further resets of
 // one VM instance only once: the firmware's own resets after a reset
 // (see EventReset) are one reboot to a verifier. No guest boots far enough
@@ -198,6 +209,10 @@ func Follow(target string, h Host, log *slog.Logger) *Watcher {
 		log.Debug("libvirt: domain event", "vm", ev.Name, "kind", ev.Kind, "detail", ev.Detail)
 		if st, ok := h.(StopHost); ok && ev.Kind == EventStopped {
 			st.Stopped(ctx, ev.Name, ev.UUID, ev.Detail)
+			return
+		}
+		if rh, ok := h.(ResumeHost); ok && ev.Kind == EventResumed {
+			rh.Resumed(ctx, ev.Name, ev.UUID, ev.Detail)
 			return
 		}
 		sh, wantStarts := h.(StartHost)

@@ -37,6 +37,18 @@ pid_alive() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
 }
 
+# other_libvirtd: a libvirtd runs in this mount namespace (one in another,
+# like scripts/e2e/twohost.sh's host B, has its own sockets and is no
+# obstacle).
+other_libvirtd() {
+  local p me
+  me=$(readlink /proc/self/ns/mnt)
+  for p in $(pgrep -x libvirtd); do
+    [ "$(readlink "/proc/$p/ns/mnt" 2>/dev/null)" = "$me" ] && return 0
+  done
+  return 1
+}
+
 # answers: libvirtd accepts a connection and lists domains.
 answers() {
   command -v virsh >/dev/null || return 1
@@ -90,7 +102,7 @@ start() {
     LIBVIRT_LOG_OUTPUTS="3:file:$state/virtlogd.log" virtlogd -d -p "$state/virtlogd.pid"
   fi
   if ! pid_alive "$state/libvirtd.pid" libvirtd; then
-    if pgrep -x libvirtd >/dev/null; then
+    if other_libvirtd; then
       die "a libvirtd this script did not start is running but does not answer; see its logs"
     fi
     rm -f "$state/libvirtd.pid"

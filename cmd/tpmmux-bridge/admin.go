@@ -102,6 +102,14 @@ fault if the log and the PCR are out of step (then the exit status is 1).`,
 	if s.Metrics != "" {
 		row("metrics:", "http://%s/metrics", s.Metrics)
 	}
+	if m := s.Migration; m != nil {
+		listen := m.Listen
+		if listen == "" {
+			listen = "no listener"
+		}
+		row("migration:", "%s, peers %s; %d reserved here, %d incoming", listen, strings.Join(m.Peers, ","), m.Reserved, m.Incoming)
+		row("migration cert:", "sha256 %s (the tls_sha256 peers pin)", m.CertSHA256)
+	}
 	tw.Flush()
 	if s.Fault != "" {
 		return 1

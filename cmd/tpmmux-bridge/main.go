@@ -5,6 +5,7 @@
 //	tpmmux-bridge status | vms [--all]           ask the running daemon
 //	tpmmux-bridge evidence --vm NAME --nonce HEX --out DIR
 //	tpmmux-bridge enroll-request --out req.json | enroll-answer --challenge chal.json --out ans.json
+//	tpmmux-bridge migration-cert [--config FILE]     the tls_sha256 peers pin
 //	tpmmux-bridge violation --vm NAME --reason TEXT [--detail TEXT]
 //	tpmmux-bridge demo [--vms N] [--records M] [--tpm sim|swtpm:ADDR] [--out DIR]
 package main
@@ -62,6 +63,7 @@ over its control socket (--control PATH, default /run/tpmmux/control.sock; root 
 			sub("evidence", "write a VM's evidence and what verifies it", evidenceMain),
 			sub("enroll-request", "the host's AK enrollment request for a verifier", enrollRequestMain),
 			sub("enroll-answer", "have the TPM activate a verifier's challenge", enrollAnswerMain),
+			sub("migration-cert", "print the sha256 of the bridge's migration certificate (made if missing), which peers pin", migrationCertMain),
 			sub("violation", "report a verifier's finding; the bridge enforces (log, webhook, pause)", violationMain),
 			sub("demo", "run the whole flow in one process (default: embedded TPM simulator)", demoMain),
 		},

@@ -60,6 +60,7 @@ func domainXML(t *testing.T, attest string) []byte {
 
 type result struct {
 	code    int
+	stdout  string
 	stderr  string
 	elapsed time.Duration
 }
@@ -111,11 +112,11 @@ func (h *hookEnv) run(stdin io.Reader, args ...string) result {
 	cmd := exec.Command(hookBin, args...)
 	cmd.Env = append(os.Environ(), "TPMMUX_HOOK_CONFIG="+h.cfg)
 	cmd.Stdin = stdin
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
 	err := cmd.Run()
-	r := result{stderr: stderr.String(), elapsed: time.Since(start)}
+	r := result{stdout: stdout.String(), stderr: stderr.String(), elapsed: time.Since(start)}
 	var ee *exec.ExitError
 	switch {
 	case errors.As(err, &ee):
@@ -225,7 +226,7 @@ func TestOtherOpsExitAtOnce(t *testing.T) {
 	defer pr.Close()
 	defer pw.Close()
 	for _, args := range [][]string{
-		{"vm-a", "start", "begin", "-"}, {"vm-a", "migrate", "begin", "-"}, {"vm-a", "restore", "begin", "-"},
+		{"vm-a", "start", "begin", "-"}, {"vm-a", "restore", "begin", "-"},
 		{"vm-a", "attach", "begin", "-"}, {"vm-a", "prepare", "end", "-"}, {"vm-a", "stopped", "begin", "-"},
 		{"vm-a", "release", "begin", "-"}, {"vm-a", "started", "end", "-"}, {"-", "shutdown", "shutdown", "-"},
 	} {
@@ -313,6 +314,13 @@ func (r *recorder) Reconnect(ctx context.Context, xml []byte) (*control.VM, erro
 	r.add("reconnect " + strings.SplitN(string(xml), "\n", 2)[0])
 	return &control.VM{Name: "vm-a"}, nil
 }
+func (r *recorder) MigrateBegin(ctx context.Context, name string, xml []byte) (*control.VM, error) {
+	r.add("migrate " + name + " " + strings.SplitN(string(xml), "\n", 2)[0])
+	if r.fail {
+		return nil, errors.New("no peer reserved VM vm-a for migration here")
+	}
+	return &control.VM{Name: name}, nil
+}
 func (r *recorder) Status(ctx context.Context) (*control.Status, error) {
 	return &control.Status{}, nil
 }
@@ -333,14 +341,18 @@ func TestForwardsToBridge(t *testing.T) {
 	defer s.Close()
 	x := domainXML(t, "yes")
 	for _, args := range [][]string{
+		{"vm-a", "migrate", "begin", "-"},
 		{"vm-a", "prepare", "begin", "-"}, {"vm-a", "started", "begin", "-"},
 		{"vm-a", "stopped", "end", "-"}, {"vm-a", "release", "end", "destroyed"}, {"vm-a", "reconnect", "begin", "-"},
 	} {
-		if r := h.run(bytes.NewReader(x), args...); r.code != 0 || r.stderr != "" {
+		// stdout stays empty: for migrate begin libvirt reads it as the
+		// (unchanged) domain XML.
+		if r := h.run(bytes.NewReader(x), args...); r.code != 0 || r.stderr != "" || r.stdout != "" {
 			t.Fatalf("%v: %+v", args, r)
 		}
 	}
 	want := []string{
+		"migrate vm-a <domain type='qemu' id='1'>",
 		"prepare <domain type='qemu' id='1'>", "started vm-a <domain type='qemu' id='1'>",
 		"stopped vm-a -", "release vm-a destroyed", "reconnect <domain type='qemu' id='1'>",
 	}
@@ -352,6 +364,12 @@ func TestForwardsToBridge(t *testing.T) {
 	r := h.run(bytes.NewReader(x), "vm-a", "prepare", "begin", "-")
 	if r.code != 1 || r.stderr != "tpmmux: prepare vm-a refused by the bridge: serial socket outside the serial dir\n" {
 		t.Fatalf("refusal: %+v", r)
+	}
+	// A migration the bridge cannot set up fails the hook: libvirt
+	// cancels the migration.
+	r = h.run(bytes.NewReader(x), "vm-a", "migrate", "begin", "-")
+	if r.code != 1 || r.stdout != "" || r.stderr != "tpmmux: migrate vm-a refused by the bridge: no peer reserved VM vm-a for migration here\n" {
+		t.Fatalf("migrate refusal: %+v", r)
 	}
 }
 

@@ -5,7 +5,11 @@
 // bridge's control socket and never calls the libvirt API (libvirt forbids
 // that from a hook: it would deadlock).
 //
-//	prepare begin    identity and genesis; the VM's listeners open
+//	migrate begin    (destination of a live migration) the VM's identity is
+//	                 reserved at the source bridge; stdout stays empty (the
+//	                 XML is not changed)
+//	prepare begin    identity and genesis (an incoming VM: its listeners
+//	                 only, the identity comes with the handover)
 //	started begin    the live XML (auto-assigned vsock CID)
 //	stopped end      listeners close; teardown follows
 //	release end      teardown with libvirt's shutoff reason (EXTRA)
@@ -15,7 +19,7 @@
 // Its own configuration is /etc/tpmmux/hook.json (or $TPMMUX_HOOK_CONFIG):
 // {"control_socket", "timeout", "fail_open", "mode"}; see docs/hook.md.
 // Every path takes at most the timeout (2 s by default). Fail-closed by
-// default: when prepare or started gets no good answer in time the hook
+// default: when migrate, prepare or started gets no good answer in time the hook
 // exits 1 with one line on stderr, which virsh shows, and libvirt does not
 // start the domain. stopped, release and reconnect never fail.
 package main
@@ -125,14 +129,17 @@ lifecycle step with the domain XML on stdin, and libvirtd looks for hooks only w
 restart libvirtd once after installing it. It forwards the steps tpmmux needs to the bridge's
 control socket and never calls the libvirt API:
 
-  prepare begin    identity and genesis; the VM's listeners open
+  migrate begin    destination of a live migration: the VM's identity is reserved at the source
+                   bridge (docs/migration.md); a failure cancels the migration; stdout stays empty
+  prepare begin    identity and genesis; the VM's listeners open (an incoming VM: listeners only,
+                   its identity arrives with the handover)
   started begin    the live XML (auto-assigned vsock CID)
   stopped end      listeners close; teardown follows
   release end      teardown with libvirt's shutoff reason (EXTRA)
   reconnect begin  libvirtd restarted: re-adopt the running VM
   anything else    exit 0 at once, stdin unread
 
-Fail-closed by default: when prepare or started gets no good answer within the timeout the hook
+Fail-closed by default: when migrate, prepare or started gets no good answer within the timeout the hook
 exits 1 with one line on stderr, which virsh shows, and libvirt does not start the domain.
 stopped, release and reconnect never fail. A domain that starts without the bridge (opted out,
 or failing open) gets a placeholder socket for its org.tpmmux.0 channel, so that libvirt can
@@ -151,7 +158,7 @@ label it.`,
 
 The domain's choice: <tpmmux:attest xmlns:tpmmux="https://tpmmux.dev/xmlns/domain/1" enabled="no"/>
 in its <metadata>. An unreadable or invalid hook.json fails prepare and started closed.`},
-			{Title: "Exit status", Body: `0 the step may go on; 1 prepare or started refused (fail-closed); 2 usage error.`},
+			{Title: "Exit status", Body: `0 the step may go on; 1 migrate, prepare or started refused (fail-closed); 2 usage error.`},
 			{Title: "See also", Body: `tpmmux-bridge(8); docs/hook.md`},
 		},
 	}
@@ -177,6 +184,10 @@ type op struct {
 
 func opFor(o, sub string) (op, bool) {
 	switch o + " " + sub {
+	case "migrate begin":
+		// The destination of a live migration: the bridge reserves the
+		// VM's identity at its source; a failure cancels the migration.
+		return op{name: control.OpMigrate, needXML: true, critical: true, retry: true}, true
 	case "prepare begin":
 		return op{name: control.OpPrepare, needXML: true, critical: true, retry: true}, true
 	case "started begin":
@@ -275,7 +286,7 @@ func run(args []string, stdin io.Reader, stderr io.Writer) int {
 	switch what.name {
 	case control.OpPrepare, control.OpReconnect:
 		req.XML = string(xml)
-	case control.OpStarted:
+	case control.OpStarted, control.OpMigrate:
 		req.Name, req.XML = domain, string(xml)
 	case control.OpStopped, control.OpRelease:
 		req.Name, req.Reason = domain, extra

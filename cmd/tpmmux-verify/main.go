@@ -6,7 +6,7 @@
 // says why), and 2 on usage or I/O errors.
 //
 //	tpmmux-verify --evidence FILE (--nonce HEX | --post-mortem) --identity FILE
-//	    (--ak PEMFILE | --ek-ca CA.pem --enrolled DIR)
+//	    (--ak PEMFILE... | --ek-ca CA.pem --enrolled DIR)
 //	    [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key PEM]... [--json]
 //
 // It also enrolls a host's AK by credential activation (enroll.go):
@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,7 +79,7 @@ func command() *cli.Command {
 		Name: "tpmmux-verify",
 		Synopsis: []string{
 			"--evidence FILE (--nonce HEX | --post-mortem) --identity FILE",
-			"  (--ak FILE | --ek-ca FILE --enrolled DIR)",
+			"  (--ak FILE... | --ek-ca FILE --enrolled DIR)",
 			"  [--policy FILE] [--launch-policy FILE] [--ima-keys FILE]... [--bind-key FILE]...",
 			"  [--expect-uuid UUID] [--checkpoint FILE] [--save-checkpoint FILE] [--json]",
 		},
@@ -87,8 +88,11 @@ func command() *cli.Command {
 		Description: `Checks the quote and its clockInfo, replays the public log to the quoted PCR, counts the VM's
 records from its tags, checks every record's commitment, order, genesis and teardown rules, and
 optionally appraises the measurements against a Keylime runtime policy (with tpmmux's launch
-section), verifies IMA signatures, and requires keys bound in the VM's log. A pure library
-(internal/verify): no TPM, store or network.`,
+section), verifies IMA signatures, and requires keys bound in the VM's log. A VM that moved by live
+migration has one segment of history per stay on a host: each is verified against its host's AK
+(give every host's: --ak repeated, or --ek-ca with --enrolled holding every host's enrolled AK),
+the segments must chain (docs/protocol.md "Migration"), and the verdict covers the VM's whole life.
+A pure library (internal/verify): no TPM, store or network.`,
 		Subs: []cli.Sub{{Name: "enroll", Summary: "enroll a host's AK by credential activation (challenge, finish, list)", Main: enrollMain}},
 		Sections: []cli.Section{
 			{Title: "Exit status", Body: `0 trusted; 1 rejected (the first stderr line says why); 2 usage or I/O error.`},
@@ -99,11 +103,11 @@ section), verifies IMA signatures, and requires keys bound in the VM's log. A pu
 
 // flags are tpmmux-verify's flags.
 type flags struct {
-	evPath, nonceHex, identPath, akPath, ekCA, enrolled *string
-	policyPath, launchPath, expectUUID, cpIn, cpOut     *string
-	imaKeys, bindKeys                                   multi
-	postMortem, allowResettable, asJSON                 *bool
-	pcr                                                 *int
+	evPath, nonceHex, identPath, ekCA, enrolled     *string
+	policyPath, launchPath, expectUUID, cpIn, cpOut *string
+	akPaths, imaKeys, bindKeys                      multi
+	postMortem, allowResettable, asJSON             *bool
+	pcr                                             *int
 }
 
 func newFlags(fs *flag.FlagSet) *flags {
@@ -111,7 +115,7 @@ func newFlags(fs *flag.FlagSet) *flags {
 	f.evPath = fs.String("evidence", "", "evidence `FILE` (JSON or binary CBOR)")
 	f.nonceHex = fs.String("nonce", "", "the nonce you sent, `HEX`")
 	f.identPath = fs.String("identity", "", "the VM's identity.json `FILE` (uuid, instance, key)")
-	f.akPath = fs.String("ak", "", "PEM `FILE` of the trusted attestation key (a pinned AK)")
+	fs.Var(&f.akPaths, "ak", "PEM `FILE` of a trusted attestation key (a pinned AK); repeat it for each host a migrated VM ran on")
 	f.ekCA = fs.String("ek-ca", "", "PEM `FILE` of the EK CA certificates trusted for enrolled AKs (with --enrolled)")
 	f.enrolled = fs.String("enrolled", "", "`DIR` of AKs enrolled with tpmmux-verify enroll (with --ek-ca)")
 	f.policyPath = fs.String("policy", "", "Keylime runtime policy JSON `FILE` (optionally with a tpmmux launch section)")
@@ -183,9 +187,9 @@ func (f *flags) check(fs *flag.FlagSet) error {
 		return usagef("unexpected argument %q", fs.Arg(0))
 	case *f.evPath == "" || *f.identPath == "":
 		return usagef("--evidence and --identity are required")
-	case *f.akPath != "" && (*f.ekCA != "" || *f.enrolled != ""):
+	case len(f.akPaths) > 0 && (*f.ekCA != "" || *f.enrolled != ""):
 		return usagef("--ak pins an AK; --ek-ca with --enrolled uses an enrolled one: give one or the other")
-	case *f.akPath == "" && (*f.ekCA == "" || *f.enrolled == ""):
+	case len(f.akPaths) == 0 && (*f.ekCA == "" || *f.enrolled == ""):
 		return usagef("--ak, or --ek-ca with --enrolled, is required")
 	case *f.nonceHex == "" && !*f.postMortem:
 		return usagef("--nonce is required (or --post-mortem for an ended VM's final quote)")
@@ -246,18 +250,28 @@ func (v *verification) readEvidence() error {
 	return nil
 }
 
-// readTrustRoot reads the trust root: a pinned AK, or the AK enrolled
-// under the EK CA.
+// readTrustRoot reads the trust root: pinned AKs, or the AKs enrolled
+// under the EK CA, one per segment of the VM's history (each segment's
+// enrolled AK; the report's trust is the current segment's).
 func (v *verification) readTrustRoot() error {
 	f := v.f
-	if *f.akPath != "" {
-		ak, err := readAK(*f.akPath)
-		if err != nil {
-			return usagef("ak %s: %v", *f.akPath, err)
+	if len(f.akPaths) > 0 {
+		for _, p := range f.akPaths {
+			ak, err := readAK(p)
+			if err != nil {
+				return usagef("ak %s: %v", p, err)
+			}
+			v.opts.AKs = append(v.opts.AKs, ak)
 		}
-		v.opts.AK = ak
-		fp, _ := enroll.AKFingerprint(ak)
+		fp, _ := enroll.AKFingerprint(v.opts.AKs[0])
 		v.trust = &verify.TrustReport{AK: "pinned", AKSHA256: fp}
+		if len(v.opts.AKs) > 1 {
+			v.trust.AKSHA256 = ""
+			for _, ak := range v.opts.AKs {
+				fp, _ := enroll.AKFingerprint(ak)
+				v.trust.AKs = append(v.trust.AKs, fp)
+			}
+		}
 		return nil
 	}
 	caPEM, err := os.ReadFile(*f.ekCA)
@@ -268,27 +282,86 @@ func (v *verification) readTrustRoot() error {
 	if err != nil {
 		return usagef("ek-ca %s: %v", *f.ekCA, err)
 	}
-	// The evidence's AK field is informational: it only selects which
-	// enrolled AK to verify with.
+	segs := v.ev.Segments()
+	for i, seg := range segs {
+		rec, ak, err := v.enrolledAK(seg, roots, len(segs) > 1)
+		if err != nil {
+			if len(segs) > 1 {
+				if re, ok := err.(*rejectedError); ok {
+					re.err = fmt.Errorf("segment %d (host %q): %w", i, seg.Host, re.err)
+				}
+			}
+			return err
+		}
+		for _, k := range ak {
+			v.opts.AKs = append(v.opts.AKs, k)
+			fp, _ := enroll.AKFingerprint(k)
+			if len(segs) > 1 {
+				v.trustAK(fp)
+			}
+		}
+		if i == len(segs)-1 {
+			fp, _ := enroll.AKFingerprint(ak[0])
+			aks := []string(nil)
+			if v.trust != nil {
+				aks = v.trust.AKs
+			}
+			v.trust = &verify.TrustReport{AK: "enrolled", AKSHA256: fp, AKs: aks}
+			if rec != nil {
+				v.trust.EKCertSHA256, v.trust.EKIssuer, v.trust.Host, v.trust.Enrolled = hex.EncodeToString(rec.EKCertSHA256), rec.EKIssuer, rec.Host, rec.Enrolled
+			}
+		}
+	}
+	return nil
+}
+
+// trustAK notes fp among the trusted AKs of a chain's verification.
+func (v *verification) trustAK(fp string) {
+	if v.trust == nil {
+		v.trust = &verify.TrustReport{}
+	}
+	if !slices.Contains(v.trust.AKs, fp) {
+		v.trust.AKs = append(v.trust.AKs, fp)
+	}
+}
+
+// enrolledAK looks up the enrolled AK of one segment of the evidence. Its
+// AK field is informational: it only selects which enrolled AK to verify
+// with. When it names none, a single segment takes the only enrolled AK
+// and a chain every enrolled one (the verifier then finds the signer).
+func (v *verification) enrolledAK(seg *evidence.Evidence, roots *x509.CertPool, chain bool) (*enroll.Record, []*ecdsa.PublicKey, error) {
+	f := v.f
 	var named *ecdsa.PublicKey
-	if len(v.ev.AK) > 0 {
-		if k, err := x509.ParsePKIXPublicKey(v.ev.AK); err == nil {
+	if len(seg.AK) > 0 {
+		if k, err := x509.ParsePKIXPublicKey(seg.AK); err == nil {
 			named, _ = k.(*ecdsa.PublicKey)
 		}
+	}
+	if named == nil && chain {
+		all, err := enroll.List(*f.enrolled)
+		if err != nil {
+			return nil, nil, usagef("enrolled %s: %v", *f.enrolled, err)
+		}
+		var keys []*ecdsa.PublicKey
+		for _, r := range all {
+			if k, err := r.Check(roots, time.Now()); err == nil {
+				keys = append(keys, k)
+			}
+		}
+		if len(keys) == 0 {
+			return nil, nil, &rejectedError{err: &enroll.NotEnrolledError{Dir: *f.enrolled}}
+		}
+		return nil, keys, nil
 	}
 	rec, ak, err := enroll.Lookup(*f.enrolled, named, roots, time.Now())
 	var ne *enroll.NotEnrolledError
 	switch {
 	case errors.As(err, &ne) || enroll.IsRejection(err):
-		return &rejectedError{err: err}
+		return nil, nil, &rejectedError{err: err}
 	case err != nil:
-		return usagef("enrolled %s: %v", *f.enrolled, err)
+		return nil, nil, usagef("enrolled %s: %v", *f.enrolled, err)
 	}
-	v.opts.AK = ak
-	fp, _ := enroll.AKFingerprint(ak)
-	v.trust = &verify.TrustReport{AK: "enrolled", AKSHA256: fp, EKCertSHA256: hex.EncodeToString(rec.EKCertSHA256),
-		EKIssuer: rec.EKIssuer, Host: rec.Host, Enrolled: rec.Enrolled}
-	return nil
+	return rec, []*ecdsa.PublicKey{ak}, nil
 }
 
 // readPolicies builds step 5's appraiser (runtime policy, IMA keys, launch
@@ -429,6 +502,18 @@ func printTrusted(stdout io.Writer, rep *verify.Report) {
 	}
 	for _, b := range rep.BoundKeys {
 		fmt.Fprintf(stdout, "  key %s bound (record %d, purpose %s)\n", b.SHA256, b.Seq, b.Purpose)
+	}
+	if len(rep.Segments) > 1 || rep.MigratedTo != "" {
+		for _, sg := range rep.Segments {
+			end := sg.End
+			switch {
+			case end == "migrated-out":
+				end += " to " + sg.DestHost
+			case end == "":
+				end = "live"
+			}
+			fmt.Fprintf(stdout, "  segment %d: host %s, AK %.16s, records %d-%d, %s .. %s\n", sg.Index, sg.Host, sg.AK, sg.First, sg.Last, sg.Start, end)
+		}
 	}
 }
 

@@ -24,6 +24,7 @@
 //	enroll-request {}          → enrollment: EK certificate, EK and AK public areas (ext.go)
 //	enroll-answer  {challenge} → answer: the secret the TPM released
 //	violation {vm, reason, detail} → enforcement: the actions taken
+//	migrate   {name, xml}      → vm: an incoming domain reserved at its source (migrate.go)
 package control
 
 import (
@@ -165,6 +166,18 @@ type Status struct {
 	SerialDir     string    `json:"serial_dir"`
 	Metrics       string    `json:"metrics,omitempty"`
 	Mode          string    `json:"mode"`
+	// Migration is the live-migration listener and the sha256 of the
+	// bridge's migration certificate, which peers pin (docs/migration.md).
+	Migration *MigrationStatus `json:"migration,omitempty"`
+}
+
+// MigrationStatus is the bridge's live-migration side.
+type MigrationStatus struct {
+	Listen     string   `json:"listen,omitempty"`
+	CertSHA256 string   `json:"cert_sha256"`
+	Peers      []string `json:"peers"`
+	Reserved   int      `json:"reserved"` // VMs reserved here by a destination
+	Incoming   int      `json:"incoming"` // incoming VMs waiting for their handover
 }
 
 // Evidence is a VM's evidence with what a verifier needs besides it.

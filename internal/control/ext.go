@@ -115,6 +115,8 @@ func (s *Server) dispatchExt(ctx context.Context, req *Request, resp *Response) 
 		var err error
 		resp.Enforcement, err = h.Violation(ctx, req.VM, req.Reason, req.Detail)
 		return err
+	case OpMigrate:
+		return s.dispatchMigrate(ctx, req, resp)
 	}
 	return fmt.Errorf("unknown op %q", req.Op)
 }

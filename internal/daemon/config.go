@@ -24,6 +24,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/jsonconf"
+	"github.com/tpmmux/tpmmux/internal/migrate"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/libvirt"
@@ -133,6 +134,11 @@ type Config struct {
 	// Conceal is activity concealment with cover leaves (mux.Cover), on
 	// by default: unset keys take the defaults, pad -1 turns it off.
 	Conceal ConcealConfig `json:"conceal"`
+	// Migration is live migration between bridges (docs/migration.md):
+	// this bridge's peer listener and certificate, the EK CA, and the
+	// peers it hands VMs to and takes them from. Unset: attested VMs do
+	// not migrate to this host.
+	Migration migrate.Config `json:"migration"`
 }
 
 // HookPolicy is the bridge's side of the hook policy (the hook has its
@@ -250,6 +256,11 @@ func (c *Config) parse() (*settings, error) {
 	}
 	if s.vtpmBanks, err = vpcr.CheckBanks(s.vtpmBanks); err != nil {
 		return nil, fmt.Errorf("config: vtpm_banks: %w", err)
+	}
+	if c.Migration.Enabled() {
+		if err := c.Migration.Validate(); err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
 	}
 	switch c.VTPMMode {
 	case "durable", "anchored":

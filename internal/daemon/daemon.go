@@ -18,6 +18,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/bridge"
 	"github.com/tpmmux/tpmmux/internal/control"
 	"github.com/tpmmux/tpmmux/internal/logstore"
+	"github.com/tpmmux/tpmmux/internal/migrate"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/transport"
@@ -64,6 +65,7 @@ type Daemon struct {
 	store  *logstore.Store
 	mux    *mux.Mux
 	br     *bridge.Bridge
+	mig    *migrate.Engine // live migration; nil without a migration block
 
 	ctrl       *control.Server
 	ctrlLn     net.Listener
@@ -75,10 +77,12 @@ type Daemon struct {
 	vsockOn   bool
 	vsockNote string
 
-	mu     sync.Mutex
-	vms    map[string]*vmEntry // live VM instances by name
-	stops  *stopQueue          // teardowns waiting for their reason
-	states stateFiles          // per-VM listener state, for a restart
+	mu  sync.Mutex
+	vms map[string]*vmEntry // live VM instances by name
+	// incoming are VMs migrating in, by name (migrate.go)
+	incoming map[string]*incomingVM
+	stops    *stopQueue // teardowns waiting for their reason
+	states   stateFiles // per-VM listener state, for a restart
 	// following is set when libvirt's events are followed, so a release
 	// can wait for the stopped event that names the reason.
 	following atomic.Bool
@@ -138,7 +142,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		}
 	}
 	d := &Daemon{cfg: cfg, set: set, opts: opts, log: log, started: time.Now(),
-		vms: make(map[string]*vmEntry), fds: newFDStore(log)}
+		vms: make(map[string]*vmEntry), incoming: make(map[string]*incomingVM), fds: newFDStore(log)}
 	d.stops = newStopQueue(&d.names, d.endInstance)
 	d.states = stateFiles{dir: filepath.Join(cfg.StateDir, "vms"), log: log}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
@@ -168,7 +172,11 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 			return nil, err
 		}
 	}
+	if err := d.startMigration(); err != nil {
+		return nil, err
+	}
 	d.restoreLive(ctx)
+	d.resumeIncoming()
 	d.fds.leftovers()
 	if err := d.serveControl(); err != nil {
 		return nil, err

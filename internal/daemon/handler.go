@@ -96,6 +96,14 @@ func (d *Daemon) prepare(ctx context.Context, dom *libvirt.Domain, xml []byte) (
 		d.closeEntry(old, true)
 		d.states.remove(old.id)
 	}
+	if in := d.incomingOf(dom.Name); in != nil {
+		// A prepare retried by libvirt for the same incoming VM.
+		d.dropIncoming(in, false)
+	}
+	if d.mig != nil && d.mig.Pending(dom.UUID) {
+		// Migrating in: sockets only, the identity comes with the handover.
+		return d.prepareIncoming(dom, xml, plan)
+	}
 	e := d.newEntry(dom.Name, conceal.Digest{}, dom.UUID)
 	ls, err := d.listen(e, plan)
 	if err != nil {
@@ -237,6 +245,11 @@ func (d *Daemon) adopt(op, name string, xml []byte, started bool) (*control.VM, 
 	}
 	unlock := d.names.Lock(dom.Name)
 	defer unlock()
+	if in := d.incomingOf(dom.Name); in != nil && in.dom.UUID == dom.UUID {
+		// Migrating in: its sockets are open; the identity, and the
+		// serving of the guest, come with the handover.
+		return &control.VM{Name: dom.Name, UUID: conceal.FormatUUID(dom.UUID), Listeners: listenerInfoOf(in.ls), Note: "incoming: waiting for the handover"}, nil
+	}
 	e, err := d.liveEntry(dom.Name, &dom.UUID)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
@@ -297,6 +310,9 @@ func (d controlHandler) Stopped(ctx context.Context, name, reason string) (err e
 	defer d.count(control.OpStopped, &err)
 	unlock := d.names.Lock(name)
 	defer unlock()
+	if d.abortIncoming(name) {
+		return nil
+	}
 	id, ok := d.mux.Lookup(name)
 	if !ok {
 		if e := d.entry(name); e != nil {
@@ -319,6 +335,9 @@ func (d controlHandler) Release(ctx context.Context, name, reason string) (err e
 	defer d.count(control.OpRelease, &err)
 	unlock := d.names.Lock(name)
 	defer unlock()
+	if d.abortIncoming(name) {
+		return nil
+	}
 	var id conceal.Digest
 	if p := d.stops.take(name); p != nil {
 		id = p.id
@@ -348,6 +367,9 @@ func (d controlHandler) Release(ctx context.Context, name, reason string) (err e
 // endInstance closes instance id's listeners and records its teardown.
 // The caller holds the name's lock.
 func (d *Daemon) endInstance(name string, id conceal.Digest, reason string) error {
+	if done, err := d.sourceStop(name, id, reason); done {
+		return err
+	}
 	if e := d.entry(name); e != nil && e.id == id {
 		d.closeEntry(e, true)
 	}

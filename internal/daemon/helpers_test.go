@@ -30,7 +30,14 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	tp, err := tpm.Open(context.Background(), "sim")
+	return newEnvTPM(t, "sim")
+}
+
+// newEnvTPM is newEnv on the TPM spec names (a swtpm for a second host:
+// the simulator is one per process).
+func newEnvTPM(t *testing.T, spec string) *env {
+	t.Helper()
+	tp, err := tpm.Open(context.Background(), spec)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,6 +42,13 @@ func (d libvirtHost) LiveVMs() ([]libvirt.KnownVM, error) {
 func (d libvirtHost) Teardown(ctx context.Context, vm libvirt.KnownVM, reason string) error {
 	unlock := d.names.Lock(vm.Name)
 	defer unlock()
+	if d.mig != nil && d.mig.Reserved(vm.Name) {
+		// Gone from libvirt while reserved for a destination (the bridge
+		// missed the stop, e.g. it was down): it migrated; the handover,
+		// which the destination waits for, ends it.
+		d.log.Info("libvirt: a VM reserved for migration is not running here: handing it over", "vm", vm.Name)
+		return d.migratedOut(vm.Name, vm.ID)
+	}
 	d.stops.drop(vm.Name, vm.ID)
 	if e := d.entry(vm.Name); e != nil && e.id == vm.ID {
 		d.closeEntry(e, true)
@@ -78,9 +85,20 @@ func (d *Daemon) LibvirtHost() libvirt.StartHost { return libvirtHost{d} }
 type libvirtHost struct{ *Daemon }
 
 var (
-	_ libvirt.StartHost = libvirtHost{}
-	_ libvirt.StopHost  = libvirtHost{}
+	_ libvirt.StartHost  = libvirtHost{}
+	_ libvirt.StopHost   = libvirtHost{}
+	_ libvirt.ResumeHost = libvirtHost{}
 )
+
+// Resumed takes libvirt's resumed event: on the source of a live
+// migration, a VM reserved for a destination that resumes here stays here
+// (the migration failed or was aborted), so the reservation is dropped and
+// the VM's history goes on on this host.
+func (h libvirtHost) Resumed(ctx context.Context, name string, uuid [16]byte, detail string) {
+	if h.mig != nil && h.mig.SourceResumed(name) {
+		h.log.Info("migration aborted: the VM resumed on this host, which keeps its identity", "vm", name, "detail", detail)
+	}
+}
 
 // Stopped takes libvirt's stopped event: its detail (shutdown, destroyed,
 // crashed, …) is the teardown reason of a released VM waiting for it.

@@ -22,7 +22,7 @@ func (d controlHandler) Status(ctx context.Context) (*control.Status, error) {
 		Records: st.Stats.Records, Extends: st.Stats.Extends, Quotes: st.Stats.Quotes, MaxBatch: st.Stats.MaxBatch,
 		Sessions: d.sessions.Load(), Refused: d.refusedTotal(),
 		Vsock: d.vsockOn, VsockNote: d.vsockNote, ControlSocket: d.cfg.ControlSocket, SerialDir: d.cfg.SerialDir,
-		Metrics: d.MetricsAddr(), Mode: d.cfg.Hook.Mode,
+		Metrics: d.MetricsAddr(), Mode: d.cfg.Hook.Mode, Migration: d.migrationStatus(),
 	}
 	d.mu.Lock()
 	for _, e := range d.vms {

@@ -85,11 +85,17 @@ func (d *Daemon) listenVTPM(path string) (*net.UnixListener, error) {
 // and its in-flight record are kept in the fd store; kept ones a previous
 // process left (a crash or restart) are served first. It ends when e
 // closes.
-func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event) error {
+// mods adjust the vTPM's configuration last (an incoming VM's: migrate.go).
+func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event, mods ...func(*vtpm.Config)) error {
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
 	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
-	if d.fds.on() {
+	for _, m := range mods {
+		m(&cfg)
+	}
+	// An incoming VM's vTPM (live migration) has no identity, so no fd
+	// store names, yet: its connections are not kept across a restart.
+	if d.fds.on() && !cfg.Incoming {
 		inf, err := d.inflight(names[2])
 		if err != nil {
 			l.Close()

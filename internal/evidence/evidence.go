@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/fxamacker/cbor/v2"
+
 	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 )
@@ -32,6 +34,9 @@ const (
 	MaxBytes   = 1 << 30 // whole encoded evidence
 	MaxBatches = 1 << 24
 	MaxRecords = 1 << 24
+	// MaxSegments bounds Previous: a VM's earlier stays on other hosts
+	// (live migrations) carried in its evidence.
+	MaxSegments = 64
 )
 
 // Evidence is the whole evidence for one VM. docs/evidence.md says, field
@@ -50,6 +55,36 @@ type Evidence struct {
 	Batched   *QuoteProof `cbor:"11,keyasint,omitempty" json:"batched,omitempty"`
 	Host      string      `cbor:"12,keyasint,omitempty" json:"host,omitempty"`
 	From      *Since      `cbor:"13,keyasint,omitempty" json:"from,omitempty"`
+	// Previous are the VM's earlier segments, oldest first, when it came
+	// to this host by live migration (docs/protocol.md "Migration"): each
+	// the final (post-mortem) evidence its host kept after the VM's
+	// migrated-out record. A flat list: a previous segment has no
+	// Previous of its own.
+	Previous []Evidence `cbor:"14,keyasint,omitempty" json:"previous,omitempty"`
+}
+
+// Segments returns the VM's whole history as the chain of its segments,
+// oldest first: the Previous ones and then ev itself (without its
+// Previous, so that each segment stands alone).
+func (ev *Evidence) Segments() []*Evidence {
+	out := make([]*Evidence, 0, len(ev.Previous)+1)
+	for i := range ev.Previous {
+		out = append(out, &ev.Previous[i])
+	}
+	last := *ev
+	last.Previous = nil
+	return append(out, &last)
+}
+
+// Chain returns the Previous list of evidence that continues the history
+// ev ends (ev is a segment's final evidence, handed to the next host at a
+// migration): ev's own Previous, then ev itself without it.
+func (ev *Evidence) Chain() []Evidence {
+	out := make([]Evidence, 0, len(ev.Previous)+1)
+	out = append(out, ev.Previous...)
+	last := *ev
+	last.Previous = nil
+	return append(out, last)
 }
 
 // Since marks incremental evidence: Log holds only the batches after batch
@@ -241,11 +276,73 @@ func Decode(b []byte) (*Evidence, error) {
 			return nil, fmt.Errorf("decode evidence CBOR: %w", err)
 		}
 	}
-	if ev.Version != Version {
-		return nil, fmt.Errorf("evidence version %d, this verifier reads version %d", ev.Version, Version)
+	if err := ev.check(); err != nil {
+		return nil, err
 	}
-	if len(ev.Records) > MaxRecords {
-		return nil, fmt.Errorf("evidence holds %d records, limit %d", len(ev.Records), MaxRecords)
+	if len(ev.Previous) > MaxSegments {
+		return nil, fmt.Errorf("evidence has %d previous segments, limit %d", len(ev.Previous), MaxSegments)
+	}
+	for i := range ev.Previous {
+		p := &ev.Previous[i]
+		if len(p.Previous) > 0 {
+			return nil, fmt.Errorf("previous segment %d has previous segments of its own: the chain is a flat list, oldest first", i)
+		}
+		if err := p.check(); err != nil {
+			return nil, fmt.Errorf("previous segment %d: %w", i, err)
+		}
 	}
 	return &ev, nil
+}
+
+// DecodeChain decodes a Previous list as EncodeChain wrote it, with
+// Decode's limits.
+func DecodeChain(b []byte) ([]Evidence, error) {
+	if len(b) == 0 {
+		return nil, nil
+	}
+	if len(b) > MaxBytes {
+		return nil, fmt.Errorf("evidence chain of %d bytes exceeds the %d-byte limit", len(b), MaxBytes)
+	}
+	// A chain is decoded as the Previous of an otherwise empty evidence,
+	// so it gets the very same checks.
+	wrapped, err := encMode.Marshal(struct {
+		V uint32          `cbor:"1,keyasint"`
+		P cbor.RawMessage `cbor:"14,keyasint"`
+	}{Version, b})
+	if err != nil {
+		return nil, fmt.Errorf("decode evidence chain: %w", err)
+	}
+	ev, err := Decode(wrapped)
+	if err != nil {
+		return nil, fmt.Errorf("decode evidence chain: %w", err)
+	}
+	return ev.Previous, nil
+}
+
+// EncodeChain encodes a Previous list (canonical CBOR) for storage.
+func EncodeChain(chain []Evidence) ([]byte, error) {
+	if len(chain) == 0 {
+		return nil, nil
+	}
+	type plain Evidence
+	list := make([]*plain, len(chain))
+	for i := range chain {
+		list[i] = (*plain)(&chain[i])
+	}
+	b, err := encMode.Marshal(list)
+	if err != nil {
+		return nil, fmt.Errorf("encode evidence chain: %w", err)
+	}
+	return b, nil
+}
+
+// check enforces the version and the record limit of one segment.
+func (ev *Evidence) check() error {
+	if ev.Version != Version {
+		return fmt.Errorf("evidence version %d, this verifier reads version %d", ev.Version, Version)
+	}
+	if len(ev.Records) > MaxRecords {
+		return fmt.Errorf("evidence holds %d records, limit %d", len(ev.Records), MaxRecords)
+	}
+	return nil
 }

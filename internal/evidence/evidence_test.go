@@ -3,6 +3,7 @@ package evidence
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -85,19 +86,122 @@ func TestDecodeRejects(t *testing.T) {
 	}
 }
 
+// chained is sample() as the evidence of a VM that migrated twice: two
+// previous (final) segments.
+func chained() *Evidence {
+	ev := sample()
+	for i := range 2 {
+		p := sample()
+		p.Kind = KindFinal
+		p.Host = fmt.Sprint("host", i)
+		ev.Previous = append(ev.Previous, *p)
+	}
+	return ev
+}
+
+// TestPrevious: the earlier segments of a migrated VM round-trip in both
+// encodings (CBOR key 14, JSON "previous"), as a chain stored on its own,
+// and the decoder refuses more than MaxSegments of them and any nesting.
+func TestPrevious(t *testing.T) {
+	ev := chained()
+	bin, err := ev.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := json.Marshal(ev)
+	if !strings.Contains(string(js), `"previous":[{"version":1,"kind":"final"`) {
+		t.Fatalf("JSON lacks the previous segments: %.200s", js)
+	}
+	for name, in := range map[string][]byte{"cbor": bin, "json": js} {
+		back, err := Decode(in)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if again, _ := back.MarshalBinary(); !bytes.Equal(again, bin) {
+			t.Fatalf("%s: round trip changed the evidence", name)
+		}
+		segs := back.Segments()
+		if len(segs) != 3 || segs[0].Host != "host0" || segs[2].Previous != nil || back.Previous == nil {
+			t.Fatalf("%s: segments %d", name, len(segs))
+		}
+	}
+	chain, err := EncodeChain(ev.Chain())
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := DecodeChain(chain)
+	if err != nil || len(back) != 3 || back[2].Kind != KindQuote || back[2].Previous != nil {
+		t.Fatalf("chain round trip: %v %d", err, len(back))
+	}
+
+	tooMany := sample()
+	for range MaxSegments + 1 {
+		tooMany.Previous = append(tooMany.Previous, *sample())
+	}
+	nested := chained()
+	nested.Previous[1].Previous = []Evidence{*sample()}
+	oldInner := chained()
+	oldInner.Previous[0].Version = 2
+	tests := []struct {
+		name string
+		ev   *Evidence
+		want string
+	}{
+		{"65 segments", tooMany, "limit 64"},
+		{"nested", nested, "flat list"},
+		{"old segment version", oldInner, "previous segment 0: evidence version 2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			bin, err := tt.ev.MarshalBinary()
+			if err != nil {
+				t.Fatal(err)
+			}
+			js, _ := json.Marshal(tt.ev)
+			for _, in := range [][]byte{bin, js} {
+				if _, err := Decode(in); err == nil || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("Decode = %v, want an error containing %q", err, tt.want)
+				}
+			}
+			if c, _ := EncodeChain(tt.ev.Chain()); tt.name != "65 segments" {
+				if _, err := DecodeChain(c); err == nil || !strings.Contains(err.Error(), tt.want) {
+					t.Fatalf("DecodeChain = %v, want an error containing %q", err, tt.want)
+				}
+			}
+		})
+	}
+}
+
 func FuzzDecode(f *testing.F) {
 	bin, _ := sample().MarshalBinary()
 	js, _ := json.Marshal(sample())
 	f.Add(bin)
 	f.Add(js)
+	cbin, _ := chained().MarshalBinary()
+	cjs, _ := json.Marshal(chained())
+	f.Add(cbin)
+	f.Add(cjs)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ev, err := Decode(b)
 		if err != nil {
 			return
 		}
-		for _, bt := range ev.Log {
-			if len(bt.Entries)%conceal.EntrySize != 0 {
-				t.Fatalf("accepted entries of %d bytes", len(bt.Entries))
+		if len(ev.Previous) > MaxSegments {
+			t.Fatalf("accepted %d previous segments", len(ev.Previous))
+		}
+		for _, seg := range ev.Segments() {
+			if len(seg.Previous) > 0 {
+				t.Fatalf("accepted a nested previous segment")
+			}
+			for _, bt := range seg.Log {
+				if len(bt.Entries)%conceal.EntrySize != 0 {
+					t.Fatalf("accepted entries of %d bytes", len(bt.Entries))
+				}
+			}
+		}
+		for _, p := range ev.Previous {
+			if len(p.Previous) > 0 {
+				t.Fatalf("accepted a nested previous segment")
 			}
 		}
 		if _, err := ev.MarshalBinary(); err != nil {

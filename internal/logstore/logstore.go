@@ -28,9 +28,12 @@ var (
 	bucketVMs     = []byte("vms")
 	bucketRecords = []byte("records")
 	bucketFinal   = []byte("final")
-	keyEpoch      = []byte("epoch")
-	keyFormat     = []byte("format")
-	keyDataKey    = []byte("datakey")
+	// bucketSegments keeps a VM's earlier, ended segments on this host
+	// (it left by live migration and came back): ID || u64(FirstSeq).
+	bucketSegments = []byte("segments")
+	keyEpoch       = []byte("epoch")
+	keyFormat      = []byte("format")
+	keyDataKey     = []byte("datakey")
 )
 
 // formatVersion is the on-disk layout version; Open refuses any other.
@@ -75,6 +78,21 @@ type VM struct {
 	// key and the records are destroyed; the leaves stay in the log but
 	// nobody can link them any more.
 	Forgotten bool `cbor:"15,keyasint,omitempty"`
+	// FirstSeq is the number of this segment's first record: 0 (genesis)
+	// for a VM started here, the migrated-in record's for one that came
+	// by live migration (its numbering continues the source's).
+	FirstSeq uint64 `cbor:"16,keyasint,omitempty"`
+	// Chain is the VM's earlier segments on other hosts (canonical CBOR
+	// of an evidence list, evidence.EncodeChain), which every evidence of
+	// this segment carries as its Previous. Empty for a VM started here.
+	Chain []byte `cbor:"17,keyasint,omitempty"`
+}
+
+// Segment is an earlier, ended segment of a VM on this host, kept when
+// the VM came back by live migration and opened a new one (A -> B -> A).
+type Segment struct {
+	VM    VM          `cbor:"1,keyasint"`
+	Final *FinalQuote `cbor:"2,keyasint,omitempty"`
 }
 
 // Record is one durable VM record with its place in the public log.
@@ -111,6 +129,10 @@ type Commit struct {
 	Batch   Batch
 	Records []Put
 	VMs     []VM // VM states to write (e.g. new NextSeq, Ended)
+	// Opens are the VMs (IDs, among VMs) whose new segment this commit
+	// opens (a migrated-in record): a stored, ended earlier segment of
+	// the same VM is kept aside (Snapshot.Segments).
+	Opens [][32]byte
 }
 
 // Put is one record to store under a VM.
@@ -164,7 +186,7 @@ func Open(path string, opts *Options) (*Store, error) {
 		return nil, fmt.Errorf("open log store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketMeta, bucketEpochs, bucketBatches, bucketVMs, bucketRecords, bucketFinal} {
+		for _, name := range [][]byte{bucketMeta, bucketEpochs, bucketBatches, bucketVMs, bucketRecords, bucketFinal, bucketSegments} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -287,7 +309,10 @@ func endLiveVMs(tx *bolt.Tx, epoch uint64, why string) error {
 }
 
 // Commit makes one batch, its records and the VM state changes durable in
-// one fsynced transaction.
+// one fsynced transaction. For a VM of c.Opens whose stored state is
+// another segment (it came back by live migration), the stored segment,
+// which must have ended, is kept with its final quote (Snapshot.Segments)
+// in the same transaction.
 func (s *Store) Commit(c *Commit) error {
 	err := s.update(func(tx *bolt.Tx) error {
 		batches := tx.Bucket(bucketBatches)
@@ -303,6 +328,11 @@ func (s *Store) Commit(c *Commit) error {
 		}
 		vms := tx.Bucket(bucketVMs)
 		for i := range c.VMs {
+			if slices.Contains(c.Opens, c.VMs[i].ID) {
+				if err := archiveSegment(tx, &c.VMs[i]); err != nil {
+					return err
+				}
+			}
 			if err := putCBOR(vms, c.VMs[i].ID[:], &c.VMs[i]); err != nil {
 				return err
 			}
@@ -313,6 +343,38 @@ func (s *Store) Commit(c *Commit) error {
 		return fmt.Errorf("commit batch %d of epoch %d: %w", c.Index, c.Epoch, err)
 	}
 	return nil
+}
+
+// archiveSegment moves the stored segment of next's VM, if it is another
+// segment than next (another FirstSeq), to the segments bucket with its
+// final quote. A segment that has not ended is never replaced.
+func archiveSegment(tx *bolt.Tx, next *VM) error {
+	raw := tx.Bucket(bucketVMs).Get(next.ID[:])
+	if raw == nil {
+		return nil
+	}
+	var old VM
+	if err := cbor.Unmarshal(raw, &old); err != nil {
+		return fmt.Errorf("decode vm %x: %w", next.ID[:8], err)
+	}
+	if old.FirstSeq == next.FirstSeq {
+		return nil
+	}
+	if !old.Ended || next.FirstSeq < old.NextSeq {
+		return fmt.Errorf("vm %s: a segment from record %d cannot replace the one from record %d (ended %v, %d records)", old.Name, next.FirstSeq, old.FirstSeq, old.Ended, old.NextSeq)
+	}
+	seg := Segment{VM: old}
+	finals := tx.Bucket(bucketFinal)
+	if v := finals.Get(next.ID[:]); v != nil {
+		seg.Final = new(FinalQuote)
+		if err := cbor.Unmarshal(v, seg.Final); err != nil {
+			return fmt.Errorf("decode final quote: %w", err)
+		}
+		if err := finals.Delete(next.ID[:]); err != nil {
+			return err
+		}
+	}
+	return putCBOR(tx.Bucket(bucketSegments), recordKey(next.ID, old.FirstSeq), &seg)
 }
 
 // PutFinal stores the post-mortem quote of VM id.
@@ -392,6 +454,22 @@ func (sn *Snapshot) Records(id [32]byte, from uint64, fn func(*Record) error) er
 			return fmt.Errorf("decode record %x: %w", k, err)
 		}
 		if err := fn(&r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Segments calls fn for VM id's earlier, ended segments on this host,
+// oldest first (the current one is VM(id)).
+func (sn *Snapshot) Segments(id [32]byte, fn func(*Segment) error) error {
+	c := sn.tx.Bucket(bucketSegments).Cursor()
+	for k, v := c.Seek(id[:]); k != nil && bytes.HasPrefix(k, id[:]); k, v = c.Next() {
+		var seg Segment
+		if err := cbor.Unmarshal(v, &seg); err != nil {
+			return fmt.Errorf("decode segment %x: %w", k, err)
+		}
+		if err := fn(&seg); err != nil {
 			return err
 		}
 	}
@@ -498,8 +576,8 @@ func (s *Store) PutSealedDataKey(blob []byte) error {
 	return nil
 }
 
-// Forget destroys an ended VM's key, records and final quote and marks it
-// forgotten. Its leaves stay in the public log, unlinkable. bbolt reuses
+// Forget destroys an ended VM's key, records, final quote, earlier
+// segments and chain and marks it forgotten. Its leaves stay in the public log, unlinkable. bbolt reuses
 // freed pages but does not wipe them: Compact leaves no copy in the file
 // (the multiplexer's ForgetExpired runs it).
 func (s *Store) Forget(id [32]byte) error {
@@ -525,7 +603,13 @@ func (s *Store) Forget(id [32]byte) error {
 		if err := tx.Bucket(bucketFinal).Delete(id[:]); err != nil {
 			return err
 		}
-		vm.Key, vm.WrappedKey, vm.Forgotten = [32]byte{}, nil, true
+		sc := tx.Bucket(bucketSegments).Cursor()
+		for k, _ := sc.Seek(id[:]); k != nil && bytes.HasPrefix(k, id[:]); k, _ = sc.Seek(id[:]) {
+			if err := sc.Delete(); err != nil {
+				return err
+			}
+		}
+		vm.Key, vm.WrappedKey, vm.Forgotten, vm.Chain = [32]byte{}, nil, true, nil
 		return putCBOR(vms, id[:], &vm)
 	})
 	if err != nil {

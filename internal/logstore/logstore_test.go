@@ -100,3 +100,82 @@ func TestRefusesOtherFormat(t *testing.T) {
 		t.Fatalf("opened a store of another format: %v", err)
 	}
 }
+
+// TestSegments: a VM that comes back by live migration opens a new segment
+// under the same id; the ended one is kept with its final quote, a live
+// one is never replaced, nor one with more records than the new segment
+// starts after, and Forget destroys every segment.
+func TestSegments(t *testing.T) {
+	s, _ := open(t)
+	now := time.Unix(1, 0)
+	if err := s.BeginEpoch(1, []byte{0xa0}, Batch{G0: 0, N: 1, Epoch: []byte{0xa0}}, now); err != nil {
+		t.Fatal(err)
+	}
+	id := [32]byte{7}
+	batch := uint64(1)
+	commit := func(vm VM, seq uint64, opens bool) error {
+		c := &Commit{Epoch: 1, Index: batch, Batch: Batch{G0: batch, N: 1, Entries: make([]byte, 64)},
+			Records: []Put{{ID: id, Record: Record{Seq: seq, G: batch, Batch: batch, R: []byte{byte(seq)}}}}, VMs: []VM{vm}}
+		if opens {
+			c.Opens = [][32]byte{id}
+		}
+		err := s.Commit(c)
+		if err == nil {
+			batch++
+		}
+		return err
+	}
+	first := VM{ID: id, Name: "vm-m", Epoch: 1, NextSeq: 5}
+	if err := commit(first, 4, false); err != nil {
+		t.Fatal(err)
+	}
+	back := VM{ID: id, Name: "vm-m", Epoch: 1, FirstSeq: 10, NextSeq: 11, Chain: []byte{0x80}}
+	if err := commit(back, 10, true); err == nil || !strings.Contains(err.Error(), "cannot replace") {
+		t.Fatalf("a live segment was replaced: %v", err)
+	}
+	first.Ended, first.EndedBy, first.NextSeq = true, "migrated-out", 6
+	if err := commit(first, 5, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutFinal(id, &FinalQuote{Epoch: 1, Batch: 2, Attest: []byte{1}}); err != nil {
+		t.Fatal(err)
+	}
+	early := VM{ID: id, Name: "vm-m", Epoch: 1, FirstSeq: 3, NextSeq: 4}
+	if err := commit(early, 3, true); err == nil || !strings.Contains(err.Error(), "cannot replace") {
+		t.Fatalf("a segment was replaced by one that starts inside it: %v", err)
+	}
+	if err := commit(back, 10, true); err != nil {
+		t.Fatal(err)
+	}
+	var segs []Segment
+	s.View(func(sn *Snapshot) error {
+		sn.Segments(id, func(sg *Segment) error { segs = append(segs, *sg); return nil })
+		cur, err := sn.VM(id)
+		if err != nil || cur.FirstSeq != 10 || cur.Ended || len(cur.Chain) != 1 {
+			t.Fatalf("current segment %+v %v", cur, err)
+		}
+		if _, err := sn.Final(id); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("the old segment's final quote is still the current one's: %v", err)
+		}
+		return nil
+	})
+	if len(segs) != 1 || segs[0].VM.NextSeq != 6 || segs[0].Final == nil || segs[0].Final.Batch != 2 {
+		t.Fatalf("kept segments %+v", segs)
+	}
+	back.Ended = true
+	if err := commit(back, 11, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Forget(id); err != nil {
+		t.Fatal(err)
+	}
+	s.View(func(sn *Snapshot) error {
+		n := 0
+		sn.Segments(id, func(*Segment) error { n++; return nil })
+		sn.Records(id, 0, func(*Record) error { n++; return nil })
+		if cur, _ := sn.VM(id); n != 0 || len(cur.Chain) != 0 {
+			t.Fatalf("forgotten vm keeps %d segments or records, chain %d bytes", n, len(cur.Chain))
+		}
+		return nil
+	})
+}

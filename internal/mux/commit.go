@@ -30,8 +30,13 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 	}
 	items := make([]*item, len(recs))
 	for i, r := range recs {
-		if r.Kind == record.KindGenesis {
+		switch r.Kind {
+		case record.KindGenesis:
 			return nil, errors.New("submit: genesis records are made by NewVM only")
+		case record.KindMigratedIn:
+			return nil, errors.New("submit: migrated-in records are made by MigrateIn only")
+		case record.KindMigratedOut:
+			return nil, errors.New("submit: migrated-out records are made by MigrateOut only")
 		}
 		if r.Kind == record.KindTeardown && i != len(recs)-1 {
 			return nil, errors.New("submit: a teardown record must come last")
@@ -69,7 +74,7 @@ func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
 	for _, it := range items {
 		it.vm = vs
 	}
-	if items[len(items)-1].kind == record.KindTeardown {
+	if items[len(items)-1].kind.Terminal() {
 		vs.ending = true
 	}
 	items[len(items)-1].ticket = t
@@ -292,6 +297,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		prev logstore.VM
 	}
 	var touched []saved
+	var opens [][32]byte
 	seen := make(map[*vmState]bool)
 	for i, it := range items {
 		vs := it.vm
@@ -316,7 +322,10 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		g := g0 + uint64(pos)
 		puts[i] = logstore.Put{ID: vs.id, Record: logstore.Record{Seq: s, G: g, Batch: index, R: it.r}}
 		acks[i] = Ack{Seq: s, G: g, Batch: index}
-		if it.kind == record.KindTeardown {
+		if it.kind == record.KindMigratedIn {
+			opens = append(opens, vs.id)
+		}
+		if it.kind.Terminal() {
 			vs.vm.Ended, vs.vm.EndedBy, vs.vm.EndedAt = true, it.reason, m.cfg.Now().UnixNano()
 		}
 	}
@@ -335,6 +344,7 @@ func (m *Mux) commit(ctx context.Context, items []*item) error {
 		Index:   index,
 		Batch:   logstore.Batch{G0: g0, N: uint32(total), Entries: entries, V: v},
 		Records: puts,
+		Opens:   opens,
 	}
 	for _, s := range touched {
 		cm.VMs = append(cm.VMs, s.vs.vm)
@@ -485,12 +495,12 @@ func (m *Mux) failAll(batch []*item, err error) {
 	m.queue = nil
 	m.urgent = 0
 	for _, it := range rest {
-		if it.kind == record.KindTeardown {
+		if it.kind.Terminal() {
 			it.vm.ending = false
 		}
 	}
 	for _, it := range batch {
-		if it.kind == record.KindTeardown && !it.vm.vm.Ended {
+		if it.kind.Terminal() && !it.vm.vm.Ended {
 			it.vm.ending = false
 		}
 	}

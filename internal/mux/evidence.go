@@ -78,7 +78,7 @@ func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte,
 		return err
 	}
 	sem, limit := m.evBudget()
-	w := min(max(m.evidenceWeight(res, since), 1), limit)
+	w := min(max(m.evidenceWeight(res, since)+2*m.chainWeight(id), 1), limit)
 	if err := sem.Acquire(ctx, w); err != nil {
 		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
 	}
@@ -93,6 +93,7 @@ func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte,
 
 // evidenceWeight estimates the bytes of public log a build will copy: the
 // entries from the first batch it includes to the quoted end of the log.
+// A migrated VM's earlier segments are not counted: see chainWeight.
 func (m *Mux) evidenceWeight(res quoteRes, since *evidence.Since) int64 {
 	g0 := uint64(0)
 	if since != nil {
@@ -388,10 +389,14 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		}
 		ev.Epoch = evidence.Epoch{Number: epoch, Record: ei.Record}
 		ev.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
-		fromBatch, fromSeq := uint64(0), uint64(0)
+		fromBatch, fromSeq := uint64(0), vm.FirstSeq
 		if since != nil {
 			ev.From = since
-			fromBatch, fromSeq = since.Batch+1, since.Records
+			fromBatch, fromSeq = since.Batch+1, max(since.Records, vm.FirstSeq)
+		}
+		// A VM that came by live migration: its earlier segments.
+		if ev.Previous, err = evidence.DecodeChain(vm.Chain); err != nil {
+			return err
 		}
 		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
 			if index > last || !withLog {
@@ -419,6 +424,20 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		return nil, fmt.Errorf("build evidence: %w", err)
 	}
 	return ev, nil
+}
+
+// chainWeight is the size of VM id's earlier segments (live migration),
+// which every evidence of it carries as Previous: decoded, and encoded
+// again, on top of the log.
+func (m *Mux) chainWeight(id conceal.Digest) int64 {
+	var n int64
+	m.store.View(func(sn *logstore.Snapshot) error {
+		if vm, err := sn.VM(id); err == nil {
+			n = int64(len(vm.Chain))
+		}
+		return nil
+	})
+	return n
 }
 
 type stopErr struct{}

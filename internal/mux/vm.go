@@ -70,7 +70,7 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	}
 	if err != nil {
 		m.mu.Lock()
-		if vs.vm.NextSeq == 0 {
+		if vs.vm.NextSeq == vs.vm.FirstSeq {
 			delete(m.vms, id)
 		}
 		m.mu.Unlock()
@@ -120,7 +120,8 @@ func viewVM[T any](m *Mux, id conceal.Digest, f func(vm *logstore.VM) (T, error)
 }
 
 // takeFinal quotes the log with extraData = H("tpmmux/v1/final" || id ||
-// H(R_teardown)) and keeps the quote.
+// H(R_last)), R_last the teardown or migrated-out record that ended the
+// segment, and keeps the quote.
 func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
 	var last []byte
 	err := m.store.View(func(sn *logstore.Snapshot) error {
@@ -128,7 +129,7 @@ func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
 		if err != nil {
 			return err
 		}
-		if vm.NextSeq == 0 {
+		if vm.NextSeq == vm.FirstSeq {
 			return fmt.Errorf("vm %s has no records", vm.Name)
 		}
 		return sn.Records(id, vm.NextSeq-1, func(r *logstore.Record) error {
@@ -140,8 +141,8 @@ func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
 		return fmt.Errorf("final quote: %w", err)
 	}
 	rec, err := record.Unmarshal(last)
-	if err != nil || rec.Kind != record.KindTeardown {
-		return fmt.Errorf("final quote: last record of vm %x is not a teardown (%v)", id[:8], err)
+	if err != nil || !rec.Kind.Terminal() {
+		return fmt.Errorf("final quote: last record of vm %x is not a teardown or migrated-out (%v)", id[:8], err)
 	}
 	extra := conceal.FinalData(id, record.Hash(last))
 	m.commitMu.Lock()

@@ -11,13 +11,19 @@ import (
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
-// TPMEvents returns VM id's vTPM event records, in order: the journal a
-// bridge-served vTPM is restored from after a bridge restart, so a running
-// guest finds its vPCRs exactly as they were.
+// TPMEvents returns VM id's vTPM event records of its segment on this
+// host, in order: the journal a bridge-served vTPM is restored from after
+// a bridge restart, so a running guest finds its vPCRs exactly as they
+// were. For a VM that arrived by live migration they apply on top of
+// VTPMStart's snapshot.
 func (m *Mux) TPMEvents(id conceal.Digest) ([]vpcr.Event, error) {
 	var out []vpcr.Event
 	err := m.store.View(func(sn *logstore.Snapshot) error {
-		return sn.Records(id, 0, func(r *logstore.Record) error {
+		vm, err := sn.VM(id)
+		if err != nil {
+			return err
+		}
+		return sn.Records(id, vm.FirstSeq, func(r *logstore.Record) error {
 			rec, err := record.Unmarshal(r.R)
 			if err != nil {
 				return fmt.Errorf("record %d: %w", r.Seq, err)

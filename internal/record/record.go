@@ -1,5 +1,6 @@
 // Package record defines the per-VM records of protocol v1 (genesis,
-// measurement, reboot, binding, teardown) and the public epoch record, with
+// measurement, reboot, binding, teardown, action, tpm, migrated-out,
+// migrated-in) and the public epoch record, with
 // their canonical encoding R: deterministic CBOR (RFC 8949 §4.2.1) with small
 // integer map keys. The canonical bytes are what the concealed commitment
 // c_s covers, so decoding refuses any input that does not re-encode to the
@@ -35,6 +36,8 @@ const (
 	KindTeardown    Kind = 5 // the last record: the VM instance ended
 	KindAction      Kind = 6 // an enforcement action the bridge took on this VM
 	KindTPM         Kind = 7 // an event of the VM's bridge-served vTPM (vTPM mode)
+	KindMigratedOut Kind = 8 // the last record of a segment: the VM left for another host
+	KindMigratedIn  Kind = 9 // the first record of a segment: the VM arrived from another host
 )
 
 // String names the kind as docs/protocol.md and the verifier's report do.
@@ -54,6 +57,10 @@ func (k Kind) String() string {
 		return "action"
 	case KindTPM:
 		return "tpm"
+	case KindMigratedOut:
+		return "migrated-out"
+	case KindMigratedIn:
+		return "migrated-in"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -70,7 +77,15 @@ type Record struct {
 	Teardown    *Teardown    `cbor:"7,keyasint,omitempty" json:"teardown,omitempty"`
 	Action      *Action      `cbor:"8,keyasint,omitempty" json:"action,omitempty"`
 	TPM         *TPMEvent    `cbor:"9,keyasint,omitempty" json:"tpm,omitempty"`
+	MigratedOut *MigratedOut `cbor:"10,keyasint,omitempty" json:"migrated_out,omitempty"`
+	MigratedIn  *MigratedIn  `cbor:"11,keyasint,omitempty" json:"migrated_in,omitempty"`
 }
+
+// Terminal reports whether a record of kind k ends its segment of the VM's
+// history: a teardown ends the VM's life, a migrated-out its stay on this
+// host. Nothing may follow either in the same segment, and the bridge keeps
+// a post-mortem quote over it.
+func (k Kind) Terminal() bool { return k == KindTeardown || k == KindMigratedOut }
 
 // Genesis is record 0 of a VM instance: who it is and what it was launched
 // with (the launch measurement).
@@ -178,7 +193,7 @@ var ErrNotCanonical = errors.New("record is not canonically encoded")
 // fields are within protocol bounds.
 func (r *Record) Validate() error {
 	bodies := 0
-	for _, set := range []bool{r.Genesis != nil, r.Measurement != nil, r.Reboot != nil, r.Binding != nil, r.Teardown != nil, r.Action != nil, r.TPM != nil} {
+	for _, set := range []bool{r.Genesis != nil, r.Measurement != nil, r.Reboot != nil, r.Binding != nil, r.Teardown != nil, r.Action != nil, r.TPM != nil, r.MigratedOut != nil, r.MigratedIn != nil} {
 		if set {
 			bodies++
 		}
@@ -209,6 +224,18 @@ func (r *Record) Validate() error {
 		ok = r.TPM != nil
 		if ok {
 			if _, err := r.TPM.Event(); err != nil {
+				return err
+			}
+		}
+	case KindMigratedOut:
+		ok = r.MigratedOut != nil
+		if ok && len(r.MigratedOut.DestHost) > maxHostName {
+			return fmt.Errorf("migrated-out destination host name of %d bytes", len(r.MigratedOut.DestHost))
+		}
+	case KindMigratedIn:
+		ok = r.MigratedIn != nil
+		if ok {
+			if err := r.MigratedIn.validate(); err != nil {
 				return err
 			}
 		}

@@ -32,6 +32,69 @@ func sample() []*Record {
 		{Kind: KindBinding, Binding: &Binding{Purpose: "tls", KeyHash: [32]byte{9}}},
 		{Kind: KindTeardown, Teardown: &Teardown{Reason: "destroyed"}},
 		{Kind: KindAction, Action: &Action{Action: "pause", Detail: "policy"}},
+		{Kind: KindMigratedOut, Time: 44, MigratedOut: &MigratedOut{DestHost: "hostb", DestAK: [32]byte{7}, Nonce: [32]byte{8}, Credential: [32]byte{9}}},
+		{Kind: KindMigratedIn, Time: 45, MigratedIn: &MigratedIn{UUID: [16]byte{1}, Name: "vm-a", Instance: [16]byte{2}, CID: 3, DomainXML: [32]byte{4},
+			Files: []File{{Role: "kernel", Path: "/boot/vmlinuz", SHA256: bytes.Repeat([]byte{5}, 32)}}, Host: "hostb", Epoch: [32]byte{6},
+			SourceHost: "hosta", SourceAK: [32]byte{7}, SourceEpoch: [32]byte{8}, Prev: [32]byte{9}, Seq: 12}},
+		{Kind: KindMigratedIn, Time: 46, MigratedIn: &MigratedIn{UUID: [16]byte{1}, Name: "vm-t", Instance: [16]byte{2}, DomainXML: [32]byte{4},
+			Epoch: [32]byte{6}, SourceAK: [32]byte{7}, SourceEpoch: [32]byte{8}, Prev: [32]byte{9}, Seq: 40,
+			VTPMBanks: []uint16{uint16(vpcr.SHA256)}, VPCRs: sampleSnapshot()}},
+	}
+}
+
+// sampleSnapshot is the vPCR state of a vTPM that ran Startup and one
+// extend, as a migrated-in record carries it.
+func sampleSnapshot() *vpcr.Snapshot {
+	st, err := vpcr.New([]vpcr.Alg{vpcr.SHA256})
+	if err != nil {
+		panic(err)
+	}
+	for _, e := range []vpcr.Event{{Seq: 1, Kind: vpcr.KindInit}, {Seq: 2, Kind: vpcr.KindStartup, Banks: []vpcr.Alg{vpcr.SHA256}},
+		{Seq: 3, Kind: vpcr.KindExtend, PCR: 10, Digests: []vpcr.Digest{{Alg: vpcr.SHA256, Value: bytes.Repeat([]byte{3}, 32)}}}} {
+		if err := st.Apply(e); err != nil {
+			panic(err)
+		}
+	}
+	return st.Snapshot()
+}
+
+// TestMigrationRecords: the two migration records round-trip, only
+// teardown and migrated-out are terminal, and malformed migrated-in
+// records are refused when marshalled and when decoded.
+func TestMigrationRecords(t *testing.T) {
+	for k := KindGenesis; k <= KindMigratedIn; k++ {
+		if want := k == KindTeardown || k == KindMigratedOut; k.Terminal() != want {
+			t.Errorf("%s.Terminal() = %v", k, !want)
+		}
+	}
+	if KindMigratedOut.String() != "migrated-out" || KindMigratedIn.String() != "migrated-in" {
+		t.Errorf("kind names %q %q", KindMigratedOut, KindMigratedIn)
+	}
+	in := func() *Record { return sample()[len(sample())-1] }
+	tests := []struct {
+		name string
+		bad  func(r *Record)
+		want string
+	}{
+		{"seq 0", func(r *Record) { r.MigratedIn.Seq = 0 }, "numbered 0"},
+		{"vpcrs without banks", func(r *Record) { r.MigratedIn.VTPMBanks = nil }, "declares no vTPM"},
+		{"banks without vpcrs", func(r *Record) { r.MigratedIn.VPCRs = nil }, "without its vPCR snapshot"},
+		{"short pcr", func(r *Record) { r.MigratedIn.VPCRs.Values[0].PCRs[3] = []byte{1} }, "bytes"},
+		{"unknown bank", func(r *Record) { r.MigratedIn.VPCRs.Active = []vpcr.Alg{0x99} }, "banks"},
+		{"long host", func(r *Record) { r.MigratedIn.Host = strings.Repeat("h", 4097) }, "name of more"},
+		{"two bodies", func(r *Record) { r.MigratedOut = &MigratedOut{} }, "bodies"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := in()
+			tt.bad(r)
+			if _, err := r.Marshal(); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Marshal = %v, want an error containing %q", err, tt.want)
+			}
+			if _, err := Unmarshal(mustMarshalRaw(r)); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Unmarshal = %v, want an error containing %q", err, tt.want)
+			}
+		})
 	}
 }
 

@@ -101,6 +101,9 @@ type TrustReport struct {
 	// (an AK enrolled by credential activation under an EK CA).
 	AK       string `json:"ak"`
 	AKSHA256 string `json:"ak_sha256"`
+	// AKs are every trusted AK of a verification against several hosts
+	// (a migrated VM's chain of segments).
+	AKs []string `json:"aks_sha256,omitempty"`
 	// For an enrolled AK: the EK certificate it shares a TPM with, its
 	// issuer, the host that enrolled and when.
 	EKCertSHA256 string    `json:"ek_cert_sha256,omitempty"`

@@ -30,9 +30,16 @@ type Report struct {
 	Actions    []RecordRef    `json:"actions,omitempty"`
 	Ended      bool           `json:"ended"`
 	Teardown   *RecordRef     `json:"teardown,omitempty"`
-	Violations []Violation    `json:"violations,omitempty"`
-	VTPM       *VTPMReport    `json:"vtpm,omitempty"`
-	Checkpoint *Checkpoint    `json:"checkpoint,omitempty"`
+	// MigratedTo is the host a VM whose evidence ends with a
+	// migrated-out record left for (post-mortem evidence of its last
+	// segment on the source).
+	MigratedTo string `json:"migrated_to,omitempty"`
+	// Segments are the VM's stays on hosts (live migration), oldest
+	// first; one for a VM that never moved (chain.go).
+	Segments   []SegmentReport `json:"segments,omitempty"`
+	Violations []Violation     `json:"violations,omitempty"`
+	VTPM       *VTPMReport     `json:"vtpm,omitempty"`
+	Checkpoint *Checkpoint     `json:"checkpoint,omitempty"`
 	// BoundKeys, Appraisal and Trust: appraise.go.
 	BoundKeys []BoundKey   `json:"bound_keys,omitempty"`
 	Appraisal *Appraisal   `json:"appraisal,omitempty"`
@@ -178,6 +185,10 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 		ref.Detail = rec.Teardown.Reason
 		rep.Teardown = &ref
 		rep.Ended = true
+	case record.KindMigratedIn:
+		rep.MigratedTo = ""
+	case record.KindMigratedOut:
+		rep.MigratedTo = rec.MigratedOut.DestHost
 	}
 	return nil
 }

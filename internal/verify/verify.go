@@ -31,8 +31,21 @@ type Options struct {
 	PostMortem bool
 	// Identity is the VM's concealment identity (uuid, instance, key).
 	Identity *conceal.Identity
-	// AK is the trusted attestation key of the host.
+	// AK is the trusted attestation key of the host: a shortcut for a
+	// one-element AKs.
 	AK *ecdsa.PublicKey
+	// AKs are the trusted hosts' attestation keys. A VM that moved by live
+	// migration has one segment of history per stay on a host, each
+	// verified against its host's AK, which must be among these.
+	AKs []*ecdsa.PublicKey
+	// LastSegmentOnly verifies only the evidence's own segment against
+	// the AKs; the earlier segments of a migrated VM are taken as they are
+	// (their chaining is still checked on their records in clear, and the
+	// report marks them unverified). It is for a destination bridge that
+	// accepts a handover and knows only its peer's AK: the tenant's
+	// verifier checks the whole chain. Such a report has no checkpoint,
+	// and a vTPM VM's IMA entries are not paired with its extends.
+	LastSegmentOnly bool
 	// PCR, when non-zero, is the multiplexer PCR the verifier expects.
 	PCR int
 	// AllowResettablePCR accepts evidence anchored in a PCR above 15 (16
@@ -90,6 +103,10 @@ type Checkpoint struct {
 	// Bindings are the keys bound in the VM's log so far, so that
 	// Options.BindKeys holds across incremental verifications.
 	Bindings []BoundKey `json:"bindings,omitempty"`
+	// Segments are the segments of the VM's history verified so far
+	// (live migration, chain.go), oldest first; the last is the one the
+	// fields above describe.
+	Segments []SegmentMark `json:"segments,omitempty"`
 }
 
 // MinNonce is the shortest verifier nonce accepted: a nonce must be
@@ -169,6 +186,17 @@ type verification struct {
 	id    conceal.Digest
 	keys  *conceal.Keys
 
+	// The segment of the VM's history this evidence is (chain.go).
+	ak       *ecdsa.PublicKey // the trusted AK that signed it
+	host     string           // its host, as its epoch record names it
+	seg      int              // its index in the chain
+	segFirst uint64           // the number of its first record
+	earlier  bool             // a Previous segment: final evidence, ended by migrated-out
+	lastSeg  bool             // the evidence's own segment (the current one)
+	cp       *Checkpoint      // the verifier's checkpoint, for the current segment only
+	segEnd   *record.Record   // its migrated-out record, once seen
+	chainLen int              // how many segments the chain has
+
 	// Set by step 1.
 	info       *quote.Info
 	quoted     conceal.Digest // the quoted value of the multiplexer PCR
@@ -190,10 +218,16 @@ type verification struct {
 
 	// Set by step 4 for a VM with a bridge-served vTPM.
 	vt *vtpmTrack
+
+	// marks are the chain's segments for the checkpoint (chain.go).
+	marks []SegmentMark
 }
 
 func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
-	if opts.Identity == nil || opts.AK == nil {
+	if opts.AK != nil {
+		opts.AKs = append([]*ecdsa.PublicKey{opts.AK}, opts.AKs...)
+	}
+	if opts.Identity == nil || len(opts.AKs) == 0 {
 		return errors.New("verify: identity and AK are required")
 	}
 	if ev.Kind == evidence.KindQuote && len(opts.Nonce) > 0 && len(opts.Nonce) < MinNonce {
@@ -205,8 +239,11 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 	if ev.Version != evidence.Version {
 		return reject(1, "evidence version %d, want %d", ev.Version, evidence.Version)
 	}
-	v := &verification{ev: ev, opts: opts, rep: rep, ident: opts.Identity, id: opts.Identity.ID(), keys: opts.Identity.Keys()}
-	rep.VM = VMReport{UUID: conceal.FormatUUID(v.ident.UUID), Instance: hex.EncodeToString(v.ident.Instance[:]), ID: hex.EncodeToString(v.id[:])}
+	return verifyChain(ev, opts, rep)
+}
+
+// steps runs the checks of one segment's evidence.
+func (v *verification) steps() error {
 	steps := []func() error{
 		v.checkQuote,   // 1: the quote and the PCR values it covers
 		v.checkFresh,   // 1: extraData binds the nonce and this VM
@@ -223,7 +260,6 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 			return err
 		}
 	}
-	rep.Checkpoint = v.checkpoint()
 	return nil
 }
 
@@ -232,10 +268,11 @@ func verify(ev *evidence.Evidence, opts Options, rep *Report) error {
 // among them.
 func (v *verification) checkQuote() error {
 	ev, rep := v.ev, v.rep
-	info, err := quote.Check(ev.Quote.Attest, ev.Quote.Signature, v.opts.AK)
+	info, err := quote.Check(ev.Quote.Attest, ev.Quote.Signature, v.ak)
 	if err != nil {
-		return reject(1, "quote: %v", err)
+		return reject(1, "%squote: %v", v.where(), err)
 	}
+	rep.HostPCRs = nil
 	v.info = info
 	rep.Quote = QuoteReport{Clock: info.Clock, ResetCount: info.ResetCount, RestartCount: info.RestartCount, Safe: info.Safe, FirmwareVersion: info.FirmwareVersion}
 	if !info.Safe {
@@ -284,6 +321,9 @@ func (v *verification) checkQuote() error {
 // teardown (checked in step 4 once the records are known).
 func (v *verification) checkFresh() error {
 	ev, info := v.ev, v.info
+	if v.earlier && ev.Kind != evidence.KindFinal {
+		return reject(1, "%sa previous segment must be the final (post-mortem) evidence its host kept after the migrated-out record, not %q evidence", v.where(), ev.Kind)
+	}
 	switch ev.Kind {
 	case evidence.KindQuote:
 		if len(v.opts.Nonce) == 0 {
@@ -300,7 +340,7 @@ func (v *verification) checkFresh() error {
 		}
 		v.rep.Fresh = true
 	case evidence.KindFinal:
-		if !v.opts.PostMortem {
+		if !v.opts.PostMortem && !v.earlier {
 			return reject(1, "evidence is a post-mortem quote, not fresh for the nonce (use post-mortem verification)")
 		}
 		v.finalCheck = info.ExtraData
@@ -335,7 +375,8 @@ func checkBatched(b *evidence.QuoteProof, want conceal.Digest, extraData []byte)
 // verifier's own checkpoint when it has one, and then the evidence must be
 // exactly the delta after it.
 func (v *verification) start() error {
-	ev, cp := v.ev, v.opts.Checkpoint
+	ev, cp := v.ev, v.cp
+	v.s0 = v.segFirst
 	epochRec, err := record.UnmarshalEpoch(ev.Epoch.Record)
 	if err != nil {
 		return reject(2, "epoch record: %v", err)
@@ -381,7 +422,7 @@ func (v *verification) checkEpoch() error {
 	if info.Clock < er.Clock {
 		return reject(2, "the quote's TPM clock (%d ms) is before the epoch opened (%d ms): the TPM was cleared since", info.Clock, er.Clock)
 	}
-	if ak := quote.AKFingerprint(v.opts.AK); er.AK != ak {
+	if ak := quote.AKFingerprint(v.ak); er.AK != ak {
 		return reject(2, "the epoch was opened with AK sha256:%x, not the trusted AK sha256:%x", er.AK, ak)
 	}
 	return nil
@@ -393,11 +434,22 @@ func (v *verification) checkEpoch() error {
 // root who resets an insecure PCR and re-extends a prefix of the log can
 // fool a first-time verifier but not one that checked before.
 func (v *verification) highWater() error {
-	cp := v.opts.Checkpoint
+	cp := v.cp
 	if cp == nil {
 		return nil
 	}
 	n := v.s0 + uint64(len(v.tags))
+	if !v.sameSegment(cp) {
+		// The VM moved on since: chain.go checked the segments against
+		// the checkpoint's; the record count is still a high-water mark.
+		switch {
+		case !bytes.Equal(cp.ID, v.id[:]):
+			return reject(2, "the checkpoint belongs to another VM instance")
+		case n < cp.Records:
+			return reject(3, "rollback: the log holds %d records of this VM but %d were verified before: history was truncated", n, cp.Records)
+		}
+		return nil
+	}
 	switch {
 	case !bytes.Equal(cp.ID, v.id[:]):
 		return reject(2, "the checkpoint belongs to another VM instance")
@@ -435,7 +487,7 @@ func (v *verification) replay() error {
 		v.next += uint64(n)
 		v.total += b.Entries.Len()
 	}
-	if len(ev.Log) == 0 && v.opts.Checkpoint == nil {
+	if len(ev.Log) == 0 && v.cp == nil {
 		return reject(2, "evidence has no log")
 	}
 	if v.pcr != v.quoted {
@@ -474,6 +526,9 @@ func (v *verification) findTags() error {
 	v.rep.Records = int(n)
 	if n == 0 {
 		return reject(3, "no record of this VM instance is in the log: wrong identity, or the log is another host's")
+	}
+	if len(v.tags) == 0 && v.s0 == v.segFirst {
+		return reject(3, "%sno record of this VM from record %d on is in the log: the segment does not continue the VM's numbering, or it is another VM's", v.where(), v.s0)
 	}
 	return nil
 }
@@ -562,7 +617,7 @@ func (v *verification) checkRecords() error {
 				return reject(4, "records out of order: position %d holds record %d (global index %d), expected record %d (global index %d)", s, other, r.G, s, g)
 			}
 		}
-		if s > 0 && g <= v.prevG {
+		if s > v.segFirst && g <= v.prevG {
 			return reject(4, "record %d at global index %d does not follow record %d at %d", s, g, s-1, v.prevG)
 		}
 		v.prevG = g
@@ -596,8 +651,19 @@ func (v *verification) checkRecord(s, g uint64, raw []byte) error {
 			return reject(4, "genesis record's vTPM banks: %v", err)
 		}
 	}
-	if rec.Kind == record.KindTPM && v.vt == nil && v.s0 == 0 {
+	if rec.Kind == record.KindMigratedIn {
+		if err := v.arrived(s, rec.MigratedIn); err != nil {
+			return err
+		}
+	}
+	if rec.Kind == record.KindTPM && v.vt == nil && (v.s0 == 0 || v.s0 == v.segFirst) {
 		return reject(4, "record %d is a vTPM event but the VM's genesis declares no vTPM", s)
+	}
+	if v.segEnd != nil {
+		return reject(4, "%srecord %d follows the migrated-out record %d: the VM had left this host", v.where(), s, s-1)
+	}
+	if rec.Kind == record.KindMigratedOut {
+		v.segEnd = rec
 	}
 	if v.vt != nil {
 		if err := v.vt.add(s, rec); err != nil {
@@ -615,8 +681,11 @@ func (v *verification) checkRecord(s, g uint64, raw []byte) error {
 // one with the anchored PCR 10 extends (vtpm.go). The pairing needs every
 // record from genesis on, so delta evidence of a vTPM VM is refused.
 func (v *verification) checkVTPM() error {
+	if !v.lastSeg {
+		return nil // IMA entries may pair with extends of an earlier segment: checked once, at the end
+	}
 	if v.vt == nil {
-		if v.s0 > 0 && v.opts.Checkpoint != nil && v.opts.Checkpoint.VTPM {
+		if v.s0 > 0 && v.cp != nil && v.cp.VTPM {
 			return reject(4, "the VM has a vTPM: verify its evidence in full (incremental pairing of IMA entries with anchored extends is not supported)")
 		}
 		return nil
@@ -627,15 +696,18 @@ func (v *verification) checkVTPM() error {
 // checkFinal ends step 4 for post-mortem evidence: the VM ended, and the
 // final quote's extraData binds its teardown record.
 func (v *verification) checkFinal() error {
+	if v.earlier && v.segEnd == nil {
+		return reject(4, "%sa previous segment must end with a migrated-out record", v.where())
+	}
 	if v.finalCheck == nil {
 		return nil
 	}
-	if !v.rep.Ended {
-		return reject(4, "post-mortem evidence but the VM's last record is not a teardown")
+	if !v.rep.Ended && v.segEnd == nil {
+		return reject(4, "%spost-mortem evidence but the VM's last record is not a teardown (or a migrated-out record)", v.where())
 	}
 	want := conceal.FinalData(v.id, record.Hash(v.last))
 	if !bytes.Equal(v.finalCheck, want[:]) {
-		return reject(1, "final quote extraData does not match H(final || id || H(teardown)): it is not this VM's post-mortem quote")
+		return reject(1, "%sfinal quote extraData does not match H(final || id || H(last record)): it is not this VM's post-mortem quote", v.where())
 	}
 	return nil
 }
@@ -646,6 +718,7 @@ func (v *verification) checkpoint() *Checkpoint {
 		ID: v.id[:], EpochHash: v.epochHash[:], Batch: v.firstBatch + uint64(len(v.ev.Log)) - 1, NextG: v.next,
 		PCR: v.pcr[:], Records: v.s0 + uint64(len(v.tags)), LastG: v.prevG, LastRecord: v.last, Ended: v.rep.Ended, Bindings: v.rep.boundList(),
 		ResetCount: v.info.ResetCount, Clock: v.info.Clock, VTPM: v.vt != nil,
+		Segments: v.marks,
 	}
 }
 

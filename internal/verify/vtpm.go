@@ -54,6 +54,22 @@ type vtpmTrack struct {
 	byBoot  map[string]*tpmBoot // agent boot id -> the vTPM boot current when it first appeared
 	entries map[string][]measured
 	events  int
+	// taken: the track starts from a migrated-in record's vPCRs whose
+	// earlier events were not verified (Options.LastSegmentOnly), so IMA
+	// entries of a boot begun on an earlier host cannot be paired.
+	taken bool
+}
+
+// newVTPMTrackFrom is newVTPMTrack from the vPCRs a VM arrived with.
+func newVTPMTrackFrom(banks []uint16, sn *vpcr.Snapshot) (*vtpmTrack, error) {
+	t, err := newVTPMTrack(banks)
+	if err != nil {
+		return nil, err
+	}
+	if t.state, err = vpcr.FromSnapshot(sn); err != nil {
+		return nil, err
+	}
+	return t, nil
 }
 
 type measured struct {
@@ -144,6 +160,9 @@ func (t *vtpmTrack) readPCRs09() [][]byte {
 func (t *vtpmTrack) check(rep *Report) error {
 	vr := &VTPMReport{PCRs: map[string][]string{}, Events: t.events, Boots: len(t.boots)}
 	rep.VTPM = vr
+	if t.taken {
+		t.entries, t.boots = nil, nil // no pairing: see vtpmTrack.taken
+	}
 	for _, a := range t.state.Active() {
 		vr.Banks = append(vr.Banks, a.String())
 		vals := make([]string, vpcr.NumPCRs)
@@ -190,6 +209,7 @@ func pair(x pairedExtend, m measured, pcrs09 [][]byte, vr *VTPMReport) error {
 		return reject(4, "record %d: IMA entry %d is for PCR %d, its anchored extend (record %d) for PCR %d", m.s, m.m.LogIndex, m.m.PCR, x.s, x.e.PCR)
 	}
 	violation := isZero(m.m.TemplateHash)
+	bound := violation || m.m.Template == "ima" // a bank holds the entry's own hash (vtpm_fallback.go)
 	for _, d := range x.e.Digests {
 		h := d.Alg.Hash()
 		want := bytes.Repeat([]byte{0xff}, h.Size())
@@ -201,9 +221,14 @@ func pair(x pairedExtend, m measured, pcrs09 [][]byte, vr *VTPMReport) error {
 		if m.m.Template == "ima" {
 			continue // the legacy template hashes a padded form
 		}
-		if !bytes.Equal(d.Value, want) {
+		if bytes.Equal(d.Value, want) {
+			bound = true
+		} else if violation || !imaFallback(d, m.m.TemplateData) {
 			return reject(4, "record %d: IMA entry %d does not match the anchored extend at record %d (%v bank): entries reordered or altered", m.s, m.m.LogIndex, x.s, d.Alg)
 		}
+	}
+	if !bound {
+		return reject(4, "record %d: the anchored extend at record %d holds only IMA's fallback digests (no bank the guest kernel could hash): it cannot be paired with IMA entry %d", m.s, x.s, m.m.LogIndex)
 	}
 	if m.m.LogIndex != 0 {
 		return nil

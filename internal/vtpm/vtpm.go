@@ -463,13 +463,7 @@ func (v *VTPM) execute(ctx context.Context, cmd []byte) []byte {
 	tag, size, cc := r.u16(), r.u32(), r.u32()
 	switch tag {
 	case stNoSessions, stSessions:
-	case tpm12TagRquCommand:
-		var w writer
-		w.u16(tpm12TagRspCommand)
-		w.u32(headerSize)
-		w.u32(rcBadTag)
-		return w.b
-	default:
+	default: // including TPM 1.2's tpm12TagRquCommand (see there)
 		return errorResponse(rcBadTag)
 	}
 	if int64(size) != int64(len(cmd)) {

@@ -6,10 +6,12 @@ import "encoding/binary"
 const (
 	stNoSessions uint16 = 0x8001
 	stSessions   uint16 = 0x8002
-	// A TPM 1.2 request tag; a TPM 2.0 answers it in 1.2 form with
-	// TPM_RC_BAD_TAG (Part 1, "Compatibility").
+	// A TPM 1.2 request tag. The vTPM answers it with a TPM 2.0 header
+	// and TPM_RC_BAD_TAG, as swtpm (libtpms) does, not in 1.2 form (tag
+	// 0x00C4, which Part 1 "Compatibility" allows): OVMF probes a TIS
+	// TPM with a 1.2 GetTicks and takes any 0x00C4 answer for a TPM 1.2,
+	// and then does no TPM 2.0 measured boot at all.
 	tpm12TagRquCommand uint16 = 0x00C1
-	tpm12TagRspCommand uint16 = 0x00C4
 
 	headerSize = 10
 )

@@ -96,7 +96,8 @@ stop_host() {
 # define_domain NAME INITRD CMDLINE-EXTRA [DEVICES]: define the e2e guest
 # NAME (the kernel $KERNEL with $CMDLINE and CMDLINE-EXTRA, its console in
 # $WORK/console-NAME.log, the org.tpmmux.0 channel to the bridge's socket
-# in $RUN/serial, and DEVICES, e.g. a <tpm>).
+# in $RUN/serial, and DEVICES, e.g. a <tpm>). $CONSOLE_ATTRS goes into the
+# console's <source> (e2e-migrate.sh: " append='on'").
 define_domain() {
   local n=$1 initrd=$2 extra=$3 devices=${4:-}
   # Left over from an interrupted run (its cleanup could not reach libvirtd)?
@@ -117,7 +118,7 @@ define_domain() {
   <on_reboot>restart</on_reboot>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='$WORK/console-$n.log'/><target port='0'/></serial>
+    <serial type='file'><source path='$WORK/console-$n.log'${CONSOLE_ATTRS:-}/><target port='0'/></serial>
     <channel type='unix'>
       <source mode='connect' path='$RUN/serial/$n.sock'><reconnect enabled='yes' timeout='2'/></source>
       <target type='virtio' name='org.tpmmux.0'/>

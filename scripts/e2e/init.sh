@@ -14,6 +14,10 @@
 #                        the background, stop it (SIGSTOP) once it streamed,
 #                        run /opt/NAME/bin/marker, wait SECS, let the agent go
 #                        on (SIGCONT), then print the guest's own PCR 10
+#   tpmmux_e2e.tick=SECS run the agent in the background and every SECS write
+#                        and run a new program /opt/NAME/tick/t-N (one new IMA
+#                        entry each), printing "tick N boot=BOOT-ID" (the
+#                        live-migration test: the guest keeps measuring)
 export PATH=/sbin:/bin
 PORT_NAME=org.tpmmux.0
 AGENT=/sbin/tpmmux-agent
@@ -127,6 +131,27 @@ if [ -x "$AGENT" ]; then
     mark "hole test done"
     wait "$apid"
     mark "agent exited $?"
+    finish
+  fi
+  tick=$(opt_value tpmmux_e2e.tick)
+  if [ -n "$tick" ]; then
+    # shellcheck disable=SC2086
+    "$AGENT" $agent_args 2>/run/agent.log &
+    apid=$!
+    read -r boot </proc/sys/kernel/random/boot_id
+    mark "boot id $boot"
+    mkdir -p "/opt/$name/tick"
+    i=0
+    while kill -0 "$apid" 2>/dev/null; do
+      i=$((i + 1))
+      printf '#!/bin/sh\n# tick %s of %s\n:\n' "$i" "$name" >"/opt/$name/tick/t-$i"
+      chmod 0755 "/opt/$name/tick/t-$i"
+      "/opt/$name/tick/t-$i"
+      mark "tick $i boot=$boot"
+      sleep "$tick"
+    done
+    wait "$apid"
+    mark "agent exited $? after tick $i: $(tail -n 3 /run/agent.log | tr '\n' ' ')"
     finish
   fi
   nonce=$(opt_value tpmmux_e2e.nonce)
