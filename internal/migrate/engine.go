@@ -100,7 +100,8 @@ type peer struct {
 	Peer
 	pin    [32]byte
 	rcp    *Recipient
-	client *http.Client // keeps its TLS connections open between calls
+	rec    *enroll.Record // re-checked at every handover
+	client *http.Client   // keeps its TLS connections open between calls
 }
 
 // Engine is one bridge's side of handovers, as source and as destination.
@@ -112,6 +113,7 @@ type Engine struct {
 	byPin   map[[32]byte]*peer
 	outDir  string
 	timeout time.Duration
+	roots   *x509.CertPool
 
 	mu      sync.Mutex
 	out     map[string]*reservation // source: by uuid
@@ -192,6 +194,7 @@ func New(o Options) (*Engine, error) {
 			return nil, fmt.Errorf("migration.ek_ca %s: %w", o.Config.EKCA, err)
 		}
 	}
+	e.roots = roots
 	for _, p := range o.Config.Peers {
 		pin, _ := parsePin(p.TLSSHA256)
 		rec, err := enroll.ReadRecord(p.Enrolled)
@@ -208,7 +211,7 @@ func New(o Options) (*Engine, error) {
 		if hex.EncodeToString(pin[:]) == e.pin {
 			return nil, fmt.Errorf("migration peer %s: tls_sha256 is this bridge's own certificate", p.Name)
 		}
-		pp := &peer{Peer: p, pin: pin, rcp: rcp}
+		pp := &peer{Peer: p, pin: pin, rcp: rcp, rec: rec}
 		pp.client = &http.Client{Transport: &http.Transport{TLSClientConfig: e.clientTLS(pp), MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute}}
 		e.peers = append(e.peers, pp)
 		e.byPin[pin] = pp
@@ -514,6 +517,7 @@ func (e *Engine) reserve(ctx context.Context, p *peer, body []byte) (any, error)
 	key := conceal.FormatUUID(u)
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.expireLocked()
 	if r := e.out[key]; r != nil {
 		if r.Answer != nil && r.ID != hex.EncodeToString(id[:]) {
 			// A stale handover of an earlier stay: the VM is live here again.
@@ -618,6 +622,11 @@ func (e *Engine) answerLocked(ctx context.Context, p *peer, r *reservation) (*Ha
 	if err != nil {
 		return nil, err
 	}
+	// The destination's enrollment still holds (its EK certificate
+	// chains to the EK CA today), before K is wrapped to its TPM.
+	if _, err := p.rec.Check(e.roots, e.o.Now()); err != nil {
+		return nil, refuse(http.StatusForbidden, "%s's enrollment no longer holds, the VM is not handed to it: %v", p.Name, err)
+	}
 	pl := payload{Identity: *ident, VPCRs: r.VPCRs}
 	cred, secret, err := MakeCredential(p.rcp, nil)
 	if err != nil {
@@ -718,6 +727,7 @@ func (e *Engine) dropLocked(r *reservation, why string) error {
 func (e *Engine) Reserved(name string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.expireLocked()
 	for _, r := range e.out {
 		if r.Name == name {
 			return true
@@ -726,12 +736,28 @@ func (e *Engine) Reserved(name string) bool {
 	return false
 }
 
+// expireLocked drops reservations whose VM neither stopped nor was handed
+// over within the handover timeout of their making: a destination that
+// reserved and went away must not keep the VM's stops taken for a
+// migration's. The caller holds e.mu.
+func (e *Engine) expireLocked() {
+	now := e.o.Now()
+	for _, r := range e.out {
+		if r.Answer == nil && !r.Stopped && now.Sub(r.Created) > e.timeout {
+			if err := e.dropLocked(r, "expired: no handover within "+e.timeout.String()); err != nil {
+				e.o.Logger.Warn("drop reservation", "vm", r.Name, "err", err)
+			}
+		}
+	}
+}
+
 // SourceStopped is libvirt's "stopped, reason migrated" for domain name on
 // the source: the reserved handover may now be answered. It reports
 // whether name was reserved.
 func (e *Engine) SourceStopped(name string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.expireLocked()
 	for _, r := range e.out {
 		if r.Name == name && !r.Stopped {
 			r.Stopped = true
