@@ -44,6 +44,8 @@ VM=e2e-mig          # A -> B -> A, then the aborted migration
 VMK=e2e-mig-k       # destination bridge killed mid-migration
 VMS=e2e-mig-s       # source bridge down
 NAMES=("$VM" "$VMK" "$VMS")
+NOTE_SRC_DOWN=''
+
 T0=$(date +%s)
 
 say() { printf '[e2e-migrate %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
@@ -341,6 +343,12 @@ ticks_whole() {
   OBSERVED="ticks $(tr '\n' ' ' <<<"$got" | cut -c1-80)(want 1..$2 or more, each once)"
   return 1
 }
+# ticks_whole_now HOST VM DIR MIN: HOST's chain evidence of VM, fetched
+# now, has ticks 1..N, each once, N >= MIN.
+ticks_whole_now() {
+  evidence "$1" "$2" "$3" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || return 1
+  ticks_whole "$3/evidence.json" "$4"
+}
 # records_grow HOST VM: HOST's live records of VM grow within 75 s (the
 # agent streams there). On virtio-serial the agent cannot see the host end
 # change: it says hello again when a frame stays unacknowledged for its
@@ -508,6 +516,7 @@ c=dest-killed
 boot "$VMK"
 say "$c: virsh migrate --live $VMK A -> B at $BW MiB/s, B's bridge killed (SIGKILL) mid-way"
 nb0=$(n_instances B "$VMK")
+KBEFORE=$(last_tick "$VMK")
 migrate_bg A B "$VMK"
 midway A "$VMK"
 bash "$TWOHOST" bridge-stop --kill
@@ -539,6 +548,9 @@ else
   evidence A "$VMK" "$OUT/$c-src" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || die "$c: A's evidence of $VMK rejected: $OBSERVED"
   if [ -n "$HAVE_CHAIN" ] && chain_ok B "$VMK" "$OUT/$c" 2; then
     C_ATTEST[$c]="B: trusted, 2 segments"
+    check "$c.agent" handover "the agent streams to B's bridge after its restart" records_grow B "$VMK" || true
+    check "$c.ticks" both "every tick measured before the migration is in B's chain once, in order" \
+      ticks_whole_now B "$VMK" "$OUT/$c-ticks" "$KBEFORE" || true
   elif check "$c.dest" handover "B either took $VMK over with its chain or holds no identity of it" no_instance B "$VMK" "$nb0"; then
     C_ATTEST[$c]="B: unattested (no identity); A's history trusted"
   else
@@ -558,7 +570,13 @@ if ! bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then
   say "A's libvirtd died when the bridge disconnected (a libvirtd 9.0 crash, see e2e.sh); starting it again"
   bash "$ROOT/scripts/libvirtd.sh" start 2>/dev/null
 fi
-if migrate A B "$VMS"; then res="ok ${MIGRATE_S}s"; else res="refused: $(sed -n 's/^error: //p' "$WORK/migrate.err" | tail -1 | cut -c1-32)"; fi
+if migrate A B "$VMS"; then
+  res="ok ${MIGRATE_S}s"
+else
+  res="refused by B's migrate hook"
+  grep -q 'tpmmux: migrate' "$WORK/migrate.err" || res="refused: $(sed -n 's/^error: //p' "$WORK/migrate.err" | tail -1 | cut -c1-32)"
+  NOTE_SRC_DOWN="src-down: virsh migrate said: $(grep -o 'tpmmux: migrate.*' "$WORK/migrate.err" | head -1)"
+fi
 say "$c: virsh migrate: $res; A's bridge starts again"
 start_bridge_a
 sleep 3
@@ -588,6 +606,7 @@ for c in "${CASES[@]}"; do
 done
 printf '\nhosts: A %s (host_uuid %s), B %s (host_uuid %s); mid-way cases at %s MiB/s; elapsed %ss\n' \
   "$(virsh -c "$URIA" hostname)" "$UUIDA" "$HOSTB" "$UUIDB" "$BW" "$(($(date +%s) - T0))"
+[ -n "$NOTE_SRC_DOWN" ] && printf '%s\n' "$NOTE_SRC_DOWN"
 printf 'issue-14 code on this branch: handover %s, chain %s; %s\n' "${HAVE_HANDOVER:-no}" "${HAVE_CHAIN:-no}" "$PEERS"
 if ((${#FAILS[@]})); then
   printf '\nFAILED (%d checks):\n' "${#FAILS[@]}"
