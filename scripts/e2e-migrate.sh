@@ -44,6 +44,8 @@ VM=e2e-mig          # A -> B -> A, then the aborted migration
 VMK=e2e-mig-k       # destination bridge killed mid-migration
 VMS=e2e-mig-s       # source bridge down
 NAMES=("$VM" "$VMK" "$VMS")
+NOTE_SRC_DOWN=''
+
 T0=$(date +%s)
 
 say() { printf '[e2e-migrate %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
@@ -127,12 +129,12 @@ br() { local h=$1; shift; "$BIN/tpmmux-bridge" "$@" --control "$(ctl "$h")"; }
 uri() { if [ "$1" = A ]; then echo "$URIA"; else echo "$URIB"; fi; }
 vsh() { local h=$1; shift; virsh -q -c "$(uri "$h")" "$@"; }
 other() { if [ "$1" = A ]; then echo B; else echo A; fi; }
-state() { vsh "$1" domstate "$2" 2>/dev/null | head -1 || true; }
+state() { vsh "$1" domstate "$2" 2>/dev/null | sed -n 1p || true; }
 running_on() { [ "$(state "$1" "$2")" = running ]; }
 # inst HOST VM [--all]: the bridge's instances of VM as JSON lines.
 inst() { br "$1" vms ${3:-} --json 2>/dev/null | jq -c --arg n "$2" '(. // [])[] | select(.name == $n)'; }
-live_inst() { inst "$1" "$2" | jq -r 'select(.live) | .instance' | head -1; }
-live_records() { inst "$1" "$2" | jq -r 'select(.live) | .records' | head -1; }
+live_inst() { inst "$1" "$2" | jq -r 'select(.live) | .instance' | sed -n 1p; }
+live_records() { inst "$1" "$2" | jq -r 'select(.live) | .records' | sed -n 1p; }
 n_instances() { inst "$1" "$2" --all | wc -l; }
 ticks() { marker_count "$1" "tick "; }
 last_tick() { grep -oE 'TPMMUX-E2E: tick [0-9]+' "$WORK/console-$1.log" | tail -1 | awk '{print $3}'; }
@@ -256,8 +258,8 @@ printf '{"control_socket": "/run/tpmmux/control.sock", "timeout": "10s", "fail_o
 bash "$TWOHOST" swtpm
 bash "$TWOHOST" bridge --config /etc/tpmmux/bridge.json --log-level info
 [ "$(virsh -c "$URIA" hostname)" != "$(virsh -c "$URIB" hostname)" ] || die "A and B have the same hostname"
-UUIDA=$(virsh -c "$URIA" capabilities | sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' | head -1)
-UUIDB=$(virsh -c "$URIB" capabilities | sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' | head -1)
+UUIDA=$(virsh -c "$URIA" capabilities | sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' | sed -n 1p)
+UUIDB=$(virsh -c "$URIB" capabilities | sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' | sed -n 1p)
 [ "$UUIDA" != "$UUIDB" ] || die "A and B have the same host UUID"
 say "A: $(virsh -c "$URIA" hostname) $UUIDA; B: $(virsh -c "$URIB" hostname) $UUIDB"
 
@@ -283,8 +285,8 @@ say "enrolled: A's AK $(jq -r .host "$OUT/enroll-A/record.json"), B's AK $(jq -r
 PEERS=''
 if [ -n "$HAVE_HANDOVER" ]; then
   MPORT=$((41000 + RANDOM % 2000))
-  PINA=$("$BIN/tpmmux-bridge" migration-cert --config /etc/tpmmux/bridge.json --host "$HOSTA" | head -1)
-  PINB=$(bash "$TWOHOST" exec "$BIN/tpmmux-bridge" migration-cert --config /etc/tpmmux/bridge.json --host "$HOSTB" | head -1)
+  PINA=$("$BIN/tpmmux-bridge" migration-cert --config /etc/tpmmux/bridge.json --host "$HOSTA" | sed -n 1p)
+  PINB=$(bash "$TWOHOST" exec "$BIN/tpmmux-bridge" migration-cert --config /etc/tpmmux/bridge.json --host "$HOSTB" | sed -n 1p)
   peer_conf() { # peer_conf LISTEN PEER-NAME PEER-ADDRESS PEER-PIN PEER-FILE
     jq -n --arg l "$1" --arg n "$2" --arg a "$3" --arg p "$4" --arg f "$5" \
       '{migration: {listen: $l, ek_ca: "/etc/tpmmux/ek-ca.pem", peers: [{name: $n, address: $a, tls_sha256: $p, enrolled: $f}]}}'
@@ -318,7 +320,7 @@ done
 # records)", "ended: REASON" or "none" (instances: all of them, newest first).
 bstate() {
   local j
-  j=$(inst "$1" "$2" --all | head -1)
+  j=$(inst "$1" "$2" --all | sed -n 1p)
   if [ -z "$j" ]; then echo none; return; fi
   local in
   in=$(jq -r '.instance // "" | .[0:8]' <<<"$j")
@@ -340,6 +342,12 @@ ticks_whole() {
   if [ "$got" = "$(seq 1 "$n")" ] && ((n >= $2)); then return 0; fi
   OBSERVED="ticks $(tr '\n' ' ' <<<"$got" | cut -c1-80)(want 1..$2 or more, each once)"
   return 1
+}
+# ticks_whole_now HOST VM DIR MIN: HOST's chain evidence of VM, fetched
+# now, has ticks 1..N, each once, N >= MIN.
+ticks_whole_now() {
+  evidence "$1" "$2" "$3" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || return 1
+  ticks_whole "$3/evidence.json" "$4"
 }
 # records_grow HOST VM: HOST's live records of VM grow within 75 s (the
 # agent streams there). On virtio-serial the agent cannot see the host end
@@ -375,7 +383,7 @@ guest_same() { # guest_same VM: one boot, one boot id, ticking
     die "$1: the guest kernel panicked: $(grep -m1 -E 'BUG:|Oops' "$WORK/console-$1.log") ... $(grep -m1 'Kernel panic' "$WORK/console-$1.log")"
   fi
   more_ticks "$1" 2
-  [ "$(boot_ids "$1")" = "$(grep -oE 'TPMMUX-E2E: boot id [0-9a-f-]+' "$WORK/console-$1.log" | head -1 | awk '{print $4}')" ] ||
+  [ "$(boot_ids "$1")" = "$(grep -oE 'TPMMUX-E2E: boot id [0-9a-f-]+' "$WORK/console-$1.log" | sed -n 1p | awk '{print $4}')" ] ||
     die "$1: the guest's boot id changed: $(boot_ids "$1" | tr '\n' ' ')"
   [ "$(marker_count "$1" "init start")" = 1 ] || die "$1: the guest booted again"
 }
@@ -508,6 +516,7 @@ c=dest-killed
 boot "$VMK"
 say "$c: virsh migrate --live $VMK A -> B at $BW MiB/s, B's bridge killed (SIGKILL) mid-way"
 nb0=$(n_instances B "$VMK")
+KBEFORE=$(last_tick "$VMK")
 migrate_bg A B "$VMK"
 midway A "$VMK"
 bash "$TWOHOST" bridge-stop --kill
@@ -539,6 +548,9 @@ else
   evidence A "$VMK" "$OUT/$c-src" --ak "$OUT/ak-A.pem" --ak "$OUT/ak-B.pem" || die "$c: A's evidence of $VMK rejected: $OBSERVED"
   if [ -n "$HAVE_CHAIN" ] && chain_ok B "$VMK" "$OUT/$c" 2; then
     C_ATTEST[$c]="B: trusted, 2 segments"
+    check "$c.agent" handover "the agent streams to B's bridge after its restart" records_grow B "$VMK" || true
+    check "$c.ticks" both "every tick measured before the migration is in B's chain once, in order" \
+      ticks_whole_now B "$VMK" "$OUT/$c-ticks" "$KBEFORE" || true
   elif check "$c.dest" handover "B either took $VMK over with its chain or holds no identity of it" no_instance B "$VMK" "$nb0"; then
     C_ATTEST[$c]="B: unattested (no identity); A's history trusted"
   else
@@ -558,7 +570,13 @@ if ! bash "$ROOT/scripts/libvirtd.sh" status >/dev/null 2>&1; then
   say "A's libvirtd died when the bridge disconnected (a libvirtd 9.0 crash, see e2e.sh); starting it again"
   bash "$ROOT/scripts/libvirtd.sh" start 2>/dev/null
 fi
-if migrate A B "$VMS"; then res="ok ${MIGRATE_S}s"; else res="refused: $(sed -n 's/^error: //p' "$WORK/migrate.err" | tail -1 | cut -c1-32)"; fi
+if migrate A B "$VMS"; then
+  res="ok ${MIGRATE_S}s"
+else
+  res="refused by B's migrate hook"
+  grep -q 'tpmmux: migrate' "$WORK/migrate.err" || res="refused: $(sed -n 's/^error: //p' "$WORK/migrate.err" | tail -1 | cut -c1-32)"
+  NOTE_SRC_DOWN="src-down: virsh migrate said: $(grep -o 'tpmmux: migrate.*' "$WORK/migrate.err" | sed -n 1p)"
+fi
 say "$c: virsh migrate: $res; A's bridge starts again"
 start_bridge_a
 sleep 3
@@ -588,6 +606,7 @@ for c in "${CASES[@]}"; do
 done
 printf '\nhosts: A %s (host_uuid %s), B %s (host_uuid %s); mid-way cases at %s MiB/s; elapsed %ss\n' \
   "$(virsh -c "$URIA" hostname)" "$UUIDA" "$HOSTB" "$UUIDB" "$BW" "$(($(date +%s) - T0))"
+[ -n "$NOTE_SRC_DOWN" ] && printf '%s\n' "$NOTE_SRC_DOWN"
 printf 'issue-14 code on this branch: handover %s, chain %s; %s\n' "${HAVE_HANDOVER:-no}" "${HAVE_CHAIN:-no}" "$PEERS"
 if ((${#FAILS[@]})); then
   printf '\nFAILED (%d checks):\n' "${#FAILS[@]}"
