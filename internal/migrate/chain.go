@@ -40,7 +40,7 @@ func VerifyChain(ev *evidence.Evidence, id *conceal.Identity, sourceAK *ecdsa.Pu
 	if lastOnly {
 		aks = []*ecdsa.PublicKey{sourceAK}
 	}
-	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: id, AKs: aks, ExpectUUID: id.UUID, LastSegmentOnly: lastOnly})
+	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: id, AKs: aks, ExpectUUID: id.UUID, LastSegmentOnly: lastOnly, NoPairing: true})
 	if err != nil {
 		return err
 	}

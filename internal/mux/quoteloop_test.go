@@ -37,7 +37,8 @@ func (o *batchObserver) QuoteBatch(requests, awaited int, waited time.Duration) 
 // again as soon as it has its evidence) on a slow TPM share every quote.
 // The first request takes a quote alone and the rest of the first wave the
 // next; from then on the quote loop gathers the verifiers it served before
-// the next quote, so that R rounds take R+1 quotes. Without the gather they
+// the next quote, so that R rounds take R+1 quotes (a few more when a
+// loaded machine delays a verifier past a gather). Without the gather they
 // split into cohorts that alternate (about 2R quotes), and without batching
 // every request takes its own. Every response verifies, for its own nonce
 // and VM, and the loop never waits for more requesters than there are (a
@@ -89,10 +90,11 @@ func TestClosedLoopSharesEveryQuote(t *testing.T) {
 			batches := append([]quoteBatch(nil), obs.batches...)
 			obs.mu.Unlock()
 			t.Logf("%d verifiers, %d rounds: %d quotes; batches %v", c.verifiers, c.rounds, quotes, batches)
-			// Allow one quote more than the ideal R+1 for a verifier that
-			// a loaded machine delays past the gather.
-			if quotes > c.rounds+2 {
-				t.Errorf("%d quotes for %d rounds of %d closed-loop verifiers, want at most %d: the verifiers do not share quotes", quotes, c.rounds, c.verifiers, c.rounds+2)
+			// Allow a few quotes more than the ideal R+1 for verifiers that
+			// a loaded machine delays past a gather (each costs one quote:
+			// the next gather merges them back); without the gather it is 2R.
+			if bound := c.rounds + 1 + max(1, c.rounds/3); quotes > bound {
+				t.Errorf("%d quotes for %d rounds of %d closed-loop verifiers, want at most %d: the verifiers do not share quotes", quotes, c.rounds, c.verifiers, bound)
 			}
 			for _, b := range batches {
 				if b.awaited > c.verifiers {
