@@ -18,6 +18,9 @@ func TestMigrationConfig(t *testing.T) {
 		json, want string
 	}{
 		{`{"migration": {"listen": "127.0.0.1:7710", "ek_ca": "/etc/tpmmux/ek-ca.pem", "peers": [{"name": "hostb", "address": "127.0.0.1:7711", "tls_sha256": "` + strings.Repeat("ab", 32) + `", "enrolled": "/etc/tpmmux/peers/hostb.json"}]}}`, ""},
+		// A destination-only peer has no address.
+		{`{"migration": {"listen": "127.0.0.1:7710", "ek_ca": "c", "peers": [{"name": "hostb", "tls_sha256": "` + strings.Repeat("ab", 32) + `", "enrolled": "e"}]}}`, ""},
+		{`{"migration": {"listen": "127.0.0.1:7710", "ek_ca": "c", "peers": [{"name": "hostb", "tls_sha256": "` + strings.Repeat("ab", 32) + `"}]}}`, "enrolled are required"},
 		{`{"migration": {"listen": "127.0.0.1:7710", "peers": [{"name": "hostb", "address": "x:1", "tls_sha": "00", "enrolled": "e"}]}}`, `unknown field "tls_sha"`},
 		{`{"migration": {"listen": "127.0.0.1:7710", "peers": [{"name": "hostb", "address": "x:1", "tls_sha256": "00", "enrolled": "e"}]}}`, "ek_ca is required"},
 		{`{"migration": {"listen": "x:1", "ek_ca": "c", "peers": [{"name": "hostb", "address": "x:1", "tls_sha256": "00", "enrolled": "e"}]}}`, "not 64 hex digits"},

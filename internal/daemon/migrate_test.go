@@ -28,11 +28,18 @@ import (
 // migHosts makes two bridges that trust each other for live migration:
 // a on the simulator (ECC EK, a test vendor CA), b on a manufactured
 // swtpm (RSA EK from swtpm_setup), each enrolled and pinned by the other.
-func migHosts(t *testing.T) (a, b *env) {
+func migHosts(t testing.TB) (a, b *env) {
+	t.Helper()
+	return migHostsWith(t, nil)
+}
+
+// migHostsWith is migHosts with each env's configuration adjusted by tune
+// before the bridges start.
+func migHostsWith(t testing.TB, tune func(*env)) (a, b *env) {
 	t.Helper()
 	ctx := t.Context()
 	p, swCA := swtpmproc.ManufactureTest(t, "")
-	a, b = newEnv(t), newEnvTPM(t, p.Spec())
+	a, b = newEnvTPM(t, "sim"), newEnvTPM(t, p.Spec())
 	vendor, err := enrolltest.NewCA("vendor EK CA")
 	if err != nil {
 		t.Fatal(err)
@@ -82,12 +89,16 @@ func migHosts(t *testing.T) (a, b *env) {
 		o := sides[1-i]
 		s.e.cfg.Migration.Peers = []migrate.Peer{{Name: o.name, Address: o.addr, TLSSHA256: o.pin, Enrolled: o.rec}}
 	}
+	if tune != nil {
+		tune(a)
+		tune(b)
+	}
 	a.start()
 	b.start()
 	return a, b
 }
 
-func enrollTPM(t *testing.T, tp tpm.TPM, name string, pool *x509.CertPool) *enroll.Record {
+func enrollTPM(t testing.TB, tp tpm.TPM, name string, pool *x509.CertPool) *enroll.Record {
 	t.Helper()
 	ctx := t.Context()
 	en := tp.(tpm.Enroller)
@@ -113,7 +124,7 @@ func enrollTPM(t *testing.T, tp tpm.TPM, name string, pool *x509.CertPool) *enro
 }
 
 // waitFor polls cond for up to 15 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		if cond() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -40,6 +41,7 @@ func BenchmarkHandover(b *testing.B) {
 	start(b, d, ekCA, a)
 	ctx := b.Context()
 	var reserve, handover, migrateIn, done time.Duration
+	var totals []time.Duration
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		b.StopTimer()
@@ -76,6 +78,7 @@ func BenchmarkHandover(b *testing.B) {
 		handover += t2.Sub(t1)
 		migrateIn += t3.Sub(t2)
 		done += t4.Sub(t3)
+		totals = append(totals, t3.Sub(t0))
 	}
 	n := float64(b.N)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / n }
@@ -84,6 +87,11 @@ func BenchmarkHandover(b *testing.B) {
 	b.ReportMetric(ms(migrateIn), "migratein-ms")
 	b.ReportMetric(ms(done), "done-ms")
 	b.ReportMetric(ms(reserve+handover+migrateIn), "total-ms")
+	// The median and the best iteration: the test machine is shared, and
+	// the mean moves with the neighbours' load.
+	slices.Sort(totals)
+	b.ReportMetric(float64(totals[len(totals)/2].Microseconds())/1000, "p50-total-ms")
+	b.ReportMetric(float64(totals[0].Microseconds())/1000, "min-total-ms")
 }
 
 // BenchmarkBaselineTeardownNewVM is what a migration cost the bridges

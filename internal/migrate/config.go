@@ -58,7 +58,9 @@ type Config struct {
 type Peer struct {
 	// Name is the peer's host name, as its records name it.
 	Name string `json:"name"`
-	// Address is its migration listener, host:port.
+	// Address is its migration listener, host:port; "" for a peer that
+	// serves none (a destination only: VMs are handed to it, never
+	// reserved from it).
 	Address string `json:"address"`
 	// TLSSHA256 is the hex sha256 of its migration certificate's DER
 	// (tpmmux-bridge migration-cert on that host prints it).
@@ -126,8 +128,8 @@ func (c *Config) Validate() error {
 	}
 	seen := map[string]bool{}
 	for i, p := range c.Peers {
-		if p.Name == "" || p.Address == "" || p.Enrolled == "" {
-			return fmt.Errorf("migration.peers[%d]: name, address, tls_sha256 and enrolled are required", i)
+		if p.Name == "" || p.Enrolled == "" {
+			return fmt.Errorf("migration.peers[%d]: name, tls_sha256 and enrolled are required (address too, unless the peer has no migration listener: a destination only)", i)
 		}
 		if _, err := parsePin(p.TLSSHA256); err != nil {
 			return fmt.Errorf("migration.peers[%d] (%s): tls_sha256: %w", i, p.Name, err)

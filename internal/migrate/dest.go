@@ -99,8 +99,17 @@ func (e *Engine) Reserve(ctx context.Context, uuid [16]byte, name string) (strin
 		pctx, c = context.WithDeadline(ctx, time.Now().Add(time.Until(dl)*4/5))
 		defer c()
 	}
-	ch := make(chan res, len(e.peers))
+	var asked []*peer
 	for _, p := range e.peers {
+		if p.Address != "" {
+			asked = append(asked, p)
+		}
+	}
+	if len(asked) == 0 {
+		return "", errors.New("no migration peer has an address to reserve at: give the source bridge's migration.listen as its address (docs/migration.md)")
+	}
+	ch := make(chan res, len(asked))
+	for _, p := range asked {
 		go func() {
 			var rr ReserveResponse
 			err := e.call(pctx, p, "/v1/reserve", ReserveRequest{UUID: key, Name: name, DestHost: e.o.Host, Nonce: nonce}, &rr)
@@ -109,7 +118,7 @@ func (e *Engine) Reserve(ctx context.Context, uuid [16]byte, name string) (strin
 	}
 	var got []res
 	var errs []error
-	for range e.peers {
+	for range asked {
 		r := <-ch
 		if r.err == nil {
 			got = append(got, r)
