@@ -186,3 +186,32 @@ func TestFollowCoalescesResets(t *testing.T) {
 		}
 	}
 }
+
+// resumeHost is a fakeHost that hears of resumes.
+type resumeHost struct {
+	*fakeHost
+	resumed chan string
+}
+
+func (h resumeHost) Resumed(_ context.Context, name string, _ [16]byte, detail string) {
+	h.resumed <- name + " " + detail
+}
+
+// TestFollowResumes: a resumed event (an aborted live migration on its
+// source) reaches a ResumeHost, whatever the domain; other hosts only log
+// it.
+func TestFollowResumes(t *testing.T) {
+	h := &fakeHost{live: []KnownVM{vm("a", 1, 10)}, resets: make(chan KnownVM, 1), torn: make(chan KnownVM, 1)}
+	rh := resumeHost{h, make(chan string, 2)}
+	w := Follow("", rh, slog.New(slog.DiscardHandler))
+	w.Event(context.Background(), nil, Event{Name: "a", UUID: uuidN(1), Kind: EventResumed, Detail: "migrated"})
+	w.Event(context.Background(), nil, Event{Name: "a", UUID: uuidN(1), Kind: EventSuspended, Detail: "migrated"})
+	if len(rh.resumed) != 1 || <-rh.resumed != "a migrated" {
+		t.Fatal("the resumed event did not reach the host once")
+	}
+	w = Follow("", h, slog.New(slog.DiscardHandler))
+	w.Event(context.Background(), nil, Event{Name: "a", UUID: uuidN(1), Kind: EventResumed, Detail: "migrated"})
+	if len(h.resets) != 0 || len(h.torn) != 0 {
+		t.Fatal("a resume changed something on a host that does not follow resumes")
+	}
+}

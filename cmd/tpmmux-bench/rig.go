@@ -53,6 +53,23 @@ func (e *env) openMuxRig(ctx context.Context, kind, prefix string, nVM int, so *
 	return r, nil
 }
 
+// reopen closes the multiplexer and opens it again on the same TPM and
+// store with cfg (Host, Version and Logger the benchmark's).
+func (r *muxRig) reopen(ctx context.Context, cfg mux.Config) error {
+	r.m.Close()
+	r.m = nil
+	cfg.Host, cfg.Version, cfg.Logger = "bench", "bench", quiet
+	m, err := mux.Open(ctx, r.rt.TPM, r.st, cfg)
+	if err != nil {
+		return fmt.Errorf("reopen the multiplexer: %w", err)
+	}
+	r.m = m
+	if f := m.Status().Fault; f != "" {
+		return fmt.Errorf("multiplexer faulted after reopening: %s", f)
+	}
+	return nil
+}
+
 // close closes the multiplexer, the store and the TPM and removes the
 // directory.
 func (r *muxRig) close() {

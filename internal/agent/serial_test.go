@@ -381,3 +381,34 @@ func TestSerialBridgeRestartThenAttest(t *testing.T) {
 	t.Logf("resumed after %v", time.Since(start).Round(time.Millisecond))
 	v.verified(realEntries, g.boot, "sha1")
 }
+
+// TestSerialBridgeRestartAsksHello: on virtio-serial the guest cannot see
+// the host end change (a bridge restart, or a VM that migrated to another
+// host's bridge). The new bridge answers the agent's first ping or frame
+// outside a session with a "hello" error, and the agent starts a new
+// session at once, not at its ping timeout (a minute here).
+func TestSerialBridgeRestartAsksHello(t *testing.T) {
+	r := newRig(t)
+	id := r.newIdentity("hello")
+	l := newSerialLine(t, r, id.ID())
+	g := newGuest(t, nil, "binary_runtime_measurements")
+	cfg := l.config(t, g)
+	cfg.PingTimeout = time.Minute
+	list := readRealList(t)
+	half := entryBounds(t, list, 20)[realEntries/2]
+	if err := os.WriteFile(g.ima, list[:half], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cur := start(t, cfg)
+	defer cur.stop(t)
+	v := &vm{r: r, name: "hello", ident: id, id: id.ID()}
+	v.waitNext(realEntries/2, 20*time.Second)
+	l.restartHost()
+	if err := os.WriteFile(g.ima, list, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	v.waitNext(realEntries, 10*time.Second) // far under the one-minute ping timeout
+	t.Logf("the agent resumed on the restarted bridge after %v", time.Since(began).Round(time.Millisecond))
+	v.verified(realEntries, g.boot, "sha1")
+}

@@ -189,6 +189,12 @@ func (s *session) welcome(ctx context.Context, frames <-chan wire.Frame, rerr <-
 				if e.Fatal {
 					return wire.Welcome{}, bridgeError(&e)
 				}
+				if e.Code == wire.CodeHello {
+					// Meant for the session before this one: this one
+					// says hello already.
+					s.a.log.Debug("bridge asked for a hello before welcome", "msg", e.Message)
+					continue
+				}
 				s.a.log.Warn("bridge error before welcome", "code", e.Code, "msg", e.Message)
 			default:
 				if !s.a.resync() {
@@ -359,6 +365,11 @@ func (s *session) handle(f wire.Frame) error {
 		}
 		if e.Fatal {
 			return bridgeError(&e)
+		}
+		if e.Code == wire.CodeHello {
+			// The bridge restarted, or the VM migrated to another host's
+			// bridge: a new session resumes where that bridge stands.
+			return fmt.Errorf("the bridge asked for a new session: %s", e.Message)
 		}
 		a.log.Warn("bridge error", "code", e.Code, "msg", e.Message, "seq", e.Seq)
 	case wire.TypeEvidenceResponse:

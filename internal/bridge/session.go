@@ -77,6 +77,7 @@ func (b *Bridge) serveConn(ctx context.Context, id conceal.Digest, conn GuestCon
 		out.dl.SetReadDeadline(time.Now().Add(HelloTimeout))
 	}
 	var first wire.Frame
+	hinted := false
 	for {
 		f, err := wc.Recv()
 		if err != nil {
@@ -91,7 +92,16 @@ func (b *Bridge) serveConn(ctx context.Context, id conceal.Digest, conn GuestCon
 			return fmt.Errorf("first frame is %s, not hello", f.Type)
 		}
 		// On virtio-serial, frames of an earlier session may still be in
-		// the stream: skip to the hello.
+		// the stream: skip to the hello. A live agent's ping or frame
+		// here means it still talks to a session this bridge does not
+		// hold (a restart, or a VM that migrated here): ask it once to
+		// say hello, instead of leaving it to its ping timeout. An agent
+		// already saying hello gets this before its welcome, and ignores
+		// it there.
+		if !hinted && (f.Type == wire.TypePing || f.Type == wire.TypeMeasurements) {
+			hinted = true
+			out.send(wire.TypeError, &wire.Error{Code: wire.CodeHello, Message: "no session on this stream (the bridge restarted, or the VM migrated here): say hello"})
+		}
 	}
 	if out.dl != nil {
 		out.dl.SetReadDeadline(time.Time{})

@@ -176,6 +176,7 @@ func Start(ctx context.Context, cfg Config, opts Options) (_ *Daemon, err error)
 		return nil, err
 	}
 	d.restoreLive(ctx)
+	d.resumeIncoming()
 	d.fds.leftovers()
 	if err := d.serveControl(); err != nil {
 		return nil, err

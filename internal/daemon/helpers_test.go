@@ -20,7 +20,7 @@ import (
 // env is one test host: a simulator TPM kept across daemon restarts, and
 // temporary state and socket directories.
 type env struct {
-	t   *testing.T
+	t   testing.TB
 	dir string
 	cfg Config
 	tp  tpm.TPM
@@ -30,7 +30,14 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	tp, err := tpm.Open(context.Background(), "sim")
+	return newEnvTPM(t, "sim")
+}
+
+// newEnvTPM is newEnv on the TPM spec names (a swtpm for a second host:
+// the simulator is one per process).
+func newEnvTPM(t testing.TB, spec string) *env {
+	t.Helper()
+	tp, err := tpm.Open(context.Background(), spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +136,7 @@ func (e *env) metrics() string {
 
 // testLog sends the daemon's logs to the test log while the test runs.
 type testLog struct {
-	t    *testing.T
+	t    testing.TB
 	mu   sync.Mutex
 	done bool
 	buf  bytes.Buffer

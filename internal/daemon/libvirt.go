@@ -43,9 +43,11 @@ func (d libvirtHost) Teardown(ctx context.Context, vm libvirt.KnownVM, reason st
 	unlock := d.names.Lock(vm.Name)
 	defer unlock()
 	if d.mig != nil && d.mig.Reserved(vm.Name) {
-		// Gone from libvirt because it migrated: the handover ends it.
-		d.log.Info("libvirt: a VM reserved for migration is not running here; its handover ends it", "vm", vm.Name)
-		return nil
+		// Gone from libvirt while reserved for a destination (the bridge
+		// missed the stop, e.g. it was down): it migrated; the handover,
+		// which the destination waits for, ends it.
+		d.log.Info("libvirt: a VM reserved for migration is not running here: handing it over", "vm", vm.Name)
+		return d.migratedOut(vm.Name, vm.ID)
 	}
 	d.stops.drop(vm.Name, vm.ID)
 	if e := d.entry(vm.Name); e != nil && e.id == vm.ID {

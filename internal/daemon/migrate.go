@@ -76,9 +76,6 @@ func (m engineMux) Lookup(name string) (conceal.Digest, bool) { return m.d.mux.L
 func (m engineMux) Identity(id conceal.Digest) (*conceal.Identity, error) {
 	return m.d.mux.Identity(id)
 }
-func (m engineMux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
-	return m.d.mux.FinalEvidence(id)
-}
 func (m engineMux) MigrateOut(ctx context.Context, id conceal.Digest, out migrate.Out) (*evidence.Evidence, error) {
 	return m.d.migrateOut(ctx, id, out)
 }
@@ -182,6 +179,52 @@ func (d controlHandler) MigrateBegin(ctx context.Context, name string, xml []byt
 	return &control.VM{Name: dom.Name, UUID: conceal.FormatUUID(dom.UUID), Note: "reserved at " + src + " for the handover"}, nil
 }
 
+// resumeIncoming takes up, after a restart, the incoming migrations the
+// previous process held: one whose domain was prepared gets its sockets
+// again (the guest's serial channel reconnects; a vTPM connection does
+// not survive the restart) and waits for its handover as before; one that
+// never got to prepare failed at libvirt, and is cancelled.
+func (d *Daemon) resumeIncoming() {
+	if d.mig == nil {
+		return
+	}
+	for _, p := range d.mig.Incoming() {
+		unlock := d.names.Lock(p.Name)
+		err := d.resumeOne(p)
+		unlock()
+		if err != nil {
+			d.log.Warn("migration: an incoming migration left by the previous process is cancelled", "vm", p.Name, "source", p.Source, "err", err)
+			ctx, cancel := context.WithTimeout(d.bgCtx, 10*time.Second)
+			if cerr := d.mig.Cancel(ctx, p.UUID); cerr != nil {
+				d.log.Info("migration: the source did not take the cancel", "vm", p.Name, "err", cerr)
+			}
+			cancel()
+		}
+	}
+}
+
+func (d *Daemon) resumeOne(p migrate.PendingVM) error {
+	if p.Domain == nil {
+		return errors.New("its domain was never prepared here")
+	}
+	if _, live := d.mux.Lookup(p.Name); live {
+		return errors.New("a VM of that name is live here")
+	}
+	dom, err := libvirt.ParseDomain(p.Domain)
+	if err != nil {
+		return err
+	}
+	plan, err := d.planFor(dom)
+	if err != nil {
+		return err
+	}
+	if _, err := d.prepareIncoming(dom, p.Domain, plan); err != nil {
+		return err
+	}
+	d.log.Info("migration: incoming VM taken up again after a restart, waiting for its handover", "vm", p.Name, "source", p.Source)
+	return nil
+}
+
 // incomingOf returns name's incoming VM, if it is one.
 func (d *Daemon) incomingOf(name string) *incomingVM {
 	d.mu.Lock()
@@ -216,13 +259,16 @@ func (d *Daemon) prepareIncoming(dom *libvirt.Domain, xml []byte, plan listenPla
 		}
 		in.journal = &lateJournal{}
 		if err := d.serveVTPM(e, plan.vtpm, vl, nil, func(c *vtpm.Config) {
-			c.Incoming, c.Journal, c.Inflight, c.Trace = true, in.journal, nil, nil
+			c.Incoming, c.Journal = true, in.journal
 		}); err != nil {
 			return fail(err)
 		}
 	}
 	if err := d.register(e); err != nil {
 		return fail(err)
+	}
+	if err := d.mig.SetDomain(dom.UUID, xml); err != nil {
+		d.log.Warn("migration: the incoming domain is not kept for a restart", "vm", dom.Name, "err", err)
 	}
 	d.mu.Lock()
 	d.incoming[dom.Name] = in
@@ -252,6 +298,17 @@ func (d *Daemon) receive(in *incomingVM) {
 	defer unlock()
 	if d.incomingOf(name) != in {
 		return // aborted meanwhile
+	}
+	if err != nil && d.bgCtx.Err() != nil {
+		// The bridge shuts down: the reservation stays (at rest here and
+		// at the source) for the next process to take up.
+		d.mu.Lock()
+		delete(d.incoming, name)
+		d.mu.Unlock()
+		for _, l := range in.ls {
+			l.Close()
+		}
+		return
 	}
 	if err == nil {
 		err = d.arrive(in, ar)

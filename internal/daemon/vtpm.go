@@ -90,7 +90,12 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
 	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
-	if d.fds.on() {
+	for _, m := range mods {
+		m(&cfg)
+	}
+	// An incoming VM's vTPM (live migration) has no identity, so no fd
+	// store names, yet: its connections are not kept across a restart.
+	if d.fds.on() && !cfg.Incoming {
 		inf, err := d.inflight(names[2])
 		if err != nil {
 			l.Close()
@@ -102,9 +107,6 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 				go d.keepConns(e, s)
 			}
 		}
-	}
-	for _, m := range mods {
-		m(&cfg)
 	}
 	v, err := vtpm.New(cfg, past)
 	if err != nil {
@@ -139,16 +141,24 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 // are the replay of the VM's vTPM records. QEMU's TPM emulator does not
 // reconnect, so a guest that was connected to the previous process keeps
 // its TPM only if that connection was handed over (docs/vtpm.md).
+//
+// A VM that migrated in replays this stay's events on the vPCRs it arrived
+// with (its migrated-in record's snapshot, mux.VTPMStart), not on a reset
+// TPM: TPMEvents holds only this stay's events.
 func (d *Daemon) restoreVTPM(e *vmEntry, path string) error {
 	past, err := d.mux.TPMEvents(e.id)
 	if err != nil {
 		return err
 	}
+	start, err := d.mux.VTPMStart(e.id)
+	if err != nil {
+		return fmt.Errorf("vtpm of %s: its arrival state: %w", e.name, err)
+	}
 	l, err := d.listenVTPM(path)
 	if err != nil {
 		return err
 	}
-	return d.serveVTPM(e, path, l, past)
+	return d.serveVTPM(e, path, l, past, func(c *vtpm.Config) { c.Start = start })
 }
 
 // bankIDs converts banks to the TPM_ALG_IDs a genesis record carries.

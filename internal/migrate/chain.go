@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"crypto/ecdsa"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -14,14 +15,32 @@ import (
 )
 
 // VerifyChain is the destination's check of a source's final chain
-// evidence (Options.VerifyChain): the whole chain verifies (verify.Verify,
-// post-mortem, every segment against one of the trusted hosts' AKs) for
-// the VM's identity; its last segment is the source's, signed by the
-// source's enrolled AK; and it ends with the migrated-out record of this
-// very handover (this host's AK and name, the nonce, the credential).
+// evidence (Options.VerifyChain): the chain verifies (verify.Verify,
+// post-mortem) for the VM's identity; its last segment is the source's,
+// signed by the source's enrolled AK; and it ends with the migrated-out
+// record of this very handover (this host's AK and name, the nonce, the
+// credential). Earlier segments are verified too when every one of them
+// names an AK among trusted (this host's and its peers'); a VM that comes
+// from further away (A -> B -> C, C a peer of B only) has them taken as
+// the source verified them at its own handover, still chained on their
+// records (verify.Options.LastSegmentOnly): the tenant's verifier checks
+// the whole chain.
 func VerifyChain(ev *evidence.Evidence, id *conceal.Identity, sourceAK *ecdsa.PublicKey, trusted []*ecdsa.PublicKey, out Out) error {
 	aks := append([]*ecdsa.PublicKey{sourceAK}, trusted...)
-	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: id, AKs: aks, ExpectUUID: id.UUID})
+	known := map[[32]byte]bool{}
+	for _, k := range aks {
+		known[quote.AKFingerprint(k)] = true
+	}
+	lastOnly := false
+	for i := range ev.Previous {
+		if !known[sha256.Sum256(ev.Previous[i].AK)] {
+			lastOnly = true
+		}
+	}
+	if lastOnly {
+		aks = []*ecdsa.PublicKey{sourceAK}
+	}
+	rep, err := verify.Verify(ev, verify.Options{PostMortem: true, Identity: id, AKs: aks, ExpectUUID: id.UUID, LastSegmentOnly: lastOnly, NoPairing: true})
 	if err != nil {
 		return err
 	}

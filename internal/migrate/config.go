@@ -47,7 +47,7 @@ type Config struct {
 	// records are re-checked against (as tpmmux-verify --ek-ca).
 	EKCA string `json:"ek_ca"`
 	// Peers are the bridges this one migrates VMs to and from.
-	Peers []Peer `json:"peers"`
+	Peers Peers `json:"peers"`
 	// HandoverTimeout bounds how long a destination waits for the source's
 	// handover after reserving (default 10m: a live migration of a large
 	// VM takes minutes).
@@ -58,7 +58,9 @@ type Config struct {
 type Peer struct {
 	// Name is the peer's host name, as its records name it.
 	Name string `json:"name"`
-	// Address is its migration listener, host:port.
+	// Address is its migration listener, host:port; "" for a peer that
+	// serves none (a destination only: VMs are handed to it, never
+	// reserved from it).
 	Address string `json:"address"`
 	// TLSSHA256 is the hex sha256 of its migration certificate's DER
 	// (tpmmux-bridge migration-cert on that host prints it).
@@ -73,6 +75,25 @@ type Peer struct {
 // Without it the bridge takes part in no migration (an incoming attested
 // VM is refused at "migrate begin").
 func (c *Config) Enabled() bool { return c.Listen != "" || len(c.Peers) > 0 }
+
+// Peers is the peer list; it decodes each peer strictly.
+type Peers []Peer
+
+// UnmarshalJSON decodes the list, naming the peer a bad key is in.
+func (ps *Peers) UnmarshalJSON(b []byte) error {
+	var raw []json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return fmt.Errorf("want a list of peers [{\"name\", \"address\", \"tls_sha256\", \"enrolled\"}, …]")
+	}
+	out := make(Peers, len(raw))
+	for i, r := range raw {
+		if err := out[i].UnmarshalJSON(r); err != nil {
+			return fmt.Errorf("[%d]: %w", i, err)
+		}
+	}
+	*ps = out
+	return nil
+}
 
 // UnmarshalJSON decodes a peer strictly: a misspelt key is an error, not a
 // peer without its pin.
@@ -107,8 +128,8 @@ func (c *Config) Validate() error {
 	}
 	seen := map[string]bool{}
 	for i, p := range c.Peers {
-		if p.Name == "" || p.Address == "" || p.Enrolled == "" {
-			return fmt.Errorf("migration.peers[%d]: name, address, tls_sha256 and enrolled are required", i)
+		if p.Name == "" || p.Enrolled == "" {
+			return fmt.Errorf("migration.peers[%d]: name, tls_sha256 and enrolled are required (address too, unless the peer has no migration listener: a destination only)", i)
 		}
 		if _, err := parsePin(p.TLSSHA256); err != nil {
 			return fmt.Errorf("migration.peers[%d] (%s): tls_sha256: %w", i, p.Name, err)

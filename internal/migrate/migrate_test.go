@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"net/http"
 	"os"
@@ -396,5 +397,72 @@ func TestSourceRestart(t *testing.T) {
 	arrive(t, b, ar)
 	if n := attest(t, b, ident, a, b); n != 2 {
 		t.Fatalf("%d segments", n)
+	}
+}
+
+// A -> B -> C where C peers only with B (it does not know A's AK): C
+// verifies B's segment and the chaining, takes A's as B verified it, and
+// the tenant's verifier, with all three AKs, gets one verdict over three
+// segments.
+func TestThreeHosts(t *testing.T) {
+	a, b, ekCA := twoHosts(t)
+	c := thirdHost(t, ekCA)
+	start(t, a, ekCA, b)
+	start(t, b, ekCA, a, c)
+	start(t, c, ekCA, b)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	ident := launch(t, a, "vm5")
+	move := func(from, to *host) {
+		t.Helper()
+		if _, err := to.eng.Reserve(ctx, ident.UUID, "vm5"); err != nil {
+			t.Fatal(err)
+		}
+		from.eng.SourceStopped("vm5")
+		ar, err := to.eng.Receive(ctx, ident.UUID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		arrive(t, to, ar)
+	}
+	move(a, b)
+	move(b, c)
+	if n := attest(t, c, ident, a, b, c); n != 3 {
+		t.Fatalf("%d segments", n)
+	}
+}
+
+// A reservation nobody hands over expires after the handover timeout (a
+// destination that went away does not keep the VM's stops taken for a
+// migration's); and a destination whose enrollment no longer holds at
+// the handover (its EK certificate no longer chains to the EK CA) gets
+// nothing, the VM staying live on the source.
+func TestExpiryAndReenrollment(t *testing.T) {
+	a, b, ekCA := twoHosts(t)
+	start(t, a, ekCA, b)
+	start(t, b, ekCA, a)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	ident := launch(t, a, "vm6")
+	if _, err := b.eng.Reserve(ctx, ident.UUID, "vm6"); err != nil {
+		t.Fatal(err)
+	}
+	clock := time.Now()
+	a.eng.o.Now = func() time.Time { return clock }
+	clock = clock.Add(a.eng.timeout + time.Second)
+	if a.eng.Reserved("vm6") {
+		t.Fatal("the reservation did not expire")
+	}
+	a.eng.o.Now = time.Now
+	// Reserved again; the EK CA no longer trusts b's EK issuer.
+	if _, err := b.eng.Reserve(ctx, ident.UUID, "vm6"); err != nil {
+		t.Fatal(err)
+	}
+	a.eng.roots = x509.NewCertPool()
+	a.eng.SourceStopped("vm6")
+	_, err := b.eng.Receive(ctx, ident.UUID)
+	wantErr(t, err, "enrollment no longer holds")
+	if !live(t, a, ident) {
+		t.Fatal("the VM's segment ended on the source")
 	}
 }

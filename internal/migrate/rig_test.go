@@ -50,7 +50,7 @@ func (m testMux) MigrateOut(ctx context.Context, id conceal.Digest, out Out) (*e
 
 // arrive opens the arrived VM's segment on h (mux MigrateIn), as the
 // daemon does, and tells the source the handover is done.
-func arrive(t *testing.T, h *host, ar *Arrival) conceal.Digest {
+func arrive(t testing.TB, h *host, ar *Arrival) conceal.Digest {
 	t.Helper()
 	id, err := h.mux.MigrateIn(t.Context(), mux.Arrival{Identity: ar.Identity, Launch: mux.Launch{Name: ar.Name},
 		SourceHost: ar.SourceHost, SourceAK: ar.SourceAK, Chain: ar.Chain, VPCRs: ar.VPCRs})
@@ -65,7 +65,7 @@ func arrive(t *testing.T, h *host, ar *Arrival) conceal.Digest {
 
 // attest verifies h's fresh evidence of the VM against every host's AK
 // and returns the number of segments.
-func attest(t *testing.T, h *host, ident *conceal.Identity, hosts ...*host) int {
+func attest(t testing.TB, h *host, ident *conceal.Identity, hosts ...*host) int {
 	t.Helper()
 	nonce := []byte("a fresh verifier nonce, 32 bytes")
 	ev, err := h.mux.Evidence(t.Context(), ident.ID(), nonce)
@@ -86,7 +86,14 @@ func attest(t *testing.T, h *host, ident *conceal.Identity, hosts ...*host) int 
 // twoHosts starts host a on the simulator (ECC EK, test vendor CA) and
 // host b on swtpm (RSA EK from swtpm_setup), enrolls both, and writes the
 // EK CA bundle both trust. The engines are not made yet (newEngine).
-func twoHosts(t *testing.T) (a, b *host, ekCA string) {
+func twoHosts(t testing.TB) (a, b *host, ekCA string) {
+	return twoHostsOn(t, false)
+}
+
+// twoHostsOn is twoHosts; with bothSwtpm host a runs on a second
+// manufactured swtpm instead of the simulator (the benchmark: both hosts'
+// TPMs behind a socket, as a real TPM is behind a device).
+func twoHostsOn(t testing.TB, bothSwtpm bool) (a, b *host, ekCA string) {
 	t.Helper()
 	ctx := t.Context()
 	p, swCA := swtpmproc.ManufactureTest(t, "")
@@ -94,30 +101,44 @@ func twoHosts(t *testing.T) (a, b *host, ekCA string) {
 	a = &host{name: "hosta", state: filepath.Join(dir, "a")}
 	b = &host{name: "hostb", state: filepath.Join(dir, "b")}
 	var err error
-	if a.tp, err = tpm.Open(ctx, "sim"); err != nil {
+	bundle, err := swCA.Bundle()
+	if err != nil {
 		t.Fatal(err)
+	}
+	var cas []byte
+	if bothSwtpm {
+		pa, caA := swtpmproc.ManufactureTest(t, "")
+		if a.tp, err = tpm.Open(ctx, pa.Spec()); err != nil {
+			t.Fatal(err)
+		}
+		ba, err := caA.Bundle()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cas = append(append([]byte{}, ba...), bundle...)
+	} else {
+		if a.tp, err = tpm.Open(ctx, "sim"); err != nil {
+			t.Fatal(err)
+		}
+		vendor, err := enrolltest.NewCA("vendor EK CA")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := enrolltest.Provision(ctx, a.tp, vendor); err != nil {
+			t.Fatal(err)
+		}
+		cas = append(append([]byte{}, vendor.PEM...), bundle...)
 	}
 	t.Cleanup(func() { a.tp.Close() })
 	if b.tp, err = tpm.Open(ctx, p.Spec()); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.tp.Close() })
-	vendor, err := enrolltest.NewCA("vendor EK CA")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := enrolltest.Provision(ctx, a.tp, vendor); err != nil {
-		t.Fatal(err)
-	}
-	bundle, err := swCA.Bundle()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ekCA = filepath.Join(dir, "ek-ca.pem")
-	if err := os.WriteFile(ekCA, append(append([]byte{}, vendor.PEM...), bundle...), 0o644); err != nil {
+	if err := os.WriteFile(ekCA, cas, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	pool, _, err := enroll.ParseCAs(append(append([]byte{}, vendor.PEM...), bundle...))
+	pool, _, err := enroll.ParseCAs(cas)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +179,7 @@ func quiet() *slog.Logger {
 }
 
 // enrollHost runs the enrollment of docs/trust.md for tp.
-func enrollHost(t *testing.T, tp tpm.TPM, name string, pool *x509.CertPool) *enroll.Record {
+func enrollHost(t testing.TB, tp tpm.TPM, name string, pool *x509.CertPool) *enroll.Record {
 	t.Helper()
 	ctx := t.Context()
 	en := tp.(tpm.Enroller)
@@ -191,7 +212,7 @@ func peerOf(h *host) Peer {
 }
 
 // start makes h's engine with peers and serves it on h's listener.
-func start(t *testing.T, h *host, ekCA string, peers ...*host) {
+func start(t testing.TB, h *host, ekCA string, peers ...*host) {
 	t.Helper()
 	if h.eng != nil {
 		h.cancel()
@@ -222,3 +243,55 @@ func start(t *testing.T, h *host, ekCA string, peers ...*host) {
 }
 
 func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+
+// thirdHost adds host c on another manufactured swtpm, its EK CA appended
+// to ekCA, enrolled; engines are started afterwards (start).
+func thirdHost(t testing.TB, ekCA string) *host {
+	t.Helper()
+	ctx := t.Context()
+	p, ca := swtpmproc.ManufactureTest(t, "")
+	c := &host{name: "hostc", state: t.TempDir()}
+	var err error
+	if c.tp, err = tpm.Open(ctx, p.Spec()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.tp.Close() })
+	bundle, err := ca.Bundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := os.ReadFile(ekCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cas := append(old, bundle...)
+	if err := os.WriteFile(ekCA, cas, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pool, _, err := enroll.ParseCAs(cas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.rec = enrollHost(t, c.tp, c.name, pool)
+	if c.recPth, err = enroll.Save(filepath.Join(t.TempDir(), "enrolled-c"), c.rec); err != nil {
+		t.Fatal(err)
+	}
+	st, err := logstore.Open(filepath.Join(c.state, "log.db"), &logstore.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := mux.Open(ctx, c.tp, st, mux.Config{Host: c.name, Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); st.Close() })
+	c.mux = m
+	if c.pin, err = (&Config{}).CertSHA256(c.state, c.name); err != nil {
+		t.Fatal(err)
+	}
+	if c.l, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.l.Close() })
+	return c
+}

@@ -56,7 +56,7 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 }
 
 func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
-	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{}), extended: make(chan struct{})}
+	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{}), extended: make(chan struct{}), flush: m.flushApply}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -80,7 +80,7 @@ func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
 	}
 	items[len(items)-1].ticket = t
 	for _, it := range items {
-		if it.kind == record.KindTPM {
+		if urgentKind(it.kind) {
 			m.urgent++
 		}
 	}
@@ -197,8 +197,9 @@ func (m *Mux) run(ctx context.Context) {
 		case n >= cv.flush():
 			commitNow = true
 		case urgent > 0:
-			// A vTPM event: the guest kernel's command waits for it, so it
-			// is not held for the slot. Its batch is padded like any other;
+			// A vTPM event or a migration record: the guest kernel's
+			// command, or the migrated guest, waits for it, so it is not
+			// held for the slot. Its batch is padded like any other;
 			// its time shows (docs/security.md).
 			commitNow = true
 		case slot:
@@ -241,7 +242,7 @@ func (m *Mux) run(ctx context.Context) {
 		batch := m.queue[:take:take]
 		m.queue = m.queue[take:]
 		for _, it := range batch {
-			if it.kind == record.KindTPM {
+			if urgentKind(it.kind) {
 				m.urgent--
 			}
 		}
@@ -829,4 +830,14 @@ func (m *Mux) healLocked(ctx context.Context) error {
 	m.fault = rerr
 	m.mu.Unlock()
 	return rerr
+}
+
+// urgentKind reports whether a record of kind k is committed at once
+// rather than held for the next concealment slot: a vTPM event (the guest
+// kernel's command waits on it) and the migration records (the migrated
+// guest's agent and vTPM on the destination wait for the handover, which
+// waits for both). Their batches are padded like any other; their times
+// show (docs/security.md).
+func urgentKind(k record.Kind) bool {
+	return k == record.KindTPM || k == record.KindMigratedOut || k == record.KindMigratedIn
 }

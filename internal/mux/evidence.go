@@ -126,6 +126,13 @@ type quoteRes struct {
 	nextG       uint64 // the log's length at the quote
 	batched     *evidence.QuoteProof
 	err         error
+
+	// A shared quote's audit path for this request, as the quote loop
+	// hands it over; quoteFor makes batched of it in the requester's
+	// goroutine, so that the loop's answers to a thousand requesters do
+	// not wait for a thousand proofs to be built one after the other.
+	path         []conceal.Digest
+	index, count int
 }
 
 // quoteFor gets a quote covering extra. Requests that arrive while a quote
@@ -150,6 +157,13 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	m.qmu.Unlock()
 	select {
 	case r := <-req.res:
+		if r.count > 1 {
+			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(r.path))}
+			for i, p := range r.path {
+				b.Path[i] = append([]byte(nil), p[:]...)
+			}
+			r.batched, r.path = b, nil
+		}
 		return r
 	case <-ctx.Done():
 		return quoteRes{err: ctx.Err()}
@@ -217,11 +231,7 @@ func (m *Mux) quoteLoop() {
 		for i, r := range reqs {
 			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
 			if n > 1 && err == nil {
-				b := &evidence.QuoteProof{Index: uint64(i), Count: uint64(n)}
-				for _, p := range paths[i] {
-					b.Path = append(b.Path, append([]byte(nil), p[:]...))
-				}
-				res.batched = b
+				res.path, res.index, res.count = paths[i], i, n
 			}
 			r.res <- res
 		}

@@ -177,27 +177,8 @@ func (m *Mux) MigrateIn(ctx context.Context, a Arrival) (conceal.Digest, error) 
 		id:   id,
 		keys: ident.Keys(),
 	}
-	if err := m.wrapKey(&vs.vm, ident.Key); err != nil {
+	if err := m.openVM(ctx, vs, ident.Key, raw, record.KindMigratedIn, "the vm is already live on this host"); err != nil {
 		return conceal.Digest{}, fmt.Errorf("migrate in %s: %w", l.Name, err)
-	}
-	m.mu.Lock()
-	if _, dup := m.vms[id]; dup {
-		m.mu.Unlock()
-		return conceal.Digest{}, fmt.Errorf("migrate in %s: the vm is already live on this host", l.Name)
-	}
-	m.vms[id] = vs
-	m.mu.Unlock()
-	t, err := m.enqueue(id, []*item{{r: raw, h: record.Hash(raw), kind: record.KindMigratedIn}})
-	if err == nil {
-		_, err = t.Wait(ctx)
-	}
-	if err != nil {
-		m.mu.Lock()
-		if vs.vm.NextSeq == vs.vm.FirstSeq {
-			delete(m.vms, id)
-		}
-		m.mu.Unlock()
-		return conceal.Digest{}, fmt.Errorf("migrate in %s: migrated-in record: %w", l.Name, err)
 	}
 	return id, nil
 }

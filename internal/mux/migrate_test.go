@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
@@ -215,5 +216,46 @@ func TestMigrateMux(t *testing.T) {
 	}
 	if _, err := a.m.MigrateIn(ctx, mux.Arrival{Identity: ident, Launch: l, SourceAK: b.tp.AK(), Chain: c2}); err == nil {
 		t.Fatal("A accepted an old chain again")
+	}
+}
+
+// The migration records are not held for the concealment slot: the
+// migrated guest waits for the handover, which waits for the source's
+// migrated-out record and the destination's migrated-in record. With a
+// 2 s slot, a handover that waited for slots would take seconds.
+func TestMigrationNotHeldForTheSlot(t *testing.T) {
+	slow := mux.Config{Cover: mux.Cover{Pad: 16, Interval: 2 * time.Second}}
+	a, b := newHost(t, "hosta", "sim"), newHost(t, "hostb", "swtpm")
+	for _, h := range []*host{a, b} {
+		h.close()
+		st, err := logstore.Open(h.path, &logstore.Options{NoSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := slow
+		cfg.Host = h.name
+		m, err := mux.Open(context.Background(), h.tp, st, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.st, h.m = st, m
+	}
+	l := mux.Launch{UUID: [16]byte{0x7e, 1}, Name: "vm-slot"}
+	ident, err := a.m.NewVM(t.Context(), l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := record.MigratedOut{DestHost: b.name, DestAK: quote.AKFingerprint(b.tp.AK())}
+	rand.Read(out.Nonce[:])
+	start := time.Now()
+	chain, err := a.m.MigrateOut(t.Context(), ident.ID(), out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.m.MigrateIn(t.Context(), mux.Arrival{Identity: ident, Launch: l, SourceHost: a.name, SourceAK: a.tp.AK(), Chain: chain}); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 1500*time.Millisecond {
+		t.Fatalf("migrate out and in took %v with a 2 s slot: the migration records waited for slots", el)
 	}
 }

@@ -183,6 +183,7 @@ type Ticket struct {
 	// not be in bbolt yet: done follows).
 	extended chan struct{}
 	once     sync.Once // done is closed once: acknowledged or failed
+	flush    func()    // asks the applier not to wait for more batches (Wait)
 	ack      Ack
 	err      error
 }
@@ -237,8 +238,12 @@ func (t *Ticket) WaitExtended(ctx context.Context) error {
 
 // Wait blocks until the submission is acknowledged or fails, or ctx ends.
 // A failed submission was not acknowledged; some of its records may be
-// durable (the agent's resume exchange finds out which).
+// durable (the agent's resume exchange finds out which). Its records go
+// into bbolt without the applier's wait for more batches.
 func (t *Ticket) Wait(ctx context.Context) (Ack, error) {
+	if t.flush != nil {
+		t.flush()
+	}
 	select {
 	case <-t.done:
 		return t.ack, t.err

@@ -1,6 +1,7 @@
 package mux_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"sync"
@@ -37,7 +38,8 @@ func (o *batchObserver) QuoteBatch(requests, awaited int, waited time.Duration) 
 // again as soon as it has its evidence) on a slow TPM share every quote.
 // The first request takes a quote alone and the rest of the first wave the
 // next; from then on the quote loop gathers the verifiers it served before
-// the next quote, so that R rounds take R+1 quotes. Without the gather they
+// the next quote, so that R rounds take R+1 quotes (a few more when a
+// loaded machine delays a verifier past a gather). Without the gather they
 // split into cohorts that alternate (about 2R quotes), and without batching
 // every request takes its own. Every response verifies, for its own nonce
 // and VM, and the loop never waits for more requesters than there are (a
@@ -89,10 +91,11 @@ func TestClosedLoopSharesEveryQuote(t *testing.T) {
 			batches := append([]quoteBatch(nil), obs.batches...)
 			obs.mu.Unlock()
 			t.Logf("%d verifiers, %d rounds: %d quotes; batches %v", c.verifiers, c.rounds, quotes, batches)
-			// Allow one quote more than the ideal R+1 for a verifier that
-			// a loaded machine delays past the gather.
-			if quotes > c.rounds+2 {
-				t.Errorf("%d quotes for %d rounds of %d closed-loop verifiers, want at most %d: the verifiers do not share quotes", quotes, c.rounds, c.verifiers, c.rounds+2)
+			// Allow a few quotes more than the ideal R+1 for verifiers that
+			// a loaded machine delays past a gather (each costs one quote:
+			// the next gather merges them back); without the gather it is 2R.
+			if bound := c.rounds + 1 + max(1, c.rounds/3); quotes > bound {
+				t.Errorf("%d quotes for %d rounds of %d closed-loop verifiers, want at most %d: the verifiers do not share quotes", quotes, c.rounds, c.verifiers, bound)
 			}
 			for _, b := range batches {
 				if b.awaited > c.verifiers {
@@ -115,5 +118,89 @@ func TestClosedLoopSharesEveryQuote(t *testing.T) {
 				t.Errorf("%d of %d responses came from shared quotes, want at least %d", batched, c.verifiers*c.rounds, want)
 			}
 		})
+	}
+}
+
+// TestStreamSharedQuotes: evidence streamed (StreamEvidence, the bridge's
+// path) for concurrent requests that share quotes verifies for its own
+// nonce and VM, in full and from a checkpoint, and re-encodes to itself.
+func TestStreamSharedQuotes(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	idents := []*conceal.Identity{r.vm("vm-a"), r.vm("vm-b")}
+	for i := range 20 {
+		if _, err := r.m.Submit(idents[i%2].ID(), meas(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	cps := make([]*verify.Checkpoint, len(idents))
+	for i, id := range idents {
+		nonce := []byte("the checkpoint's nonce, fresh")
+		ev, err := r.m.Evidence(ctx, id.ID(), nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: id, AK: r.tpm.AK(), PCR: 13})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cps[i] = rep.Checkpoint
+	}
+	for i := range 6 {
+		if _, err := r.m.Submit(idents[i%2].ID(), meas(100+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.tpm.quoteDelay = 50 * time.Millisecond
+	const n = 24
+	type answer struct {
+		vm    int
+		nonce []byte
+		incr  bool
+		raw   []byte
+		err   error
+	}
+	out := make(chan answer, n)
+	for i := range n {
+		go func() {
+			a := answer{vm: i % 2, nonce: []byte(fmt.Sprintf("streamed request %d, fresh nonce", i)), incr: i%3 == 0}
+			var since *evidence.Since
+			if a.incr {
+				since = cps[a.vm].Since()
+			}
+			a.err = r.m.StreamEvidence(ctx, idents[a.vm].ID(), a.nonce, since, 0, func(p []byte, last bool) error {
+				a.raw = append(a.raw, p...)
+				return nil
+			})
+			out <- a
+		}()
+	}
+	batched := 0
+	for range n {
+		a := <-out
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		ev, err := evidence.Decode(a.raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if again, err := ev.MarshalBinary(); err != nil || !bytes.Equal(again, a.raw) {
+			t.Fatalf("streamed evidence does not re-encode to itself (%v)", err)
+		}
+		opts := verify.Options{Nonce: a.nonce, Identity: idents[a.vm], AK: r.tpm.AK(), PCR: 13}
+		if a.incr {
+			opts.Checkpoint = cps[a.vm]
+		}
+		rep, err := verify.Verify(ev, opts)
+		if err != nil {
+			t.Fatalf("streamed evidence (incremental %v) rejected: %v", a.incr, err)
+		}
+		if rep.Batched {
+			batched++
+		}
+	}
+	if batched < n/2 {
+		t.Fatalf("%d of %d streamed responses from shared quotes", batched, n)
 	}
 }

@@ -54,29 +54,41 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 		id:   id,
 		keys: ident.Keys(),
 	}
-	if err := m.wrapKey(&vs.vm, ident.Key); err != nil {
+	if err := m.openVM(ctx, vs, ident.Key, raw, record.KindGenesis, "instance collision"); err != nil {
 		return nil, fmt.Errorf("new vm %s: %w", l.Name, err)
 	}
-	m.mu.Lock()
-	if _, dup := m.vms[id]; dup {
-		m.mu.Unlock()
-		return nil, fmt.Errorf("new vm %s: instance collision", l.Name)
+	return ident, nil
+}
+
+// openVM makes vs live on this host and commits the record that opens its
+// stay (a genesis, or a migrated-in record): its key wrapped for the
+// store, the record durable and extended. If the record fails, a VM with
+// no record yet is forgotten again; dup is the error when vs is live
+// already.
+func (m *Mux) openVM(ctx context.Context, vs *vmState, key conceal.Key, raw []byte, kind record.Kind, dup string) error {
+	if err := m.wrapKey(&vs.vm, key); err != nil {
+		return err
 	}
-	m.vms[id] = vs
+	m.mu.Lock()
+	if _, live := m.vms[vs.id]; live {
+		m.mu.Unlock()
+		return errors.New(dup)
+	}
+	m.vms[vs.id] = vs
 	m.mu.Unlock()
-	t, err := m.enqueue(id, []*item{{r: raw, h: record.Hash(raw), kind: record.KindGenesis}})
+	t, err := m.enqueue(vs.id, []*item{{r: raw, h: record.Hash(raw), kind: kind}})
 	if err == nil {
 		_, err = t.Wait(ctx)
 	}
 	if err != nil {
 		m.mu.Lock()
 		if vs.vm.NextSeq == vs.vm.FirstSeq {
-			delete(m.vms, id)
+			delete(m.vms, vs.id)
 		}
 		m.mu.Unlock()
-		return nil, fmt.Errorf("new vm %s: genesis: %w", l.Name, err)
+		return fmt.Errorf("%s record: %w", kind, err)
 	}
-	return ident, nil
+	return nil
 }
 
 // Teardown commits VM id's teardown record with reason and then keeps a

@@ -140,18 +140,46 @@ func ParseLaunch(b []byte) (*Extension, error) {
 // AppraiseGenesis implements verify.Appraiser: the launch measurement
 // against the launch policy.
 func (a *Appraisal) AppraiseGenesis(g *record.Genesis) []verify.Violation {
+	return a.appraiseLaunch(g.DomainXML, g.Files, "launch:")
+}
+
+// AppraiseArrival implements verify.ArrivalAppraiser: a VM that migrated
+// in was started on its new host from the domain XML and files its
+// migrated-in record measured, and they answer to the same launch policy
+// as the genesis's (a host that migrates the VM may not swap its kernel).
+// Violations name the host, e.g. "launch@hostb:kernel:/boot/vmlinuz".
+func (a *Appraisal) AppraiseArrival(seq uint64, in *record.MigratedIn) []verify.Violation {
+	out := a.appraiseLaunch(in.DomainXML, in.Files, "launch@"+in.Host+":")
+	for i := range out {
+		out[i].Seq = seq
+	}
+	return out
+}
+
+// appraiseLaunch checks one launch measurement (a genesis's or a
+// migrated-in record's) against the launch policy; the report's launch
+// section accumulates over all of a VM's launches.
+func (a *Appraisal) appraiseLaunch(domainXML [32]byte, files []record.File, prefix string) []verify.Violation {
 	l := a.launch
 	if l == nil {
 		return nil
 	}
-	rep := &verify.Launch{OK: true}
-	a.rep.Launch = rep
+	rep := a.rep.Launch
+	if rep == nil {
+		rep = &verify.Launch{OK: true}
+		a.rep.Launch = rep
+	}
+	checked := func(what string) {
+		if !slices.Contains(rep.Checked, what) {
+			rep.Checked = append(rep.Checked, what)
+		}
+	}
 	var out []verify.Violation
 	if len(l.DomainXML) > 0 {
-		rep.Checked = append(rep.Checked, "domain_xml")
-		d := hex.EncodeToString(g.DomainXML[:])
+		checked("domain_xml")
+		d := hex.EncodeToString(domainXML[:])
 		if !slices.Contains(l.DomainXML, d) {
-			out = append(out, verify.Violation{Path: "launch:domain_xml", Digest: "sha256:" + d, Reason: "domain XML digest not allowed by the launch policy"})
+			out = append(out, verify.Violation{Path: prefix + "domain_xml", Digest: "sha256:" + d, Reason: "domain XML digest not allowed by the launch policy"})
 		}
 	}
 	roles := make([]string, 0, len(l.Files))
@@ -164,14 +192,14 @@ func (a *Appraisal) AppraiseGenesis(g *record.Genesis) []verify.Violation {
 		if len(allowed) == 0 {
 			continue
 		}
-		rep.Checked = append(rep.Checked, role)
+		checked(role)
 		found := false
-		for _, f := range g.Files {
+		for _, f := range files {
 			if f.Role != role {
 				continue
 			}
 			found = true
-			path := "launch:" + role + ":" + f.Path
+			path := prefix + role + ":" + f.Path
 			switch {
 			case len(f.SHA256) == 0:
 				out = append(out, verify.Violation{Path: path, Reason: "launch file was not measured: " + f.Error})
@@ -180,10 +208,12 @@ func (a *Appraisal) AppraiseGenesis(g *record.Genesis) []verify.Violation {
 			}
 		}
 		if !found {
-			out = append(out, verify.Violation{Path: "launch:" + role, Reason: "the launch policy pins a " + role + " but the launch has none"})
+			out = append(out, verify.Violation{Path: prefix + role, Reason: "the launch policy pins a " + role + " but the launch has none"})
 		}
 	}
-	rep.OK = len(out) == 0
+	if len(out) > 0 {
+		rep.OK = false
+	}
 	return out
 }
 

@@ -28,6 +28,13 @@ type Appraiser interface {
 	AppraiseMeasurement(seq uint64, m *record.Measurement) []Violation
 }
 
+// ArrivalAppraiser is an Appraiser that also appraises the launch
+// measurement of each host a VM migrated to: the domain XML and files its
+// migrated-in record (record seq) measured.
+type ArrivalAppraiser interface {
+	AppraiseArrival(seq uint64, in *record.MigratedIn) []Violation
+}
+
 // VPCRAppraiser is an Appraiser that also pins a vTPM VM's measured boot:
 // it is given the replayed vPCRs (nil for a VM without a vTPM) once the
 // records are verified.

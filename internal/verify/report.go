@@ -187,6 +187,9 @@ func (rep *Report) add(s, g uint64, rec *record.Record, ident *conceal.Identity,
 		rep.Ended = true
 	case record.KindMigratedIn:
 		rep.MigratedTo = ""
+		if aa, ok := opts.Appraiser.(ArrivalAppraiser); ok {
+			rep.Violations = append(rep.Violations, aa.AppraiseArrival(s, rec.MigratedIn)...)
+		}
 	case record.KindMigratedOut:
 		rep.MigratedTo = rec.MigratedOut.DestHost
 	}

@@ -46,6 +46,13 @@ type Options struct {
 	// verifier checks the whole chain. Such a report has no checkpoint,
 	// and a vTPM VM's IMA entries are not paired with its extends.
 	LastSegmentOnly bool
+	// NoPairing skips pairing a vTPM VM's IMA entries with its anchored
+	// PCR 10 extends (the vPCRs still replay from the records). It is for
+	// a destination bridge checking a handover: a guest's own entries,
+	// suppressed, late or invented, are the tenant verifier's to judge,
+	// and are no reason to refuse the VM (which would leave it running on
+	// the destination without attestation). The tenant never sets it.
+	NoPairing bool
 	// PCR, when non-zero, is the multiplexer PCR the verifier expects.
 	PCR int
 	// AllowResettablePCR accepts evidence anchored in a PCR above 15 (16
@@ -689,6 +696,9 @@ func (v *verification) checkVTPM() error {
 			return reject(4, "the VM has a vTPM: verify its evidence in full (incremental pairing of IMA entries with anchored extends is not supported)")
 		}
 		return nil
+	}
+	if v.opts.NoPairing {
+		v.vt.taken = true
 	}
 	return v.vt.check(v.rep)
 }

@@ -13,12 +13,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -125,10 +127,29 @@ type ovmfBoot struct {
 func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 	b := bootOVMF(t, model, banks)
 	t.Logf("OVMF -> GRUB -> Linux to power-off in %v", b.took.Round(10*time.Millisecond))
+	checkOVMFBoot(t, b, model, banks, true)
+}
+
+// lastBoot returns the events from the last Startup on.
+func lastBoot(events []vpcr.Event) []vpcr.Event {
+	for i := len(events) - 1; i >= 0; i-- {
+		if events[i].Kind == vpcr.KindStartup {
+			return events[i:]
+		}
+	}
+	return nil
+}
+
+// checkOVMFBoot checks the guest's last boot, whose active banks are
+// banks, against the vTPM's records of it; with pins, also the evidence
+// under a launch policy that pins the boot.
+func checkOVMFBoot(t *testing.T, b *ovmfBoot, model string, banks []vpcr.Alg, pins bool) {
+	t.Helper()
+	last := lastBoot(b.events)
 
 	// Per PCR, the journaled extends (firmware, GRUB, stub, IMA).
 	counts := map[int]int{}
-	for _, e := range b.events {
+	for _, e := range last {
 		if e.Kind == vpcr.KindExtend {
 			counts[e.PCR]++
 			if e.PCR <= 9 {
@@ -164,7 +185,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 		}
 	}
 	var recs []vpcr.Event
-	for _, e := range b.events {
+	for _, e := range last {
 		if e.Kind == vpcr.KindExtend && e.PCR <= 9 {
 			recs = append(recs, e)
 		}
@@ -201,7 +222,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 			// GRUB measures the command line without the prefix.
 			cmdlineSeen = true
 			want := sha256.Sum256([]byte(strings.TrimPrefix(s, "kernel_cmdline: ")))
-			if !hasRecord(b.events, 8, vpcr.SHA256, want[:]) {
+			if !hasRecord(last, 8, vpcr.SHA256, want[:]) {
 				t.Errorf("GRUB's %q: no PCR 8 record with its sha256", s)
 			}
 		}
@@ -210,9 +231,12 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 		t.Error("no kernel_cmdline event of GRUB in PCR 8")
 	}
 	for name, data := range map[string][]byte{"kernel": b.kernel, "initrd": b.initrd} {
-		s256, s1 := sha256.Sum256(data), sha1.Sum(data)
-		if !hasRecord(b.events, 9, vpcr.SHA256, s256[:]) || !hasRecord(b.events, 9, vpcr.SHA1, s1[:]) {
-			t.Errorf("GRUB loaded the %s, but no PCR 9 record holds its digests", name)
+		for _, a := range banks {
+			h := a.Hash().New()
+			h.Write(data)
+			if !hasRecord(last, 9, a, h.Sum(nil)) {
+				t.Errorf("GRUB loaded the %s, but no PCR 9 record holds its %v digest", name, a)
+			}
 		}
 	}
 
@@ -252,7 +276,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 	// of the template data, or (a bank whose hash its IMA lacks) the
 	// SHA-1 zero-padded, which the verifier's pairing accepts there.
 	var ext10 []vpcr.Event
-	for _, e := range b.events {
+	for _, e := range last {
 		if e.Kind == vpcr.KindExtend && e.PCR == 10 {
 			ext10 = append(ext10, e)
 		}
@@ -313,8 +337,11 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 	// firmware event log replays to. The verifier, from the VM's records
 	// alone, trusts it; a boot whose PCR 4 differs (another boot loader)
 	// is rejected naming vPCR 4.
-	pins := logPins(t, logged, banks)
-	if err := b.verifyPins(t, pins); err != nil {
+	if !pins {
+		return
+	}
+	pinned := logPins(t, logged, banks)
+	if err := b.verifyPins(t, pinned); err != nil {
 		t.Fatalf("the boot's own vPCRs 0-9 pinned: %v", err)
 	}
 	other := logPins(t, logged, banks)
@@ -325,7 +352,7 @@ func testQEMUOVMF(t *testing.T, model string, banks []vpcr.Alg) {
 	}
 	t.Logf("pinned vPCRs 0-9 of %v and the loader: trusted; PCR 4 pinned otherwise: %v", banks, err)
 	if f := os.Getenv("TPMMUX_OVMF_FIXTURE"); f != "" && model == "tpm-crb" {
-		writeOVMFFixture(t, f, logged, recs, pins)
+		writeOVMFFixture(t, f, logged, recs, pinned)
 	}
 }
 
@@ -423,6 +450,61 @@ func openOVMFMux(t *testing.T, dir string) *mux.Mux {
 // bootOVMF builds the UEFI disk and boots it on a fresh vTPM to power-off.
 func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 	t.Helper()
+	return bootOVMFWith(t, ovmfRun{model: model, banks: banks, init: ovmfInit})
+}
+
+// ovmfRun is how to boot the OVMF guest.
+type ovmfRun struct {
+	model string
+	banks []vpcr.Alg
+	init  string // the initramfs's /init
+	// confirm lets the guest reboot and answers OVMF's physical-presence
+	// prompts on the serial console with F12 (confirm).
+	confirm bool
+}
+
+// f12Responder is the serial console of a guest whose firmware asks for
+// confirmation: it keeps what the guest prints and presses F12 on the
+// guest's PS/2 keyboard (QMP send-key) once for each "Press F12" prompt.
+// (OVMF's serial terminal is PC-ANSI, which has no F12 sequence.)
+type f12Responder struct {
+	mu   sync.Mutex
+	out  bytes.Buffer
+	qmp  io.Writer // QMP, after capabilities negotiation; responses unread
+	sent int
+}
+
+func (r *f12Responder) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.out.Write(p)
+	r.press()
+	return len(p), nil
+}
+
+// press sends the F12s owed; r.mu held.
+func (r *f12Responder) press() {
+	for ; r.qmp != nil && r.sent < bytes.Count(r.out.Bytes(), []byte("Press F12")); r.sent++ {
+		r.qmp.Write([]byte(`{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"f12"}]}}` + "\n"))
+	}
+}
+
+func (r *f12Responder) setQMP(w io.Writer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.qmp = w
+	r.press()
+}
+
+func (r *f12Responder) bytes() []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return bytes.Clone(r.out.Bytes())
+}
+
+func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
+	t.Helper()
+	model, banks := run.model, run.banks
 	qemu, kernel, _ := guestSetup(t)
 	for _, f := range []string{ovmfCode, ovmfVars, "/usr/lib/grub/x86_64-efi/tpm.mod"} {
 		if _, err := os.Stat(f); err != nil {
@@ -439,7 +521,7 @@ func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 		t.Skip("no /bin/busybox (Debian: busybox-static)")
 	}
 	dir := t.TempDir()
-	initrdData := buildInitramfsWith(busybox, ovmfInit)
+	initrdData := buildInitramfsWith(busybox, run.init)
 	initrd := filepath.Join(dir, "initrd.img")
 	if err := os.WriteFile(initrd, initrdData, 0o644); err != nil {
 		t.Fatal(err)
@@ -492,18 +574,40 @@ func bootOVMF(t *testing.T, model string, banks []vpcr.Alg) *ovmfBoot {
 
 	console := filepath.Join(dir, "console.log")
 	args := []string{"-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1",
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-nodefaults", "-no-user-config", "-display", "none",
 		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + ovmfCode,
 		"-drive", "if=pflash,format=raw,unit=1,file=" + vars,
-		"-drive", "if=virtio,format=raw,file=" + disk,
-		"-chardev", "file,id=con0,path=" + console, "-serial", "chardev:con0"}
+		"-drive", "if=virtio,format=raw,file=" + disk}
+	var resp *f12Responder
+	qmpPath := filepath.Join(dir, "qmp.sock")
+	if run.confirm {
+		args = append(args, "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
+			"-qmp", "unix:"+qmpPath+",server=on,wait=off")
+	} else {
+		args = append(args, "-no-reboot", "-chardev", "file,id=con0,path="+console, "-serial", "chardev:con0")
+	}
 	cmd := exec.CommandContext(ctx, qemu, append(args, tpmArgsModel(ctrlPath, model)...)...)
 	var qerr bytes.Buffer
 	cmd.Stderr = &qerr
+	if run.confirm {
+		resp = &f12Responder{}
+		cmd.Stdout = resp
+	}
 	start := time.Now()
-	runErr := cmd.Run()
+	runErr := cmd.Start()
+	if runErr == nil {
+		if run.confirm {
+			q := dialQMP(t, qmpPath)
+			defer q.c.Close()
+			resp.setQMP(q.c)
+		}
+		runErr = cmd.Wait()
+	}
 	took := time.Since(start)
 	out, _ := os.ReadFile(console)
+	if resp != nil {
+		out = resp.bytes()
+	}
 	if runErr != nil {
 		t.Fatalf("qemu after %v: %v\nstderr: %s\nconsole tail: %s", took, runErr, qerr.String(), tail(out, 3000))
 	}
@@ -806,4 +910,71 @@ func writeOVMFFixture(t *testing.T, path string, logged []tcgEvent, recs []vpcr.
 		t.Fatal(err)
 	}
 	t.Logf("wrote %s", path)
+}
+
+// ovmfAllocateInit is ovmfInit with a first step: while the vTPM still has
+// its sha1 bank, guest root asks the firmware (TPM physical-presence
+// interface, operation 23 SetPCRBanks) for sha256 only and reboots.
+var ovmfAllocateInit = strings.Replace(ovmfInit, `echo "VTPM-TEST: start"
+`, `echo "VTPM-TEST: start"
+if [ -d /sys/class/tpm/tpm0/pcr-sha1 ]; then
+  echo "VTPM-TEST: ppi-version $(cat /sys/class/tpm/tpm0/ppi/version)"
+  echo "23 2" >/sys/class/tpm/tpm0/ppi/request
+  echo "VTPM-TEST: ppi-request $(cat /sys/class/tpm/tpm0/ppi/request)"
+  reboot -f
+fi
+`, 1)
+
+// TestQEMUOVMFPCRAllocate: OVMF allocates PCR banks on the vTPM. Guest
+// root requests sha256 only through the physical-presence interface and
+// reboots; OVMF asks on the console (the test presses F12), sends
+// PCR_Allocate with platform auth and resets; the next boot runs on the
+// sha256 bank alone, and every record and the guest's PCRs agree.
+func TestQEMUOVMFPCRAllocate(t *testing.T) {
+	b := bootOVMFWith(t, ovmfRun{model: "tpm-crb", banks: vtpm.DefaultBanks(), init: ovmfAllocateInit, confirm: true})
+	t.Logf("three boots (request, allocate, sha256 only) to power-off in %v", b.took.Round(10*time.Millisecond))
+	// The journal: a boot on sha1+sha256 (the request), one on which OVMF
+	// allocates (and resets), and one on sha256 alone.
+	var kinds []string
+	var allocs []vpcr.Event
+	for _, e := range b.events {
+		switch e.Kind {
+		case vpcr.KindExtend:
+			continue
+		case vpcr.KindAllocate:
+			allocs = append(allocs, e)
+		}
+		kinds = append(kinds, fmt.Sprintf("%d:%v%v", e.Seq, e.Kind, e.Banks))
+	}
+	t.Logf("records other than extends: %s", strings.Join(kinds, " "))
+	var startups [][]vpcr.Alg
+	for _, e := range b.events {
+		if e.Kind == vpcr.KindStartup {
+			startups = append(startups, e.Banks)
+		}
+	}
+	sha256Only := []vpcr.Alg{vpcr.SHA256}
+	if len(startups) != 3 || !slices.Equal(startups[0], vtpm.DefaultBanks()) || !slices.Equal(startups[1], vtpm.DefaultBanks()) || !slices.Equal(startups[2], sha256Only) {
+		t.Fatalf("boots with banks %v, want [sha1 sha256] twice, then [sha256]", startups)
+	}
+	if len(allocs) != 1 || !slices.Equal(allocs[0].Banks, sha256Only) || allocs[0].Locality != 0 {
+		t.Fatalf("allocate records %+v, want one of [sha256] at locality 0", allocs)
+	}
+	b.tr.mu.Lock()
+	rcs := slices.Clone(b.tr.rcs[0x12B])
+	b.tr.mu.Unlock()
+	if !slices.Equal(rcs, []uint32{0}) {
+		t.Fatalf("PCR_Allocate answered %#x, want one success", rcs)
+	}
+	// The last boot: sha256 alone in every record, the guest's PCRs and
+	// its firmware event log; no sha1 bank in the guest.
+	for _, e := range lastBoot(b.events) {
+		if e.Kind == vpcr.KindExtend && (len(e.Digests) != 1 || e.Digests[0].Alg != vpcr.SHA256) {
+			t.Fatalf("record %d of the sha256-only boot has digests %v", e.Seq, e.Digests)
+		}
+	}
+	if _, ok := b.guest[vpcr.SHA1]; ok || b.state.IsActive(vpcr.SHA1) {
+		t.Fatal("the guest still has a sha1 bank")
+	}
+	checkOVMFBoot(t, b, "tpm-crb", sha256Only, false)
 }

@@ -76,6 +76,11 @@ const (
 	CodeBadEntry    = "bad-entry"   // an entry failed validation
 	CodeEvidence    = "evidence"    // evidence could not be produced
 	CodeQuota       = "quota"       // over a per-VM quota: slowed (not fatal) or refused (fatal)
+	// CodeHello (not fatal): the bridge holds no session on this stream
+	// (it restarted, or the VM migrated here) and skips frames until a
+	// hello. On virtio-serial the guest cannot see the host end change,
+	// so without it an agent would notice only at its ping timeout.
+	CodeHello = "hello"
 )
 
 // EvidenceRequest asks for this VM's evidence for Nonce: full evidence, or,

@@ -151,7 +151,11 @@ if [ -x "$AGENT" ]; then
       sleep "$tick"
     done
     wait "$apid"
-    mark "agent exited $? after tick $i: $(tail -n 3 /run/agent.log | tr '\n' ' ')"
+    rc=$?
+    # A crash: the head of the Go dump (the panic and the crashing
+    # goroutine), then the log's last lines.
+    grep -A 12 -m 1 -E '^(panic|fatal error|SIGSEGV|unexpected fault)' /run/agent.log | while read -r l; do mark "agent log: $l"; done
+    mark "agent exited $rc after tick $i: $(tail -n 3 /run/agent.log | tr '\n' ' ')"
     finish
   fi
   nonce=$(opt_value tpmmux_e2e.nonce)

@@ -15,7 +15,8 @@ import (
 )
 
 // paths prints the file paths of every measurement record in an evidence
-// file, one per line: what a verifier of that VM can read.
+// file, one per line: what a verifier of that VM can read (of every
+// segment, for a migrated VM).
 func paths(args []string) error {
 	if len(args) != 1 {
 		return fmt.Errorf("usage: e2etool paths EVIDENCE")
@@ -28,6 +29,18 @@ func paths(args []string) error {
 	if err != nil {
 		return err
 	}
+	// A migrated VM's earlier segments first, oldest first (Previous is
+	// flat), then the current one: the VM's whole measurement history.
+	for i := range ev.Previous {
+		if err := printPaths(&ev.Previous[i]); err != nil {
+			return fmt.Errorf("previous segment %d: %w", i, err)
+		}
+	}
+	return printPaths(ev)
+}
+
+// printPaths prints the file paths of ev's own measurement records.
+func printPaths(ev *evidence.Evidence) error {
 	for _, r := range ev.Records {
 		rec, err := record.Unmarshal(r.R)
 		if err != nil {

@@ -15,6 +15,11 @@
 //	    prints "entries N", then one line per entry:
 //	    "<index> <pcr> <template> <alg>:<digest hex> <path>".
 //	    Exits 1 when FILE is empty or does not parse completely.
+//
+//	e2etool manufacture -state DIR -ca DIR -bundle FILE
+//	    Provisions the swtpm state DIR with EK certificates from the local
+//	    CA in DIR (swtpmproc.Manufacture) and writes the CA bundle to FILE
+//	    (scripts/e2e-migrate.sh: hosts that can be enrolled).
 package main
 
 import (
@@ -43,6 +48,8 @@ func main() {
 		err = paths(os.Args[2:])
 	case "extradata":
 		err = extradata(os.Args[2:])
+	case "manufacture":
+		err = manufacture(os.Args[2:])
 	default:
 		usage()
 	}
@@ -53,7 +60,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: e2etool listen -socket PATH -out FILE | dump FILE | paths EVIDENCE | extradata -nonce HEX -identity FILE")
+	fmt.Fprintln(os.Stderr, "usage: e2etool listen -socket PATH -out FILE | dump FILE | paths EVIDENCE | extradata -nonce HEX -identity FILE | manufacture -state DIR -ca DIR -bundle FILE")
 	os.Exit(2)
 }
 
