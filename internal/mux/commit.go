@@ -309,6 +309,25 @@ func (m *Mux) syncStore() {
 	m.waitExtendedLocked()
 }
 
+// syncVM is syncStore for readers of VM id's records only: it returns at
+// once when bbolt holds all of them already (the usual case).
+func (m *Mux) syncVM(id conceal.Digest) {
+	m.mu.Lock()
+	vs, ok := m.vms[id]
+	m.mu.Unlock()
+	if !ok {
+		return
+	}
+	m.commitMu.Lock()
+	want := vs.vm.NextSeq
+	m.commitMu.Unlock()
+	stored, err := viewVM(m, id, func(vm *logstore.VM) (uint64, error) { return vm.NextSeq, nil })
+	if err == nil && stored >= want {
+		return
+	}
+	m.syncStore()
+}
+
 // stagedVM is a VM's state before a group staged its records, to restore
 // if the write fails.
 type stagedVM struct {

@@ -24,7 +24,7 @@ type GuestState struct {
 // when the VM left its previous host (its records in the chain), so the
 // agent resumes on the destination with no lost or doubled entries.
 func (m *Mux) Guest(id conceal.Digest) (GuestState, error) {
-	m.syncStore() // the durable records, staged ones included
+	m.syncVM(id) // the durable records, staged ones included
 	var gs GuestState
 	var chain []byte
 	found := false

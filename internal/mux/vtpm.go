@@ -17,7 +17,7 @@ import (
 // were. For a VM that arrived by live migration they apply on top of
 // VTPMStart's snapshot.
 func (m *Mux) TPMEvents(id conceal.Digest) ([]vpcr.Event, error) {
-	m.syncStore() // every durable event, staged ones included
+	m.syncVM(id) // every durable event, staged ones included
 	var out []vpcr.Event
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		vm, err := sn.VM(id)
