@@ -321,7 +321,10 @@ func TestMigrationVTPM(t *testing.T) {
 	}
 	a.mustCall(&control.Request{Op: control.OpStopped, Name: "vm-v", Reason: "-"})
 	a.mustCall(&control.Request{Op: control.OpRelease, Name: "vm-v", Reason: "-"})
-	waitFor(t, "the VM live on the destination", func() bool { v := vmRow(t, b, "vm-v", false); return v != nil && v.Live })
+	waitFor(t, "the VM live on the destination, its vTPM adopted", func() bool {
+		v := vmRow(t, b, "vm-v", false)
+		return v != nil && v.Live && vtpmAdopted(b, "vm-v")
+	})
 	e := b.d.entry("vm-v")
 	if e == nil || e.vtpm == nil || e.vtpm.v.Incoming() {
 		t.Fatal("the destination's vTPM did not adopt the handover")
@@ -366,9 +369,12 @@ func TestMigrationDestRestart(t *testing.T) {
 	if rep := verifyChain(t, ev, nonce, a.tp, b.tp); len(rep.Segments) != 2 {
 		t.Fatalf("%d segments", len(rep.Segments))
 	}
-	if ents, _ := os.ReadDir(filepath.Join(b.cfg.StateDir, "migration", "in")); len(ents) != 0 {
-		t.Fatalf("incoming files left: %v", ents)
-	}
+	// The incoming migration's file goes once the handover is done (just
+	// after the VM shows live).
+	waitFor(t, "the incoming migration's file removed", func() bool {
+		ents, _ := os.ReadDir(filepath.Join(b.cfg.StateDir, "migration", "in"))
+		return len(ents) == 0
+	})
 }
 
 // The source's bridge misses the stop (it was down): reconciliation finds

@@ -66,7 +66,10 @@ func TestMigratedVTPMSurvivesRestart(t *testing.T) {
 	b.mustCall(&control.Request{Op: control.OpPrepare, XML: xb})
 	a.mustCall(&control.Request{Op: control.OpStopped, Name: "vm-w", Reason: "-"})
 	a.mustCall(&control.Request{Op: control.OpRelease, Name: "vm-w", Reason: "-"})
-	waitFor(t, "the VM live on the destination", func() bool { v := vmRow(t, b, "vm-w", false); return v != nil && v.Live })
+	waitFor(t, "the VM live on the destination, its vTPM adopted", func() bool {
+		v := vmRow(t, b, "vm-w", false)
+		return v != nil && v.Live && vtpmAdopted(b, "vm-w")
+	})
 	pcrs := func(e *env) string {
 		t.Helper()
 		ent := e.d.entry("vm-w")
@@ -83,4 +86,17 @@ func TestMigratedVTPMSurvivesRestart(t *testing.T) {
 	if got := pcrs(b); got != fmt.Sprint(want) {
 		t.Fatalf("vPCRs after the destination's restart %s, want %s (the arrival snapshot lost)", got, fmt.Sprint(want))
 	}
+}
+
+// vtpmAdopted reports whether VM name's vTPM on e has taken its handover
+// (the VM shows live at MigrateIn; the vTPM adopts its vPCRs right after).
+func vtpmAdopted(e *env, name string) bool {
+	ent := e.d.entry(name)
+	if ent == nil {
+		return false
+	}
+	ent.mu.Lock()
+	s := ent.vtpm
+	ent.mu.Unlock()
+	return s != nil && s.v != nil && !s.v.Incoming()
 }
