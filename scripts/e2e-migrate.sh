@@ -380,10 +380,10 @@ no_instance() { # no_instance HOST VM BEFORE: HOST's bridge has no more instance
 }
 # guest_crashed VM: the guest kernel oopsed or panicked, or its agent died
 # of a runtime fault. Seen only in dest-killed, right after the switchover
-# (about 1 run in 4): guest memory corrupted as the destination QEMU 7.2
-# (TCG) runs with its virtio-serial chardev closed during the incoming
-# migration; never in ~20 hops without a kill. The bridges' invariants are
-# still checked then; the guest-side ones cannot be.
+# (about 1 run in 4): guest memory corrupted at the switchover, a QEMU 7.2
+# TCG live-migration fault that two plain QEMU processes reproduce without
+# libvirt and without any kill (scripts/e2e/README.md). The bridges'
+# invariants are still checked then; the guest-side ones cannot be.
 guest_crashed() { grep -qE 'Kernel panic|BUG: |Oops|agent exited [0-9]+ after tick' "$WORK/console-$1.log"; }
 guest_same() { # guest_same VM: one boot, one boot id, ticking
   if grep -q 'Kernel panic' "$WORK/console-$1.log"; then
@@ -542,7 +542,7 @@ GUEST_OK=1
 if guest_crashed "$VMK"; then
   GUEST_OK=''
   C_GUEST[$c]="crashed after the switchover (note)"
-  NOTE_KILLED="dest-killed: the guest crashed after the switchover, a QEMU 7.2 (TCG) fault with the destination's virtio-serial chardev closed mid-migration (scripts/e2e/README.md); the bridges' checks ran, the guest's could not: $(grep -m1 -E 'BUG: |Oops|Kernel panic|agent exited [0-9]+ after tick' "$WORK/console-$VMK.log" | cut -c1-160)"
+  NOTE_KILLED="dest-killed: the guest crashed after the switchover, a QEMU 7.2 TCG live-migration fault reproduced without libvirt (scripts/e2e/README.md); the bridges' checks ran, the guest's could not: $(grep -m1 -E 'BUG: |Oops|Kernel panic|agent exited [0-9]+ after tick' "$WORK/console-$VMK.log" | cut -c1-160)"
 else
   guest_same "$VMK"
   C_GUEST[$c]="same boot, ticks $(last_tick "$VMK")"
