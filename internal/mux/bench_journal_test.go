@@ -26,9 +26,12 @@ import (
 // Modes: durable (returns once fsynced) and anchored (once also extended
 // into the host PCR), on the simulator and on the hardware profile (extend
 // 3 ms). The baselines, measured in the same run, are one 4 KiB write +
-// fdatasync on the same file system ("fsync" metric) and one extend of
+// fdatasync on the same file system ("fsync" metric, its median; its
+// p99 is "fsync-p99", the disk's own tail) and one extend of
 // the TPM ("extend" metric): the targets are durable p99 ≤ fsync + 1 ms,
-// anchored p99 ≤ extend + fsync + 1 ms at 1 VM and ≤ 2 commits at 100.
+// anchored p99 ≤ extend + fsync + 1 ms at 1 VM and ≤ 2 commits
+// (2 × (extend + fsync)) at 100; "p99/target" is p99 over the row's
+// target (2 commits for anchored at 10 VMs too).
 //
 //	go test -run '^$' -bench Journal -benchtime 400x ./internal/mux/
 func BenchmarkJournal(b *testing.B) {
@@ -73,7 +76,8 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 		}
 		journals[i] = m.Journal(id.ID(), anchored)
 	}
-	fsync := fsyncLatency(b, dir, 50)
+	fsyncs := fsyncLatencies(b, dir, 200)
+	fsync, fsync99 := fsyncs[len(fsyncs)/2], fsyncs[len(fsyncs)*99/100]
 	extend := extendLatency(b, tp, 20)
 	per := max(1, b.N/vms)
 	lat := make([][]time.Duration, vms)
@@ -96,6 +100,7 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 	}
 	wg.Wait()
 	b.StopTimer()
+
 	all := slices.Concat(lat...)
 	slices.Sort(all)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -103,10 +108,14 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 	b.ReportMetric(ms(p50), "p50-ms")
 	b.ReportMetric(ms(p99), "p99-ms")
 	b.ReportMetric(ms(fsync), "fsync-ms")
+	b.ReportMetric(ms(fsync99), "fsync-p99-ms")
 	b.ReportMetric(ms(extend), "extend-ms")
 	target := fsync + time.Millisecond
-	if anchored {
+	switch {
+	case anchored && vms == 1:
 		target += extend
+	case anchored:
+		target = 2 * (extend + fsync) // two commits
 	}
 	b.ReportMetric(ms(p99)/ms(target), "p99/target")
 }
@@ -120,8 +129,9 @@ func benchEvent(seq uint64) vpcr.Event {
 		Digests: []vpcr.Digest{{Alg: vpcr.SHA1, Value: d1}, {Alg: vpcr.SHA256, Value: d2}}}
 }
 
-// fsyncLatency is the median of n 4 KiB writes + fdatasync in dir.
-func fsyncLatency(b *testing.B, dir string, n int) time.Duration {
+// fsyncLatencies are the times of n 4 KiB writes + fdatasync in dir
+// (appended to a new file), sorted: the disk's own p50 and p99.
+func fsyncLatencies(b *testing.B, dir string, n int) []time.Duration {
 	f, err := os.CreateTemp(dir, "fsync")
 	if err != nil {
 		b.Fatal(err)
@@ -140,7 +150,7 @@ func fsyncLatency(b *testing.B, dir string, n int) time.Duration {
 		ds = append(ds, time.Since(t0))
 	}
 	slices.Sort(ds)
-	return ds[len(ds)/2]
+	return ds
 }
 
 // extendLatency is the median of n extends of PCR 16 on tp.
