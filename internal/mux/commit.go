@@ -446,6 +446,12 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	var cm *logstore.Commit
 	if b != nil {
 		cm = b.cm
+		if len(rest) == 0 {
+			// The batch holds every new item (and their VMs' states):
+			// its frame is their durable copy, and a frame of staged
+			// records would write and encode them twice.
+			staged = nil
+		}
 	}
 	if len(staged) == 0 && cm == nil {
 		restore()
