@@ -602,13 +602,11 @@ func (m *Mux) queueApply(x *inflightExtend) {
 	}
 }
 
-// applyRetry is how often the applier retries batches bbolt refused, and
-// defaultApplyEvery the least time between two bbolt transactions unless
-// someone waits for one (urgentApply). A transaction rewrites the leaf
-// page of every VM it touches and syncs twice, so with many VMs one per
-// few batches costs several times the CPU and disk time per record of one
-// per 100 ms (BenchmarkJournal, 100 VMs: 25-35% lower p50 and throughput
-// cost, docs/performance.md); nothing but readers waits for bbolt.
+// applyRetry is how often the applier retries batches bbolt refused;
+// defaultApplyEvery, per VM the queued batches touch, and maxApplyEvery
+// bound the least time between two bbolt transactions unless someone
+// waits for one (applyInterval, urgentApply). Nothing but readers waits
+// for bbolt (docs/performance.md, vTPM mode).
 const (
 	applyRetry        = 200 * time.Millisecond
 	defaultApplyEvery = 4 * time.Millisecond
