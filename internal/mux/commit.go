@@ -602,15 +602,15 @@ func (m *Mux) queueApply(x *inflightExtend) {
 	}
 }
 
-// applyRetry is how often the applier retries batches bbolt refused;
-// defaultApplyEvery, per VM the queued batches touch, and maxApplyEvery
-// bound the least time between two bbolt transactions unless someone
-// waits for one (applyInterval, urgentApply). Nothing but readers waits
-// for bbolt (docs/performance.md, vTPM mode).
+// applyRetry is how often the applier retries batches bbolt refused, and
+// defaultApplyEvery the least time between two bbolt transactions unless
+// someone waits for one (urgentApply). Longer intervals (25 or 100 ms,
+// with 100 VMs) cut the applier's CPU and raised throughput, but the
+// bigger transactions stalled the appends in flight: durable p99 10 ms
+// went to 13-14 ms (docs/performance.md, vTPM mode).
 const (
 	applyRetry        = 200 * time.Millisecond
 	defaultApplyEvery = 4 * time.Millisecond
-	maxApplyEvery     = 100 * time.Millisecond
 )
 
 // urgentApply makes the applier write what it holds into bbolt now, and
@@ -623,21 +623,6 @@ func (m *Mux) urgentApply() (done func()) {
 	m.applyWaiters.Add(1)
 	m.flushApply()
 	return func() { m.applyWaiters.Add(-1) }
-}
-
-// applyInterval is the least time between two bbolt transactions when
-// nobody waits for one, with batches q queued: applyEvery for each VM
-// they touch, at most maxApplyEvery. A transaction rewrites the leaf page
-// of every VM it touches and syncs twice: with one VM a small one every
-// few ms costs little and keeps each short (the write-ahead log's syncs
-// wait behind it); with 100 VMs one per batch costs several times the CPU
-// and disk time per record of one per 100 ms.
-func (m *Mux) applyInterval(q []*inflightExtend) time.Duration {
-	vms := 1
-	for _, x := range q {
-		vms = max(vms, len(x.cm.VMs))
-	}
-	return min(maxApplyEvery, time.Duration(vms)*m.applyEvery)
 }
 
 // flushApply asks the applier to write what it holds into bbolt now.
@@ -670,7 +655,7 @@ func (m *Mux) applyLoop() {
 			<-m.applyWake
 			continue
 		}
-		if wait := time.Until(applied.Add(m.applyInterval(q))); wait > 0 && !stop && len(retry) == 0 && m.applyWaiters.Load() == 0 {
+		if wait := time.Until(applied.Add(m.applyEvery)); wait > 0 && !stop && len(retry) == 0 && m.applyWaiters.Load() == 0 {
 			// Let batches gather: bbolt's two fsyncs a transaction compete
 			// with the write-ahead log's, and only reads wait for them
 			// (an acknowledgement or a quote asks for them at once:

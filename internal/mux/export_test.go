@@ -1,5 +1,7 @@
 package mux
 
+import "time"
+
 // TriggerSlot makes the committer's next concealment slot happen now, so
 // that tests of cover leaves do not depend on the wall clock.
 func (m *Mux) TriggerSlot() {
@@ -8,3 +10,7 @@ func (m *Mux) TriggerSlot() {
 	default:
 	}
 }
+
+// SetApplyEvery sets the least time between two bbolt transactions that
+// nobody waits for, so that tests can make it long enough to show.
+func (m *Mux) SetApplyEvery(d time.Duration) { m.applyEvery = d }

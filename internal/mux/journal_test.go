@@ -191,13 +191,14 @@ func TestJournalGather(t *testing.T) {
 }
 
 // TestAckNotHeldByTheApplier: an acknowledgement waits for its batch to be
-// in bbolt, and the applier, which otherwise waits up to 100 ms between
-// transactions, writes it at once, even when a batch nobody waits for (a
+// in bbolt, and the applier, which otherwise waits between transactions
+// (here 200 ms), writes it at once, even when a batch nobody waits for (a
 // concealment heartbeat) was applied just before: 20 rounds of heartbeat,
 // record, acknowledgement take well under one applier interval each.
 func TestAckNotHeldByTheApplier(t *testing.T) {
 	ctx := context.Background()
 	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour}})
+	m.SetApplyEvery(200 * time.Millisecond)
 	var a *conceal.Identity
 	slotted(t, m, func() (err error) {
 		a, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
