@@ -157,8 +157,10 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	case r := <-req.res:
 		if r.count > 1 {
 			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(r.path))}
+			flat := make([]byte, 0, len(r.path)*len(conceal.Digest{}))
 			for i, p := range r.path {
-				b.Path[i] = append([]byte(nil), p[:]...)
+				flat = append(flat, p[:]...)
+				b.Path[i] = flat[len(flat)-len(p) : len(flat) : len(flat)]
 			}
 			r.batched, r.path = b, nil
 		}

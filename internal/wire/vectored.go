@@ -20,6 +20,12 @@ type Segment struct {
 	CRC    uint32 // CRC32C(Bytes), when Shared
 }
 
+// minShared is the least size of a shared segment that EvidenceFrame sends
+// as it is: a smaller one is copied into the frame's own bytes, which costs
+// less than the extra write it would take on a stream that has no vectored
+// write (or a handoff between goroutines on net.Pipe).
+const minShared = 4 << 10
+
 // CRC32C is the CRC-32C (Castagnoli) of b, the checksum frames carry: the
 // value a shared Segment states.
 func CRC32C(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
@@ -47,7 +53,7 @@ func EvidenceFrame(resp *EvidenceResponse, ev []Segment) (net.Buffers, error) {
 	n, small := 0, 0
 	for _, s := range ev {
 		n += len(s.Bytes)
-		if !s.Shared {
+		if !s.Shared || len(s.Bytes) < minShared {
 			small += len(s.Bytes)
 		}
 	}
@@ -72,7 +78,10 @@ func EvidenceFrame(resp *EvidenceResponse, ev []Segment) (net.Buffers, error) {
 			crc = crc32.Update(crc, castagnoli, s.Bytes)
 			continue
 		}
-		if len(s.Bytes) == 0 {
+		if len(s.Bytes) < minShared {
+			// Cheaper copied than written on its own.
+			cur = append(cur, s.Bytes...)
+			crc = crc32Combine(crc, s.CRC, len(s.Bytes))
 			continue
 		}
 		// The small buffer so far, then the shared bytes as they are; the
