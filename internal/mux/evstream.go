@@ -48,6 +48,49 @@ type evTail struct {
 	Previous []evidence.Evidence  `cbor:"14,keyasint,omitempty"`
 }
 
+// evVM is evTail's fields before the audit path (Batched), which are the
+// same for every request of one VM from one checkpoint that a quote
+// answers.
+type evVM struct {
+	VM      evidence.VM       `cbor:"9,keyasint"`
+	Records []evidence.Record `cbor:"10,keyasint"`
+}
+
+// evAfter is evTail's fields after the audit path.
+type evAfter struct {
+	Host     string              `cbor:"12,keyasint,omitempty"`
+	From     *evidence.Since     `cbor:"13,keyasint,omitempty"`
+	Previous []evidence.Evidence `cbor:"14,keyasint,omitempty"`
+}
+
+// batchedKey is Evidence's key of the audit path.
+const batchedKey = 11
+
+// appendProof appends the audit path p as Evidence's field 11, as the
+// canonical encoder writes it.
+func appendProof(b []byte, p *evidence.QuoteProof) []byte {
+	b = cborHead(b, 0, batchedKey)
+	b = cborHead(b, 5, 3) // map {1: index, 2: count, 3: path}
+	b = cborHead(b, 0, 1)
+	b = cborHead(b, 0, p.Index)
+	b = cborHead(b, 0, 2)
+	b = cborHead(b, 0, p.Count)
+	b = cborHead(b, 0, 3)
+	if p.Path == nil {
+		return append(b, 0xf6)
+	}
+	b = cborHead(b, 4, uint64(len(p.Path)))
+	for _, h := range p.Path {
+		if h == nil {
+			b = append(b, 0xf6)
+			continue
+		}
+		b = cborHead(b, 2, uint64(len(h)))
+		b = append(b, h...)
+	}
+	return b
+}
+
 // logKey is Evidence's key of the log.
 const logKey = 8
 
@@ -74,17 +117,121 @@ func tailOf(ev *evidence.Evidence) evTail {
 
 // quoteShare is what the requests one quote answers share: the encoding of
 // the evidence's fields before the log, which depend on the quote alone,
-// made once by the first of them that streams its evidence.
+// and of each VM's fields for each checkpoint (vmPart), each made once by
+// the first request that needs it. It lives as long as the requests of its
+// quote: a later quote has a share of its own.
 type quoteShare struct {
 	once sync.Once
 	head []byte
 	n    int
 	err  error
+
+	mu  sync.Mutex
+	vms map[vmPartKey]*vmPart
 }
 
 func (s *quoteShare) get(m *Mux, res quoteRes) ([]byte, int, error) {
 	s.once.Do(func() { s.head, s.n, s.err = m.quoteHead(res) })
 	return s.head, s.n, s.err
+}
+
+// vmPartKey names one VM's fields of evidence: the VM, the checkpoint the
+// request is incremental from (none: full), and whether the identity is
+// read too.
+type vmPartKey struct {
+	id             conceal.Digest
+	incr           bool
+	batch, records uint64
+	ident          bool
+}
+
+// vmPart is a VM's fields of the evidence of one quote: the encoding of
+// the fields before the audit path (pre, nPre of them) and after it
+// (post, nPost), and the VM's identity.
+type vmPart struct {
+	once        sync.Once
+	pre, post   []byte
+	nPre, nPost int
+	ident       *conceal.Identity
+	err         error
+}
+
+// maxSharedVMPart bounds the VM fields a quote's share keeps for the other
+// requests of the same VM and checkpoint; larger ones (a VM with very many
+// records) are read by each request.
+const maxSharedVMPart = 64 << 10
+
+// vmPart returns VM id's fields of the evidence of res's quote from since,
+// read and encoded once for all the requests of that VM and checkpoint
+// that the quote answers. The key holds the VM and the checkpoint, and the
+// share belongs to one quote (one quoted batch), so a request gets its own
+// VM's records up to its own quote, never another's.
+func (s *quoteShare) vmPart(m *Mux, id conceal.Digest, res quoteRes, since *evidence.Since, withIdentity bool) (*vmPart, error) {
+	k := vmPartKey{id: id, ident: withIdentity}
+	if since != nil {
+		k.incr, k.batch, k.records = true, since.Batch, since.Records
+	}
+	s.mu.Lock()
+	if s.vms == nil {
+		s.vms = make(map[vmPartKey]*vmPart)
+	}
+	p := s.vms[k]
+	if p == nil {
+		p = new(vmPart)
+		s.vms[k] = p
+	}
+	s.mu.Unlock()
+	p.once.Do(func() { p.err = m.readVMPart(p, id, res, since, withIdentity) })
+	if p.err != nil {
+		// Not kept: the next request reads for itself.
+		s.mu.Lock()
+		if s.vms[k] == p {
+			delete(s.vms, k)
+		}
+		s.mu.Unlock()
+		return nil, p.err
+	}
+	if len(p.pre)+len(p.post) > maxSharedVMPart {
+		s.mu.Lock()
+		if s.vms[k] == p {
+			delete(s.vms, k)
+		}
+		s.mu.Unlock()
+	}
+	return p, nil
+}
+
+// readVMPart reads and encodes VM id's fields into p.
+func (m *Mux) readVMPart(p *vmPart, id conceal.Digest, res quoteRes, since *evidence.Since, withIdentity bool) error {
+	t, ident, err := m.vmFields(id, res.epoch, res.last, since, withIdentity)
+	if err != nil {
+		return err
+	}
+	if p.pre, p.nPre, err = encodeFields(&evVM{VM: t.VM, Records: t.Records}); err != nil {
+		return err
+	}
+	if p.post, p.nPost, err = encodeFields(&evAfter{Host: t.Host, From: t.From, Previous: t.Previous}); err != nil {
+		return err
+	}
+	p.ident = ident
+	return nil
+}
+
+// tail returns the fields after the log of one request's evidence: p's with
+// the request's audit path between them, and how many there are.
+func (p *vmPart) tail(batched *evidence.QuoteProof) ([]byte, int) {
+	n := p.nPre + p.nPost
+	size := len(p.pre) + len(p.post)
+	if batched != nil {
+		n++
+		size += 8 + len(batched.Path)*34
+	}
+	b := make([]byte, 0, size+16)
+	b = append(b, p.pre...)
+	if batched != nil {
+		b = appendProof(b, batched)
+	}
+	return append(b, p.post...), n
 }
 
 // quoteHead encodes the fields before the log of evidence of res's quote.
@@ -221,16 +368,12 @@ func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	if err != nil {
 		return err
 	}
-	t, ident, err := m.vmFields(id, res.epoch, res.last, since, withIdentity)
+	vp, err := res.share.vmPart(m, id, res, since, withIdentity)
 	if err != nil {
 		return err
 	}
-	t.Batched = res.batched
-	tail, nTail, err := encodeFields(t)
-	if err != nil {
-		return err
-	}
-	return m.streamLog(ctx, head, nHead, tail, nTail, res, since, chunk, ident, concat, emit)
+	tail, nTail := vp.tail(res.batched)
+	return m.streamLog(ctx, head, nHead, tail, nTail, res, since, chunk, vp.ident, concat, emit)
 }
 
 // StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
