@@ -676,8 +676,7 @@ func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.E
 			resp.AKPEM = b.Mux.AKPEM() // encoded once
 		}
 		part++
-		segs := []wire.Segment{{Bytes: p.Head}, {Bytes: p.Shared, Shared: true, CRC: p.SharedCRC}, {Bytes: p.Tail}}
-		frame, err := wire.EvidenceFrame(resp, segs)
+		frame, err := wire.EvidenceFrame(resp, p.Head, p.Shared, p.Tail)
 		if err != nil {
 			return err
 		}

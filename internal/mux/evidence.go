@@ -113,6 +113,7 @@ const maxQuoteBatch = 4096
 
 type quoteReq struct {
 	extra conceal.Digest
+	leaf  conceal.Digest // MerkleLeaf(extra), hashed by the requester
 	res   chan quoteRes
 }
 
@@ -125,11 +126,12 @@ type quoteRes struct {
 	err         error
 	share       *quoteShare // what the requests this quote answers share
 
-	// A shared quote's audit path for this request, as the quote loop
-	// hands it over; quoteFor makes batched of it in the requester's
-	// goroutine, so that the loop's answers to a thousand requesters do
-	// not wait for a thousand proofs to be built one after the other.
-	path         []conceal.Digest
+	// A shared quote's tree and this request's leaf in it, as the quote
+	// loop hands them over; quoteFor reads the audit path out of the tree
+	// in the requester's goroutine, so that the loop's answers to a
+	// thousand requesters do not wait for a thousand paths to be built
+	// one after the other.
+	tree         *conceal.MerkleTree
 	index, count int
 }
 
@@ -145,7 +147,9 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 		m.commitMu.Unlock()
 		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
 	}
-	req := &quoteReq{extra: extra, res: make(chan quoteRes, 1)}
+	// The leaf is hashed here, while the quote before is still being
+	// taken, not by the loop between the quotes.
+	req := &quoteReq{extra: extra, leaf: conceal.MerkleLeaf(extra), res: make(chan quoteRes, 1)}
 	m.qmu.Lock()
 	m.qpending = append(m.qpending, req)
 	if !m.quoting {
@@ -156,13 +160,14 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	select {
 	case r := <-req.res:
 		if r.count > 1 {
-			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(r.path))}
-			flat := make([]byte, 0, len(r.path)*len(conceal.Digest{}))
-			for i, p := range r.path {
+			path := r.tree.Path(r.index)
+			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(path))}
+			flat := make([]byte, 0, len(path)*len(conceal.Digest{}))
+			for i, p := range path {
 				flat = append(flat, p[:]...)
 				b.Path[i] = flat[len(flat)-len(p) : len(flat) : len(flat)]
 			}
-			r.batched, r.path = b, nil
+			r.batched, r.tree = b, nil
 		}
 		return r
 	case <-ctx.Done():
@@ -201,13 +206,14 @@ func (m *Mux) quoteLoop() {
 		m.qmu.Unlock()
 		m.observeQuoteBatch(n, awaited, waited)
 		extra := reqs[0].extra
-		var paths [][]conceal.Digest
+		var tree *conceal.MerkleTree
 		if n > 1 {
-			values := make([]conceal.Digest, n)
+			leaves := make([]conceal.Digest, n)
 			for i, r := range reqs {
-				values[i] = r.extra
+				leaves[i] = r.leaf
 			}
-			extra, paths = conceal.MerkleRoot(values)
+			tree = conceal.NewMerkleTree(leaves)
+			extra = tree.Root()
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
 		start := time.Now()
@@ -232,7 +238,7 @@ func (m *Mux) quoteLoop() {
 		for i, r := range reqs {
 			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: share}
 			if n > 1 && err == nil {
-				res.path, res.index, res.count = paths[i], i, n
+				res.tree, res.index, res.count = tree, i, n
 			}
 			r.res <- res
 		}

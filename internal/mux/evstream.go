@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"sync"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/crc32c"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/tpm"
@@ -310,25 +310,24 @@ func (m *Mux) vmFields(id conceal.Digest, epoch, last uint64, since *evidence.Si
 }
 
 // EvidencePart is one part of streamed evidence (StreamEvidenceParts): its
-// bytes are Head, then Shared, then Tail. Shared, when set, is the public
-// log segment every request with the same checkpoint that a quote answers
-// gets: the same bytes, not a copy, with SharedCRC its CRC-32C
-// (Castagnoli), computed once, so that a transport that frames and
-// checksums the part (the guest protocol, wire.EvidenceFrame) need not pass
-// over it. Shared must not be changed.
+// bytes are Head, then Shared.Bytes, then Tail. Shared, when set, is the
+// public log segment every request with the same checkpoint that a quote
+// answers gets: the same bytes, not a copy, with their CRC-32C computed
+// once, so that a transport that frames and checksums the part (the guest
+// protocol, wire.EvidenceFrame) need not pass over them. Shared.Bytes must
+// not be changed.
 type EvidencePart struct {
-	Head      []byte
-	Shared    []byte
-	SharedCRC uint32
-	Tail      []byte
-	Last      bool // the evidence's last part
+	Head   []byte
+	Shared crc32c.Shared
+	Tail   []byte
+	Last   bool // the evidence's last part
 	// Identity is the VM's identity, read with the evidence, on the first
 	// part when it was asked for.
 	Identity *conceal.Identity
 }
 
 // Len returns the part's size in bytes.
-func (p *EvidencePart) Len() int { return len(p.Head) + len(p.Shared) + len(p.Tail) }
+func (p *EvidencePart) Len() int { return len(p.Head) + len(p.Shared.Bytes) + len(p.Tail) }
 
 // StreamEvidence is WithEvidence for evidence of any size: it writes the
 // evidence's canonical CBOR, byte for byte what MarshalBinary would give,
@@ -447,7 +446,7 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 		}
 		s := &logSeg{body: make([]byte, 0, w)}
 		err := m.encodeBatches(ctx, res.epoch, from, res.last, maxCachedLog, &s.body, func() error { return nil })
-		s.crc = crc32.Checksum(s.body, castagnoli)
+		s.shared = crc32c.NewShared(s.body)
 		return s, err
 	})
 	if err != nil {
@@ -462,7 +461,7 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 			return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
 		}
 		defer sem.Release(w)
-		return emit(&EvidencePart{Head: pre, Shared: seg.body, SharedCRC: seg.crc, Tail: tail, Last: true, Identity: ident})
+		return emit(&EvidencePart{Head: pre, Shared: seg.shared, Tail: tail, Last: true, Identity: ident})
 	}
 	est := int64(len(pre)+len(tail)) + int64(len(seg.body)) + 64
 	if seg.big {
@@ -509,8 +508,6 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 	return flush(true)
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // maxCachedLog bounds an encoded log segment the cache keeps for the
 // requests that share it (larger ones are streamed window by window by
 // each request); maxCacheBytes and maxCacheSegs bound the whole cache.
@@ -537,10 +534,10 @@ type logSeg struct {
 	epoch, from, last uint64
 	done              chan struct{} // closed when built
 	err               error
-	body              []byte // shared: callers must not change it
-	crc               uint32
-	big               bool // larger than maxCachedLog: not kept, each request streams it
-	ready             bool // built (guarded by logCache.mu)
+	body              []byte        // shared: callers must not change it
+	shared            crc32c.Shared // body with its CRC-32C
+	big               bool          // larger than maxCachedLog: not kept, each request streams it
+	ready             bool          // built (guarded by logCache.mu)
 }
 
 // get returns the segment, encoding it with build when it is not kept.
@@ -579,7 +576,7 @@ func (c *logCache) get(ctx context.Context, epoch, from, last uint64, build func
 			s.err = err
 			c.remove(s)
 		} else {
-			s.body, s.crc, s.big, s.ready = b.body, b.crc, b.big, true
+			s.body, s.shared, s.big, s.ready = b.body, b.shared, b.big, true
 			c.bytes += len(s.body)
 			c.evict(s)
 		}

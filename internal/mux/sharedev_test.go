@@ -5,11 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"hash/crc32"
 	"testing"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/crc32c"
 	"github.com/tpmmux/tpmmux/internal/evidence"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/verify"
@@ -95,8 +95,8 @@ func TestSharedEvidenceIsolation(t *testing.T) {
 					if p.Identity != nil {
 						a.ident = p.Identity
 					}
-					a.raw = append(append(append(a.raw, p.Head...), p.Shared...), p.Tail...)
-					if p.Shared != nil && crc32.Checksum(p.Shared, crc32.MakeTable(crc32.Castagnoli)) != p.SharedCRC {
+					a.raw = append(append(append(a.raw, p.Head...), p.Shared.Bytes...), p.Tail...)
+					if crc32c.Checksum(p.Shared.Bytes) != p.Shared.CRC {
 						return fmt.Errorf("shared segment's CRC-32C is not its bytes'")
 					}
 					return nil

@@ -3,106 +3,90 @@ package wire
 import (
 	"bytes"
 	"crypto/rand"
-	"hash/crc32"
 	mrand "math/rand/v2"
+	"reflect"
 	"testing"
+
+	"github.com/tpmmux/tpmmux/internal/crc32c"
 )
 
-// TestCRC32Combine: the combined checksum of two runs is the checksum of
-// their concatenation, for lengths around every power of two.
-func TestCRC32Combine(t *testing.T) {
-	buf := make([]byte, 70000)
-	rand.Read(buf)
-	lens := []int{0, 1, 2, 3, 7, 8, 9, 31, 64, 100, 255, 256, 1000, 4096, 65535, 65536, 69999}
-	for _, a := range lens {
-		for _, b := range lens {
-			if a+b > len(buf) {
-				continue
-			}
-			A, B := buf[:a], buf[a:a+b]
-			got := crc32Combine(CRC32C(A), CRC32C(B), len(B))
-			if want := crc32.Checksum(buf[:a+b], castagnoli); got != want {
-				t.Fatalf("combine(%d, %d) = %08x, want %08x", a, b, got, want)
-			}
-		}
-	}
-}
-
-// TestEvidenceFrame: a frame assembled from segments, shared ones by
-// reference with their own checksums, is byte for byte the frame Encode
-// writes for the same response, and the reader takes it.
+// TestEvidenceFrame: a frame assembled around shared bytes (referenced,
+// with their own checksum, or copied when small) is byte for byte the
+// frame Encode writes for the same response, and the reader takes it.
 func TestEvidenceFrame(t *testing.T) {
+	// appendResponseRest writes the fields out by hand: a new field must
+	// be added there (and here).
+	if n := reflect.TypeOf(EvidenceResponse{}).NumField(); n != 9 {
+		t.Fatalf("EvidenceResponse has %d fields; EvidenceFrame writes 9", n)
+	}
 	pem := []byte("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n")
 	resps := []EvidenceResponse{
 		{ID: 1},
 		{ID: 23, UUID: [16]byte{1}, Instance: [16]byte{2}, Key: [32]byte{3}, AKPEM: pem},
 		{ID: 24, Part: 3, More: true, Total: 1 << 21},
 		{ID: 1 << 40, AKPEM: pem, More: true, Total: 5},
+		{ID: 7, AKPEM: []byte{}, Part: 1},
+		{ID: 8, UUID: [16]byte{0xff, 1}, Key: [32]byte{31: 9}, AKPEM: pem, Part: 1 << 20, More: true, Total: 1 << 33},
 	}
 	rng := mrand.New(mrand.NewPCG(1, 2))
 	for i, resp := range resps {
-		for _, n := range []int{0, 1, 23, 24, 255, 256, 70000, 300000} {
+		for _, n := range []int{0, 1, 23, 24, 255, 256, 4095, 4096, 5000, 70000, 300000} {
 			ev := make([]byte, n)
 			rand.Read(ev)
-			// Cut ev into up to 5 segments, some shared.
-			var segs []Segment
-			for off := 0; off < n || len(segs) == 0; {
-				k := min(n-off, rng.IntN(n+1))
-				if len(segs) == 4 {
-					k = n - off
+			a := rng.IntN(n + 1)
+			b := a + rng.IntN(n-a+1)
+			for _, literal := range []bool{false, true} {
+				shared := crc32c.NewShared(ev[a:b])
+				if literal {
+					shared = crc32c.Shared{Bytes: ev[a:b], CRC: crc32c.Checksum(ev[a:b])}
 				}
-				s := Segment{Bytes: ev[off : off+k], Shared: rng.IntN(2) == 0}
-				if s.Shared {
-					s.CRC = CRC32C(s.Bytes)
+				bufs, err := EvidenceFrame(&resp, ev[:a], shared, ev[b:])
+				if err != nil {
+					t.Fatal(err)
 				}
-				segs = append(segs, s)
-				off += k
-				if k == 0 && off < n {
-					continue
+				if wantBufs := 1 + 2*btoi(b-a >= minShared); len(bufs) != wantBufs {
+					t.Fatalf("%d buffers", len(bufs))
 				}
-			}
-			bufs, err := EvidenceFrame(&resp, segs)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got bytes.Buffer
-			for _, b := range bufs {
-				got.Write(b)
-			}
-			r := resp
-			r.Evidence = ev
-			want, err := Encode(TypeEvidenceResponse, &r)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got.Bytes(), want) {
-				t.Fatalf("response %d, %d bytes in %d segments: frame differs from Encode's", i, n, len(segs))
-			}
-			f, err := NewReader(bytes.NewReader(got.Bytes()), false).Next()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var back EvidenceResponse
-			if err := Decode(f, &back); err != nil || back.ID != resp.ID || !bytes.Equal(back.Evidence, ev) {
-				t.Fatalf("response %d: decoded back %v, ID %d", i, err, back.ID)
+				var got bytes.Buffer
+				for _, b := range bufs {
+					got.Write(b)
+				}
+				r := resp
+				r.Evidence = ev
+				want, err := Encode(TypeEvidenceResponse, &r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got.Bytes(), want) {
+					t.Fatalf("response %d, %d bytes shared %d..%d: frame differs from Encode's", i, n, a, b)
+				}
+				f, err := NewReader(bytes.NewReader(got.Bytes()), false).Next()
+				if err != nil {
+					t.Fatal(err)
+				}
+				var back EvidenceResponse
+				if err := Decode(f, &back); err != nil || back.ID != resp.ID || !bytes.Equal(back.Evidence, ev) {
+					t.Fatalf("response %d: decoded back %v, ID %d", i, err, back.ID)
+				}
 			}
 		}
 	}
 }
 
-// TestEvidenceFrameWrongCRC: a shared segment whose stated checksum is
-// wrong makes a frame the reader refuses (the checksum is not trusted
-// blindly into a frame that then decodes).
+// TestEvidenceFrameWrongCRC: shared bytes whose stated checksum is wrong
+// make a frame the reader refuses, whether they are referenced or copied.
 func TestEvidenceFrameWrongCRC(t *testing.T) {
-	ev := bytes.Repeat([]byte{7}, 1000)
-	bufs, err := EvidenceFrame(&EvidenceResponse{ID: 9}, []Segment{{Bytes: ev, Shared: true, CRC: CRC32C(ev) ^ 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var b bytes.Buffer
-	bufs.WriteTo(&b)
-	if _, err := NewReader(&b, false).Next(); err == nil {
-		t.Fatal("a frame with a wrong shared checksum was read")
+	for _, n := range []int{1000, 10000} {
+		ev := bytes.Repeat([]byte{7}, n)
+		bufs, err := EvidenceFrame(&EvidenceResponse{ID: 9}, nil, crc32c.Shared{Bytes: ev, CRC: crc32c.Checksum(ev) ^ 1}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		bufs.WriteTo(&b)
+		if _, err := NewReader(&b, false).Next(); err == nil {
+			t.Fatalf("%d bytes: a frame with a wrong shared checksum was read", n)
+		}
 	}
 }
 
@@ -112,7 +96,7 @@ func TestEvidenceFrameWrongCRC(t *testing.T) {
 func BenchmarkEvidenceFrame(b *testing.B) {
 	body := make([]byte, 71<<10)
 	rand.Read(body)
-	crc := CRC32C(body)
+	shared := crc32c.NewShared(body)
 	pre, post := make([]byte, 700), make([]byte, 900)
 	pem := make([]byte, 180)
 	b.Run("encode", func(b *testing.B) {
@@ -127,9 +111,16 @@ func BenchmarkEvidenceFrame(b *testing.B) {
 	b.Run("vectored", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := EvidenceFrame(&EvidenceResponse{ID: 5, AKPEM: pem}, []Segment{{Bytes: pre}, {Bytes: body, Shared: true, CRC: crc}, {Bytes: post}}); err != nil {
+			if _, err := EvidenceFrame(&EvidenceResponse{ID: 5, AKPEM: pem}, pre, shared, post); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
