@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"time"
 
@@ -234,9 +233,10 @@ func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Con
 }
 
 type sender struct {
-	mu   sync.Mutex
-	conn *wire.Conn
-	dl   deadliner
+	mu      sync.Mutex
+	conn    *wire.Conn
+	dl      deadliner
+	scratch []byte // the evidence frames' own bytes, reused (sendEvidence)
 }
 
 func (s *sender) send(t wire.Type, m any) error {
@@ -248,14 +248,27 @@ func (s *sender) send(t wire.Type, m any) error {
 	return s.conn.Send(t, m)
 }
 
-// sendFrame writes a frame given as buffers (wire.EvidenceFrame).
-func (s *sender) sendFrame(t wire.Type, frame net.Buffers) error {
+// maxScratch bounds the frame buffer a connection keeps between evidence
+// responses (a small response's own bytes); a larger one is dropped after
+// its frame is sent.
+const maxScratch = 64 << 10
+
+// sendEvidence frames an evidence response around its part
+// (wire.EvidenceFrame) in the connection's reused buffer and writes it.
+func (s *sender) sendEvidence(resp *wire.EvidenceResponse, p *mux.EvidencePart) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	frame, err := wire.EvidenceFrame(&s.scratch, resp, p.Head, p.Shared, p.Tail)
+	if err != nil {
+		return err
+	}
+	if cap(s.scratch) > maxScratch {
+		s.scratch = nil
+	}
 	if s.dl != nil {
 		s.dl.SetWriteDeadline(time.Now().Add(WriteTimeout))
 	}
-	return s.conn.SendFrame(t, frame)
+	return s.conn.SendFrame(wire.TypeEvidenceResponse, frame)
 }
 
 type pendingAck struct {
@@ -633,8 +646,8 @@ func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*rec
 // request the bridge cannot serve, or that fails part way, gets an
 // evidence error; only a failure to send ends the connection.
 func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, out *sender) error {
-	err := b.streamEvidence(ctx, id, m, func(frame net.Buffers) error {
-		if err := out.sendFrame(wire.TypeEvidenceResponse, frame); err != nil {
+	err := b.streamEvidence(ctx, id, m, func(resp *wire.EvidenceResponse, p *mux.EvidencePart) error {
+		if err := out.sendEvidence(resp, p); err != nil {
 			return &sendError{err}
 		}
 		return nil
@@ -653,11 +666,11 @@ type sendError struct{ err error }
 
 func (e *sendError) Error() string { return e.err.Error() }
 
-// streamEvidence produces the frames of the responses to a guest's
-// evidence request: one when the evidence fits a part, else parts 0, 1, …
-// with More set on all but the last; part 0 carries the identity and the
-// AK.
-func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(net.Buffers) error) error {
+// streamEvidence produces the responses to a guest's evidence request, each
+// with its part of the evidence: one when the evidence fits a part, else
+// parts 0, 1, … with More set on all but the last; part 0 carries the
+// identity and the AK.
+func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse, *mux.EvidencePart) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
 		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
 	}
@@ -676,11 +689,7 @@ func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.E
 			resp.AKPEM = b.Mux.AKPEM() // encoded once
 		}
 		part++
-		frame, err := wire.EvidenceFrame(resp, p.Head, p.Shared, p.Tail)
-		if err != nil {
-			return err
-		}
-		return send(frame)
+		return send(resp, p)
 	})
 }
 

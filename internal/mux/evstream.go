@@ -126,8 +126,38 @@ type quoteShare struct {
 	n    int
 	err  error
 
-	mu  sync.Mutex
-	vms map[vmPartKey]*vmPart
+	mu   sync.Mutex
+	vms  map[vmPartKey]*vmPart
+	pres map[[2]uint64][]byte
+}
+
+// pre returns the evidence's bytes before its log segment: the map's head
+// (fields fields), the fields before the log, the log's key and the head of
+// an array of n batches. The requests of a quote have one or two kinds.
+func (s *quoteShare) pre(fields int, n uint64) []byte {
+	k := [2]uint64{uint64(fields), n}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b, ok := s.pres[k]; ok {
+		return b
+	}
+	b := preBytes(s.head, fields, n)
+	if s.pres == nil {
+		s.pres = make(map[[2]uint64][]byte)
+	}
+	s.pres[k] = b
+	return b
+}
+
+// preBytes is the evidence's bytes before its log of n batches: the map's
+// head (fields fields), head (the fields before the log) and the log's
+// key and array head.
+func preBytes(head []byte, fields int, n uint64) []byte {
+	pre := make([]byte, 0, len(head)+16)
+	pre = cborHead(pre, 5, uint64(fields))
+	pre = append(pre, head...)
+	pre = cborHead(pre, 0, logKey)
+	return cborHead(pre, 4, n) // array of n batches
 }
 
 func (s *quoteShare) get(m *Mux, res quoteRes) ([]byte, int, error) {
@@ -217,21 +247,15 @@ func (m *Mux) readVMPart(p *vmPart, id conceal.Digest, res quoteRes, since *evid
 	return nil
 }
 
-// tail returns the fields after the log of one request's evidence: p's with
-// the request's audit path between them, and how many there are.
-func (p *vmPart) tail(batched *evidence.QuoteProof) ([]byte, int) {
-	n := p.nPre + p.nPost
-	size := len(p.pre) + len(p.post)
-	if batched != nil {
-		n++
-		size += 8 + len(batched.Path)*34
+// tail returns the fields after the log of one request's evidence, in
+// runs: p's with the request's audit path between them, and how many
+// fields there are.
+func (p *vmPart) tail(batched *evidence.QuoteProof) ([][]byte, int) {
+	if batched == nil {
+		return [][]byte{p.pre, p.post}, p.nPre + p.nPost
 	}
-	b := make([]byte, 0, size+16)
-	b = append(b, p.pre...)
-	if batched != nil {
-		b = appendProof(b, batched)
-	}
-	return append(b, p.post...), n
+	proof := appendProof(make([]byte, 0, 16+len(batched.Path)*34), batched)
+	return [][]byte{p.pre, proof, p.post}, p.nPre + 1 + p.nPost
 }
 
 // quoteHead encodes the fields before the log of evidence of res's quote.
@@ -310,16 +334,18 @@ func (m *Mux) vmFields(id conceal.Digest, epoch, last uint64, since *evidence.Si
 }
 
 // EvidencePart is one part of streamed evidence (StreamEvidenceParts): its
-// bytes are Head, then Shared.Bytes, then Tail. Shared, when set, is the
+// bytes are the runs of Head, then Shared.Bytes, then the runs of Tail.
+// Runs and Shared may be bytes other requests share: they must not be
+// changed. Shared, when set, is the
 // public log segment every request with the same checkpoint that a quote
 // answers gets: the same bytes, not a copy, with their CRC-32C computed
 // once, so that a transport that frames and checksums the part (the guest
 // protocol, wire.EvidenceFrame) need not pass over them. Shared.Bytes must
 // not be changed.
 type EvidencePart struct {
-	Head   []byte
+	Head   [][]byte
 	Shared crc32c.Shared
-	Tail   []byte
+	Tail   [][]byte
 	Last   bool // the evidence's last part
 	// Identity is the VM's identity, read with the evidence, on the first
 	// part when it was asked for.
@@ -327,7 +353,15 @@ type EvidencePart struct {
 }
 
 // Len returns the part's size in bytes.
-func (p *EvidencePart) Len() int { return len(p.Head) + len(p.Shared.Bytes) + len(p.Tail) }
+func (p *EvidencePart) Len() int { return runsLen(p.Head) + len(p.Shared.Bytes) + runsLen(p.Tail) }
+
+func runsLen(runs [][]byte) int {
+	n := 0
+	for _, r := range runs {
+		n += len(r)
+	}
+	return n
+}
 
 // StreamEvidence is WithEvidence for evidence of any size: it writes the
 // evidence's canonical CBOR, byte for byte what MarshalBinary would give,
@@ -339,7 +373,7 @@ func (p *EvidencePart) Len() int { return len(p.Head) + len(p.Shared.Bytes) + le
 // long the log is; the evidence budget is charged that much.
 func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
 	return m.streamEvidence(ctx, id, nonce, since, chunk, false, true, func(p *EvidencePart) error {
-		return emit(p.Head, p.Last)
+		return emit(p.Head[0], p.Last)
 	})
 }
 
@@ -354,7 +388,7 @@ func (m *Mux) StreamEvidenceParts(ctx context.Context, id conceal.Digest, nonce 
 }
 
 // streamEvidence is StreamEvidence and StreamEvidenceParts; with concat
-// every part is one run of bytes, in Head.
+// every part is one run of bytes, Head[0].
 func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, withIdentity, concat bool, emit func(p *EvidencePart) error) error {
 	if chunk <= 0 {
 		chunk = 4 << 20
@@ -363,7 +397,7 @@ func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	if err != nil {
 		return err
 	}
-	head, nHead, err := res.share.get(m, res)
+	_, nHead, err := res.share.get(m, res)
 	if err != nil {
 		return err
 	}
@@ -372,7 +406,12 @@ func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 		return err
 	}
 	tail, nTail := vp.tail(res.batched)
-	return m.streamLog(ctx, head, nHead, tail, nTail, res, since, chunk, vp.ident, concat, emit)
+	from := uint64(0)
+	if since != nil {
+		from = since.Batch + 1
+	}
+	pre := res.share.pre(nHead+1+nTail, res.last+1-from)
+	return m.streamLog(ctx, pre, tail, res, since, chunk, vp.ident, concat, emit)
 }
 
 // StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
@@ -420,25 +459,22 @@ func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk 
 	if err != nil {
 		return err
 	}
-	return m.streamLog(ctx, head, nHead, tail, nTail, res, nil, chunk, nil, true, func(p *EvidencePart) error {
-		return emit(p.Head, p.Last)
+	pre := preBytes(head, nHead+1+nTail, res.last+1)
+	return m.streamLog(ctx, pre, [][]byte{tail}, res, nil, chunk, nil, true, func(p *EvidencePart) error {
+		return emit(p.Head[0], p.Last)
 	})
 }
 
-// streamLog emits the evidence whose fields before and after the log are
-// head and tail (nHead and nTail of them) with the batches of res.epoch
+// streamLog emits the evidence whose bytes before its log are pre
+// (preBytes) and after it the runs of tail, with the batches of res.epoch
 // from since (or 0) to res.last as its log.
-func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte, nTail int, res quoteRes, since *evidence.Since, chunk int, ident *conceal.Identity, concat bool, emit func(p *EvidencePart) error) error {
+func (m *Mux) streamLog(ctx context.Context, pre []byte, tail [][]byte, res quoteRes, since *evidence.Since, chunk int, ident *conceal.Identity, concat bool, emit func(p *EvidencePart) error) error {
 	from := uint64(0)
 	if since != nil {
 		from = since.Batch + 1
 	}
 	n := res.last + 1 - from
-	pre := make([]byte, 0, len(head)+32)
-	pre = cborHead(pre, 5, uint64(nHead+1+nTail))
-	pre = append(pre, head...)
-	pre = cborHead(pre, 0, logKey)
-	pre = cborHead(pre, 4, n) // array of n batches
+	tailLen := runsLen(tail)
 	seg, err := m.evCache.get(ctx, res.epoch, from, res.last, func() (*logSeg, error) {
 		w := m.evidenceWeight(res, since) + int64(n)*16
 		if w > maxCachedLog {
@@ -453,17 +489,17 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 		return err
 	}
 	sem, limit := m.evBudget()
-	if !seg.big && !concat && len(pre)+len(seg.body)+len(tail) <= chunk {
+	if !seg.big && !concat && len(pre)+len(seg.body)+tailLen <= chunk {
 		// The usual request: one part that references the shared segment.
 		// It holds its own bytes (and a transport's frame of them).
-		w := min(int64(2*(len(pre)+len(tail))+64), limit)
+		w := min(int64(2*(len(pre)+tailLen)+64), limit)
 		if err := sem.Acquire(ctx, w); err != nil {
 			return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
 		}
 		defer sem.Release(w)
-		return emit(&EvidencePart{Head: pre, Shared: seg.shared, Tail: tail, Last: true, Identity: ident})
+		return emit(&EvidencePart{Head: [][]byte{pre}, Shared: seg.shared, Tail: tail, Last: true, Identity: ident})
 	}
-	est := int64(len(pre)+len(tail)) + int64(len(seg.body)) + 64
+	est := int64(len(pre)+tailLen) + int64(len(seg.body)) + 64
 	if seg.big {
 		est += m.evidenceWeight(res, since) + int64(n)*16
 	}
@@ -481,7 +517,7 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 		for len(buf) >= chunk || (force && len(buf) > 0) {
 			k := min(len(buf), chunk)
 			last := force && k == len(buf)
-			p := &EvidencePart{Head: buf[:k], Last: last}
+			p := &EvidencePart{Head: [][]byte{buf[:k]}, Last: last}
 			if first {
 				p.Identity, first = ident, false
 			}
@@ -504,7 +540,9 @@ func (m *Mux) streamLog(ctx context.Context, head []byte, nHead int, tail []byte
 	} else if err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &buf, func() error { return flush(false) }); err != nil {
 		return err
 	}
-	buf = append(buf, tail...)
+	for _, t := range tail {
+		buf = append(buf, t...)
+	}
 	return flush(true)
 }
 

@@ -95,7 +95,13 @@ func TestSharedEvidenceIsolation(t *testing.T) {
 					if p.Identity != nil {
 						a.ident = p.Identity
 					}
-					a.raw = append(append(append(a.raw, p.Head...), p.Shared.Bytes...), p.Tail...)
+					for _, r := range p.Head {
+						a.raw = append(a.raw, r...)
+					}
+					a.raw = append(a.raw, p.Shared.Bytes...)
+					for _, r := range p.Tail {
+						a.raw = append(a.raw, r...)
+					}
 					if crc32c.Checksum(p.Shared.Bytes) != p.Shared.CRC {
 						return fmt.Errorf("shared segment's CRC-32C is not its bytes'")
 					}

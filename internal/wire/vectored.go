@@ -15,19 +15,26 @@ import (
 const minShared = 4 << 10
 
 // EvidenceFrame returns the frame of resp whose evidence (resp's own
-// Evidence is ignored) is head, then shared.Bytes, then tail: byte for
-// byte what Encode(TypeEvidenceResponse, …) gives for resp with that
-// evidence, as buffers to send with one vectored write (net.Buffers).
-// The shared bytes (the log segment every requester of one quote gets) are
-// referenced, not copied, and their checksum, computed once, is combined
-// into the frame's, so a frame costs the sender its own small bytes
-// however large the shared ones are. shared.Bytes must not change while
-// the frame is sent.
-func EvidenceFrame(resp *EvidenceResponse, head []byte, shared crc32c.Shared, tail []byte) (net.Buffers, error) {
-	rest := make([]byte, 0, 96+len(resp.AKPEM))
-	rest = appendResponseRest(rest, resp)
-	n := len(head) + len(shared.Bytes) + len(tail)
-	small := len(head) + len(tail)
+// Evidence is ignored) is the runs of head, then shared.Bytes, then the
+// runs of tail: byte for byte what Encode(TypeEvidenceResponse, …) gives
+// for resp with that evidence, as buffers to send with one vectored write
+// (net.Buffers). The shared bytes (the log segment every requester of one
+// quote gets) are referenced, not copied, and their checksum, computed
+// once, is combined into the frame's, so a frame costs the sender its own
+// small bytes however large the shared ones are. shared.Bytes must not
+// change while the frame is sent. The frame's own bytes are written into
+// *scratch when it is not nil (its array is reused, and kept there when
+// it grows): the caller must not change or reuse it until the frame is
+// sent.
+func EvidenceFrame(scratch *[]byte, resp *EvidenceResponse, head [][]byte, shared crc32c.Shared, tail [][]byte) (net.Buffers, error) {
+	n, small := len(shared.Bytes), 0
+	for _, r := range head {
+		small += len(r)
+	}
+	for _, r := range tail {
+		small += len(r)
+	}
+	n += small
 	if len(shared.Bytes) < minShared {
 		small += len(shared.Bytes)
 	}
@@ -41,23 +48,35 @@ func EvidenceFrame(resp *EvidenceResponse, head []byte, shared crc32c.Shared, ta
 	if resp.Total != 0 {
 		fields++
 	}
-	pre := make([]byte, 0, 32)
-	pre = appendHead(pre, 5, uint64(fields))
-	pre = append(pre, 0x01)
-	pre = appendHead(pre, 0, resp.ID)
-	pre = append(pre, 0x02)
-	pre = appendHead(pre, 2, uint64(n))
-	size := len(pre) + n + len(rest)
-	if size > MaxPayload {
-		return nil, fmt.Errorf("encode %s frame: %d bytes: %w", TypeEvidenceResponse, size, ErrTooLarge)
+	var pre [32]byte
+	p := appendHead(pre[:0], 5, uint64(fields))
+	p = append(p, 0x01)
+	p = appendHead(p, 0, resp.ID)
+	p = append(p, 0x02)
+	p = appendHead(p, 2, uint64(n))
+	restLen := 96 + len(resp.AKPEM) // at most
+	if len(p)+n > MaxPayload {
+		return nil, fmt.Errorf("encode %s frame: %d bytes: %w", TypeEvidenceResponse, len(p)+n, ErrTooLarge)
 	}
-	h := frameHeader(TypeEvidenceResponse, size)
-	cur := make([]byte, 0, HeaderSize+len(pre)+small+len(rest)+TrailerLen)
-	cur = append(cur, h[:]...)
-	cur = append(cur, pre...)
-	cur = append(cur, head...)
-	crc := crc32c.Update(crc32c.Update(0, pre), head)
+	need := HeaderSize + len(p) + small + restLen + TrailerLen
+	var cur []byte
+	if scratch != nil && cap(*scratch) >= need {
+		cur = (*scratch)[:0]
+	} else {
+		cur = make([]byte, 0, need)
+		if scratch != nil {
+			*scratch = cur
+		}
+	}
+	cur = append(cur, make([]byte, HeaderSize)...) // the header, once the size is known
+	start := len(cur)
+	cur = append(cur, p...)
+	for _, r := range head {
+		cur = append(cur, r...)
+	}
 	var out net.Buffers
+	crc := crc32c.Update(0, cur[start:])
+	first := cur
 	if len(shared.Bytes) >= minShared {
 		// The frame's bytes so far, then the shared bytes as they are; the
 		// rest goes on in the same backing array.
@@ -67,9 +86,19 @@ func EvidenceFrame(resp *EvidenceResponse, head []byte, shared crc32c.Shared, ta
 		cur = append(cur, shared.Bytes...)
 	}
 	crc = shared.Append(crc)
-	cur = append(cur, tail...)
-	cur = append(cur, rest...)
-	crc = crc32c.Update(crc32c.Update(crc, tail), rest)
+	mark := len(cur)
+	for _, r := range tail {
+		cur = append(cur, r...)
+	}
+	restStart := len(cur)
+	cur = appendResponseRest(cur, resp)
+	crc = crc32c.Update(crc, cur[mark:])
+	payload := len(p) + n + len(cur) - restStart
+	if payload > MaxPayload {
+		return nil, fmt.Errorf("encode %s frame: %d bytes: %w", TypeEvidenceResponse, payload, ErrTooLarge)
+	}
+	h := frameHeader(TypeEvidenceResponse, payload)
+	copy(first[:HeaderSize], h[:])
 	cur = binary.BigEndian.AppendUint32(cur, crc)
 	return append(out, cur), nil
 }

@@ -29,18 +29,23 @@ func TestEvidenceFrame(t *testing.T) {
 		{ID: 8, UUID: [16]byte{0xff, 1}, Key: [32]byte{31: 9}, AKPEM: pem, Part: 1 << 20, More: true, Total: 1 << 33},
 	}
 	rng := mrand.New(mrand.NewPCG(1, 2))
+	var reuse []byte
 	for i, resp := range resps {
 		for _, n := range []int{0, 1, 23, 24, 255, 256, 4095, 4096, 5000, 70000, 300000} {
 			ev := make([]byte, n)
 			rand.Read(ev)
 			a := rng.IntN(n + 1)
 			b := a + rng.IntN(n-a+1)
-			for _, literal := range []bool{false, true} {
+			for k, literal := range []bool{false, true} {
+				var scratch *[]byte
+				if k == 1 {
+					scratch = &reuse
+				}
 				shared := crc32c.NewShared(ev[a:b])
 				if literal {
 					shared = crc32c.Shared{Bytes: ev[a:b], CRC: crc32c.Checksum(ev[a:b])}
 				}
-				bufs, err := EvidenceFrame(&resp, ev[:a], shared, ev[b:])
+				bufs, err := EvidenceFrame(scratch, &resp, [][]byte{ev[:a/2], ev[a/2 : a]}, shared, [][]byte{ev[b:]})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -78,7 +83,7 @@ func TestEvidenceFrame(t *testing.T) {
 func TestEvidenceFrameWrongCRC(t *testing.T) {
 	for _, n := range []int{1000, 10000} {
 		ev := bytes.Repeat([]byte{7}, n)
-		bufs, err := EvidenceFrame(&EvidenceResponse{ID: 9}, nil, crc32c.Shared{Bytes: ev, CRC: crc32c.Checksum(ev) ^ 1}, nil)
+		bufs, err := EvidenceFrame(nil, &EvidenceResponse{ID: 9}, nil, crc32c.Shared{Bytes: ev, CRC: crc32c.Checksum(ev) ^ 1}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,8 +115,9 @@ func BenchmarkEvidenceFrame(b *testing.B) {
 	})
 	b.Run("vectored", func(b *testing.B) {
 		b.ReportAllocs()
+		var scratch []byte
 		for b.Loop() {
-			if _, err := EvidenceFrame(&EvidenceResponse{ID: 5, AKPEM: pem}, pre, shared, post); err != nil {
+			if _, err := EvidenceFrame(&scratch, &EvidenceResponse{ID: 5, AKPEM: pem}, [][]byte{pre}, shared, [][]byte{post}); err != nil {
 				b.Fatal(err)
 			}
 		}
