@@ -114,7 +114,20 @@ const maxQuoteBatch = 4096
 type quoteReq struct {
 	extra conceal.Digest
 	leaf  conceal.Digest // MerkleLeaf(extra), hashed by the requester
-	res   chan quoteRes
+	// wake is closed when the quote that answers the request, or a
+	// reshuffle of the queue, is done; ans and index are set when the
+	// loop takes the request for a quote (all guarded by qmu).
+	wake  chan struct{}
+	ans   *quoteAnswer
+	index int
+}
+
+// quoteAnswer is one quote's answer to every request it served, complete
+// when their wake channel is closed: closing one channel wakes a thousand
+// requesters in one step, where a send to each kept the last of them
+// waiting behind the others (and the loop, preempted, behind them).
+type quoteAnswer struct {
+	res quoteRes // without index: each request's is its own
 }
 
 type quoteRes struct {
@@ -149,16 +162,40 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	}
 	// The leaf is hashed here, while the quote before is still being
 	// taken, not by the loop between the quotes.
-	req := &quoteReq{extra: extra, leaf: conceal.MerkleLeaf(extra), res: make(chan quoteRes, 1)}
+	req := &quoteReq{extra: extra, leaf: conceal.MerkleLeaf(extra)}
 	m.qmu.Lock()
+	if m.qwake == nil {
+		m.qwake = make(chan struct{})
+	}
+	req.wake = m.qwake
 	m.qpending = append(m.qpending, req)
+	if m.qtarget > 0 && len(m.qpending) >= m.qtarget {
+		select {
+		case m.qgather <- struct{}{}:
+		default:
+		}
+	}
 	if !m.quoting {
 		m.quoting = true
 		go m.quoteLoop()
 	}
+	wake := req.wake
 	m.qmu.Unlock()
-	select {
-	case r := <-req.res:
+	for {
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return quoteRes{err: ctx.Err()}
+		}
+		m.qmu.Lock()
+		ans, index := req.ans, req.index
+		wake = req.wake
+		m.qmu.Unlock()
+		if ans == nil {
+			continue // not taken yet: it waits on a channel of its own now
+		}
+		r := ans.res
+		r.index = index
 		if r.count > 1 {
 			path := r.tree.Path(r.index)
 			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(path))}
@@ -170,8 +207,6 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 			r.batched, r.tree = b, nil
 		}
 		return r
-	case <-ctx.Done():
-		return quoteRes{err: ctx.Err()}
 	}
 }
 
@@ -203,6 +238,21 @@ func (m *Mux) quoteLoop() {
 		}
 		reqs := m.qpending[:n:n]
 		m.qpending = m.qpending[n:]
+		ans := new(quoteAnswer)
+		wake := m.qwake
+		for i, r := range reqs {
+			r.ans, r.index = ans, i
+		}
+		// Requests that arrive from now on wait for a later quote, on
+		// another channel; so do those beyond maxQuoteBatch (woken by this
+		// quote's close, they find no answer and wait on theirs).
+		m.qwake = nil
+		if len(m.qpending) > 0 {
+			m.qwake = make(chan struct{})
+			for _, r := range m.qpending {
+				r.wake = m.qwake
+			}
+		}
 		m.qmu.Unlock()
 		m.observeQuoteBatch(n, awaited, waited)
 		extra := reqs[0].extra
@@ -234,14 +284,11 @@ func (m *Mux) quoteLoop() {
 			target = n + len(m.qpending)
 			m.qmu.Unlock()
 		}
-		share := new(quoteShare)
-		for i, r := range reqs {
-			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: share}
-			if n > 1 && err == nil {
-				res.tree, res.index, res.count = tree, i, n
-			}
-			r.res <- res
+		ans.res = quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
+		if n > 1 && err == nil {
+			ans.res.tree, ans.res.count = tree, n
 		}
+		close(wake)
 	}
 }
 
@@ -261,12 +308,30 @@ func (m *Mux) gather(target int, linger time.Duration) {
 	gap := min(linger/5, 10*time.Millisecond)
 	start := time.Now()
 	last, lastN := start, -1
+	target = min(target, maxQuoteBatch)
+	m.qmu.Lock()
+	if m.qgather == nil {
+		m.qgather = make(chan struct{}, 1)
+	}
+	m.qtarget = target
+	m.qmu.Unlock()
+	defer func() {
+		m.qmu.Lock()
+		m.qtarget = 0
+		m.qmu.Unlock()
+		select {
+		case <-m.qgather:
+		default:
+		}
+	}()
+	tick := time.NewTimer(0)
+	defer tick.Stop()
 	for {
 		m.qmu.Lock()
 		waiting := len(m.qpending)
 		m.qmu.Unlock()
 		now := time.Now()
-		if waiting >= min(target, maxQuoteBatch) || now.Sub(start) >= linger {
+		if waiting >= target || now.Sub(start) >= linger {
 			return
 		}
 		if waiting != lastN {
@@ -274,7 +339,13 @@ func (m *Mux) gather(target int, linger time.Duration) {
 		} else if waiting > 0 && now.Sub(last) >= gap {
 			return
 		}
-		time.Sleep(250 * time.Microsecond)
+		// The request that completes the target says so at once; the
+		// timer only watches the gap and the linger.
+		tick.Reset(250 * time.Microsecond)
+		select {
+		case <-m.qgather:
+		case <-tick.C:
+		}
 	}
 }
 

@@ -112,6 +112,9 @@ type Mux struct {
 	qmu      sync.Mutex
 	qpending []*quoteReq
 	quoting  bool
+	qwake    chan struct{} // the queued requests wait for it to close (evidence.go)
+	qtarget  int           // the gather waits for this many queued requests
+	qgather  chan struct{} // tells the gather that qtarget is reached
 
 	akOnce sync.Once // akEncoded
 	akDER  []byte

@@ -168,3 +168,56 @@ func sameJSON(x, y any) bool {
 	by, _ := json.Marshal(y)
 	return bytes.Equal(bx, by)
 }
+
+// TestQuoteBatchOverflow: more requests queue during a quote than one
+// quote may serve (4096): the first 4096 share the next quote and the rest
+// the one after; every request is answered, by a quote it did not arrive
+// after, with an audit path of its own.
+func TestQuoteBatchOverflow(t *testing.T) {
+	if testing.Short() {
+		t.Skip("4200 evidence requests")
+	}
+	r := newRig(t, mux.Config{})
+	ctx := context.Background()
+	id := r.vm("vm-a")
+	r.tpm.quoteDelay = 300 * time.Millisecond
+	busy := make(chan error, 1)
+	go func() {
+		_, err := r.m.Evidence(ctx, id.ID(), []byte("busy"))
+		busy <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	q0 := r.tpm.quotes.Load()
+	const n = 4200
+	type answer struct {
+		ev  *evidence.Evidence
+		err error
+	}
+	out := make(chan answer, n)
+	for i := range n {
+		go func() {
+			ev, err := r.m.Evidence(ctx, id.ID(), []byte(fmt.Sprintf("request %d", i)))
+			out <- answer{ev, err}
+		}()
+	}
+	if err := <-busy; err != nil {
+		t.Fatal(err)
+	}
+	counts := map[uint64]int{}
+	for range n {
+		a := <-out
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		if a.ev.Batched == nil {
+			t.Fatal("a request of a full queue got a quote of its own")
+		}
+		counts[a.ev.Batched.Count]++
+	}
+	if counts[4096] != 4096 || counts[n-4096] != n-4096 || len(counts) != 2 {
+		t.Fatalf("requests per quote: %v, want 4096 and %d", counts, n-4096)
+	}
+	if q := r.tpm.quotes.Load() - q0; q != 2 {
+		t.Fatalf("%d quotes for the queue, want 2", q)
+	}
+}
