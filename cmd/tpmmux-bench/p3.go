@@ -184,7 +184,6 @@ type attestLoad struct {
 // the responses it keeps as samples it decodes in full, to be verified
 // after the run.
 func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
-	wc := wire.NewConn(g, false)
 	fr := newFrameReader(g)
 	cp := a.cps[vm]
 	var since *wire.Since
@@ -196,7 +195,12 @@ func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
 		nonce := make([]byte, 32)
 		rand.Read(nonce)
 		t := time.Now()
-		if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since}); err != nil {
+		req, err := wire.Encode(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since})
+		if err != nil {
+			a.errc <- fmt.Errorf("verifier %d: %w", i, err)
+			return
+		}
+		if _, err := g.Write(req); err != nil {
 			return
 		}
 		f, err := fr.readResponse(reqID)

@@ -70,6 +70,27 @@ func TestFrameReader(t *testing.T) {
 	if !errors.As(err, &we) || we.Code != wire.CodeEvidence {
 		t.Fatalf("error frame gave %v, want the bridge's error", err)
 	}
+	// A frame larger than the read buffer is read into a buffer of its own,
+	// checked the same way.
+	big := &wire.EvidenceResponse{ID: 9, Evidence: bytes.Repeat([]byte{0x6b}, 2*frameBuffer)}
+	bigFrame, err := wire.Encode(wire.TypeEvidenceResponse, big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fr = newFrameReader(bytes.NewReader(bigFrame))
+	if f, err := fr.readResponse(9); err != nil {
+		t.Fatal(err)
+	} else if got, err := decodeFull(f); err != nil || !bytes.Equal(got.Evidence, big.Evidence) {
+		t.Fatalf("large response: %v", err)
+	}
+	bad := bytes.Clone(bigFrame)
+	bad[len(bad)/2] ^= 1
+	if _, err := newFrameReader(bytes.NewReader(bad)).readResponse(9); err == nil {
+		t.Fatal("a large response with a flipped bit was accepted")
+	}
+	if _, err := newFrameReader(bytes.NewReader(bigFrame[:len(bigFrame)-3])).readResponse(9); err == nil {
+		t.Fatal("a large response cut short was accepted")
+	}
 	// The buffer is reused: two responses in a row both read.
 	fr = newFrameReader(bytes.NewReader(append(bytes.Clone(good), good...)))
 	for i := range 2 {
