@@ -16,6 +16,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/tpm/hwprofile"
+	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
@@ -24,15 +25,19 @@ import (
 // call to its return, with VMs closed-loop vTPMs appending at once (a
 // guest kernel's IMA extends one at a time), on the real fsynced store.
 // Modes: durable (returns once fsynced) and anchored (once also extended
-// into the host PCR), on the simulator and on the hardware profile (extend
-// 3 ms). The baselines, measured in the same run, are one 4 KiB write +
-// fdatasync on the same file system ("fsync" metric) and one extend of
-// the TPM ("extend" metric): the targets are durable p99 ≤ fsync + 1 ms,
-// anchored p99 ≤ extend + fsync + 1 ms at 1 VM and ≤ 2 commits at 100.
+// into the host PCR), on the simulator, on swtpm (a separate process, over
+// its socket) and on the hardware profile (the simulator, extend 3 ms).
+// The baselines, measured in the same run, are one 4 KiB write +
+// fdatasync on the same file system ("fsync" metric, its median; its p99
+// is "fsync-p99", the disk's own tail) and one extend of the TPM
+// ("extend" metric): the targets are durable p99 ≤ fsync + 1 ms,
+// anchored p99 ≤ extend + fsync + 1 ms at 1 VM and ≤ 2 commits
+// (2 × (extend + fsync)) at 100; "p99/target" is p99 over the row's
+// target (2 commits for anchored at 10 VMs too).
 //
 //	go test -run '^$' -bench Journal -benchtime 400x ./internal/mux/
 func BenchmarkJournal(b *testing.B) {
-	for _, backend := range []string{"sim", "hw"} {
+	for _, backend := range []string{"sim", "swtpm", "hw"} {
 		for _, mode := range []string{"durable", "anchored"} {
 			for _, vms := range []int{1, 10, 100} {
 				b.Run(fmt.Sprintf("%s/%s/vms=%d", backend, mode, vms), func(b *testing.B) {
@@ -45,7 +50,12 @@ func BenchmarkJournal(b *testing.B) {
 
 func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 	ctx := context.Background()
-	real, err := tpm.Open(ctx, "sim")
+	spec := "sim"
+	if backend == "swtpm" {
+		// A fresh swtpm per run, so the mux starts a clean epoch.
+		spec = swtpmproc.StartTest(b).Spec()
+	}
+	real, err := tpm.Open(ctx, spec)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -73,7 +83,8 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 		}
 		journals[i] = m.Journal(id.ID(), anchored)
 	}
-	fsync := fsyncLatency(b, dir, 50)
+	fsyncs := fsyncLatencies(b, dir, 200)
+	fsync, fsync99 := fsyncs[len(fsyncs)/2], fsyncs[len(fsyncs)*99/100]
 	extend := extendLatency(b, tp, 20)
 	per := max(1, b.N/vms)
 	lat := make([][]time.Duration, vms)
@@ -96,6 +107,7 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 	}
 	wg.Wait()
 	b.StopTimer()
+
 	all := slices.Concat(lat...)
 	slices.Sort(all)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -103,10 +115,14 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 	b.ReportMetric(ms(p50), "p50-ms")
 	b.ReportMetric(ms(p99), "p99-ms")
 	b.ReportMetric(ms(fsync), "fsync-ms")
+	b.ReportMetric(ms(fsync99), "fsync-p99-ms")
 	b.ReportMetric(ms(extend), "extend-ms")
 	target := fsync + time.Millisecond
-	if anchored {
+	switch {
+	case anchored && vms == 1:
 		target += extend
+	case anchored:
+		target = 2 * (extend + fsync) // two commits
 	}
 	b.ReportMetric(ms(p99)/ms(target), "p99/target")
 }
@@ -120,8 +136,9 @@ func benchEvent(seq uint64) vpcr.Event {
 		Digests: []vpcr.Digest{{Alg: vpcr.SHA1, Value: d1}, {Alg: vpcr.SHA256, Value: d2}}}
 }
 
-// fsyncLatency is the median of n 4 KiB writes + fdatasync in dir.
-func fsyncLatency(b *testing.B, dir string, n int) time.Duration {
+// fsyncLatencies are the times of n 4 KiB writes + fdatasync in dir
+// (appended to a new file), sorted: the disk's own p50 and p99.
+func fsyncLatencies(b *testing.B, dir string, n int) []time.Duration {
 	f, err := os.CreateTemp(dir, "fsync")
 	if err != nil {
 		b.Fatal(err)
@@ -140,7 +157,7 @@ func fsyncLatency(b *testing.B, dir string, n int) time.Duration {
 		ds = append(ds, time.Since(t0))
 	}
 	slices.Sort(ds)
-	return ds[len(ds)/2]
+	return ds
 }
 
 // extendLatency is the median of n extends of PCR 16 on tp.

@@ -26,6 +26,20 @@ const faultRetry = time.Second
 // they are submitted; a teardown record must be the last one and ends the
 // VM instance.
 func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error) {
+	return m.submit(id, waitAck, recs...)
+}
+
+// waitFor is what a submitter waits for; it tells the committer whom
+// holding a batch back would delay.
+type waitFor uint8
+
+const (
+	waitAck     waitFor = iota // the acknowledgement (Ticket.Wait)
+	waitDurable                // durability only: never held back
+	waitExtend                 // the extend: gathered for (gatherWait)
+)
+
+func (m *Mux) submit(id conceal.Digest, w waitFor, recs ...*record.Record) (*Ticket, error) {
 	if len(recs) == 0 {
 		return nil, errors.New("submit: no records")
 	}
@@ -52,6 +66,7 @@ func (m *Mux) Submit(id conceal.Digest, recs ...*record.Record) (*Ticket, error)
 		}
 		items[i] = it
 	}
+	items[len(items)-1].wait = w
 	return m.enqueue(id, items)
 }
 
@@ -78,13 +93,27 @@ func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
 	if items[len(items)-1].kind.Terminal() {
 		vs.ending = true
 	}
-	items[len(items)-1].ticket = t
+	last := items[len(items)-1]
+	last.ticket = t
+	w := last.wait
 	for _, it := range items {
 		if urgentKind(it.kind) {
 			m.urgent++
 		}
 	}
+	if w == waitDurable {
+		m.durableWaiters++
+	}
 	m.queue = append(m.queue, items...)
+	g := &m.regather
+	if g.want > 0 {
+		g.last = time.Now()
+		if g.holding && len(m.queue) < g.want && w != waitDurable {
+			// The committer gathers on its timer; a wake per guest
+			// would only cost CPU.
+			return t, nil
+		}
+	}
 	m.kick()
 	return t, nil
 }
@@ -177,6 +206,8 @@ func (m *Mux) run(ctx context.Context) {
 		closed := m.closed
 		live := len(m.vms)
 		urgent := m.urgent
+		gather := m.gatherWait(n)
+		m.regather.holding = false
 		m.mu.Unlock()
 		if faulted {
 			m.tryHeal(ctx)
@@ -212,6 +243,14 @@ func (m *Mux) run(ctx context.Context) {
 		if !commitNow && np > 0 && !faulted && len(m.extendSlots) < maxInflight {
 			commitNow = true
 		}
+		if commitNow && gather > 0 && !heartbeat && !closed && !faulted {
+			commitNow = false
+			m.mu.Lock()
+			m.regather.holding = true
+			m.mu.Unlock()
+		} else {
+			gather = 0
+		}
 		if !commitNow {
 			if n == 0 && closed && (np == 0 || faulted) {
 				m.commitMu.Lock()
@@ -226,6 +265,9 @@ func (m *Mux) run(ctx context.Context) {
 			wait := faultRetry
 			if cv.on() {
 				wait = min(wait, time.Until(nextSlot))
+			}
+			if gather > 0 {
+				wait = min(wait, gather)
 			}
 			t := time.NewTimer(wait)
 			select {
@@ -245,7 +287,11 @@ func (m *Mux) run(ctx context.Context) {
 			if urgentKind(it.kind) {
 				m.urgent--
 			}
+			if it.wait == waitDurable {
+				m.durableWaiters--
+			}
 		}
+		m.regather = gatherState{}
 		if len(m.queue) == 0 {
 			m.queue = nil
 		}
@@ -400,6 +446,12 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	var cm *logstore.Commit
 	if b != nil {
 		cm = b.cm
+		if len(rest) == 0 {
+			// The batch holds every new item (and their VMs' states):
+			// its frame is their durable copy, and a frame of staged
+			// records would write and encode them twice.
+			staged = nil
+		}
 	}
 	if len(staged) == 0 && cm == nil {
 		restore()
@@ -656,6 +708,9 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 		}
 	}
 	close(x.extended)
+	if x.err == nil {
+		m.startGather(b.items)
+	}
 	// The slot bounds the batches durable but not extended (what a
 	// crash can leave for recovery to extend); bbolt may lag behind. It is
 	// free before an anchored guest learns of the extend, so the guest's
@@ -694,6 +749,68 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 	}
 	close(x.done)
 	ackAll(b.items, b.acks)
+}
+
+// Gathering. A batch's extend answers its anchored guests all at once,
+// and each comes back a moment later with its next event (a guest
+// kernel's IMA extends one file after another). Cutting the next batch as
+// soon as the first of them is queued would leave the rest staged behind
+// it, each waiting for that batch's whole extend and then its own: about
+// two extends a command. So after an extend that answered anchored
+// guests the committer holds the next batch until as many records are
+// queued as guests were answered, or none has come for gatherIdle, or
+// gatherMax has passed since the extend, whichever is first. A record
+// whose guest waits only for durability ends the wait at once.
+const (
+	gatherIdle = 150 * time.Microsecond
+	gatherMax  = time.Millisecond
+)
+
+// gatherState is the committer's wait for answered anchored guests.
+type gatherState struct {
+	want  int       // anchored guests the last extend answered; 0: none
+	since time.Time // that extend's end
+	last  time.Time // the last record queued since
+	// holding says the committer sleeps until gatherWait has passed
+	// (enqueue need not wake it before the queue reaches want).
+	holding bool
+}
+
+// startGather starts gathering for the anchored guests among items, a
+// batch just extended.
+func (m *Mux) startGather(items []*item) {
+	n := 0
+	for _, it := range items {
+		if it.wait == waitExtend {
+			n++
+		}
+	}
+	if n == 0 {
+		return
+	}
+	now := time.Now()
+	m.mu.Lock()
+	m.regather = gatherState{want: n, since: now, last: now}
+	m.mu.Unlock()
+}
+
+// gatherWait is how much longer the committer holds the next batch for
+// answered anchored guests, with n records queued; 0: commit now. It runs
+// under mu.
+func (m *Mux) gatherWait(n int) time.Duration {
+	g := &m.regather
+	if g.want == 0 || n >= g.want || m.durableWaiters > 0 {
+		return 0
+	}
+	now := time.Now()
+	end := g.since.Add(gatherMax)
+	if idle := g.last.Add(gatherIdle); idle.Before(end) {
+		end = idle
+	}
+	if !end.After(now) {
+		return 0
+	}
+	return end.Sub(now)
 }
 
 // markDurable tells the submissions of a group that they are staged.
@@ -772,6 +889,8 @@ func (m *Mux) failAll(batch []*item, err error) {
 	rest := slices.Concat(m.pending, m.queue)
 	m.queue = nil
 	m.urgent = 0
+	m.durableWaiters = 0
+	m.regather = gatherState{}
 	for _, it := range rest {
 		if it.kind.Terminal() {
 			it.vm.ending = false

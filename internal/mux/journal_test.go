@@ -3,10 +3,18 @@ package mux_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/tpm/hwprofile"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
@@ -121,5 +129,60 @@ func TestJournalNotHeldForTheSlot(t *testing.T) {
 	}
 	if el := time.Since(start); el > 1500*time.Millisecond {
 		t.Fatalf("four vTPM events took %v with a 2 s slot: they waited for slots", el)
+	}
+}
+
+// TestJournalGather: anchored guests that an extend answered come back
+// with their next events at once, and the committer holds the next batch
+// for them rather than cutting it at the first one: with 10 closed-loop
+// anchored guests on a TPM whose extend takes 3 ms, each round of events
+// is one batch (without the gather about every other guest missed its
+// round's batch, about two batches a round and two extends a command).
+func TestJournalGather(t *testing.T) {
+	ctx := context.Background()
+	real, err := tpm.Open(ctx, "sim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer real.Close()
+	tp := hwprofile.Wrap(real, hwprofile.Profile{Extend: 3 * time.Millisecond})
+	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	m, err := mux.Open(ctx, tp, st, mux.Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	const guests, rounds = 10, 30
+	js := make([]*mux.Journal, guests)
+	for i := range js {
+		id, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x71, byte(i)}, Name: fmt.Sprintf("vm-%d", i), VTPMBanks: []uint16{uint16(vpcr.SHA256)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		js[i] = m.Journal(id.ID(), true)
+	}
+	before := m.Status().Batches
+	var wg sync.WaitGroup
+	for _, j := range js {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range rounds {
+				if err := j.Append(ctx, ext(byte(k))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	batches := m.Status().Batches - before
+	t.Logf("%d anchored guests × %d events: %d batches", guests, rounds, batches)
+	if batches > rounds*3/2 {
+		t.Errorf("%d batches for %d rounds of %d guests: the committer cut batches before the answered guests came back (want at most %d)", batches, rounds, guests, rounds*3/2)
 	}
 }

@@ -93,10 +93,17 @@ type Mux struct {
 	mu     sync.Mutex
 	queue  []*item
 	urgent int // queued vTPM events: a guest kernel waits on each
-	vms    map[conceal.Digest]*vmState
-	wake   chan struct{}
-	closed bool
-	fault  error // set when the log and the PCR may be out of step
+	// durableWaiters counts queued records whose guest waits only for
+	// durability (a vTPM journal in mode durable): the committer never
+	// holds those back to gather.
+	durableWaiters int
+	// gather holds the next batch for the anchored guests the last extend
+	// answered (commit.go, gatherWait).
+	regather gatherState
+	vms      map[conceal.Digest]*vmState
+	wake     chan struct{}
+	closed   bool
+	fault    error // set when the log and the PCR may be out of step
 
 	// commitMu is held for a whole batch commit and for every quote; the
 	// fields below it change only under it.
@@ -167,8 +174,11 @@ type item struct {
 	kind   record.Kind
 	reason string
 	ticket *Ticket // set on the last item of a submission
-	seq    uint64  // the record's number in its VM, once staged
-	frame  uint64  // the write-ahead log frame that staged it
+	// wait is what the submitter waits for: the extend (an anchored
+	// vTPM event), or durability only (a durable one).
+	wait  waitFor
+	seq   uint64 // the record's number in its VM, once staged
+	frame uint64 // the write-ahead log frame that staged it
 }
 
 // Ack says where an acknowledged record sits.

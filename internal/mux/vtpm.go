@@ -73,7 +73,11 @@ const healPoll = 50 * time.Millisecond
 // multiplexer healed (it re-extends the durable batch) or ctx ended (the
 // record is durable; the next start extends it).
 func (j *Journal) Append(ctx context.Context, e vpcr.Event) error {
-	t, err := j.m.Submit(j.id, record.NewTPM(e, j.m.cfg.Now().UnixNano()))
+	w := waitDurable
+	if j.anchored {
+		w = waitExtend
+	}
+	t, err := j.m.submit(j.id, w, record.NewTPM(e, j.m.cfg.Now().UnixNano()))
 	if err != nil {
 		return fmt.Errorf("journal vtpm event %v: %w", e, err)
 	}
