@@ -25,7 +25,8 @@ import (
 //     checkpoint and quoted batch (logCache), with its CRC-32C;
 //   - the fields after the log (keys 9-14: the VM, its records, the
 //     request's own audit path, the host, the checkpoint, the VM's earlier
-//     segments), read for each request in one store transaction.
+//     segments), read in one store transaction and encoded once per quote,
+//     VM and checkpoint (vmPart); only the audit path is the request's own.
 
 // evHead is Evidence's fields before the log, with its keys and types.
 type evHead struct {

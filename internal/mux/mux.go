@@ -134,7 +134,7 @@ type Mux struct {
 	evOnce  sync.Once           // evidence build budget (evidence.go)
 	evSem   *semaphore.Weighted // bytes of evidence being built at once
 	evLimit int64               // its size; 0: DefaultEvidenceBudget
-	evCache logCache            // the log segment the last quote's requests share
+	evCache logCache            // recently encoded log segments, which requests share
 
 	// smu guards stats, which the committer, the extends it leaves
 	// running and the quotes all update.
