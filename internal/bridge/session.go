@@ -236,15 +236,34 @@ type sender struct {
 	mu      sync.Mutex
 	conn    *wire.Conn
 	dl      deadliner
-	scratch []byte // the evidence frames' own bytes, reused (sendEvidence)
+	scratch []byte    // the evidence frames' own bytes, reused (sendEvidence)
+	armed   time.Time // when the write deadline was last set
+}
+
+// rearmAfter is how stale the write deadline may be before a write sets it
+// again: every write gets between WriteTimeout-rearmAfter and WriteTimeout,
+// and a bridge answering a thousand evidence requests a quote does not
+// replace a connection's deadline timer for each.
+const rearmAfter = time.Second
+
+// arm sets the write deadline to WriteTimeout from now unless it was set
+// less than rearmAfter ago; s.mu is held.
+func (s *sender) arm() {
+	if s.dl == nil {
+		return
+	}
+	now := time.Now()
+	if !s.armed.IsZero() && now.Sub(s.armed) < rearmAfter {
+		return
+	}
+	s.dl.SetWriteDeadline(now.Add(WriteTimeout))
+	s.armed = now
 }
 
 func (s *sender) send(t wire.Type, m any) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.dl != nil {
-		s.dl.SetWriteDeadline(time.Now().Add(WriteTimeout))
-	}
+	s.arm()
 	return s.conn.Send(t, m)
 }
 
@@ -265,9 +284,7 @@ func (s *sender) sendEvidence(resp *wire.EvidenceResponse, p *mux.EvidencePart) 
 	if cap(s.scratch) > maxScratch {
 		s.scratch = nil
 	}
-	if s.dl != nil {
-		s.dl.SetWriteDeadline(time.Now().Add(WriteTimeout))
-	}
+	s.arm()
 	return s.conn.SendFrame(wire.TypeEvidenceResponse, frame)
 }
 
