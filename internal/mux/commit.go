@@ -71,7 +71,7 @@ func (m *Mux) submit(id conceal.Digest, w waitFor, recs ...*record.Record) (*Tic
 }
 
 func (m *Mux) enqueue(id conceal.Digest, items []*item) (*Ticket, error) {
-	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{}), extended: make(chan struct{}), flush: m.flushApply}
+	t := &Ticket{done: make(chan struct{}), durable: make(chan struct{}), extended: make(chan struct{}), urgent: m.urgentApply}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -327,8 +327,9 @@ func (m *Mux) waitExtendedLocked() error {
 	for {
 		var err error
 		if x := m.inflight; x != nil {
-			m.flushApply()
+			done := m.urgentApply()
 			<-x.done
+			done()
 			err = cmp.Or(x.err, x.applyErr)
 		}
 		m.mu.Lock()
@@ -602,12 +603,28 @@ func (m *Mux) queueApply(x *inflightExtend) {
 }
 
 // applyRetry is how often the applier retries batches bbolt refused, and
-// defaultApplyEvery the least time between two bbolt transactions
-// (Config.ApplyEvery).
+// defaultApplyEvery the least time between two bbolt transactions unless
+// someone waits for one (urgentApply). A transaction rewrites the leaf
+// page of every VM it touches and syncs twice, so with many VMs one per
+// few batches costs several times the CPU and disk time per record of one
+// per 100 ms (BenchmarkJournal, 100 VMs: 25-35% lower p50 and throughput
+// cost, docs/performance.md); nothing but readers waits for bbolt.
 const (
 	applyRetry        = 200 * time.Millisecond
-	defaultApplyEvery = 4 * time.Millisecond
+	defaultApplyEvery = 100 * time.Millisecond
 )
+
+// urgentApply makes the applier write what it holds into bbolt now, and
+// keeps it from waiting for more batches until the returned func is
+// called: for callers that wait for a batch to be in bbolt (an agent's
+// acknowledgement, a quote). A one-shot flush would not do: the applier
+// may spend it on the batch before, and hold the awaited one back for a
+// whole applyEvery.
+func (m *Mux) urgentApply() (done func()) {
+	m.applyWaiters.Add(1)
+	m.flushApply()
+	return func() { m.applyWaiters.Add(-1) }
+}
 
 // flushApply asks the applier to write what it holds into bbolt now.
 func (m *Mux) flushApply() {
@@ -639,10 +656,11 @@ func (m *Mux) applyLoop() {
 			<-m.applyWake
 			continue
 		}
-		if wait := time.Until(applied.Add(m.applyEvery)); wait > 0 && !stop && len(retry) == 0 {
+		if wait := time.Until(applied.Add(m.applyEvery)); wait > 0 && !stop && len(retry) == 0 && m.applyWaiters.Load() == 0 {
 			// Let batches gather: bbolt's two fsyncs a transaction compete
 			// with the write-ahead log's, and only reads wait for them
-			// (a quote asks for them at once: flushApply).
+			// (an acknowledgement or a quote asks for them at once:
+			// urgentApply).
 			t := time.NewTimer(wait)
 			select {
 			case <-t.C:

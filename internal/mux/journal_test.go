@@ -11,8 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
+	"github.com/tpmmux/tpmmux/internal/record"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/tpm/hwprofile"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -184,5 +187,43 @@ func TestJournalGather(t *testing.T) {
 	t.Logf("%d anchored guests × %d events: %d batches", guests, rounds, batches)
 	if batches > rounds*3/2 {
 		t.Errorf("%d batches for %d rounds of %d guests: the committer cut batches before the answered guests came back (want at most %d)", batches, rounds, guests, rounds*3/2)
+	}
+}
+
+// TestAckNotHeldByTheApplier: an acknowledgement waits for its batch to be
+// in bbolt, and the applier, which otherwise waits up to 100 ms between
+// transactions, writes it at once, even when a batch nobody waits for (a
+// concealment heartbeat) was applied just before: 20 rounds of heartbeat,
+// record, acknowledgement take well under one applier interval each.
+func TestAckNotHeldByTheApplier(t *testing.T) {
+	ctx := context.Background()
+	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour}})
+	var a *conceal.Identity
+	slotted(t, m, func() (err error) {
+		a, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
+		return err
+	})
+	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
+	var slowest time.Duration
+	for range 20 {
+		before, _ := m.CoverStats()
+		m.TriggerSlot()
+		for n := before; n == before; n, _ = m.CoverStats() {
+			time.Sleep(100 * time.Microsecond)
+		}
+		start := time.Now()
+		tk, err := m.Submit(a.ID(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.TriggerSlot()
+		if _, err := tk.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		slowest = max(slowest, time.Since(start))
+	}
+	t.Logf("slowest acknowledgement %v", slowest)
+	if slowest > 60*time.Millisecond {
+		t.Errorf("an acknowledgement took %v: held for the applier's interval", slowest)
 	}
 }

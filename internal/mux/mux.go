@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -155,9 +156,12 @@ type Mux struct {
 	applyFlush chan struct{}
 	applyDone  chan struct{}
 	applyEvery time.Duration // least time between bbolt transactions
-	done       chan struct{}
-	runCtx     context.Context // the committer's; extends run under it
-	stopRun    context.CancelFunc
+	// applyWaiters counts callers waiting for a batch to be in bbolt
+	// (urgentApply): the applier does not wait for more batches then.
+	applyWaiters atomic.Int32
+	done         chan struct{}
+	runCtx       context.Context // the committer's; extends run under it
+	stopRun      context.CancelFunc
 }
 
 type vmState struct {
@@ -195,8 +199,8 @@ type Ticket struct {
 	// extended is closed once its batch is extended into the PCR (it may
 	// not be in bbolt yet: done follows).
 	extended chan struct{}
-	once     sync.Once // done is closed once: acknowledged or failed
-	flush    func()    // asks the applier not to wait for more batches (Wait)
+	once     sync.Once     // done is closed once: acknowledged or failed
+	urgent   func() func() // keeps the applier from waiting for more batches (Wait)
 	ack      Ack
 	err      error
 }
@@ -254,8 +258,8 @@ func (t *Ticket) WaitExtended(ctx context.Context) error {
 // durable (the agent's resume exchange finds out which). Its records go
 // into bbolt without the applier's wait for more batches.
 func (t *Ticket) Wait(ctx context.Context) (Ack, error) {
-	if t.flush != nil {
-		t.flush()
+	if t.urgent != nil {
+		defer t.urgent()()
 	}
 	select {
 	case <-t.done:
