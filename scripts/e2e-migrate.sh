@@ -53,14 +53,10 @@ die() { say "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (libvirtd, namespaces, hooks, swtpm)"
 [ -e /etc/libvirt/hooks/qemu.d/tpmmux ] && die "a tpmmux hook is installed already (another e2e script running?)"
 
-SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED='' SAVED=()
-set_aside() {
-  local p=$1
-  [ -e "$p" ] || return 0
-  mv "$p" "$p.set-aside-by-e2e-migrate.$$" || die "cannot set $p aside"
-  SAVED+=("$p")
-  say "$p existed: set aside until the test ends"
-}
+SWTPM_PID='' BRIDGE_PID='' STARTED_LIBVIRTD='' HOOK_INSTALLED=''
+SETASIDE_TAG=e2e-migrate
+# shellcheck source=scripts/setaside.sh
+. "$ROOT/scripts/setaside.sh"
 cleanup() {
   local rc=$?
   set +e
@@ -74,10 +70,7 @@ cleanup() {
     rm -f /etc/libvirt/hooks/qemu.d/tpmmux
     rm -rf /etc/tpmmux /var/lib/tpmmux /run/tpmmux
   fi
-  for p in "${SAVED[@]}"; do
-    rm -rf "$p"
-    mv "$p.set-aside-by-e2e-migrate.$$" "$p" && say "$p put back"
-  done
+  put_back
   if ((rc != 0)); then
     for f in "$WORK"/hostb-bridge.log; do [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 25 "$f" >&2; }; done
   fi

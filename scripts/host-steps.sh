@@ -22,22 +22,9 @@ dpkg-query -W -f='${Status}' tpmmux 2>/dev/null | grep -q "install ok" && die "t
 # A configuration or state that is not the package's (a manual install, an
 # interrupted run) is set aside for the run and put back afterwards, so the
 # purge at the end takes nothing of it.
-SAVED=()
-set_aside() {
-  local p=$1 to
-  [ -e "$p" ] || return 0
-  to="$p.set-aside-by-host-steps.$$"
-  mv "$p" "$to" || die "cannot set $p aside"
-  SAVED+=("$p")
-  say "$p existed: set aside as $to until the test ends"
-}
-restore() {
-  local p
-  for p in "${SAVED[@]}"; do
-    rm -rf "$p"
-    mv "$p.set-aside-by-host-steps.$$" "$p" && say "$p put back"
-  done
-}
+SETASIDE_TAG=host-steps
+# shellcheck source=scripts/setaside.sh
+. "$ROOT/scripts/setaside.sh"
 [ -e /etc/libvirt/hooks/qemu.d/tpmmux ] && die "a tpmmux hook is installed already (scripts/e2e.sh running?)"
 [ -e /var/lib/tpmmux-swtpm ] && die "/var/lib/tpmmux-swtpm exists: this test would remove it"
 
@@ -56,7 +43,7 @@ cleanup() {
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "---- tail $f" >&2; tail -n 20 "$f" >&2; }; done
   fi
   rm -rf "$WORK"
-  restore
+  put_back
   exit "$rc"
 }
 trap cleanup EXIT

@@ -18,22 +18,9 @@ if dpkg-query -W -f='${Status}' tpmmux 2>/dev/null | grep -q "install ok"; then 
 # A configuration or state that is not the package's (a manual install, an
 # interrupted run) is set aside for the run and put back afterwards: the
 # purge below must find these paths empty, and must not take anything.
-SAVED=()
-set_aside() {
-  local p=$1 to
-  [ -e "$p" ] || return 0
-  to="$p.set-aside-by-package-test.$$"
-  mv "$p" "$to" || die "cannot set $p aside"
-  SAVED+=("$p")
-  say "$p existed: set aside as $to until the test ends"
-}
-restore() {
-  local p
-  for p in "${SAVED[@]}"; do
-    rm -rf "$p"
-    mv "$p.set-aside-by-package-test.$$" "$p" && say "$p put back"
-  done
-}
+SETASIDE_TAG=package-test
+# shellcheck source=scripts/setaside.sh
+. "$ROOT/scripts/setaside.sh"
 [ -e /etc/libvirt/hooks/qemu.d/tpmmux ] && die "a tpmmux hook is installed already (scripts/e2e.sh running?)"
 command -v swtpm >/dev/null || bash "$ROOT/scripts/setup.sh" test
 
@@ -49,7 +36,7 @@ cleanup() {
     for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "---- $f" >&2; tail -n 20 "$f" >&2; }; done
   fi
   rm -rf "$WORK"
-  restore
+  put_back
   exit "$rc"
 }
 trap cleanup EXIT

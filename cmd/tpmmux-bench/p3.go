@@ -38,7 +38,8 @@ type sample struct {
 }
 
 type attestResult struct {
-	rate     float64 // responses per second
+	rate     float64 // responses per second, over whole quote cycles (cycleRate)
+	winRate  float64 // responses per second counted in the fixed window
 	lat      []time.Duration
 	verified int
 	batched  int
@@ -140,6 +141,10 @@ func (e *env) runAttest(ctx context.Context, kind string, verifiers int, noBatch
 		return nil, err
 	}
 	res := &attestResult{rate: float64(n) / el.Seconds(), lat: a.lats, quotes: q1 - q0, evBytes: int(a.evBytes.Load())}
+	res.winRate = res.rate
+	if r, ok := cycleRate(r.rt.g.quoteStarts(t0, t0.Add(el)), a.ends); ok {
+		res.rate = r
+	}
 	if qd1 > qd0 {
 		res.q = time.Duration((qn1 - qn0) / int64(qd1-qd0))
 	}
@@ -176,6 +181,28 @@ type attestLoad struct {
 	mu      sync.Mutex
 	samples []sample
 	lats    []time.Duration
+	ends    []time.Time // when each measured response arrived
+}
+
+// cycleRate is the responses per second over whole quote cycles: those
+// that arrived from the first quote that began in the window to the last
+// one, over that time. Responses arrive in a burst after each quote, one
+// burst per cycle of about Q plus the round trip; a fixed window holds a
+// whole number of bursts (13 or 14 of about 225 ms in 3 s at 1000
+// verifiers), so the count in it moves in steps of a burst, 7% of the rate
+// there. ok is false with fewer than three quotes in the window.
+func cycleRate(starts, ends []time.Time) (float64, bool) {
+	if len(starts) < 3 {
+		return 0, false
+	}
+	a, b := starts[0], starts[len(starts)-1]
+	n := 0
+	for _, t := range ends {
+		if !t.Before(a) && t.Before(b) {
+			n++
+		}
+	}
+	return float64(n) / b.Sub(a).Seconds(), true
 }
 
 // verifier is verifier i: it asks for VM vm's evidence over g, one
@@ -184,7 +211,6 @@ type attestLoad struct {
 // the responses it keeps as samples it decodes in full, to be verified
 // after the run.
 func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
-	wc := wire.NewConn(g, false)
 	fr := newFrameReader(g)
 	cp := a.cps[vm]
 	var since *wire.Since
@@ -196,7 +222,12 @@ func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
 		nonce := make([]byte, 32)
 		rand.Read(nonce)
 		t := time.Now()
-		if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since}); err != nil {
+		req, err := wire.Encode(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since})
+		if err != nil {
+			a.errc <- fmt.Errorf("verifier %d: %w", i, err)
+			return
+		}
+		if _, err := g.Write(req); err != nil {
 			return
 		}
 		f, err := fr.readResponse(reqID)
@@ -235,9 +266,11 @@ func (a *attestLoad) sample() bool {
 // record counts one answer measured, and keeps it if it is a sample.
 func (a *attestLoad) record(lat time.Duration, keep bool, s sample) {
 	a.done.Add(1)
+	end := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.lats = append(a.lats, lat)
+	a.ends = append(a.ends, end)
 	if keep {
 		a.evBytes.Store(int64(len(s.resp.Evidence)))
 		a.samples = append(a.samples, s)
@@ -342,8 +375,8 @@ func (e *env) benchAttest(ctx context.Context) error {
 						} else {
 							bat = append(bat, res)
 						}
-						e.logf("  P3 %-10s %4d verifiers %-11s %-21s %s, %d quotes of %v, %.0f%% of N/Q, CPU %v/response, evidence %s, %d sampled responses verified (%d batched)",
-							tpmLabel(kind), n, evMode, mode, fmtRate(res.rate, "req/s"), res.quotes, res.q.Round(10*time.Microsecond), 100*res.rate*res.q.Seconds()/float64(n),
+						e.logf("  P3 %-10s %4d verifiers %-11s %-21s %s (window %s), %d quotes of %v, %.0f%% of N/Q, CPU %v/response, evidence %s, %d sampled responses verified (%d batched)",
+							tpmLabel(kind), n, evMode, mode, fmtRate(res.rate, "req/s"), fmtRate(res.winRate, "req/s"), res.quotes, res.q.Round(10*time.Microsecond), 100*res.rate*res.q.Seconds()/float64(n),
 							res.cpu.Round(time.Microsecond), fmtBytes(float64(res.evBytes)), res.verified, res.batched)
 					}
 				}
@@ -372,7 +405,7 @@ func (e *env) benchAttest(ctx context.Context) error {
 				}
 				row := row{ID: "P3", Case: cs, TPM: tpmLabel(kind),
 					Value: fmt.Sprintf("%s (%.0f%% of N/Q)", fmtRate(b, "req/s"), 100*b/ideal), Baseline: fmtRate(o, "req/s") + " (1 quote/req)", V: b, B: o, R: b / o, Ratio: fmtRatio(b / o),
-					Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes; Q = %v, closed-loop ideal N/Q = %s; CPU %v per response", verified, batched, q.Round(10*time.Microsecond), fmtRate(ideal, "req/s"), cpu.Round(time.Microsecond))}
+					Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes; Q = %v, closed-loop ideal N/Q = %s; CPU %v per response; rate over whole quote cycles (counted in the fixed window: %s)", verified, batched, q.Round(10*time.Microsecond), fmtRate(ideal, "req/s"), cpu.Round(time.Microsecond), fmtRate(medianOf(bat, func(r *attestResult) float64 { return r.winRate }), "req/s"))}
 				if kind == kindHW && n >= 10 {
 					row.Target, row.Met = "≥90% of N/Q", yesNo(b >= 0.9*ideal)
 				} else {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/tpmmux/tpmmux/internal/wire"
 )
@@ -70,11 +71,59 @@ func TestFrameReader(t *testing.T) {
 	if !errors.As(err, &we) || we.Code != wire.CodeEvidence {
 		t.Fatalf("error frame gave %v, want the bridge's error", err)
 	}
+	// A frame larger than the read buffer is read into a buffer of its own,
+	// checked the same way.
+	big := &wire.EvidenceResponse{ID: 9, Evidence: bytes.Repeat([]byte{0x6b}, 2*frameBuffer)}
+	bigFrame, err := wire.Encode(wire.TypeEvidenceResponse, big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fr = newFrameReader(bytes.NewReader(bigFrame))
+	if f, err := fr.readResponse(9); err != nil {
+		t.Fatal(err)
+	} else if got, err := decodeFull(f); err != nil || !bytes.Equal(got.Evidence, big.Evidence) {
+		t.Fatalf("large response: %v", err)
+	}
+	bad := bytes.Clone(bigFrame)
+	bad[len(bad)/2] ^= 1
+	if _, err := newFrameReader(bytes.NewReader(bad)).readResponse(9); err == nil {
+		t.Fatal("a large response with a flipped bit was accepted")
+	}
+	if _, err := newFrameReader(bytes.NewReader(bigFrame[:len(bigFrame)-3])).readResponse(9); err == nil {
+		t.Fatal("a large response cut short was accepted")
+	}
 	// The buffer is reused: two responses in a row both read.
 	fr = newFrameReader(bytes.NewReader(append(bytes.Clone(good), good...)))
 	for i := range 2 {
 		if _, err := fr.readResponse(7); err != nil {
 			t.Fatalf("response %d: %v", i, err)
 		}
+	}
+}
+
+// TestCycleRate: the rate over whole quote cycles counts the responses
+// from the first quote's start to the last one's, over that time, whatever
+// part of a burst the fixed window cut off; with fewer than three quotes
+// there is no whole cycle pair to measure.
+func TestCycleRate(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms float64) time.Time { return t0.Add(time.Duration(ms * float64(time.Millisecond))) }
+	// Cycles of 250 ms from 100 ms; 10 responses 210-230 ms after each
+	// quote starts; the window began mid-burst (responses at 0-20 ms).
+	var starts, ends []time.Time
+	for c := 0; c < 4; c++ {
+		starts = append(starts, at(100+250*float64(c)))
+	}
+	for c := -1; c < 4; c++ {
+		for i := 0; i < 10; i++ {
+			ends = append(ends, at(100+250*float64(c)+210+2*float64(i)))
+		}
+	}
+	got, ok := cycleRate(starts, ends)
+	if !ok || got < 39.99 || got > 40.01 {
+		t.Fatalf("rate %v (%v), want 40/s (10 responses per 250 ms)", got, ok)
+	}
+	if _, ok := cycleRate(starts[:2], ends); ok {
+		t.Fatal("a rate from two quotes")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -43,6 +44,22 @@ type gate struct {
 	// returned: P3 takes the quote time Q of its ideal from them.
 	quoteNanos atomic.Int64
 	quoted     atomic.Uint64
+
+	mu     sync.Mutex
+	starts []time.Time // when each Quote call began (P3 measures whole quote cycles)
+}
+
+// quoteStarts returns when the Quote calls that began in [from, to) began.
+func (g *gate) quoteStarts(from, to time.Time) []time.Time {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []time.Time
+	for _, t := range g.starts {
+		if !t.Before(from) && t.Before(to) {
+			out = append(out, t)
+		}
+	}
+	return out
 }
 
 func (g *gate) stop() { g.stopped.Store(true) }
@@ -67,6 +84,9 @@ func (g *gate) Quote(ctx context.Context, pcrs []int, extra []byte) (tpm.Quote, 
 		return tpm.Quote{}, errStopped
 	}
 	g.quotes.Add(1)
+	g.mu.Lock()
+	g.starts = append(g.starts, time.Now())
+	g.mu.Unlock()
 	defer g.quoted.Add(1)
 	defer g.timeQuote(time.Now())
 	return g.TPM.Quote(ctx, pcrs, extra)

@@ -233,18 +233,59 @@ func (b *Bridge) attestOnly(ctx context.Context, id conceal.Digest, wc *wire.Con
 }
 
 type sender struct {
-	mu   sync.Mutex
-	conn *wire.Conn
-	dl   deadliner
+	mu      sync.Mutex
+	conn    *wire.Conn
+	dl      deadliner
+	scratch []byte    // the evidence frames' own bytes, reused (sendEvidence)
+	armed   time.Time // when the write deadline was last set
+}
+
+// rearmAfter is how stale the write deadline may be before a write sets it
+// again: every write gets between WriteTimeout-rearmAfter and WriteTimeout,
+// and a bridge answering a thousand evidence requests a quote does not
+// replace a connection's deadline timer for each.
+const rearmAfter = time.Second
+
+// arm sets the write deadline to WriteTimeout from now unless it was set
+// less than rearmAfter ago; s.mu is held.
+func (s *sender) arm() {
+	if s.dl == nil {
+		return
+	}
+	now := time.Now()
+	if !s.armed.IsZero() && now.Sub(s.armed) < rearmAfter {
+		return
+	}
+	s.dl.SetWriteDeadline(now.Add(WriteTimeout))
+	s.armed = now
 }
 
 func (s *sender) send(t wire.Type, m any) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.dl != nil {
-		s.dl.SetWriteDeadline(time.Now().Add(WriteTimeout))
-	}
+	s.arm()
 	return s.conn.Send(t, m)
+}
+
+// maxScratch bounds the frame buffer a connection keeps between evidence
+// responses (a small response's own bytes); a larger one is dropped after
+// its frame is sent.
+const maxScratch = 64 << 10
+
+// sendEvidence frames an evidence response around its part
+// (wire.EvidenceFrame) in the connection's reused buffer and writes it.
+func (s *sender) sendEvidence(resp *wire.EvidenceResponse, p *mux.EvidencePart) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	frame, err := wire.EvidenceFrame(&s.scratch, resp, p.Head, p.Shared, p.Tail)
+	if err != nil {
+		return err
+	}
+	if cap(s.scratch) > maxScratch {
+		s.scratch = nil
+	}
+	s.arm()
+	return s.conn.SendFrame(wire.TypeEvidenceResponse, frame)
 }
 
 type pendingAck struct {
@@ -612,14 +653,18 @@ func measurementRecord(e wire.Entry, idx uint64, bootID string, now int64) (*rec
 }
 
 // serveEvidence answers a guest's own evidence request, full or since a
-// checkpoint, streamed from the store (mux.StreamEvidence) in parts of at
-// most wire.EvidenceChunk bytes, so that however long the log is and however
-// many guests ask at once, no request holds the whole log in memory. A
-// request the bridge cannot serve, or that fails part way, gets an evidence
-// error; only a failure to send ends the connection.
+// checkpoint, streamed from the store (mux.StreamEvidenceParts) in parts
+// of at most wire.EvidenceChunk bytes, so that however long the log is and
+// however many guests ask at once, no request holds the whole log in
+// memory. A part whose log segment the requests of one quote share is
+// framed around the shared bytes (wire.EvidenceFrame: the segment's
+// checksum was computed once) and sent with one vectored write, so a
+// response costs the bridge its own bytes, not a copy of the log. A
+// request the bridge cannot serve, or that fails part way, gets an
+// evidence error; only a failure to send ends the connection.
 func (b *Bridge) serveEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, out *sender) error {
-	err := b.streamEvidence(ctx, id, m, func(p *wire.EvidenceResponse) error {
-		if err := out.send(wire.TypeEvidenceResponse, p); err != nil {
+	err := b.streamEvidence(ctx, id, m, func(resp *wire.EvidenceResponse, p *mux.EvidencePart) error {
+		if err := out.sendEvidence(resp, p); err != nil {
 			return &sendError{err}
 		}
 		return nil
@@ -638,30 +683,30 @@ type sendError struct{ err error }
 
 func (e *sendError) Error() string { return e.err.Error() }
 
-// streamEvidence produces the responses to a guest's evidence request: one
-// when the evidence fits a part, else parts 0, 1, … with More set on all
-// but the last; part 0 carries the identity and the AK.
-func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse) error) error {
+// streamEvidence produces the responses to a guest's evidence request, each
+// with its part of the evidence: one when the evidence fits a part, else
+// parts 0, 1, … with More set on all but the last; part 0 carries the
+// identity and the AK.
+func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse, *mux.EvidencePart) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
 		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
-	}
-	ident, err := b.Mux.Identity(id)
-	if err != nil {
-		return err
 	}
 	var since *evidence.Since
 	if m.Since != nil {
 		since = &evidence.Since{Batch: m.Since.Batch, Records: m.Since.Records}
 	}
 	part := uint32(0)
-	return b.Mux.StreamEvidence(ctx, id, m.Nonce, since, wire.EvidenceChunk, func(p []byte, last bool) error {
-		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, Evidence: p, More: !last}
+	return b.Mux.StreamEvidenceParts(ctx, id, m.Nonce, since, wire.EvidenceChunk, true, func(p *mux.EvidencePart) error {
+		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, More: !p.Last}
 		if part == 0 {
-			resp.UUID, resp.Instance, resp.Key = ident.UUID, ident.Instance, ident.Key
+			if p.Identity == nil {
+				return errors.New("evidence without the VM's identity")
+			}
+			resp.UUID, resp.Instance, resp.Key = p.Identity.UUID, p.Identity.Instance, p.Identity.Key
 			resp.AKPEM = b.Mux.AKPEM() // encoded once
 		}
 		part++
-		return send(resp)
+		return send(resp, p)
 	})
 }
 

@@ -97,3 +97,46 @@ func MerkleVerify(value Digest, index, count uint64, path []Digest) (root Digest
 	}
 	return h, true
 }
+
+// MerkleTree is the tree MerkleRoot builds, kept level by level so that
+// each leaf's audit path can be read out later (Path), by whoever needs
+// it, instead of every path being built at once. The leaves are given
+// hashed (MerkleLeaf), so they can be hashed as the requests arrive. An
+// RFC 6962 tree built level by level pairs neighbours and carries an odd
+// last node up unchanged: the same root and paths as the split at the
+// largest power of two.
+type MerkleTree struct {
+	levels [][]Digest // levels[0] the hashed leaves, the last the root
+}
+
+// NewMerkleTree builds the tree over hashed leaves (at least one).
+func NewMerkleTree(hashed []Digest) *MerkleTree {
+	t := &MerkleTree{levels: [][]Digest{hashed}}
+	for l := hashed; len(l) > 1; {
+		next := make([]Digest, (len(l)+1)/2)
+		for j := range len(l) / 2 {
+			next[j] = merkleNode(l[2*j], l[2*j+1])
+		}
+		if len(l)%2 == 1 {
+			next[len(next)-1] = l[len(l)-1]
+		}
+		t.levels = append(t.levels, next)
+		l = next
+	}
+	return t
+}
+
+// Root returns the tree's root.
+func (t *MerkleTree) Root() Digest { return t.levels[len(t.levels)-1][0] }
+
+// Path returns leaf i's audit path, bottom-up, as MerkleRoot gives it.
+func (t *MerkleTree) Path(i int) []Digest {
+	path := make([]Digest, 0, len(t.levels)-1)
+	for _, l := range t.levels[:len(t.levels)-1] {
+		if s := i ^ 1; s < len(l) {
+			path = append(path, l[s])
+		}
+		i >>= 1
+	}
+	return path
+}

@@ -36,3 +36,44 @@ func TestMerkle(t *testing.T) {
 		t.Fatal("root equals the raw leaf")
 	}
 }
+
+// TestMerkleTree: the tree built level by level from hashed leaves has
+// MerkleRoot's root and paths for every size up to 300 and a few larger,
+// and every path verifies.
+func TestMerkleTree(t *testing.T) {
+	for _, n := range append(seq(1, 300), 511, 512, 513, 1000, 4095, 4096) {
+		values := make([]Digest, n)
+		hashed := make([]Digest, n)
+		for i := range values {
+			values[i] = Digest{byte(i), byte(i >> 8), byte(n)}
+			hashed[i] = MerkleLeaf(values[i])
+		}
+		root, paths := MerkleRoot(values)
+		tree := NewMerkleTree(hashed)
+		if tree.Root() != root {
+			t.Fatalf("%d leaves: root differs from MerkleRoot's", n)
+		}
+		for i := range values {
+			p := tree.Path(i)
+			if len(p) != len(paths[i]) {
+				t.Fatalf("%d leaves, leaf %d: path of %d, MerkleRoot's %d", n, i, len(p), len(paths[i]))
+			}
+			for k := range p {
+				if p[k] != paths[i][k] {
+					t.Fatalf("%d leaves, leaf %d: path differs at %d", n, i, k)
+				}
+			}
+			if got, ok := MerkleVerify(values[i], uint64(i), uint64(n), p); !ok || got != root {
+				t.Fatalf("%d leaves, leaf %d: path does not verify", n, i)
+			}
+		}
+	}
+}
+
+func seq(a, b int) []int {
+	var out []int
+	for i := a; i <= b; i++ {
+		out = append(out, i)
+	}
+	return out
+}

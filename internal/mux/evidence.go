@@ -3,11 +3,8 @@ package mux
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -116,7 +113,21 @@ const maxQuoteBatch = 4096
 
 type quoteReq struct {
 	extra conceal.Digest
-	res   chan quoteRes
+	leaf  conceal.Digest // MerkleLeaf(extra), hashed by the requester
+	// wake is closed when the quote that answers the request, or a
+	// reshuffle of the queue, is done; ans and index are set when the
+	// loop takes the request for a quote (all guarded by qmu).
+	wake  chan struct{}
+	ans   *quoteAnswer
+	index int
+}
+
+// quoteAnswer is one quote's answer to every request it served, complete
+// when their wake channel is closed: closing one channel wakes a thousand
+// requesters in one step, where a send to each kept the last of them
+// waiting behind the others (and the loop, preempted, behind them).
+type quoteAnswer struct {
+	res quoteRes // without index: each request's is its own
 }
 
 type quoteRes struct {
@@ -126,12 +137,14 @@ type quoteRes struct {
 	nextG       uint64 // the log's length at the quote
 	batched     *evidence.QuoteProof
 	err         error
+	share       *quoteShare // what the requests this quote answers share
 
-	// A shared quote's audit path for this request, as the quote loop
-	// hands it over; quoteFor makes batched of it in the requester's
-	// goroutine, so that the loop's answers to a thousand requesters do
-	// not wait for a thousand proofs to be built one after the other.
-	path         []conceal.Digest
+	// A shared quote's tree and this request's leaf in it, as the quote
+	// loop hands them over; quoteFor reads the audit path out of the tree
+	// in the requester's goroutine, so that the loop's answers to a
+	// thousand requesters do not wait for a thousand paths to be built
+	// one after the other.
+	tree         *conceal.MerkleTree
 	index, count int
 }
 
@@ -145,28 +158,55 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 		q, vals, err := m.quoteLocked(ctx, extra[:])
 		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
-		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
+		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
 	}
-	req := &quoteReq{extra: extra, res: make(chan quoteRes, 1)}
+	// The leaf is hashed here, while the quote before is still being
+	// taken, not by the loop between the quotes.
+	req := &quoteReq{extra: extra, leaf: conceal.MerkleLeaf(extra)}
 	m.qmu.Lock()
+	if m.qwake == nil {
+		m.qwake = make(chan struct{})
+	}
+	req.wake = m.qwake
 	m.qpending = append(m.qpending, req)
+	if m.qtarget > 0 && len(m.qpending) >= m.qtarget {
+		select {
+		case m.qgather <- struct{}{}:
+		default:
+		}
+	}
 	if !m.quoting {
 		m.quoting = true
 		go m.quoteLoop()
 	}
+	wake := req.wake
 	m.qmu.Unlock()
-	select {
-	case r := <-req.res:
+	for {
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return quoteRes{err: ctx.Err()}
+		}
+		m.qmu.Lock()
+		ans, index := req.ans, req.index
+		wake = req.wake
+		m.qmu.Unlock()
+		if ans == nil {
+			continue // not taken yet: it waits on a channel of its own now
+		}
+		r := ans.res
+		r.index = index
 		if r.count > 1 {
-			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(r.path))}
-			for i, p := range r.path {
-				b.Path[i] = append([]byte(nil), p[:]...)
+			path := r.tree.Path(r.index)
+			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(path))}
+			flat := make([]byte, 0, len(path)*len(conceal.Digest{}))
+			for i, p := range path {
+				flat = append(flat, p[:]...)
+				b.Path[i] = flat[len(flat)-len(p) : len(flat) : len(flat)]
 			}
-			r.batched, r.path = b, nil
+			r.batched, r.tree = b, nil
 		}
 		return r
-	case <-ctx.Done():
-		return quoteRes{err: ctx.Err()}
 	}
 }
 
@@ -198,16 +238,32 @@ func (m *Mux) quoteLoop() {
 		}
 		reqs := m.qpending[:n:n]
 		m.qpending = m.qpending[n:]
+		ans := new(quoteAnswer)
+		wake := m.qwake
+		for i, r := range reqs {
+			r.ans, r.index = ans, i
+		}
+		// Requests that arrive from now on wait for a later quote, on
+		// another channel; so do those beyond maxQuoteBatch (woken by this
+		// quote's close, they find no answer and wait on theirs).
+		m.qwake = nil
+		if len(m.qpending) > 0 {
+			m.qwake = make(chan struct{})
+			for _, r := range m.qpending {
+				r.wake = m.qwake
+			}
+		}
 		m.qmu.Unlock()
 		m.observeQuoteBatch(n, awaited, waited)
 		extra := reqs[0].extra
-		var paths [][]conceal.Digest
+		var tree *conceal.MerkleTree
 		if n > 1 {
-			values := make([]conceal.Digest, n)
+			leaves := make([]conceal.Digest, n)
 			for i, r := range reqs {
-				values[i] = r.extra
+				leaves[i] = r.leaf
 			}
-			extra, paths = conceal.MerkleRoot(values)
+			tree = conceal.NewMerkleTree(leaves)
+			extra = tree.Root()
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
 		start := time.Now()
@@ -228,13 +284,11 @@ func (m *Mux) quoteLoop() {
 			target = n + len(m.qpending)
 			m.qmu.Unlock()
 		}
-		for i, r := range reqs {
-			res := quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err}
-			if n > 1 && err == nil {
-				res.path, res.index, res.count = paths[i], i, n
-			}
-			r.res <- res
+		ans.res = quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
+		if n > 1 && err == nil {
+			ans.res.tree, ans.res.count = tree, n
 		}
+		close(wake)
 	}
 }
 
@@ -254,12 +308,30 @@ func (m *Mux) gather(target int, linger time.Duration) {
 	gap := min(linger/5, 10*time.Millisecond)
 	start := time.Now()
 	last, lastN := start, -1
+	target = min(target, maxQuoteBatch)
+	m.qmu.Lock()
+	if m.qgather == nil {
+		m.qgather = make(chan struct{}, 1)
+	}
+	m.qtarget = target
+	m.qmu.Unlock()
+	defer func() {
+		m.qmu.Lock()
+		m.qtarget = 0
+		m.qmu.Unlock()
+		select {
+		case <-m.qgather:
+		default:
+		}
+	}()
+	tick := time.NewTimer(0)
+	defer tick.Stop()
 	for {
 		m.qmu.Lock()
 		waiting := len(m.qpending)
 		m.qmu.Unlock()
 		now := time.Now()
-		if waiting >= min(target, maxQuoteBatch) || now.Sub(start) >= linger {
+		if waiting >= target || now.Sub(start) >= linger {
 			return
 		}
 		if waiting != lastN {
@@ -267,7 +339,13 @@ func (m *Mux) gather(target int, linger time.Duration) {
 		} else if waiting > 0 && now.Sub(last) >= gap {
 			return
 		}
-		time.Sleep(250 * time.Microsecond)
+		// The request that completes the target says so at once; the
+		// timer only watches the gap and the linger.
+		tick.Reset(250 * time.Microsecond)
+		select {
+		case <-m.qgather:
+		case <-tick.C:
+		}
 	}
 }
 
@@ -445,168 +523,6 @@ type stopErr struct{}
 func (stopErr) Error() string { return "stop" }
 
 var errStop error = stopErr{}
-
-// StreamEvidence is WithEvidence for evidence of any size: it writes the
-// evidence's canonical CBOR, byte for byte what MarshalBinary would give,
-// to emit in pieces of at most about chunk bytes (the last call has last
-// set), without ever holding the whole public log. The batches are read
-// from the store a window at a time, each window in its own short read
-// transaction, so a slow reader never holds the store. Only the VM's own
-// records are held at once. Memory is O(chunk + the VM's records) however
-// long the log is; the evidence budget is charged that much.
-func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
-	if chunk <= 0 {
-		chunk = 4 << 20
-	}
-	res, err := m.evidenceQuote(ctx, id, nonce, since)
-	if err != nil {
-		return err
-	}
-	shell, err := m.buildParts(evidence.KindQuote, id, res.epoch, res.last, res.q, m.sel, res.vals, since, false)
-	if err != nil {
-		return err
-	}
-	shell.Batched = res.batched
-	return m.stream(ctx, shell, res, since, chunk, emit)
-}
-
-// StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
-// post-mortem evidence of an ended VM, at any log size.
-func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk int, emit func(p []byte, last bool) error) error {
-	if chunk <= 0 {
-		chunk = 4 << 20
-	}
-	var fq *logstore.FinalQuote
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		var err error
-		fq, err = sn.Final(id)
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("final evidence: %w", err)
-	}
-	sel := make([]int, len(fq.PCRs))
-	vals := make([]conceal.Digest, len(fq.Values))
-	for i := range fq.PCRs {
-		sel[i] = int(fq.PCRs[i])
-		copy(vals[i][:], fq.Values[i])
-	}
-	shell, err := m.buildParts(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil, false)
-	if err != nil {
-		return err
-	}
-	res := quoteRes{epoch: fq.Epoch, last: fq.Batch}
-	m.store.View(func(sn *logstore.Snapshot) error {
-		return sn.Batches(fq.Epoch, fq.Batch, func(_ uint64, b *logstore.Batch) error {
-			res.nextG = b.G0 + uint64(b.EntryCount())
-			if b.G0 == 0 {
-				res.nextG++ // the epoch record's leaf
-			}
-			return errStop
-		})
-	})
-	return m.stream(ctx, shell, res, nil, chunk, emit)
-}
-
-// stream writes shell's canonical encoding with the batches of res.epoch
-// from since (or 0) to res.last in place of its log (see StreamEvidence).
-func (m *Mux) stream(ctx context.Context, shell *evidence.Evidence, res quoteRes, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
-	// The shell is the evidence with one sentinel batch in place of the
-	// log; its encoding is split around the sentinel, and the real batches
-	// are encoded between the halves.
-	var mark [conceal.EntrySize]byte
-	rand.Read(mark[:])
-	sentinel := evidence.LogBatch{G0: 0, Entries: mark[:]}
-	shell.Log = []evidence.LogBatch{sentinel}
-	enc, err := shell.MarshalBinary()
-	if err != nil {
-		return err
-	}
-	sb, err := evEnc.Marshal(sentinel)
-	if err != nil {
-		return fmt.Errorf("encode evidence: %w", err)
-	}
-	i := bytes.Index(enc, sb)
-	if i < 1 || enc[i-1] != 0x81 {
-		return errors.New("encode evidence: the log's place in the encoding was not found")
-	}
-	prefix, suffix := enc[:i-1], enc[i+len(sb):]
-	from := uint64(0)
-	if since != nil {
-		from = since.Batch + 1
-	}
-	n := res.last + 1 - from
-	// Small evidence (the usual incremental request) gets a small buffer.
-	est := int64(len(prefix)+len(suffix)) + m.evidenceWeight(res, since) + int64(n)*16 + 64
-	// A stream holds about two pieces (its buffer and the frame made of
-	// it), a small evidence all of itself, twice.
-	sem, limit := m.evBudget()
-	w := min(2*est, int64(2*chunk), limit)
-	if err := sem.Acquire(ctx, w); err != nil {
-		return fmt.Errorf("evidence: wait for the evidence budget: %w", err)
-	}
-	defer sem.Release(w)
-	buf := make([]byte, 0, min(int64(chunk+chunk/4), est))
-	buf = append(buf, prefix...)
-	buf = cborHead(buf, 4, n) // array of n batches
-	flush := func(force bool) error {
-		for len(buf) >= chunk || (force && len(buf) > 0) {
-			k := min(len(buf), chunk)
-			last := force && k == len(buf)
-			if err := emit(buf[:k], last); err != nil {
-				return err
-			}
-			buf = append(buf[:0], buf[k:]...)
-		}
-		return nil
-	}
-	if est <= maxCachedLog {
-		// Every request that shares a quote shares its log: encode it
-		// once (batches never change once committed).
-		body, err := m.evCache.get(res.epoch, from, res.last, func() ([]byte, error) {
-			var body []byte
-			err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &body, func() error { return nil })
-			return body, err
-		})
-		if err != nil {
-			return err
-		}
-		buf = append(buf, body...)
-	} else if err := m.encodeBatches(ctx, res.epoch, from, res.last, chunk, &buf, func() error { return flush(false) }); err != nil {
-		return err
-	}
-	buf = append(buf, suffix...)
-	return flush(true)
-}
-
-// maxCachedLog bounds the encoded log segment kept for the requests that
-// share a quote (larger ones are streamed window by window).
-const maxCachedLog = 4 << 20
-
-// logCache keeps the last encoded log segment: the batches from, …, last of
-// an epoch, as they appear in evidence.
-type logCache struct {
-	mu                sync.Mutex
-	epoch, from, last uint64
-	body              []byte
-	ok                bool
-}
-
-// get returns the segment, encoding it with build when it is not the one
-// kept. The bytes are shared: callers must not change them.
-func (c *logCache) get(epoch, from, last uint64, build func() ([]byte, error)) ([]byte, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.ok && c.epoch == epoch && c.from == from && c.last == last {
-		return c.body, nil
-	}
-	body, err := build()
-	if err != nil {
-		return nil, err
-	}
-	c.epoch, c.from, c.last, c.body, c.ok = epoch, from, last, body, true
-	return body, nil
-}
 
 // encodeBatches appends the evidence encoding of batches from, …, last of
 // epoch to *buf, reading them a window of about chunk bytes at a time, each

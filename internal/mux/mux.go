@@ -120,6 +120,9 @@ type Mux struct {
 	qmu      sync.Mutex
 	qpending []*quoteReq
 	quoting  bool
+	qwake    chan struct{} // the queued requests wait for it to close (evidence.go)
+	qtarget  int           // the gather waits for this many queued requests
+	qgather  chan struct{} // tells the gather that qtarget is reached
 
 	akOnce sync.Once // akEncoded
 	akDER  []byte
@@ -132,7 +135,7 @@ type Mux struct {
 	evOnce  sync.Once           // evidence build budget (evidence.go)
 	evSem   *semaphore.Weighted // bytes of evidence being built at once
 	evLimit int64               // its size; 0: DefaultEvidenceBudget
-	evCache logCache            // the log segment the last quote's requests share
+	evCache logCache            // recently encoded log segments, which requests share
 
 	// smu guards stats, which the committer, the extends it leaves
 	// running and the quotes all update.

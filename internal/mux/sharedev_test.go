@@ -1,0 +1,223 @@
+package mux_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/crc32c"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// TestSharedEvidenceIsolation: the requests one quote answers share its
+// encoded fields, each VM's fields per checkpoint and the public log
+// segment per checkpoint, but every response is its own VM's evidence from
+// its own checkpoint: two co-tenant VMs, each asked for in full and from a
+// checkpoint, many times over, all in one quote. Each response carries
+// its own VM's identity, verifies with it (and would not with the other's:
+// the records would not open under another VM's key), holds exactly the
+// records and batches EvidenceSince gives for its VM and checkpoint, and
+// the next quote, after more batches, gets a longer log (no stale segment)
+// and the new records.
+func TestSharedEvidenceIsolation(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	ctx := context.Background()
+	idents := []*conceal.Identity{r.vm("vm-a"), r.vm("vm-b")}
+	for i := range 20 {
+		if _, err := r.m.Submit(idents[i%2].ID(), meas(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each VM's checkpoint.
+	cps := make([]*verify.Checkpoint, len(idents))
+	for i, id := range idents {
+		nonce := []byte("the checkpoint's nonce")
+		ev, err := r.m.Evidence(ctx, id.ID(), nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: id, AK: r.tpm.AK(), PCR: 13})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cps[i] = rep.Checkpoint
+	}
+	r.tpm.quoteDelay = 100 * time.Millisecond
+	for round := range 2 {
+		// New records for both VMs (more for b, so its delta differs).
+		for i := range 3 + 4*round {
+			for v := range idents {
+				for range 1 + v {
+					if _, err := r.m.Append(ctx, idents[v].ID(), meas(1000*round+10*i+v)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+		}
+		type req struct {
+			vm   int
+			incr bool
+		}
+		var reqs []req
+		for k := range 24 {
+			reqs = append(reqs, req{vm: k % 2, incr: k%4 >= 2})
+		}
+		// A request that keeps the TPM busy, so the others queue and share
+		// the next quote.
+		busy := make(chan error, 1)
+		go func() {
+			_, err := r.m.Evidence(ctx, idents[0].ID(), []byte("busy"))
+			busy <- err
+		}()
+		time.Sleep(20 * time.Millisecond)
+		type answer struct {
+			raw   []byte
+			ident *conceal.Identity
+			err   error
+		}
+		out := make([]chan answer, len(reqs))
+		for k, q := range reqs {
+			out[k] = make(chan answer, 1)
+			go func() {
+				var a answer
+				var since *evidence.Since
+				if q.incr {
+					since = cps[q.vm].Since()
+				}
+				nonce := []byte(fmt.Sprintf("round %d request %d", round, k))
+				a.err = r.m.StreamEvidenceParts(ctx, idents[q.vm].ID(), nonce, since, 1<<20, true, func(p *mux.EvidencePart) error {
+					if p.Identity != nil {
+						a.ident = p.Identity
+					}
+					for _, r := range p.Head {
+						a.raw = append(a.raw, r...)
+					}
+					a.raw = append(a.raw, p.Shared.Bytes...)
+					for _, r := range p.Tail {
+						a.raw = append(a.raw, r...)
+					}
+					if crc32c.Checksum(p.Shared.Bytes) != p.Shared.CRC {
+						return fmt.Errorf("shared segment's CRC-32C is not its bytes'")
+					}
+					return nil
+				})
+				out[k] <- a
+			}()
+		}
+		if err := <-busy; err != nil {
+			t.Fatal(err)
+		}
+		var attest []byte
+		for k, q := range reqs {
+			a := <-out[k]
+			if a.err != nil {
+				t.Fatal(a.err)
+			}
+			own := idents[q.vm]
+			if a.ident == nil || a.ident.UUID != own.UUID || a.ident.Instance != own.Instance || a.ident.Key != own.Key {
+				t.Fatalf("round %d request %d (vm %d): the response carries another identity", round, k, q.vm)
+			}
+			ev, err := evidence.Decode(a.raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if again, err := ev.MarshalBinary(); err != nil || !bytes.Equal(again, a.raw) {
+				t.Fatalf("evidence does not re-encode to itself (%v)", err)
+			}
+			if attest == nil {
+				attest = ev.Quote.Attest
+			} else if !bytes.Equal(attest, ev.Quote.Attest) {
+				t.Fatalf("round %d: the requests did not share one quote", round)
+			}
+			if ev.Batched == nil || ev.Batched.Count != uint64(len(reqs)) {
+				t.Fatalf("round %d request %d: audit path %+v, want one of %d", round, k, ev.Batched, len(reqs))
+			}
+			opts := verify.Options{Nonce: []byte(fmt.Sprintf("round %d request %d", round, k)), Identity: own, AK: r.tpm.AK(), PCR: 13}
+			var since *evidence.Since
+			if q.incr {
+				opts.Checkpoint, since = cps[q.vm], cps[q.vm].Since()
+			}
+			if _, err := verify.Verify(ev, opts); err != nil {
+				t.Fatalf("round %d request %d (vm %d, incremental %v): %v", round, k, q.vm, q.incr, err)
+			}
+			other := opts
+			other.Identity, other.Checkpoint = idents[1-q.vm], nil
+			if rep, err := verify.Verify(ev, other); err == nil && rep.Trusted {
+				t.Fatalf("round %d request %d: VM %d's evidence verifies as the other VM's", round, k, q.vm)
+			}
+			ref, err := r.m.EvidenceSince(ctx, own.ID(), []byte("ref"), since)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !sameJSON(ev.Records, ref.Records) || !sameJSON(ev.Log, ref.Log) || !sameJSON(ev.VM, ref.VM) {
+				t.Fatalf("round %d request %d (vm %d, incremental %v): %d records and %d batches, EvidenceSince has %d and %d",
+					round, k, q.vm, q.incr, len(ev.Records), len(ev.Log), len(ref.Records), len(ref.Log))
+			}
+		}
+	}
+}
+
+func sameJSON(x, y any) bool {
+	bx, _ := json.Marshal(x)
+	by, _ := json.Marshal(y)
+	return bytes.Equal(bx, by)
+}
+
+// TestQuoteBatchOverflow: more requests queue during a quote than one
+// quote may serve (4096): the first 4096 share the next quote and the rest
+// the one after; every request is answered, by a quote it did not arrive
+// after, with an audit path of its own.
+func TestQuoteBatchOverflow(t *testing.T) {
+	if testing.Short() {
+		t.Skip("4200 evidence requests")
+	}
+	r := newRig(t, mux.Config{})
+	ctx := context.Background()
+	id := r.vm("vm-a")
+	r.tpm.quoteDelay = 300 * time.Millisecond
+	busy := make(chan error, 1)
+	go func() {
+		_, err := r.m.Evidence(ctx, id.ID(), []byte("busy"))
+		busy <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	q0 := r.tpm.quotes.Load()
+	const n = 4200
+	type answer struct {
+		ev  *evidence.Evidence
+		err error
+	}
+	out := make(chan answer, n)
+	for i := range n {
+		go func() {
+			ev, err := r.m.Evidence(ctx, id.ID(), []byte(fmt.Sprintf("request %d", i)))
+			out <- answer{ev, err}
+		}()
+	}
+	if err := <-busy; err != nil {
+		t.Fatal(err)
+	}
+	counts := map[uint64]int{}
+	for range n {
+		a := <-out
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		if a.ev.Batched == nil {
+			t.Fatal("a request of a full queue got a quote of its own")
+		}
+		counts[a.ev.Batched.Count]++
+	}
+	if counts[4096] != 4096 || counts[n-4096] != n-4096 || len(counts) != 2 {
+		t.Fatalf("requests per quote: %v, want 4096 and %d", counts, n-4096)
+	}
+	if q := r.tpm.quotes.Load() - q0; q != 2 {
+		t.Fatalf("%d quotes for the queue, want 2", q)
+	}
+}
