@@ -206,7 +206,7 @@ func (m *Mux) run(ctx context.Context) {
 		closed := m.closed
 		live := len(m.vms)
 		urgent := m.urgent
-		gather := m.gatherWait(n)
+		gather := m.gatherWait(n, time.Now())
 		m.regather.holding = false
 		m.mu.Unlock()
 		if faulted {
@@ -812,14 +812,13 @@ func (m *Mux) startGather(items []*item) {
 }
 
 // gatherWait is how much longer the committer holds the next batch for
-// answered anchored guests, with n records queued; 0: commit now. It runs
-// under mu.
-func (m *Mux) gatherWait(n int) time.Duration {
+// answered anchored guests, with n records queued at now; 0: commit now.
+// It runs under mu.
+func (m *Mux) gatherWait(n int, now time.Time) time.Duration {
 	g := &m.regather
 	if g.want == 0 || n >= g.want || m.durableWaiters > 0 {
 		return 0
 	}
-	now := time.Now()
 	end := g.since.Add(gatherMax)
 	if idle := g.last.Add(gatherIdle); idle.Before(end) {
 		end = idle

@@ -31,7 +31,7 @@ func TestGatherWait(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			m := &Mux{regather: tc.g, durableWaiters: tc.durable}
-			w := m.gatherWait(tc.n)
+			w := m.gatherWait(tc.n, now)
 			if got := w > 0; got != tc.hold {
 				t.Fatalf("gatherWait(%d) = %v, want holding %v", tc.n, w, tc.hold)
 			}
