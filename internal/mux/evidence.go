@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
@@ -188,11 +189,18 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 			return quoteRes{err: ctx.Err()}
 		}
 		m.qmu.Lock()
-		ans, index := req.ans, req.index
-		wake = req.wake
+		ans, index, cur := req.ans, req.index, req.wake
 		m.qmu.Unlock()
+		if cur != wake {
+			// Moved to a later quote's channel while the one before was
+			// taken (a queue beyond maxQuoteBatch). It may be taken by
+			// that later quote already, whose answer is complete only
+			// when that channel closes: wait for it.
+			wake = cur
+			continue
+		}
 		if ans == nil {
-			continue // not taken yet: it waits on a channel of its own now
+			return quoteRes{err: errors.New("quote loop: a request's channel closed without an answer")}
 		}
 		r := ans.res
 		r.index = index

@@ -35,11 +35,15 @@ type flakyTPM struct {
 	extends    atomic.Int64
 	down       atomic.Bool // the TPM answers nothing until cleared
 	quoteDelay time.Duration
+	quoteHold  atomic.Pointer[chan struct{}] // when set, each quote waits until it is closed
 	quotes     atomic.Int64
 }
 
 func (f *flakyTPM) Quote(ctx context.Context, pcrs []int, extra []byte) (tpm.Quote, error) {
 	f.quotes.Add(1)
+	if h := f.quoteHold.Load(); h != nil {
+		<-*h
+	}
 	if f.quoteDelay > 0 {
 		time.Sleep(f.quoteDelay)
 	}

@@ -180,14 +180,20 @@ func TestQuoteBatchOverflow(t *testing.T) {
 	r := newRig(t, mux.Config{})
 	ctx := context.Background()
 	id := r.vm("vm-a")
-	r.tpm.quoteDelay = 300 * time.Millisecond
+	// The first quote is held until all n requests queue behind it, so
+	// that they all wait for the next one however slow the machine is.
+	hold := make(chan struct{})
+	r.tpm.quoteHold.Store(&hold)
+	q0 := r.tpm.quotes.Load()
 	busy := make(chan error, 1)
 	go func() {
 		_, err := r.m.Evidence(ctx, id.ID(), []byte("busy"))
 		busy <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
-	q0 := r.tpm.quotes.Load()
+	for r.tpm.quotes.Load() == q0 {
+		time.Sleep(time.Millisecond)
+	}
+	q0 = r.tpm.quotes.Load()
 	const n = 4200
 	type answer struct {
 		ev  *evidence.Evidence
@@ -200,6 +206,11 @@ func TestQuoteBatchOverflow(t *testing.T) {
 			out <- answer{ev, err}
 		}()
 	}
+	for r.m.QueuedQuotes() < n {
+		time.Sleep(time.Millisecond)
+	}
+	r.tpm.quoteHold.Store(nil)
+	close(hold)
 	if err := <-busy; err != nil {
 		t.Fatal(err)
 	}
