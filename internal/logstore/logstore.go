@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
+	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/wal"
 	bolt "go.etcd.io/bbolt"
@@ -761,35 +762,17 @@ func putRecords(b *bolt.Bucket, puts []Put) error {
 // cbor.Marshal writes for it (a map of four integer keys in field order).
 func appendRecord(b []byte, r *Record) []byte {
 	b = append(b, 0xa4, 0x01)
-	b = appendCBORHead(b, 0, r.Seq)
+	b = canon.AppendHead(b, 0, r.Seq)
 	b = append(b, 0x02)
-	b = appendCBORHead(b, 0, r.G)
+	b = canon.AppendHead(b, 0, r.G)
 	b = append(b, 0x03)
-	b = appendCBORHead(b, 0, r.Batch)
+	b = canon.AppendHead(b, 0, r.Batch)
 	b = append(b, 0x04)
 	if r.R == nil {
 		return append(b, 0xf6) // cbor.Marshal's nil byte slice
 	}
-	b = appendCBORHead(b, 2, uint64(len(r.R)))
+	b = canon.AppendHead(b, 2, uint64(len(r.R)))
 	return append(b, r.R...)
 }
 
 func recordSize(r *Record) int { return 5 + 4*9 + len(r.R) }
-
-// appendCBORHead appends a CBOR head of major type major with argument v
-// in its shortest form.
-func appendCBORHead(b []byte, major byte, v uint64) []byte {
-	m := major << 5
-	switch {
-	case v < 24:
-		return append(b, m|byte(v))
-	case v <= 0xff:
-		return append(b, m|24, byte(v))
-	case v <= 0xffff:
-		return binary.BigEndian.AppendUint16(append(b, m|25), uint16(v))
-	case v <= 0xffffffff:
-		return binary.BigEndian.AppendUint32(append(b, m|26), uint32(v))
-	default:
-		return binary.BigEndian.AppendUint64(append(b, m|27), v)
-	}
-}

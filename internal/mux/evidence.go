@@ -3,7 +3,6 @@ package mux
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"time"
@@ -462,27 +461,17 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		ev.AK = append([]byte(nil), der...)
 	}
 	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
-		if err != nil {
+		if _, err := readVMPart(sn, id, epoch, last, since, &ev.VM, &ev.Previous, &ev.Records); err != nil {
 			return err
-		}
-		if vm.Epoch != epoch {
-			return fmt.Errorf("vm %s belongs to epoch %d, not %d", vm.Name, vm.Epoch, epoch)
 		}
 		ei, err := sn.Epoch(epoch)
 		if err != nil {
 			return err
 		}
 		ev.Epoch = evidence.Epoch{Number: epoch, Record: ei.Record}
-		ev.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
-		fromBatch, fromSeq := uint64(0), vm.FirstSeq
+		fromBatch := uint64(0)
 		if since != nil {
-			ev.From = since
-			fromBatch, fromSeq = since.Batch+1, max(since.Records, vm.FirstSeq)
-		}
-		// A VM that came by live migration: its earlier segments.
-		if ev.Previous, err = evidence.DecodeChain(vm.Chain); err != nil {
-			return err
+			ev.From, fromBatch = since, since.Batch+1
 		}
 		err = sn.Batches(epoch, fromBatch, func(index uint64, b *logstore.Batch) error {
 			if index > last || !withLog {
@@ -494,22 +483,45 @@ func (m *Mux) buildParts(kind string, id conceal.Digest, epoch, last uint64, q t
 		if err != nil && err != errStop {
 			return err
 		}
-		err = sn.Records(id, fromSeq, func(r *logstore.Record) error {
-			if r.Batch > last {
-				return errStop
-			}
-			ev.Records = append(ev.Records, evidence.Record{G: r.G, R: append([]byte(nil), r.R...)})
-			return nil
-		})
-		if err != nil && err != errStop {
-			return err
-		}
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("build evidence: %w", err)
 	}
 	return ev, nil
+}
+
+// readVMPart reads, in snapshot sn, VM id's own part of its evidence into
+// vm, prev and recs: the VM, its earlier segments (live migration) and its
+// records from the checkpoint (or its first) up to batch last. It refuses
+// a VM of another epoch than the quoted one. It returns the VM as stored.
+func readVMPart(sn *logstore.Snapshot, id conceal.Digest, epoch, last uint64, since *evidence.Since, vm *evidence.VM, prev *[]evidence.Evidence, recs *[]evidence.Record) (*logstore.VM, error) {
+	v, err := sn.VM(id)
+	if err != nil {
+		return nil, err
+	}
+	if v.Epoch != epoch {
+		return nil, fmt.Errorf("vm %s belongs to epoch %d, not %d", v.Name, v.Epoch, epoch)
+	}
+	*vm = evidence.VM{UUID: conceal.FormatUUID(v.UUID), Instance: append([]byte(nil), v.Instance[:]...), Name: v.Name}
+	fromSeq := v.FirstSeq
+	if since != nil {
+		fromSeq = max(since.Records, v.FirstSeq)
+	}
+	if *prev, err = evidence.DecodeChain(v.Chain); err != nil {
+		return nil, err
+	}
+	err = sn.Records(id, fromSeq, func(r *logstore.Record) error {
+		if r.Batch > last {
+			return errStop
+		}
+		*recs = append(*recs, evidence.Record{G: r.G, R: append([]byte(nil), r.R...)})
+		return nil
+	})
+	if err != nil && err != errStop {
+		return nil, err
+	}
+	return v, nil
 }
 
 // chainWeight is the size of VM id's earlier segments (live migration),
@@ -551,16 +563,16 @@ func (m *Mux) encodeBatches(ctx context.Context, epoch, from, last uint64, chunk
 					return fmt.Errorf("batch %d missing from the store (found %d)", next, index)
 				}
 				p := *buf
-				p = cborHead(p, 5, 2) // map {1: g0, 2: entries}
-				p = cborHead(p, 0, 1)
-				p = cborHead(p, 0, b.G0)
-				p = cborHead(p, 0, 2)
+				p = canon.AppendHead(p, 5, 2) // map {1: g0, 2: entries}
+				p = canon.AppendHead(p, 0, 1)
+				p = canon.AppendHead(p, 0, b.G0)
+				p = canon.AppendHead(p, 0, 2)
 				if len(b.Entries) == 0 {
 					// build copies no entries into a nil slice, which the
 					// encoder writes as null: do as it does.
 					p = append(p, 0xf6)
 				} else {
-					p = cborHead(p, 2, uint64(len(b.Entries)))
+					p = canon.AppendHead(p, 2, uint64(len(b.Entries)))
 					p = append(p, b.Entries...)
 				}
 				*buf = p
@@ -591,23 +603,6 @@ func (m *Mux) encodeBatches(ctx context.Context, epoch, from, last uint64, chunk
 }
 
 var evEnc = canon.Enc()
-
-// cborHead appends a CBOR head of major type major and argument v in its
-// shortest form (RFC 8949 §4.2.1, as canonical encoding requires).
-func cborHead(b []byte, major byte, v uint64) []byte {
-	mt := major << 5
-	switch {
-	case v < 24:
-		return append(b, mt|byte(v))
-	case v <= 0xff:
-		return append(b, mt|24, byte(v))
-	case v <= 0xffff:
-		return binary.BigEndian.AppendUint16(append(b, mt|25), uint16(v))
-	case v <= 0xffffffff:
-		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
-	}
-	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
-}
 
 // evidenceQuote checks an evidence request (the nonce, the mux not
 // faulted, a checkpoint inside the log) and gets the quote that answers it.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/crc32c"
 	"github.com/tpmmux/tpmmux/internal/evidence"
@@ -70,23 +71,23 @@ const batchedKey = 11
 // appendProof appends the audit path p as Evidence's field 11, as the
 // canonical encoder writes it.
 func appendProof(b []byte, p *evidence.QuoteProof) []byte {
-	b = cborHead(b, 0, batchedKey)
-	b = cborHead(b, 5, 3) // map {1: index, 2: count, 3: path}
-	b = cborHead(b, 0, 1)
-	b = cborHead(b, 0, p.Index)
-	b = cborHead(b, 0, 2)
-	b = cborHead(b, 0, p.Count)
-	b = cborHead(b, 0, 3)
+	b = canon.AppendHead(b, 0, batchedKey)
+	b = canon.AppendHead(b, 5, 3) // map {1: index, 2: count, 3: path}
+	b = canon.AppendHead(b, 0, 1)
+	b = canon.AppendHead(b, 0, p.Index)
+	b = canon.AppendHead(b, 0, 2)
+	b = canon.AppendHead(b, 0, p.Count)
+	b = canon.AppendHead(b, 0, 3)
 	if p.Path == nil {
 		return append(b, 0xf6)
 	}
-	b = cborHead(b, 4, uint64(len(p.Path)))
+	b = canon.AppendHead(b, 4, uint64(len(p.Path)))
 	for _, h := range p.Path {
 		if h == nil {
 			b = append(b, 0xf6)
 			continue
 		}
-		b = cborHead(b, 2, uint64(len(h)))
+		b = canon.AppendHead(b, 2, uint64(len(h)))
 		b = append(b, h...)
 	}
 	return b
@@ -155,10 +156,10 @@ func (s *quoteShare) pre(fields int, n uint64) []byte {
 // key and array head.
 func preBytes(head []byte, fields int, n uint64) []byte {
 	pre := make([]byte, 0, len(head)+16)
-	pre = cborHead(pre, 5, uint64(fields))
+	pre = canon.AppendHead(pre, 5, uint64(fields))
 	pre = append(pre, head...)
-	pre = cborHead(pre, 0, logKey)
-	return cborHead(pre, 4, n) // array of n batches
+	pre = canon.AppendHead(pre, 0, logKey)
+	return canon.AppendHead(pre, 4, n) // array of n batches
 }
 
 func (s *quoteShare) get(m *Mux, res quoteRes) ([]byte, int, error) {
@@ -294,29 +295,8 @@ func (m *Mux) vmFields(id conceal.Digest, epoch, last uint64, since *evidence.Si
 	t := &evTail{Host: m.cfg.Host, From: since}
 	var ident *conceal.Identity
 	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
+		vm, err := readVMPart(sn, id, epoch, last, since, &t.VM, &t.Previous, &t.Records)
 		if err != nil {
-			return err
-		}
-		if vm.Epoch != epoch {
-			return fmt.Errorf("vm %s belongs to epoch %d, not %d", vm.Name, vm.Epoch, epoch)
-		}
-		t.VM = evidence.VM{UUID: conceal.FormatUUID(vm.UUID), Instance: append([]byte(nil), vm.Instance[:]...), Name: vm.Name}
-		fromSeq := vm.FirstSeq
-		if since != nil {
-			fromSeq = max(since.Records, vm.FirstSeq)
-		}
-		if t.Previous, err = evidence.DecodeChain(vm.Chain); err != nil {
-			return err
-		}
-		err = sn.Records(id, fromSeq, func(r *logstore.Record) error {
-			if r.Batch > last {
-				return errStop
-			}
-			t.Records = append(t.Records, evidence.Record{G: r.G, R: append([]byte(nil), r.R...)})
-			return nil
-		})
-		if err != nil && err != errStop {
 			return err
 		}
 		if withIdentity {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/tpmmux/tpmmux/internal/canon"
 	"github.com/tpmmux/tpmmux/internal/crc32c"
 )
 
@@ -49,11 +50,11 @@ func EvidenceFrame(scratch *[]byte, resp *EvidenceResponse, head [][]byte, share
 		fields++
 	}
 	var pre [32]byte
-	p := appendHead(pre[:0], 5, uint64(fields))
+	p := canon.AppendHead(pre[:0], 5, uint64(fields))
 	p = append(p, 0x01)
-	p = appendHead(p, 0, resp.ID)
+	p = canon.AppendHead(p, 0, resp.ID)
 	p = append(p, 0x02)
-	p = appendHead(p, 2, uint64(n))
+	p = canon.AppendHead(p, 2, uint64(n))
 	restLen := 96 + len(resp.AKPEM) // at most
 	if len(p)+n > MaxPayload {
 		return nil, fmt.Errorf("encode %s frame: %d bytes: %w", TypeEvidenceResponse, len(p)+n, ErrTooLarge)
@@ -110,50 +111,33 @@ func EvidenceFrame(scratch *[]byte, resp *EvidenceResponse, head [][]byte, share
 // reflection than on the rest of the frame.
 func appendResponseRest(b []byte, resp *EvidenceResponse) []byte {
 	b = append(b, 0x03)
-	b = appendHead(b, 2, uint64(len(resp.UUID)))
+	b = canon.AppendHead(b, 2, uint64(len(resp.UUID)))
 	b = append(b, resp.UUID[:]...)
 	b = append(b, 0x04)
-	b = appendHead(b, 2, uint64(len(resp.Instance)))
+	b = canon.AppendHead(b, 2, uint64(len(resp.Instance)))
 	b = append(b, resp.Instance[:]...)
 	b = append(b, 0x05)
-	b = appendHead(b, 2, uint64(len(resp.Key)))
+	b = canon.AppendHead(b, 2, uint64(len(resp.Key)))
 	b = append(b, resp.Key[:]...)
 	b = append(b, 0x06)
 	if resp.AKPEM == nil {
 		b = append(b, 0xf6)
 	} else {
-		b = appendHead(b, 2, uint64(len(resp.AKPEM)))
+		b = canon.AppendHead(b, 2, uint64(len(resp.AKPEM)))
 		b = append(b, resp.AKPEM...)
 	}
 	if resp.Part != 0 {
 		b = append(b, 0x07)
-		b = appendHead(b, 0, uint64(resp.Part))
+		b = canon.AppendHead(b, 0, uint64(resp.Part))
 	}
 	if resp.More {
 		b = append(b, 0x08, 0xf5)
 	}
 	if resp.Total != 0 {
 		b = append(b, 0x09)
-		b = appendHead(b, 0, resp.Total)
+		b = canon.AppendHead(b, 0, resp.Total)
 	}
 	return b
-}
-
-// appendHead appends a CBOR head of major type major and argument v in its
-// shortest form, as the canonical encoder writes it.
-func appendHead(b []byte, major byte, v uint64) []byte {
-	mt := major << 5
-	switch {
-	case v < 24:
-		return append(b, mt|byte(v))
-	case v <= 0xff:
-		return append(b, mt|24, byte(v))
-	case v <= 0xffff:
-		return binary.BigEndian.AppendUint16(append(b, mt|25), uint16(v))
-	case v <= 0xffffffff:
-		return binary.BigEndian.AppendUint32(append(b, mt|26), uint32(v))
-	}
-	return binary.BigEndian.AppendUint64(append(b, mt|27), v)
 }
 
 // SendFrame writes one frame given as buffers (EvidenceFrame) with one
