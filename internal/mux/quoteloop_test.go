@@ -133,19 +133,7 @@ func TestStreamSharedQuotes(t *testing.T) {
 		}
 	}
 	ctx := context.Background()
-	cps := make([]*verify.Checkpoint, len(idents))
-	for i, id := range idents {
-		nonce := []byte("the checkpoint's nonce, fresh")
-		ev, err := r.m.Evidence(ctx, id.ID(), nonce)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: id, AK: r.tpm.AK(), PCR: 13})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cps[i] = rep.Checkpoint
-	}
+	cps := r.checkpoints(t, idents, []byte("the checkpoint's nonce, fresh"))
 	for i := range 6 {
 		if _, err := r.m.Submit(idents[i%2].ID(), meas(100+i)); err != nil {
 			t.Fatal(err)

@@ -35,19 +35,7 @@ func TestSharedEvidenceIsolation(t *testing.T) {
 		}
 	}
 	// Each VM's checkpoint.
-	cps := make([]*verify.Checkpoint, len(idents))
-	for i, id := range idents {
-		nonce := []byte("the checkpoint's nonce")
-		ev, err := r.m.Evidence(ctx, id.ID(), nonce)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: id, AK: r.tpm.AK(), PCR: 13})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cps[i] = rep.Checkpoint
-	}
+	cps := r.checkpoints(t, idents, []byte("the checkpoint's nonce"))
 	r.tpm.quoteDelay = 100 * time.Millisecond
 	for round := range 2 {
 		// New records for both VMs (more for b, so its delta differs).
@@ -231,4 +219,23 @@ func TestQuoteBatchOverflow(t *testing.T) {
 	if q := r.tpm.quotes.Load() - q0; q != 2 {
 		t.Fatalf("%d quotes for the queue, want 2", q)
 	}
+}
+
+// checkpoints verifies full evidence of each VM with nonce and returns
+// the checkpoints a verifier keeps from it, in the order of idents.
+func (r *rig) checkpoints(t *testing.T, idents []*conceal.Identity, nonce []byte) []*verify.Checkpoint {
+	t.Helper()
+	cps := make([]*verify.Checkpoint, len(idents))
+	for i, id := range idents {
+		ev, err := r.m.Evidence(context.Background(), id.ID(), nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: id, AK: r.tpm.AK(), PCR: 13})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cps[i] = rep.Checkpoint
+	}
+	return cps
 }
