@@ -363,6 +363,16 @@ const quoteTimeout = 2 * time.Minute
 // the bridge kept when the teardown was extended, with the log up to it. It
 // stays verifiable after the PCR has been reset.
 func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
+	fq, sel, vals, err := m.finalQuote(id)
+	if err != nil {
+		return nil, err
+	}
+	return m.build(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil)
+}
+
+// finalQuote reads the quote kept at VM id's teardown, with its PCR
+// selection and values as a fresh quote gives them.
+func (m *Mux) finalQuote(id conceal.Digest) (*logstore.FinalQuote, []int, []conceal.Digest, error) {
 	var fq *logstore.FinalQuote
 	err := m.store.View(func(sn *logstore.Snapshot) error {
 		var err error
@@ -370,7 +380,7 @@ func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("final evidence: %w", err)
+		return nil, nil, nil, fmt.Errorf("final evidence: %w", err)
 	}
 	sel := make([]int, len(fq.PCRs))
 	vals := make([]conceal.Digest, len(fq.Values))
@@ -378,7 +388,7 @@ func (m *Mux) FinalEvidence(id conceal.Digest) (*evidence.Evidence, error) {
 		sel[i] = int(fq.PCRs[i])
 		copy(vals[i][:], fq.Values[i])
 	}
-	return m.build(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil)
+	return fq, sel, vals, nil
 }
 
 // quoteLocked reads the quoted PCRs and quotes them, retrying when a host

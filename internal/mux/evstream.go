@@ -401,20 +401,9 @@ func (m *Mux) StreamFinalEvidence(ctx context.Context, id conceal.Digest, chunk 
 	if chunk <= 0 {
 		chunk = 4 << 20
 	}
-	var fq *logstore.FinalQuote
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		var err error
-		fq, err = sn.Final(id)
-		return err
-	})
+	fq, sel, vals, err := m.finalQuote(id)
 	if err != nil {
-		return fmt.Errorf("final evidence: %w", err)
-	}
-	sel := make([]int, len(fq.PCRs))
-	vals := make([]conceal.Digest, len(fq.Values))
-	for i := range fq.PCRs {
-		sel[i] = int(fq.PCRs[i])
-		copy(vals[i][:], fq.Values[i])
+		return err
 	}
 	shell, err := m.buildParts(evidence.KindFinal, id, fq.Epoch, fq.Batch, tpm.Quote{Attest: fq.Attest, Signature: fq.Signature}, sel, vals, nil, false)
 	if err != nil {
