@@ -60,6 +60,7 @@ type env struct {
 	vmsList  []int
 	verList  []int
 	evModes  []string // P3: "full", "incremental"
+	early    bool     // P3: verifiers ask for early evidence
 	p4Sizes  []int
 	frame    int
 	dur      time.Duration // --dur: overrides the measurement window
@@ -94,6 +95,7 @@ ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
 	vmsFlag := fs.String("vms", "1,10,100,1000", "VM counts for P1 and P2")
 	verFlag := fs.String("verifiers", "1,10,100,1000", "concurrent verifier counts for P3")
 	evFlag := fs.String("evidence", "full,incremental", "P3's verifiers ask for full evidence, incremental evidence (from a checkpoint), or both")
+	early := fs.Bool("early", true, "P3's verifiers ask for early evidence: the log and the VM's fields while the quote is taken (docs/protocol.md, Early evidence)")
 	maxBatch := fs.Int("max-batch", 0, "the group-commit runs' mux.Config.MaxBatch (default: the multiplexer's, 8192)")
 	durFlag := fs.Duration("dur", 0, "measurement window of each P1/P2/P3 run (default 1s, P3 on hw 3s; --quick halves them)")
 	jsonOut := fs.String("json", "", "also write the table as JSON to this file")
@@ -106,7 +108,7 @@ ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
 	if *child != "" {
 		return childMain(ctx, *child, *childN, *childM, *work, stdout, stderr)
 	}
-	e := &env{evModes: strings.Split(*evFlag, ","), maxBatch: *maxBatch, dur: *durFlag, quick: *quick, runs: *runs, profile: *profile, frame: *frame, log: stderr, only: map[string]bool{}}
+	e := &env{evModes: strings.Split(*evFlag, ","), early: *early, maxBatch: *maxBatch, dur: *durFlag, quick: *quick, runs: *runs, profile: *profile, frame: *frame, log: stderr, only: map[string]bool{}}
 	if e.runs <= 0 {
 		e.runs = 3
 		if e.quick {

@@ -103,7 +103,7 @@ func (e *env) runAttest(ctx context.Context, kind string, verifiers int, noBatch
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	a := &attestLoad{got: make([]atomic.Bool, verifiers), errc: make(chan error, verifiers), cps: cps}
+	a := &attestLoad{got: make([]atomic.Bool, verifiers), errc: make(chan error, verifiers), cps: cps, early: e.early}
 	conns := make([]net.Conn, verifiers)
 	var serveWG, cwg sync.WaitGroup
 	for i := range verifiers {
@@ -174,6 +174,7 @@ type attestLoad struct {
 	seen      atomic.Int64
 	kept      atomic.Int64
 	evBytes   atomic.Int64
+	early     bool          // the verifiers ask for early evidence (wire.EvidenceRequest.Early)
 	got       []atomic.Bool // verifier i has had an answer
 	errc      chan error
 	cps       []*verify.Checkpoint // per VM: the checkpoint incremental requests start from, or nil
@@ -222,7 +223,7 @@ func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
 		nonce := make([]byte, 32)
 		rand.Read(nonce)
 		t := time.Now()
-		req, err := wire.Encode(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since})
+		req, err := wire.Encode(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: reqID, Nonce: nonce, Since: since, Early: a.early})
 		if err != nil {
 			a.errc <- fmt.Errorf("verifier %d: %w", i, err)
 			return
@@ -230,7 +231,10 @@ func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
 		if _, err := g.Write(req); err != nil {
 			return
 		}
-		f, err := fr.readResponse(reqID)
+		// Whether to keep this response as a sample is known before it
+		// is read: an early part's bytes are copied only then.
+		keep := a.measuring.Load() && a.sample()
+		f, early, err := fr.readResponse(reqID, keep)
 		if err != nil {
 			var we *wire.Error
 			if errors.As(err, &we) || (!errors.Is(err, io.EOF) && !errors.Is(err, io.ErrClosedPipe)) {
@@ -245,9 +249,8 @@ func (a *attestLoad) verifier(ctx context.Context, i, vm int, g net.Conn) {
 			continue
 		}
 		s := sample{nonce: nonce, vm: vm, cp: cp}
-		keep := a.sample()
 		if keep {
-			if s.resp, err = decodeFull(f); err != nil {
+			if s.resp, err = decodeFull(f, early); err != nil {
 				a.errc <- fmt.Errorf("verifier %d: %w", i, err)
 				return
 			}
@@ -405,7 +408,7 @@ func (e *env) benchAttest(ctx context.Context) error {
 				}
 				row := row{ID: "P3", Case: cs, TPM: tpmLabel(kind),
 					Value: fmt.Sprintf("%s (%.0f%% of N/Q)", fmtRate(b, "req/s"), 100*b/ideal), Baseline: fmtRate(o, "req/s") + " (1 quote/req)", V: b, B: o, R: b / o, Ratio: fmtRatio(b / o),
-					Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes; Q = %v, closed-loop ideal N/Q = %s; CPU %v per response; rate over whole quote cycles (counted in the fixed window: %s)", verified, batched, q.Round(10*time.Microsecond), fmtRate(ideal, "req/s"), cpu.Round(time.Microsecond), fmtRate(medianOf(bat, func(r *attestResult) float64 { return r.winRate }), "req/s"))}
+					Notes: fmt.Sprintf("%d sampled responses verified with verify.Verify, %d of them from batched quotes; Q = %v, closed-loop ideal N/Q = %s; CPU %v per response; early evidence %s; rate over whole quote cycles (counted in the fixed window: %s)", verified, batched, q.Round(10*time.Microsecond), fmtRate(ideal, "req/s"), cpu.Round(time.Microsecond), yesNo(e.early), fmtRate(medianOf(bat, func(r *attestResult) float64 { return r.winRate }), "req/s"))}
 				if kind == kindHW && n >= 10 {
 					row.Target, row.Met = "≥90% of N/Q", yesNo(b >= 0.9*ideal)
 				} else {

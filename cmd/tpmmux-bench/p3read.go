@@ -100,47 +100,82 @@ func unexpected(err error) error {
 // every response; the decoder skips the other fields (the evidence) without
 // copying them.
 type respHead struct {
-	ID   uint64 `cbor:"1,keyasint"`
-	Part uint32 `cbor:"7,keyasint,omitempty"`
-	More bool   `cbor:"8,keyasint,omitempty"`
+	ID    uint64 `cbor:"1,keyasint"`
+	Part  uint32 `cbor:"7,keyasint,omitempty"`
+	More  bool   `cbor:"8,keyasint,omitempty"`
+	Early bool   `cbor:"10,keyasint,omitempty"`
 }
 
 // readResponse reads the response to request id: its one frame (P3's
-// evidence is far below wire.EvidenceChunk), checked and with its header
-// fields decoded. The frame's payload is valid until the next read; full
-// decodes it (see decodeFull).
-func (fr *frameReader) readResponse(id uint64) (wire.Frame, error) {
-	f, err := fr.next()
-	if err != nil {
-		return f, err
-	}
-	switch f.Type {
-	case wire.TypeError:
-		var we wire.Error
-		if err := wire.Decode(f, &we); err != nil {
-			return f, err
+// evidence is far below wire.EvidenceChunk), or, for a request with Early,
+// the early part that carries the evidence's end and then the last part
+// with the quote; each frame checked and its header fields decoded. It
+// returns the last frame, whose payload is valid until the next read, and
+// with keep copies of the early frames' payloads (see decodeFull).
+func (fr *frameReader) readResponse(id uint64, keep bool) (wire.Frame, [][]byte, error) {
+	var early [][]byte
+	for part := uint32(0); ; part++ {
+		f, err := fr.next()
+		if err != nil {
+			return f, nil, err
 		}
-		return f, &we
-	case wire.TypeEvidenceResponse:
-	default:
-		return f, fmt.Errorf("got a %s frame, want an evidence response", f.Type)
+		switch f.Type {
+		case wire.TypeError:
+			var we wire.Error
+			if err := wire.Decode(f, &we); err != nil {
+				return f, nil, err
+			}
+			return f, nil, &we
+		case wire.TypeEvidenceResponse:
+		default:
+			return f, nil, fmt.Errorf("got a %s frame, want an evidence response", f.Type)
+		}
+		var h respHead
+		if err := cbor.Unmarshal(f.Payload, &h); err != nil {
+			return f, nil, fmt.Errorf("decode evidence response: %w", err)
+		}
+		if h.ID != id || h.Part != part {
+			return f, nil, fmt.Errorf("evidence response ID %d part %d, want request %d part %d", h.ID, h.Part, id, part)
+		}
+		if !h.Early {
+			if h.More {
+				return f, nil, fmt.Errorf("evidence response %d part %d: more parts follow, want the evidence in one part after the early one", id, part)
+			}
+			return f, early, nil
+		}
+		if !h.More || part > 0 {
+			return f, nil, fmt.Errorf("evidence response %d part %d: early part %d (more: %v), want one early part before the last", id, part, part, h.More)
+		}
+		if keep {
+			early = append(early, append([]byte(nil), f.Payload...))
+		}
 	}
-	var h respHead
-	if err := cbor.Unmarshal(f.Payload, &h); err != nil {
-		return f, fmt.Errorf("decode evidence response: %w", err)
-	}
-	if h.ID != id || h.Part != 0 || h.More {
-		return f, fmt.Errorf("evidence response ID %d part %d (more: %v), want request %d in one part", h.ID, h.Part, h.More, id)
-	}
-	return f, nil
 }
 
-// decodeFull decodes a response frame readResponse returned, copying it.
-func decodeFull(f wire.Frame) (*wire.EvidenceResponse, error) {
+// decodeFull decodes a response readResponse returned, copying it, and
+// joins its early part (if any) as wire.Assembler does.
+func decodeFull(f wire.Frame, early [][]byte) (*wire.EvidenceResponse, error) {
+	var a wire.Assembler
+	for _, p := range early {
+		var resp wire.EvidenceResponse
+		if err := wire.Decode(wire.Frame{Type: wire.TypeEvidenceResponse, Payload: p}, &resp); err != nil {
+			return nil, err
+		}
+		if _, err := a.Add(&resp); err != nil {
+			return nil, err
+		}
+	}
 	f.Payload = append([]byte(nil), f.Payload...)
 	var resp wire.EvidenceResponse
 	if err := wire.Decode(f, &resp); err != nil {
 		return nil, err
 	}
-	return &resp, nil
+	whole, err := a.Add(&resp)
+	if err != nil {
+		return nil, err
+	}
+	if whole == nil {
+		return nil, fmt.Errorf("evidence response %d: incomplete", resp.ID)
+	}
+	return whole, nil
 }

@@ -28,6 +28,26 @@ func TestFrameReader(t *testing.T) {
 		b[i] ^= 1
 		return b
 	}
+	// The same response with its end sent early, as the bridge answers a
+	// request with Early: an early part, then the start.
+	at := 1000
+	earlyPart := &wire.EvidenceResponse{ID: 7, Evidence: resp.Evidence[at:], UUID: resp.UUID, Instance: resp.Instance, Key: resp.Key, AKPEM: resp.AKPEM, More: true, Early: true}
+	startPart := &wire.EvidenceResponse{ID: 7, Part: 1, Evidence: resp.Evidence[:at]}
+	enc := func(ps ...*wire.EvidenceResponse) []byte {
+		var b []byte
+		for _, p := range ps {
+			f, err := wire.Encode(wire.TypeEvidenceResponse, p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b = append(b, f...)
+		}
+		return b
+	}
+	lateEarly := *earlyPart
+	lateEarly.Part = 1
+	earlyLast := *earlyPart
+	earlyLast.More = false
 	cases := []struct {
 		name    string
 		stream  []byte
@@ -35,6 +55,12 @@ func TestFrameReader(t *testing.T) {
 		wantErr bool
 	}{
 		{"response", good, 7, false},
+		{"early part, then the start", enc(earlyPart, startPart), 7, false},
+		{"early part alone", enc(earlyPart), 7, true},
+		{"early part last", enc(&earlyLast), 7, true},
+		{"two early parts", enc(earlyPart, &lateEarly), 7, true},
+		{"start without the early part's number", enc(earlyPart, &wire.EvidenceResponse{ID: 7, Evidence: resp.Evidence[:at]}), 7, true},
+		{"early part of another request", enc(&wire.EvidenceResponse{ID: 8, Evidence: []byte("x"), More: true, Early: true}, startPart), 7, true},
 		{"another request's response", good, 8, true},
 		{"header bit flipped", flip(5), 7, true},
 		{"payload bit flipped", flip(wire.HeaderSize + 1000), 7, true},
@@ -45,7 +71,7 @@ func TestFrameReader(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			fr := newFrameReader(bytes.NewReader(c.stream))
-			f, err := fr.readResponse(c.id)
+			f, early, err := fr.readResponse(c.id, true)
 			if c.wantErr {
 				if err == nil {
 					t.Fatal("accepted")
@@ -55,7 +81,7 @@ func TestFrameReader(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, err := decodeFull(f)
+			got, err := decodeFull(f, early)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -66,7 +92,7 @@ func TestFrameReader(t *testing.T) {
 	}
 	// A bridge error arrives as a *wire.Error.
 	fr := newFrameReader(bytes.NewReader(errFrame))
-	_, err = fr.readResponse(1)
+	_, _, err = fr.readResponse(1, false)
 	var we *wire.Error
 	if !errors.As(err, &we) || we.Code != wire.CodeEvidence {
 		t.Fatalf("error frame gave %v, want the bridge's error", err)
@@ -79,23 +105,23 @@ func TestFrameReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	fr = newFrameReader(bytes.NewReader(bigFrame))
-	if f, err := fr.readResponse(9); err != nil {
+	if f, _, err := fr.readResponse(9, false); err != nil {
 		t.Fatal(err)
-	} else if got, err := decodeFull(f); err != nil || !bytes.Equal(got.Evidence, big.Evidence) {
+	} else if got, err := decodeFull(f, nil); err != nil || !bytes.Equal(got.Evidence, big.Evidence) {
 		t.Fatalf("large response: %v", err)
 	}
 	bad := bytes.Clone(bigFrame)
 	bad[len(bad)/2] ^= 1
-	if _, err := newFrameReader(bytes.NewReader(bad)).readResponse(9); err == nil {
+	if _, _, err := newFrameReader(bytes.NewReader(bad)).readResponse(9, false); err == nil {
 		t.Fatal("a large response with a flipped bit was accepted")
 	}
-	if _, err := newFrameReader(bytes.NewReader(bigFrame[:len(bigFrame)-3])).readResponse(9); err == nil {
+	if _, _, err := newFrameReader(bytes.NewReader(bigFrame[:len(bigFrame)-3])).readResponse(9, false); err == nil {
 		t.Fatal("a large response cut short was accepted")
 	}
 	// The buffer is reused: two responses in a row both read.
 	fr = newFrameReader(bytes.NewReader(append(bytes.Clone(good), good...)))
 	for i := range 2 {
-		if _, err := fr.readResponse(7); err != nil {
+		if _, _, err := fr.readResponse(7, false); err != nil {
 			t.Fatalf("response %d: %v", i, err)
 		}
 	}

@@ -686,7 +686,8 @@ func (e *sendError) Error() string { return e.err.Error() }
 // streamEvidence produces the responses to a guest's evidence request, each
 // with its part of the evidence: one when the evidence fits a part, else
 // parts 0, 1, … with More set on all but the last; part 0 carries the
-// identity and the AK.
+// identity and the AK. A request with Early may get the evidence's end in
+// an early part while the quote is taken (mux.StreamEvidenceParts).
 func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.EvidenceRequest, send func(*wire.EvidenceResponse, *mux.EvidencePart) error) error {
 	if len(m.Nonce) == 0 || len(m.Nonce) > 64 {
 		return fmt.Errorf("nonce of %d bytes, want 1 to 64", len(m.Nonce))
@@ -696,8 +697,8 @@ func (b *Bridge) streamEvidence(ctx context.Context, id conceal.Digest, m wire.E
 		since = &evidence.Since{Batch: m.Since.Batch, Records: m.Since.Records}
 	}
 	part := uint32(0)
-	return b.Mux.StreamEvidenceParts(ctx, id, m.Nonce, since, wire.EvidenceChunk, true, func(p *mux.EvidencePart) error {
-		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, More: !p.Last}
+	return b.Mux.StreamEvidenceParts(ctx, id, m.Nonce, since, wire.EvidenceChunk, true, m.Early, func(p *mux.EvidencePart) error {
+		resp := &wire.EvidenceResponse{ID: m.ID, Part: part, More: !p.Last, Early: p.Early}
 		if part == 0 {
 			if p.Identity == nil {
 				return errors.New("evidence without the VM's identity")

@@ -70,7 +70,7 @@ func (m *Mux) evBudget() (*semaphore.Weighted, int64) {
 // serialized copy (a frame, a file) is bounded by the budget too; ev must
 // not be used after fn returns.
 func (m *Mux) WithEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, fn func(ev *evidence.Evidence) error) error {
-	res, err := m.evidenceQuote(ctx, id, nonce, since)
+	res, err := m.evidenceQuote(ctx, id, nonce, since, nil)
 	if err != nil {
 		return err
 	}
@@ -120,6 +120,10 @@ type quoteReq struct {
 	wake  chan struct{}
 	ans   *quoteAnswer
 	index int
+	// fixed is closed, before wake, when the quote that answers the
+	// request has fixed the batch it covers (quoteAnswer.fix); it moves
+	// with wake.
+	fixed chan struct{}
 }
 
 // quoteAnswer is one quote's answer to every request it served, complete
@@ -128,6 +132,11 @@ type quoteReq struct {
 // waiting behind the others (and the loop, preempted, behind them).
 type quoteAnswer struct {
 	res quoteRes // without index: each request's is its own
+	// fix is res as far as it is known once the batch the quote covers
+	// is fixed, before the TPM quotes: the epoch, the quoted batch, the
+	// log's length, the share and the tree (no quote, no PCR values). It
+	// is set before the requests' fixed channel closes.
+	fix quoteRes
 }
 
 type quoteRes struct {
@@ -152,10 +161,18 @@ type quoteRes struct {
 // is being taken wait for the next one and share it: its extraData is the
 // root of a Merkle tree over their values, and each gets its audit path
 // (docs/protocol.md, Batched quotes). A lone request gets a plain quote over its own value.
-func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
+//
+// With early, quoteFor calls it once the quote that answers the request
+// has fixed the batch it covers and before the TPM quotes (a shared
+// quote's 200 ms on hardware), with that part of the answer (no quote, no
+// PCR values; quoteAnswer.fix): the requester can send what depends on the
+// log alone meanwhile. An error from early is quoteFor's answer. early is
+// not called without batching, or when the quote fails before the batch
+// is fixed.
+func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest, early func(quoteRes) error) quoteRes {
 	if m.cfg.NoQuoteBatching {
 		m.commitMu.Lock()
-		q, vals, err := m.quoteLocked(ctx, extra[:])
+		q, vals, err := m.quoteLocked(ctx, extra[:], nil)
 		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
 		return quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
@@ -165,9 +182,9 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 	req := &quoteReq{extra: extra, leaf: conceal.MerkleLeaf(extra)}
 	m.qmu.Lock()
 	if m.qwake == nil {
-		m.qwake = make(chan struct{})
+		m.qwake, m.qfixed = make(chan struct{}), make(chan struct{})
 	}
-	req.wake = m.qwake
+	req.wake, req.fixed = m.qwake, m.qfixed
 	m.qpending = append(m.qpending, req)
 	if m.qtarget > 0 && len(m.qpending) >= m.qtarget {
 		select {
@@ -179,16 +196,40 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 		m.quoting = true
 		go m.quoteLoop()
 	}
-	wake := req.wake
+	wake, fixed := req.wake, req.fixed
 	m.qmu.Unlock()
+	if early == nil {
+		fixed = nil
+	}
+	var batched *evidence.QuoteProof // the audit path, once read out
 	for {
 		select {
 		case <-wake:
+		case <-fixed:
+			m.qmu.Lock()
+			ans, index, cur := req.ans, req.index, req.fixed
+			m.qmu.Unlock()
+			if cur != fixed {
+				fixed = cur // moved to a later quote (see below)
+				continue
+			}
+			fixed = nil
+			if ans == nil || ans.fix.share == nil {
+				continue // the quote failed first: its answer comes with wake
+			}
+			r := ans.fix
+			r.index = index
+			batched = auditPath(&r)
+			r.batched = batched
+			if err := early(r); err != nil {
+				return quoteRes{err: err}
+			}
+			continue
 		case <-ctx.Done():
 			return quoteRes{err: ctx.Err()}
 		}
 		m.qmu.Lock()
-		ans, index, cur := req.ans, req.index, req.wake
+		ans, index, cur, curFixed := req.ans, req.index, req.wake, req.fixed
 		m.qmu.Unlock()
 		if cur != wake {
 			// Moved to a later quote's channel while the one before was
@@ -196,6 +237,9 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 			// that later quote already, whose answer is complete only
 			// when that channel closes: wait for it.
 			wake = cur
+			if fixed != nil {
+				fixed = curFixed
+			}
 			continue
 		}
 		if ans == nil {
@@ -203,18 +247,31 @@ func (m *Mux) quoteFor(ctx context.Context, extra conceal.Digest) quoteRes {
 		}
 		r := ans.res
 		r.index = index
-		if r.count > 1 {
-			path := r.tree.Path(r.index)
-			b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(path))}
-			flat := make([]byte, 0, len(path)*len(conceal.Digest{}))
-			for i, p := range path {
-				flat = append(flat, p[:]...)
-				b.Path[i] = flat[len(flat)-len(p) : len(flat) : len(flat)]
-			}
-			r.batched, r.tree = b, nil
+		if batched != nil {
+			r.batched, r.tree = batched, nil
+		} else {
+			r.batched = auditPath(&r)
 		}
 		return r
 	}
+}
+
+// auditPath reads request r.index's audit path out of a shared quote's
+// tree (nil for a quote of one request), and drops r's reference to the
+// tree.
+func auditPath(r *quoteRes) *evidence.QuoteProof {
+	if r.count <= 1 || r.tree == nil {
+		return nil
+	}
+	path := r.tree.Path(r.index)
+	b := &evidence.QuoteProof{Index: uint64(r.index), Count: uint64(r.count), Path: make([]evidence.Hex, len(path))}
+	flat := make([]byte, 0, len(path)*len(conceal.Digest{}))
+	for i, p := range path {
+		flat = append(flat, p[:]...)
+		b.Path[i] = flat[len(flat)-len(p) : len(flat) : len(flat)]
+	}
+	r.tree = nil
+	return b
 }
 
 // quoteLoop takes quotes until no request is waiting. After a quote that
@@ -246,18 +303,18 @@ func (m *Mux) quoteLoop() {
 		reqs := m.qpending[:n:n]
 		m.qpending = m.qpending[n:]
 		ans := new(quoteAnswer)
-		wake := m.qwake
+		wake, fixed := m.qwake, m.qfixed
 		for i, r := range reqs {
 			r.ans, r.index = ans, i
 		}
 		// Requests that arrive from now on wait for a later quote, on
 		// another channel; so do those beyond maxQuoteBatch (woken by this
 		// quote's close, they find no answer and wait on theirs).
-		m.qwake = nil
+		m.qwake, m.qfixed = nil, nil
 		if len(m.qpending) > 0 {
-			m.qwake = make(chan struct{})
+			m.qwake, m.qfixed = make(chan struct{}), make(chan struct{})
 			for _, r := range m.qpending {
-				r.wake = m.qwake
+				r.wake, r.fixed = m.qwake, m.qfixed
 			}
 		}
 		m.qmu.Unlock()
@@ -274,11 +331,25 @@ func (m *Mux) quoteLoop() {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
 		start := time.Now()
+		share := new(quoteShare)
+		fixedClosed := false
 		m.commitMu.Lock()
-		q, vals, err := m.quoteLocked(ctx, extra[:])
+		q, vals, err := m.quoteLocked(ctx, extra[:], func() {
+			// Under commitMu, after the applier's wait: the batch the
+			// quote covers, and the store up to it, stay as they are.
+			ans.fix = quoteRes{epoch: m.epoch, last: m.nextBatch - 1, nextG: m.nextG, share: share}
+			if n > 1 {
+				ans.fix.tree, ans.fix.count = tree, n
+			}
+			close(fixed)
+			fixedClosed = true
+		})
 		epoch, last, nextG := m.epoch, m.nextBatch-1, m.nextG
 		m.commitMu.Unlock()
 		cancel()
+		if !fixedClosed {
+			close(fixed)
+		}
 		if n > 1 && err == nil {
 			linger = min(time.Since(start)/2, maxQuoteLinger)
 			// The requests that queued during the quote are other
@@ -291,7 +362,7 @@ func (m *Mux) quoteLoop() {
 			target = n + len(m.qpending)
 			m.qmu.Unlock()
 		}
-		ans.res = quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: new(quoteShare)}
+		ans.res = quoteRes{q: q, vals: vals, epoch: epoch, last: last, nextG: nextG, err: err, share: share}
 		if n > 1 && err == nil {
 			ans.res.tree, ans.res.count = tree, n
 		}
@@ -394,7 +465,11 @@ func (m *Mux) finalQuote(id conceal.Digest) (*logstore.FinalQuote, []int, []conc
 // quoteLocked reads the quoted PCRs and quotes them, retrying when a host
 // PCR changed in between (host IMA extends PCR 10 at any time). It runs
 // under commitMu, so PCR p cannot change.
-func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conceal.Digest, error) {
+//
+// fixed, when not nil, is called once the batch the quote covers is fixed
+// (the applier's wait is over and the mux is not faulted), before the TPM
+// is asked: the store then holds every batch up to it.
+func (m *Mux) quoteLocked(ctx context.Context, extra []byte, fixed func()) (tpm.Quote, []conceal.Digest, error) {
 	start := time.Now()
 	defer func() {
 		d := time.Since(start)
@@ -407,6 +482,14 @@ func (m *Mux) quoteLocked(ctx context.Context, extra []byte) (tpm.Quote, []conce
 	// The newest batch's extend may still run: the quote covers it.
 	if err := m.waitExtendedLocked(); err != nil {
 		return tpm.Quote{}, nil, err
+	}
+	if fixed != nil {
+		m.mu.Lock()
+		faulted := m.fault != nil
+		m.mu.Unlock()
+		if !faulted {
+			fixed()
+		}
 	}
 	for try := 0; try < 5; try++ {
 		vals, err := m.tpm.ReadPCRs(ctx, m.sel)
@@ -616,7 +699,9 @@ var evEnc = canon.Enc()
 
 // evidenceQuote checks an evidence request (the nonce, the mux not
 // faulted, a checkpoint inside the log) and gets the quote that answers it.
-func (m *Mux) evidenceQuote(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since) (quoteRes, error) {
+// early, when not nil, is called as quoteFor calls it, once the
+// checkpoint is checked against the batch the quote covers.
+func (m *Mux) evidenceQuote(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, early func(quoteRes) error) (quoteRes, error) {
 	if len(nonce) == 0 || len(nonce) > 64 {
 		return quoteRes{}, fmt.Errorf("evidence: nonce of %d bytes, want 1 to 64", len(nonce))
 	}
@@ -626,12 +711,29 @@ func (m *Mux) evidenceQuote(ctx context.Context, id conceal.Digest, nonce []byte
 	if fault != nil {
 		return quoteRes{}, fmt.Errorf("not serving evidence: %w", fault)
 	}
-	res := m.quoteFor(ctx, conceal.NonceData(nonce, id))
+	var onFixed func(quoteRes) error
+	if early != nil {
+		onFixed = func(r quoteRes) error {
+			if checkSince(since, r.last) != nil {
+				return nil // refused with the answer
+			}
+			return early(r)
+		}
+	}
+	res := m.quoteFor(ctx, conceal.NonceData(nonce, id), onFixed)
 	if res.err != nil {
 		return quoteRes{}, fmt.Errorf("evidence: %w", res.err)
 	}
-	if since != nil && since.Batch >= res.last+1 {
-		return quoteRes{}, fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, res.last)
+	if err := checkSince(since, res.last); err != nil {
+		return quoteRes{}, err
 	}
 	return res, nil
+}
+
+// checkSince refuses a checkpoint beyond the quoted batch last.
+func checkSince(since *evidence.Since, last uint64) error {
+	if since != nil && since.Batch >= last+1 {
+		return fmt.Errorf("evidence: checkpoint batch %d is beyond the log's last batch %d (another epoch?)", since.Batch, last)
+	}
+	return nil
 }

@@ -328,6 +328,10 @@ type EvidencePart struct {
 	Shared crc32c.Shared
 	Tail   [][]byte
 	Last   bool // the evidence's last part
+	// Early says the part holds the evidence's end and comes before the
+	// rest (StreamEvidenceParts with early; wire.EvidenceResponse.Early):
+	// the evidence is the later parts' bytes followed by the early ones.
+	Early bool
 	// Identity is the VM's identity, read with the evidence, on the first
 	// part when it was asked for.
 	Identity *conceal.Identity
@@ -353,7 +357,7 @@ func runsLen(runs [][]byte) int {
 // records are held at once. Memory is O(chunk + the VM's records) however
 // long the log is; the evidence budget is charged that much.
 func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, emit func(p []byte, last bool) error) error {
-	return m.streamEvidence(ctx, id, nonce, since, chunk, false, true, func(p *EvidencePart) error {
+	return m.streamEvidence(ctx, id, nonce, since, chunk, false, false, true, func(p *EvidencePart) error {
 		return emit(p.Head[0], p.Last)
 	})
 }
@@ -364,17 +368,39 @@ func (m *Mux) StreamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 // bytes, so a request costs its own bytes (the VM's fields, its audit
 // path), not a copy of the log. With withIdentity the first part carries
 // the VM's identity. emit must be done with a part when it returns.
-func (m *Mux) StreamEvidenceParts(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, withIdentity bool, emit func(p *EvidencePart) error) error {
-	return m.streamEvidence(ctx, id, nonce, since, chunk, withIdentity, false, emit)
+//
+// With early, everything after the quote's own fields (the log segment,
+// the VM's fields, the audit path: what depends on the quoted batch
+// alone) is emitted as soon as a shared quote has fixed its batch, in a
+// part with Early set, while the TPM quotes; the quote's fields follow in
+// the last part once the quote is taken. A transport then moves nearly all
+// of the evidence's bytes during the quote instead of after it (docs/
+// protocol.md, Early evidence). Evidence whose end does not fit one part
+// of chunk bytes, and a quote of one request alone, are sent as without
+// early.
+func (m *Mux) StreamEvidenceParts(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, withIdentity, early bool, emit func(p *EvidencePart) error) error {
+	return m.streamEvidence(ctx, id, nonce, since, chunk, withIdentity, early, false, emit)
 }
 
 // streamEvidence is StreamEvidence and StreamEvidenceParts; with concat
-// every part is one run of bytes, Head[0].
-func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, withIdentity, concat bool, emit func(p *EvidencePart) error) error {
+// every part is one run of bytes, Head[0] (and early is ignored).
+func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byte, since *evidence.Since, chunk int, withIdentity, early, concat bool, emit func(p *EvidencePart) error) error {
 	if chunk <= 0 {
 		chunk = 4 << 20
 	}
-	res, err := m.evidenceQuote(ctx, id, nonce, since)
+	var sent *quoteRes // what the early part was built from
+	nSent := 0         // the number of fields it holds
+	var onFixed func(quoteRes) error
+	if early && !concat {
+		onFixed = func(r quoteRes) error {
+			n, ok, err := m.emitEarly(ctx, id, r, since, chunk, withIdentity, emit)
+			if ok {
+				sent, nSent = &r, n
+			}
+			return err
+		}
+	}
+	res, err := m.evidenceQuote(ctx, id, nonce, since, onFixed)
 	if err != nil {
 		return err
 	}
@@ -382,17 +408,81 @@ func (m *Mux) streamEvidence(ctx context.Context, id conceal.Digest, nonce []byt
 	if err != nil {
 		return err
 	}
+	from := uint64(0)
+	if since != nil {
+		from = since.Batch + 1
+	}
+	if sent != nil {
+		if sent.epoch != res.epoch || sent.last != res.last || sent.share != res.share {
+			return fmt.Errorf("evidence: the quote covers epoch %d batch %d, its early part epoch %d batch %d", res.epoch, res.last, sent.epoch, sent.last)
+		}
+		// The start: the quote's fields, the log's key and array head.
+		pre := res.share.pre(nHead+1+nSent, res.last+1-from)
+		return emit(&EvidencePart{Head: [][]byte{pre}, Last: true})
+	}
 	vp, err := res.share.vmPart(m, id, res, since, withIdentity)
 	if err != nil {
 		return err
 	}
 	tail, nTail := vp.tail(res.batched)
+	pre := res.share.pre(nHead+1+nTail, res.last+1-from)
+	return m.streamLog(ctx, pre, tail, res, since, chunk, vp.ident, concat, emit)
+}
+
+// emitEarly emits the end of the evidence of r's quote (its batch fixed,
+// not yet taken) as one early part: the log segment from since, the VM's
+// fields and the request's audit path. It returns how many evidence
+// fields the part holds after the log, and ok false (nothing sent) when
+// the quote answers this request alone, or the part would be larger than
+// chunk: the evidence then goes after the quote as without early.
+func (m *Mux) emitEarly(ctx context.Context, id conceal.Digest, r quoteRes, since *evidence.Since, chunk int, withIdentity bool, emit func(p *EvidencePart) error) (int, bool, error) {
+	if r.batched == nil {
+		// A lone request's quote is taken at once: nothing to overlap.
+		return 0, false, nil
+	}
+	vp, err := r.share.vmPart(m, id, r, since, withIdentity)
+	if err != nil {
+		return 0, false, err
+	}
+	tail, nTail := vp.tail(r.batched)
+	seg, err := m.logSegment(ctx, r, since)
+	if err != nil {
+		return 0, false, err
+	}
+	// Room for the start (the quote's fields, about 1 KiB) in the
+	// transport's part size.
+	const startRoom = 8 << 10
+	if seg.big || len(seg.body)+runsLen(tail)+startRoom > chunk {
+		return 0, false, nil
+	}
+	sem, limit := m.evBudget()
+	w := min(int64(2*runsLen(tail)+64), limit)
+	if err := sem.Acquire(ctx, w); err != nil {
+		return 0, false, fmt.Errorf("evidence: wait for the evidence budget: %w", err)
+	}
+	defer sem.Release(w)
+	return nTail, true, emit(&EvidencePart{Shared: seg.shared, Tail: tail, Early: true, Identity: vp.ident})
+}
+
+// logSegment returns the log segment of evidence of res's quote from
+// since (the batches from the checkpoint's next, or 0, to res.last): from
+// the cache, encoded and kept there unless it is big (logCache).
+func (m *Mux) logSegment(ctx context.Context, res quoteRes, since *evidence.Since) (*logSeg, error) {
 	from := uint64(0)
 	if since != nil {
 		from = since.Batch + 1
 	}
-	pre := res.share.pre(nHead+1+nTail, res.last+1-from)
-	return m.streamLog(ctx, pre, tail, res, since, chunk, vp.ident, concat, emit)
+	n := res.last + 1 - from
+	return m.evCache.get(ctx, res.epoch, from, res.last, func() (*logSeg, error) {
+		w := m.evidenceWeight(res, since) + int64(n)*16
+		if w > maxCachedLog {
+			return &logSeg{big: true}, nil
+		}
+		s := &logSeg{body: make([]byte, 0, w)}
+		err := m.encodeBatches(ctx, res.epoch, from, res.last, maxCachedLog, &s.body, func() error { return nil })
+		s.shared = crc32c.NewShared(s.body)
+		return s, err
+	})
 }
 
 // StreamFinalEvidence is FinalEvidence streamed like StreamEvidence: the
@@ -445,16 +535,7 @@ func (m *Mux) streamLog(ctx context.Context, pre []byte, tail [][]byte, res quot
 	}
 	n := res.last + 1 - from
 	tailLen := runsLen(tail)
-	seg, err := m.evCache.get(ctx, res.epoch, from, res.last, func() (*logSeg, error) {
-		w := m.evidenceWeight(res, since) + int64(n)*16
-		if w > maxCachedLog {
-			return &logSeg{big: true}, nil
-		}
-		s := &logSeg{body: make([]byte, 0, w)}
-		err := m.encodeBatches(ctx, res.epoch, from, res.last, maxCachedLog, &s.body, func() error { return nil })
-		s.shared = crc32c.NewShared(s.body)
-		return s, err
-	})
+	seg, err := m.logSegment(ctx, res, since)
 	if err != nil {
 		return err
 	}

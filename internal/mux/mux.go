@@ -121,6 +121,7 @@ type Mux struct {
 	qpending []*quoteReq
 	quoting  bool
 	qwake    chan struct{} // the queued requests wait for it to close (evidence.go)
+	qfixed   chan struct{} // closed when the quote the queued requests wait for has its batch fixed
 	qtarget  int           // the gather waits for this many queued requests
 	qgather  chan struct{} // tells the gather that qtarget is reached
 

@@ -79,7 +79,7 @@ func TestSharedEvidenceIsolation(t *testing.T) {
 					since = cps[q.vm].Since()
 				}
 				nonce := []byte(fmt.Sprintf("round %d request %d", round, k))
-				a.err = r.m.StreamEvidenceParts(ctx, idents[q.vm].ID(), nonce, since, 1<<20, true, func(p *mux.EvidencePart) error {
+				a.err = r.m.StreamEvidenceParts(ctx, idents[q.vm].ID(), nonce, since, 1<<20, true, false, func(p *mux.EvidencePart) error {
 					if p.Identity != nil {
 						a.ident = p.Identity
 					}

@@ -158,7 +158,7 @@ func (m *Mux) takeFinal(ctx context.Context, id conceal.Digest) error {
 	}
 	extra := conceal.FinalData(id, record.Hash(last))
 	m.commitMu.Lock()
-	q, vals, err := m.quoteLocked(ctx, extra[:])
+	q, vals, err := m.quoteLocked(ctx, extra[:], nil)
 	epoch, batch := m.epoch, m.nextBatch-1
 	m.commitMu.Unlock()
 	if err != nil {

@@ -40,21 +40,33 @@ func EvidenceParts(resp *EvidenceResponse, chunk int) []*EvidenceResponse {
 }
 
 // Assembler joins the parts of one chunked evidence response. A response
-// that is not chunked (part 0 without More) is complete at once.
+// that is not chunked (part 0 without More) is complete at once. Early
+// parts (EvidenceResponse.Early) come before all others and hold the
+// evidence's end: the assembled evidence is the other parts' bytes, then
+// the early parts'. The last part is never early (it carries the quote).
 type Assembler struct {
-	resp *EvidenceResponse
-	next uint32
+	resp  *EvidenceResponse
+	next  uint32
+	early []byte // the early parts' bytes so far
+	rest  bool   // a part that is not early has come
 }
 
 // Errors of Assembler.Add.
 var ErrBadPart = errors.New("evidence part out of order or inconsistent")
 
 // Add takes the next part; it returns the whole response once the last part
-// has arrived. Parts must come in order, with the request's ID, and the
-// total stated in part 0 (at most MaxEvidence) must match.
+// has arrived. Parts must come in order, with the request's ID, early parts
+// first and never last, and the total stated in part 0 (at most
+// MaxEvidence) must match.
 func (a *Assembler) Add(m *EvidenceResponse) (*EvidenceResponse, error) {
 	if m.Part != a.next {
 		return nil, fmt.Errorf("%w: got part %d, want %d", ErrBadPart, m.Part, a.next)
+	}
+	if m.Early && a.rest {
+		return nil, fmt.Errorf("%w: early part %d after a part of the evidence's start", ErrBadPart, m.Part)
+	}
+	if m.Early && !m.More {
+		return nil, fmt.Errorf("%w: early part %d is the last (the last part carries the quote)", ErrBadPart, m.Part)
 	}
 	if a.resp == nil {
 		if !m.More {
@@ -68,8 +80,14 @@ func (a *Assembler) Add(m *EvidenceResponse) (*EvidenceResponse, error) {
 		}
 		r := *m
 		r.Evidence = make([]byte, 0, max(min(m.Total, 64<<20), uint64(len(m.Evidence))))
-		r.Evidence = append(r.Evidence, m.Evidence...)
-		r.More, r.Part = false, 0
+		if m.Early {
+			r.Evidence = r.Evidence[:0:0]
+			a.early = append(a.early[:0], m.Evidence...)
+		} else {
+			r.Evidence = append(r.Evidence, m.Evidence...)
+			a.rest = true
+		}
+		r.More, r.Part, r.Early = false, 0, false
 		a.resp, a.next = &r, 1
 		return nil, nil
 	}
@@ -80,11 +98,25 @@ func (a *Assembler) Add(m *EvidenceResponse) (*EvidenceResponse, error) {
 	if limit == 0 {
 		limit = MaxEvidence
 	}
-	if uint64(len(a.resp.Evidence)+len(m.Evidence)) > limit {
+	if uint64(len(a.resp.Evidence)+len(a.early)+len(m.Evidence)) > limit {
 		return nil, fmt.Errorf("%w: parts exceed %d bytes", ErrBadPart, limit)
 	}
-	a.resp.Evidence = append(a.resp.Evidence, m.Evidence...)
 	a.next++
+	if m.Early {
+		a.early = append(a.early, m.Evidence...)
+		return nil, nil
+	}
+	if !a.rest && !m.More && len(a.early) > 0 {
+		// The usual early response: one early part, then the start.
+		ev := make([]byte, 0, len(m.Evidence)+len(a.early))
+		a.resp.Evidence = append(append(ev, m.Evidence...), a.early...)
+	} else {
+		a.resp.Evidence = append(a.resp.Evidence, m.Evidence...)
+		if !m.More {
+			a.resp.Evidence = append(a.resp.Evidence, a.early...)
+		}
+	}
+	a.rest = true
 	if m.More {
 		return nil, nil
 	}

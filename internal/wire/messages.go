@@ -87,10 +87,17 @@ const (
 // with Since, only what follows a verifier's checkpoint (the batches after
 // Since.Batch and the VM's records from Since.Records on; docs/protocol.md,
 // incremental verification).
+//
+// With Early the requester takes the evidence's end first: the bridge may
+// send the log and the VM's fields while the TPM takes the quote, in parts
+// with EvidenceResponse.Early set, and the quote's fields after it (see
+// Assembler; docs/protocol.md, Early evidence). A bridge that does not
+// know the field answers as without it.
 type EvidenceRequest struct {
 	ID    uint64 `cbor:"1,keyasint"`
 	Nonce []byte `cbor:"2,keyasint"`
 	Since *Since `cbor:"3,keyasint,omitempty"`
+	Early bool   `cbor:"4,keyasint,omitempty"`
 }
 
 // Since is a verifier checkpoint's position (verify.Checkpoint.Since).
@@ -104,7 +111,10 @@ type Since struct {
 // Evidence larger than EvidenceChunk travels in several responses of the
 // same ID (parts 0, 1, …; all but the last have More set; the first
 // carries the identity and AK, and the Total size when the sender knows
-// it): see EvidenceParts and Assembler.
+// it): see EvidenceParts and Assembler. Parts with Early set (only in
+// answer to a request with Early) come first and carry the evidence's END:
+// the evidence is the bytes of the later parts followed by those of the
+// early ones.
 type EvidenceResponse struct {
 	ID       uint64   `cbor:"1,keyasint"`
 	Evidence []byte   `cbor:"2,keyasint"`
@@ -115,6 +125,7 @@ type EvidenceResponse struct {
 	Part     uint32   `cbor:"7,keyasint,omitempty"`
 	More     bool     `cbor:"8,keyasint,omitempty"`
 	Total    uint64   `cbor:"9,keyasint,omitempty"`
+	Early    bool     `cbor:"10,keyasint,omitempty"`
 }
 
 // Bind asks the bridge to bind a guest public key hash to this VM.

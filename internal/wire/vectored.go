@@ -49,6 +49,9 @@ func EvidenceFrame(scratch *[]byte, resp *EvidenceResponse, head [][]byte, share
 	if resp.Total != 0 {
 		fields++
 	}
+	if resp.Early {
+		fields++
+	}
 	var pre [32]byte
 	p := canon.AppendHead(pre[:0], 5, uint64(fields))
 	p = append(p, 0x01)
@@ -105,7 +108,7 @@ func EvidenceFrame(scratch *[]byte, resp *EvidenceResponse, head [][]byte, share
 }
 
 // appendResponseRest appends the fields of resp after its evidence (keys
-// 3 to 9) as the canonical encoder writes them (TestEvidenceFrame holds
+// 3 to 10) as the canonical encoder writes them (TestEvidenceFrame holds
 // it to Encode's bytes): written out here because a bridge answering a
 // thousand verifiers a quote spent more on encoding this small struct by
 // reflection than on the rest of the frame.
@@ -136,6 +139,9 @@ func appendResponseRest(b []byte, resp *EvidenceResponse) []byte {
 	if resp.Total != 0 {
 		b = append(b, 0x09)
 		b = canon.AppendHead(b, 0, resp.Total)
+	}
+	if resp.Early {
+		b = append(b, 0x0a, 0xf5)
 	}
 	return b
 }

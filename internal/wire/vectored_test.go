@@ -16,8 +16,8 @@ import (
 func TestEvidenceFrame(t *testing.T) {
 	// appendResponseRest writes the fields out by hand: a new field must
 	// be added there (and here).
-	if n := reflect.TypeOf(EvidenceResponse{}).NumField(); n != 9 {
-		t.Fatalf("EvidenceResponse has %d fields; EvidenceFrame writes 9", n)
+	if n := reflect.TypeOf(EvidenceResponse{}).NumField(); n != 10 {
+		t.Fatalf("EvidenceResponse has %d fields; EvidenceFrame writes 10", n)
 	}
 	pem := []byte("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n")
 	resps := []EvidenceResponse{
@@ -27,6 +27,8 @@ func TestEvidenceFrame(t *testing.T) {
 		{ID: 1 << 40, AKPEM: pem, More: true, Total: 5},
 		{ID: 7, AKPEM: []byte{}, Part: 1},
 		{ID: 8, UUID: [16]byte{0xff, 1}, Key: [32]byte{31: 9}, AKPEM: pem, Part: 1 << 20, More: true, Total: 1 << 33},
+		{ID: 9, UUID: [16]byte{4}, AKPEM: pem, More: true, Early: true},
+		{ID: 10, Part: 2, More: true, Early: true},
 	}
 	rng := mrand.New(mrand.NewPCG(1, 2))
 	var reuse []byte

@@ -1,0 +1,214 @@
+package mux_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/tpmmux/tpmmux/internal/conceal"
+	"github.com/tpmmux/tpmmux/internal/crc32c"
+	"github.com/tpmmux/tpmmux/internal/evidence"
+	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/verify"
+)
+
+// earlyAnswer is what one streamed request got: the evidence joined as
+// wire.Assembler joins it (the parts that are not early, then the early
+// ones), and when the early parts and the last one came.
+type earlyAnswer struct {
+	start, end []byte
+	parts      int
+	earlyParts int
+	ident      *conceal.Identity
+	err        error
+}
+
+func (a *earlyAnswer) raw() []byte { return append(append([]byte(nil), a.start...), a.end...) }
+
+// streamEarly asks for VM id's evidence with early set, collecting the
+// parts; early is signalled when an early part has come.
+func streamEarly(ctx context.Context, m *mux.Mux, id conceal.Digest, nonce []byte, since *evidence.Since, early bool, gotEarly chan<- struct{}) *earlyAnswer {
+	a := new(earlyAnswer)
+	a.err = m.StreamEvidenceParts(ctx, id, nonce, since, 1<<20, true, early, func(p *mux.EvidencePart) error {
+		a.parts++
+		if p.Identity != nil {
+			if a.parts != 1 {
+				return fmt.Errorf("identity on part %d", a.parts)
+			}
+			a.ident = p.Identity
+		}
+		if crc32c.Checksum(p.Shared.Bytes) != p.Shared.CRC {
+			return fmt.Errorf("shared segment's CRC-32C is not its bytes'")
+		}
+		var b []byte
+		for _, r := range p.Head {
+			b = append(b, r...)
+		}
+		b = append(b, p.Shared.Bytes...)
+		for _, r := range p.Tail {
+			b = append(b, r...)
+		}
+		if p.Early {
+			if len(a.start) > 0 || p.Last {
+				return fmt.Errorf("early part after the start, or last")
+			}
+			a.earlyParts++
+			a.end = append(a.end, b...)
+			if gotEarly != nil {
+				gotEarly <- struct{}{}
+			}
+			return nil
+		}
+		a.start = append(a.start, b...)
+		return nil
+	})
+	return a
+}
+
+// TestEarlyEvidence: requests that ask for early evidence get the end of
+// their evidence (log segment, VM fields, audit path) while the TPM is
+// still taking the shared quote, and the quote's fields after it; joined,
+// the parts are byte for byte canonical evidence that verifies for the
+// request's own VM, nonce and checkpoint, holds what EvidenceSince holds,
+// and does not verify as the co-tenant's. Requests with and without early
+// share one quote. A request the quote answers alone gets no early part.
+func TestEarlyEvidence(t *testing.T) {
+	r := newRig(t, mux.Config{})
+	ctx := context.Background()
+	idents := []*conceal.Identity{r.vm("vm-a"), r.vm("vm-b")}
+	for i := range 20 {
+		if _, err := r.m.Submit(idents[i%2].ID(), meas(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cps := r.checkpoints(t, idents, []byte("the checkpoint's nonce"))
+	for i := range 6 {
+		if _, err := r.m.Append(ctx, idents[i%2].ID(), meas(100+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// A lone request: its quote is taken at once, nothing to overlap.
+	lone := streamEarly(ctx, r.m, idents[0].ID(), []byte("lone"), nil, true, nil)
+	if lone.err != nil || lone.earlyParts != 0 || lone.parts != 1 {
+		t.Fatalf("lone request: %d parts, %d early, err %v; want one part, none early", lone.parts, lone.earlyParts, lone.err)
+	}
+
+	// The first quote is held until every request has queued behind it;
+	// the second, which answers them all, until every early part has come.
+	hold1, hold2 := make(chan struct{}), make(chan struct{})
+	r.tpm.quoteHold.Store(&hold1)
+	q0 := r.tpm.quotes.Load()
+	busy := make(chan error, 1)
+	go func() {
+		_, err := r.m.Evidence(ctx, idents[0].ID(), []byte("busy"))
+		busy <- err
+	}()
+	for r.tpm.quotes.Load() == q0 {
+		time.Sleep(time.Millisecond)
+	}
+	type req struct {
+		vm          int
+		incr, early bool
+	}
+	var reqs []req
+	for k := range 16 {
+		reqs = append(reqs, req{vm: k % 2, incr: k%4 >= 2, early: k%8 < 6})
+	}
+	gotEarly := make(chan struct{}, len(reqs))
+	out := make([]chan *earlyAnswer, len(reqs))
+	nEarly := 0
+	for k, q := range reqs {
+		if q.early {
+			nEarly++
+		}
+		out[k] = make(chan *earlyAnswer, 1)
+		go func() {
+			var since *evidence.Since
+			if q.incr {
+				since = cps[q.vm].Since()
+			}
+			out[k] <- streamEarly(ctx, r.m, idents[q.vm].ID(), []byte(fmt.Sprintf("early evidence request %02d", k)), since, q.early, gotEarly)
+		}()
+	}
+	for r.m.QueuedQuotes() < len(reqs) {
+		time.Sleep(time.Millisecond)
+	}
+	r.tpm.quoteHold.Store(&hold2)
+	close(hold1)
+	if err := <-busy; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.After(20 * time.Second)
+	for range nEarly {
+		select {
+		case <-gotEarly:
+		case <-deadline:
+			t.Fatal("early parts did not come while the quote was taken")
+		}
+	}
+	// Every early part came while the TPM still held the quote.
+	for k := range reqs {
+		select {
+		case a := <-out[k]:
+			t.Fatalf("request %d answered before its quote was taken (err %v)", k, a.err)
+		default:
+		}
+	}
+	r.tpm.quoteHold.Store(nil)
+	close(hold2)
+
+	var attest []byte
+	for k, q := range reqs {
+		a := <-out[k]
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		if want := map[bool]int{true: 1, false: 0}[q.early]; a.earlyParts != want || a.parts != want+1 {
+			t.Fatalf("request %d (early %v): %d parts, %d early", k, q.early, a.parts, a.earlyParts)
+		}
+		own := idents[q.vm]
+		if a.ident == nil || a.ident.UUID != own.UUID || a.ident.Key != own.Key {
+			t.Fatalf("request %d: the response carries another identity", k)
+		}
+		raw := a.raw()
+		ev, err := evidence.Decode(raw)
+		if err != nil {
+			t.Fatalf("request %d (early %v): %v", k, q.early, err)
+		}
+		if again, err := ev.MarshalBinary(); err != nil || !bytes.Equal(again, raw) {
+			t.Fatalf("request %d: joined evidence is not canonical (%v)", k, err)
+		}
+		if attest == nil {
+			attest = ev.Quote.Attest
+		} else if !bytes.Equal(attest, ev.Quote.Attest) {
+			t.Fatal("the requests did not share one quote")
+		}
+		if ev.Batched == nil || ev.Batched.Count != uint64(len(reqs)) {
+			t.Fatalf("request %d: audit path %+v, want one of %d", k, ev.Batched, len(reqs))
+		}
+		opts := verify.Options{Nonce: []byte(fmt.Sprintf("early evidence request %02d", k)), Identity: own, AK: r.tpm.AK(), PCR: 13}
+		var since *evidence.Since
+		if q.incr {
+			opts.Checkpoint, since = cps[q.vm], cps[q.vm].Since()
+		}
+		if rep, err := verify.Verify(ev, opts); err != nil || !rep.Trusted || !rep.Fresh {
+			t.Fatalf("request %d (vm %d, incremental %v, early %v): %v", k, q.vm, q.incr, q.early, err)
+		}
+		other := opts
+		other.Identity, other.Checkpoint = idents[1-q.vm], nil
+		if rep, err := verify.Verify(ev, other); err == nil && rep.Trusted {
+			t.Fatalf("request %d: VM %d's evidence verifies as the other VM's", k, q.vm)
+		}
+		ref, err := r.m.EvidenceSince(ctx, own.ID(), []byte("ref"), since)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !sameJSON(ev.Records, ref.Records) || !sameJSON(ev.Log, ref.Log) || !sameJSON(ev.VM, ref.VM) {
+			t.Fatalf("request %d (vm %d, incremental %v): %d records and %d batches, EvidenceSince has %d and %d",
+				k, q.vm, q.incr, len(ev.Records), len(ev.Log), len(ref.Records), len(ref.Log))
+		}
+	}
+}
