@@ -137,6 +137,15 @@ func TestEarlyEvidence(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	r.tpm.quoteHold.Store(&hold2)
+	released := false
+	defer func() {
+		// A failure below must not leave the quote held for the rig's
+		// clean-up to wait on.
+		if !released {
+			r.tpm.quoteHold.Store(nil)
+			close(hold2)
+		}
+	}()
 	close(hold1)
 	if err := <-busy; err != nil {
 		t.Fatal(err)
@@ -159,6 +168,7 @@ func TestEarlyEvidence(t *testing.T) {
 	}
 	r.tpm.quoteHold.Store(nil)
 	close(hold2)
+	released = true
 
 	var attest []byte
 	for k, q := range reqs {
