@@ -3,7 +3,7 @@
 // fetches this VM's evidence for a verifier's nonce.
 //
 //	tpmmux-agent [run] [--transport vsock|virtio-serial|unix] [--unix PATH] [--ima PATH] [--control PATH] [-v]
-//	tpmmux-agent attest --nonce HEX --out DIR [--checkpoint FILE] [--transport …] [--unix PATH] [--control PATH] [--timeout D]
+//	tpmmux-agent attest --nonce HEX --out DIR [--checkpoint FILE] [--early] [--transport …] [--unix PATH] [--control PATH] [--timeout D]
 //	tpmmux-agent bind --purpose NAME (--key PEM | --key-hash HEX) [--control PATH]
 //
 // attest writes DIR/evidence.cbor, DIR/evidence.json, DIR/identity.json,
@@ -225,6 +225,7 @@ virtio-serial, where the agent holds the only port), and the bridge directly oth
 	out := fs.String("out", "", "`DIR` to write the evidence files into")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
 	cpFile := fs.String("checkpoint", "", "a verifier's checkpoint `FILE` (tpmmux-verify --save-checkpoint): ask only for the evidence after it")
+	early := fs.Bool("early", false, "ask the bridge for the log while it takes a quote shared with other requests (less wait when many verifiers attest at once; a bridge older than this option refuses it)")
 	if err := parse(cmd, args, stdout, stderr); err != nil {
 		return err
 	}
@@ -263,7 +264,7 @@ virtio-serial, where the agent holds the only port), and the bridge directly oth
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	resp, via, err := agent.AttestAnySince(ctx, cfg, nonce, since)
+	resp, via, err := agent.AttestAnyWith(ctx, cfg, nonce, agent.AttestOptions{Since: since, Early: *early})
 	if err != nil {
 		return err
 	}

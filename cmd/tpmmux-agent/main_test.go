@@ -295,8 +295,10 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 			t.Fatalf("verify %s: exit %d %+v %s", f, code, rep, errs)
 		}
 	}
-	// The delta since a verifier's checkpoint, through the running agent:
-	// tpmmux-verify --checkpoint accepts it, and it is small.
+	// The delta since a verifier's checkpoint, through the running agent,
+	// asked for early (the option travels from the command through the
+	// control socket and the agent's session to the bridge): tpmmux-verify
+	// --checkpoint accepts it, and it is small.
 	cp := filepath.Join(work, "checkpoint.json")
 	nonce2, _ := os.ReadFile(filepath.Join(out2, "nonce.hex"))
 	if out, err := exec.Command(verifyBin, "--evidence", filepath.Join(out2, "evidence.json"), "--nonce", strings.TrimSpace(string(nonce2)),
@@ -304,7 +306,7 @@ func TestAttestCLIEndToEnd(t *testing.T) {
 		t.Fatalf("verify --save-checkpoint: %v\n%s", err, out)
 	}
 	outInc := filepath.Join(work, "incremental")
-	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0e0f0e0f0e0f0e0f0e0f0e0f0e0f0e0f", "--checkpoint", cp, "--out", outInc)
+	runCmd(t, agentBin, "attest", "--transport", "unix", "--unix", r.sock, "--control", control, "--nonce", "0e0f0e0f0e0f0e0f0e0f0e0f0e0f0e0f", "--checkpoint", cp, "--early", "--out", outInc)
 	if out, err := exec.Command(verifyBin, "--evidence", filepath.Join(outInc, "evidence.cbor"), "--nonce", "0e0f0e0f0e0f0e0f0e0f0e0f0e0f0e0f",
 		"--identity", filepath.Join(outInc, "identity.json"), "--ak", filepath.Join(outInc, "ak.pem"), "--checkpoint", cp).CombinedOutput(); err != nil {
 		t.Fatalf("verify --checkpoint: %v\n%s", err, out)

@@ -37,20 +37,32 @@ func checkNonce(nonce []byte) error {
 // process can hold it: while Run runs, the request travels on Run's
 // session; otherwise Attest opens the port itself.
 func (a *Agent) Attest(ctx context.Context, nonce []byte) (*wire.EvidenceResponse, error) {
-	return a.AttestSince(ctx, nonce, nil)
+	return a.AttestWith(ctx, nonce, AttestOptions{})
 }
 
-// AttestSince is Attest for a verifier that holds a checkpoint
-// (verify.Checkpoint.Since): the bridge sends only the batches and records
-// after it, so the answer stays small however long the host's log grows. A
-// nil since asks for full evidence. Evidence larger than one frame arrives
-// in parts and is joined here.
-func (a *Agent) AttestSince(ctx context.Context, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, error) {
+// AttestOptions are the options of an evidence request.
+type AttestOptions struct {
+	// Since, for a verifier that holds a checkpoint
+	// (verify.Checkpoint.Since), asks only for the batches and records
+	// after it, so the answer stays small however long the host's log
+	// grows; nil asks for full evidence.
+	Since *wire.Since
+	// Early asks the bridge for the evidence's end while it takes a quote
+	// it shares with other requests (wire.EvidenceRequest.Early): when many
+	// verifiers attest a host's VMs at once, the log travels during the
+	// quote instead of after it. A bridge older than the field refuses the
+	// request (docs/protocol.md, Early evidence).
+	Early bool
+}
+
+// AttestWith is Attest with options. Evidence larger than one frame, or
+// sent early, arrives in parts and is joined here.
+func (a *Agent) AttestWith(ctx context.Context, nonce []byte, opts AttestOptions) (*wire.EvidenceResponse, error) {
 	if err := checkNonce(nonce); err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	if a.resync() && a.running.Load() {
-		resp, err := a.onSession(ctx, &request{typ: wire.TypeEvidenceRequest, nonce: nonce, since: since})
+		resp, err := a.onSession(ctx, &request{typ: wire.TypeEvidenceRequest, nonce: nonce, since: opts.Since, early: opts.Early})
 		if err != nil {
 			return nil, fmt.Errorf("attest over the running session: %w", err)
 		}
@@ -61,7 +73,7 @@ func (a *Agent) AttestSince(ctx context.Context, nonce []byte, since *wire.Since
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attestOn(ctx, conn, a.resync(), a.nextID(), nonce, since, a.cfg.WriteTimeout)
+	resp, err := attestOn(ctx, conn, a.resync(), a.nextID(), nonce, opts, a.cfg.WriteTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -105,14 +117,14 @@ func (a *Agent) onSession(ctx context.Context, r *request) (*wire.EvidenceRespon
 // attestOn sends one evidence request on a fresh stream and waits for its
 // answer, skipping anything else (on virtio-serial, frames of an earlier
 // session may still be in the stream).
-func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []byte, since *wire.Since, writeTimeout time.Duration) (*wire.EvidenceResponse, error) {
+func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []byte, opts AttestOptions, writeTimeout time.Duration) (*wire.EvidenceResponse, error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	if d, ok := conn.(deadliner); ok {
 		d.SetWriteDeadline(time.Now().Add(writeTimeout))
 	}
 	wc := wire.NewConn(conn, resync)
-	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: nonce, Since: since}); err != nil {
+	if err := wc.Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: nonce, Since: opts.Since, Early: opts.Early}); err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
@@ -157,11 +169,12 @@ func attestOn(ctx context.Context, conn Stream, resync bool, id uint64, nonce []
 // AttestControl asks the agent running on this guest, through its control
 // socket at path, for this VM's evidence for nonce.
 func AttestControl(ctx context.Context, path string, nonce []byte) (*wire.EvidenceResponse, error) {
-	return AttestControlSince(ctx, path, nonce, nil)
+	return AttestControlWith(ctx, path, nonce, AttestOptions{})
 }
 
-// AttestControlSince is AttestControl for evidence since a checkpoint.
-func AttestControlSince(ctx context.Context, path string, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, error) {
+// AttestControlWith is AttestControl with options (the running agent asks
+// the bridge with them).
+func AttestControlWith(ctx context.Context, path string, nonce []byte, opts AttestOptions) (*wire.EvidenceResponse, error) {
 	if err := checkNonce(nonce); err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -170,7 +183,7 @@ func AttestControlSince(ctx context.Context, path string, nonce []byte, since *w
 		return nil, fmt.Errorf("attest through the agent: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attestOn(ctx, conn, false, rand.Uint64(), nonce, since, DefaultWriteTimeout)
+	resp, err := attestOn(ctx, conn, false, rand.Uint64(), nonce, opts, DefaultWriteTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("attest through the agent at %s: %w", path, err)
 	}
@@ -227,13 +240,13 @@ func NoAgent(err error) bool {
 // answers there, and otherwise the bridge directly over cfg's transport. It
 // returns how it got the evidence ("control" or the transport's name).
 func AttestAny(ctx context.Context, cfg Config, nonce []byte) (*wire.EvidenceResponse, string, error) {
-	return AttestAnySince(ctx, cfg, nonce, nil)
+	return AttestAnyWith(ctx, cfg, nonce, AttestOptions{})
 }
 
-// AttestAnySince is AttestAny for evidence since a checkpoint.
-func AttestAnySince(ctx context.Context, cfg Config, nonce []byte, since *wire.Since) (*wire.EvidenceResponse, string, error) {
+// AttestAnyWith is AttestAny with options.
+func AttestAnyWith(ctx context.Context, cfg Config, nonce []byte, opts AttestOptions) (*wire.EvidenceResponse, string, error) {
 	if cfg.ControlSocket != "" {
-		resp, err := AttestControlSince(ctx, cfg.ControlSocket, nonce, since)
+		resp, err := AttestControlWith(ctx, cfg.ControlSocket, nonce, opts)
 		if err == nil {
 			return resp, "control", nil
 		}
@@ -246,7 +259,7 @@ func AttestAnySince(ctx context.Context, cfg Config, nonce []byte, since *wire.S
 	if err != nil {
 		return nil, "", err
 	}
-	resp, err := a.AttestSince(ctx, nonce, since)
+	resp, err := a.AttestWith(ctx, nonce, opts)
 	return resp, string(a.cfg.Transport), err
 }
 
@@ -341,7 +354,7 @@ func (a *Agent) control(ctx context.Context, wc *wire.Conn, f wire.Frame) error 
 		if err := wire.Decode(f, &m); err != nil {
 			return err
 		}
-		resp, err := a.AttestSince(ctx, m.Nonce, m.Since)
+		resp, err := a.AttestWith(ctx, m.Nonce, AttestOptions{Since: m.Since, Early: m.Early})
 		if err != nil {
 			return fail(m.ID, wire.CodeEvidence, err)
 		}

@@ -18,6 +18,7 @@ type request struct {
 	typ     wire.Type // TypeEvidenceRequest or TypeBind
 	nonce   []byte
 	since   *wire.Since // evidence since a verifier checkpoint; nil: full
+	early   bool        // ask for the evidence's end during the quote
 	parts   wire.Assembler
 	purpose string
 	keyHash [32]byte
@@ -308,7 +309,7 @@ func (s *session) request(r *request, next *uint64) error {
 	switch r.typ {
 	case wire.TypeEvidenceRequest:
 		s.waiting[id] = r
-		if err := s.send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: r.nonce, Since: r.since}); err != nil {
+		if err := s.send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: id, Nonce: r.nonce, Since: r.since, Early: r.early}); err != nil {
 			return err
 		}
 	case wire.TypeBind:

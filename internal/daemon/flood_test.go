@@ -165,7 +165,7 @@ func TestAttestUnderFlood(t *testing.T) {
 			if since != nil {
 				ws = &wire.Since{Batch: since.Batch, Records: since.Records}
 			}
-			resp, via, err := agent.AttestAnySince(ctx, acfg, nonce, ws)
+			resp, via, err := agent.AttestAnyWith(ctx, acfg, nonce, agent.AttestOptions{Since: ws})
 			if err != nil {
 				return nil, nil, err
 			}
