@@ -7,14 +7,13 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/evidence"
-	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
+	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/wire"
@@ -39,22 +38,7 @@ func (s slowQuoteTPM) Quote(ctx context.Context, pcrs []int, extra []byte) (tpm.
 // requester's own VM and nonce with the AK the response carried.
 func TestEarlyEvidenceOverWire(t *testing.T) {
 	ctx := context.Background()
-	sim, err := tpm.Open(ctx, "sim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := logstore.Open(filepath.Join(t.TempDir(), "log.db"), &logstore.Options{NoSync: true})
-	if err != nil {
-		sim.Close()
-		t.Fatal(err)
-	}
-	m, err := mux.Open(ctx, slowQuoteTPM{TPM: sim, d: 150 * time.Millisecond}, st, mux.Config{})
-	if err != nil {
-		st.Close()
-		sim.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close(); st.Close(); sim.Close() })
+	m := muxtest.OpenWrapped(t, mux.Config{}, func(sim tpm.TPM) tpm.TPM { return slowQuoteTPM{TPM: sim, d: 150 * time.Millisecond} })
 	b := &Bridge{Mux: m}
 	var idents []*conceal.Identity
 	for i, name := range []string{"vm-a", "vm-b"} {

@@ -28,14 +28,7 @@ import (
 func TestSharedEvidenceIsolation(t *testing.T) {
 	r := newRig(t, mux.Config{})
 	ctx := context.Background()
-	idents := []*conceal.Identity{r.vm("vm-a"), r.vm("vm-b")}
-	for i := range 20 {
-		if _, err := r.m.Submit(idents[i%2].ID(), meas(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// Each VM's checkpoint.
-	cps := r.checkpoints(t, idents, []byte("the checkpoint's nonce"))
+	idents, cps := r.coTenants(t)
 	r.tpm.quoteDelay = 100 * time.Millisecond
 	for round := range 2 {
 		// New records for both VMs (more for b, so its delta differs).
@@ -107,48 +100,75 @@ func TestSharedEvidenceIsolation(t *testing.T) {
 			if a.err != nil {
 				t.Fatal(a.err)
 			}
-			own := idents[q.vm]
-			if a.ident == nil || a.ident.UUID != own.UUID || a.ident.Instance != own.Instance || a.ident.Key != own.Key {
-				t.Fatalf("round %d request %d (vm %d): the response carries another identity", round, k, q.vm)
+			var cp *verify.Checkpoint
+			if q.incr {
+				cp = cps[q.vm]
 			}
-			ev, err := evidence.Decode(a.raw)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if again, err := ev.MarshalBinary(); err != nil || !bytes.Equal(again, a.raw) {
-				t.Fatalf("evidence does not re-encode to itself (%v)", err)
-			}
+			ev := r.checkOwnEvidence(t, a.raw, a.ident, idents[q.vm], idents[1-q.vm], []byte(fmt.Sprintf("round %d request %d", round, k)), cp, len(reqs))
 			if attest == nil {
 				attest = ev.Quote.Attest
 			} else if !bytes.Equal(attest, ev.Quote.Attest) {
 				t.Fatalf("round %d: the requests did not share one quote", round)
 			}
-			if ev.Batched == nil || ev.Batched.Count != uint64(len(reqs)) {
-				t.Fatalf("round %d request %d: audit path %+v, want one of %d", round, k, ev.Batched, len(reqs))
-			}
-			opts := verify.Options{Nonce: []byte(fmt.Sprintf("round %d request %d", round, k)), Identity: own, AK: r.tpm.AK(), PCR: 13}
-			var since *evidence.Since
-			if q.incr {
-				opts.Checkpoint, since = cps[q.vm], cps[q.vm].Since()
-			}
-			if _, err := verify.Verify(ev, opts); err != nil {
-				t.Fatalf("round %d request %d (vm %d, incremental %v): %v", round, k, q.vm, q.incr, err)
-			}
-			other := opts
-			other.Identity, other.Checkpoint = idents[1-q.vm], nil
-			if rep, err := verify.Verify(ev, other); err == nil && rep.Trusted {
-				t.Fatalf("round %d request %d: VM %d's evidence verifies as the other VM's", round, k, q.vm)
-			}
-			ref, err := r.m.EvidenceSince(ctx, own.ID(), []byte("ref"), since)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !sameJSON(ev.Records, ref.Records) || !sameJSON(ev.Log, ref.Log) || !sameJSON(ev.VM, ref.VM) {
-				t.Fatalf("round %d request %d (vm %d, incremental %v): %d records and %d batches, EvidenceSince has %d and %d",
-					round, k, q.vm, q.incr, len(ev.Records), len(ev.Log), len(ref.Records), len(ref.Log))
-			}
 		}
 	}
+}
+
+// coTenants makes two VMs with 20 records between them and a checkpoint
+// of each (in that order).
+func (r *rig) coTenants(t *testing.T) ([]*conceal.Identity, []*verify.Checkpoint) {
+	t.Helper()
+	idents := []*conceal.Identity{r.vm("vm-a"), r.vm("vm-b")}
+	for i := range 20 {
+		if _, err := r.m.Submit(idents[i%2].ID(), meas(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return idents, r.checkpoints(t, idents, []byte("the checkpoint's nonce"))
+}
+
+// checkOwnEvidence checks one streamed response of a shared quote of n
+// requests: it carried identity got, which is own's; raw is canonical
+// evidence with an audit path among n that verifies for own with nonce
+// (from checkpoint cp, or in full), not as other's, and holds exactly the
+// records and batches EvidenceSince gives for own and cp. It returns the
+// decoded evidence.
+func (r *rig) checkOwnEvidence(t *testing.T, raw []byte, got, own, other *conceal.Identity, nonce []byte, cp *verify.Checkpoint, n int) *evidence.Evidence {
+	t.Helper()
+	if got == nil || got.UUID != own.UUID || got.Instance != own.Instance || got.Key != own.Key {
+		t.Fatalf("%q: the response carries another identity", nonce)
+	}
+	ev, err := evidence.Decode(raw)
+	if err != nil {
+		t.Fatalf("%q: %v", nonce, err)
+	}
+	if again, err := ev.MarshalBinary(); err != nil || !bytes.Equal(again, raw) {
+		t.Fatalf("%q: evidence does not re-encode to itself (%v)", nonce, err)
+	}
+	if ev.Batched == nil || ev.Batched.Count != uint64(n) {
+		t.Fatalf("%q: audit path %+v, want one of %d", nonce, ev.Batched, n)
+	}
+	opts := verify.Options{Nonce: nonce, Identity: own, AK: r.tpm.AK(), PCR: 13, Checkpoint: cp}
+	var since *evidence.Since
+	if cp != nil {
+		since = cp.Since()
+	}
+	if rep, err := verify.Verify(ev, opts); err != nil || !rep.Trusted || !rep.Fresh {
+		t.Fatalf("%q (incremental %v): %v", nonce, cp != nil, err)
+	}
+	opts.Identity, opts.Checkpoint = other, nil
+	if rep, err := verify.Verify(ev, opts); err == nil && rep.Trusted {
+		t.Fatalf("%q: the evidence verifies as the other VM's", nonce)
+	}
+	ref, err := r.m.EvidenceSince(context.Background(), own.ID(), []byte("ref"), since)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sameJSON(ev.Records, ref.Records) || !sameJSON(ev.Log, ref.Log) || !sameJSON(ev.VM, ref.VM) {
+		t.Fatalf("%q (incremental %v): %d records and %d batches, EvidenceSince has %d and %d",
+			nonce, cp != nil, len(ev.Records), len(ev.Log), len(ref.Records), len(ref.Log))
+	}
+	return ev
 }
 
 func sameJSON(x, y any) bool {

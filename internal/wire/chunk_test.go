@@ -21,19 +21,8 @@ func TestEvidenceParts(t *testing.T) {
 		var got *EvidenceResponse
 		for i, p := range parts {
 			// Every part survives the wire.
-			f, err := Encode(TypeEvidenceResponse, p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			fr, err := NewReader(bytes.NewReader(f), false).Next()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var m EvidenceResponse
-			if err := Decode(fr, &m); err != nil {
-				t.Fatal(err)
-			}
-			r, err := a.Add(&m)
+			m := overWire(t, p)
+			r, err := a.Add(m)
 			if err != nil {
 				t.Fatalf("chunk %d part %d: %v", chunk, i, err)
 			}
@@ -78,6 +67,24 @@ func TestEvidenceParts(t *testing.T) {
 	}
 }
 
+// overWire encodes p into a frame, reads the frame back and decodes it.
+func overWire(t *testing.T, p *EvidenceResponse) *EvidenceResponse {
+	t.Helper()
+	f, err := Encode(TypeEvidenceResponse, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fr, err := NewReader(bytes.NewReader(f), false).Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m EvidenceResponse
+	if err := Decode(fr, &m); err != nil {
+		t.Fatal(err)
+	}
+	return &m
+}
+
 // earlyParts is how a bridge answers a request with Early: the evidence's
 // bytes from at on in early parts of at most chunk bytes, then the bytes
 // before at in ordinary parts; part 0 carries the identity.
@@ -112,22 +119,11 @@ func TestEarlyParts(t *testing.T) {
 			var a Assembler
 			var got *EvidenceResponse
 			for i, p := range parts {
-				f, err := Encode(TypeEvidenceResponse, p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				fr, err := NewReader(bytes.NewReader(f), false).Next()
-				if err != nil {
-					t.Fatal(err)
-				}
-				var m EvidenceResponse
-				if err := Decode(fr, &m); err != nil {
-					t.Fatal(err)
-				}
+				m := overWire(t, p)
 				if m.Early != p.Early {
 					t.Fatalf("at %d chunk %d part %d: Early %v after the wire, sent %v", at, chunk, i, m.Early, p.Early)
 				}
-				r, err := a.Add(&m)
+				r, err := a.Add(m)
 				if err != nil {
 					t.Fatalf("at %d chunk %d part %d: %v", at, chunk, i, err)
 				}

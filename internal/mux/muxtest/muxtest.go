@@ -19,6 +19,14 @@ import (
 // closed when the test ends.
 func Open(t testing.TB, cfg mux.Config) *mux.Mux {
 	t.Helper()
+	return OpenWrapped(t, cfg, nil)
+}
+
+// OpenWrapped is Open with the simulator seen through wrap (when not nil),
+// for a test that needs a TPM with other timing, e.g. a quote as slow as
+// a hardware TPM's.
+func OpenWrapped(t testing.TB, cfg mux.Config, wrap func(tpm.TPM) tpm.TPM) *mux.Mux {
+	t.Helper()
 	ctx := context.Background()
 	tp, err := tpm.Open(ctx, "sim")
 	if err != nil {
@@ -29,7 +37,11 @@ func Open(t testing.TB, cfg mux.Config) *mux.Mux {
 		tp.Close()
 		t.Fatal(err)
 	}
-	m, err := mux.Open(ctx, tp, st, cfg)
+	var seen tpm.TPM = tp
+	if wrap != nil {
+		seen = wrap(tp)
+	}
+	m, err := mux.Open(ctx, seen, st, cfg)
 	if err != nil {
 		st.Close()
 		tp.Close()
