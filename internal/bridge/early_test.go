@@ -35,7 +35,9 @@ func (s slowQuoteTPM) Quote(ctx context.Context, pcrs []int, extra []byte) (tpm.
 // the guest protocol, several sharing one quote, each get an early part
 // (with the identity and the AK, as part 0) and then the last part;
 // wire.Assembler joins them into evidence that verifies for the
-// requester's own VM and nonce with the AK the response carried.
+// requester's own VM and nonce with the AK the response carried. A
+// verifier in the same quote that never reads its early part delays none
+// of them.
 func TestEarlyEvidenceOverWire(t *testing.T) {
 	ctx := context.Background()
 	m := muxtest.OpenWrapped(t, mux.Config{}, func(sim tpm.TPM) tpm.TPM { return slowQuoteTPM{TPM: sim, d: 150 * time.Millisecond} })
@@ -48,6 +50,12 @@ func TestEarlyEvidenceOverWire(t *testing.T) {
 		}
 		idents = append(idents, ident)
 	}
+	// A verifier that asks for early evidence and never reads: its early
+	// part blocks its own session, and nobody else's (its request shares
+	// the quote below with the others).
+	stalled, stalledEnd := net.Pipe()
+	defer stalled.Close()
+	go b.Serve(ctx, idents[1].ID(), stalledEnd, false)
 	// A request that keeps the TPM busy, so that the others queue.
 	busy := make(chan error, 1)
 	go func() {
@@ -55,6 +63,9 @@ func TestEarlyEvidenceOverWire(t *testing.T) {
 		busy <- err
 	}()
 	time.Sleep(30 * time.Millisecond)
+	if err := wire.NewConn(stalled, false).Send(wire.TypeEvidenceRequest, &wire.EvidenceRequest{ID: 1, Nonce: []byte("a verifier that never reads"), Early: true}); err != nil {
+		t.Fatal(err)
+	}
 	const n = 8
 	type answer struct {
 		resp  *wire.EvidenceResponse
@@ -99,7 +110,12 @@ func TestEarlyEvidenceOverWire(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range n {
-		a := <-out
+		var a answer
+		select {
+		case a = <-out:
+		case <-time.After(WriteTimeout / 2):
+			t.Fatal("a verifier that does not read held up the others")
+		}
 		if a.err != nil {
 			t.Fatal(a.err)
 		}
@@ -123,8 +139,8 @@ func TestEarlyEvidenceOverWire(t *testing.T) {
 		if err != nil {
 			t.Fatalf("request %d: %v", k, err)
 		}
-		if ev.Batched == nil || ev.Batched.Count != n {
-			t.Fatalf("request %d: audit path %+v, want one of %d", k, ev.Batched, n)
+		if ev.Batched == nil || ev.Batched.Count != n+1 {
+			t.Fatalf("request %d: audit path %+v, want one of %d (with the stalled verifier's)", k, ev.Batched, n+1)
 		}
 		rep, err := verify.Verify(ev, verify.Options{Nonce: []byte(fmt.Sprintf("early over the wire %02d", k)), Identity: own, AK: ak.(*ecdsa.PublicKey), PCR: 13})
 		if err != nil || !rep.Trusted || !rep.Fresh {
