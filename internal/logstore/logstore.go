@@ -191,9 +191,9 @@ type Options struct {
 	// new segment file; default wal.DefaultSegmentSize.
 	WALSegmentSize int64
 	// WALBeforeWrite and ApplyHook are crash-test hooks: called before a
-	// group is written to the write-ahead log (with the file and the
-	// bytes) and before batches are applied to bbolt.
-	WALBeforeWrite func(f *os.File, b []byte)
+	// group is written to the write-ahead log (with the file, the offset
+	// and the bytes) and before batches are applied to bbolt.
+	WALBeforeWrite func(f *os.File, off int64, b []byte)
 	ApplyHook      func(cs []*Commit)
 }
 
