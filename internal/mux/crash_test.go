@@ -579,6 +579,11 @@ func TestCrashKill9(t *testing.T) {
 			if late%2 == 1 {
 				cfg.Point = crashPoints[(late/2)%len(crashPoints)]
 				cfg.After = 1 + rng.IntN(60)
+				if cfg.Point == "wal-new-segment" {
+					// A rotation comes every crashSegmentSize of log,
+					// not every group.
+					cfg.After = 1 + cfg.After%4
+				}
 				delay = 4 * crashMaxDelay
 			}
 			late++

@@ -30,6 +30,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -233,9 +234,6 @@ func Open(dir string, opts Options) (*Log, error) {
 		return nil, fmt.Errorf("open write-ahead log segment %s: %w", s.path, err)
 	}
 	l.f, l.size = f, l.end
-	if l.opts.preallocate() {
-		l.startPrep()
-	}
 	return l, nil
 }
 
@@ -465,11 +463,21 @@ func (l *Log) newSegment(wait bool) error {
 	}
 	l.f, l.size = f, int64(len(segMagic))
 	l.segs = append(l.segs, s)
-	if l.opts.preallocate() && l.prep == nil {
-		l.startPrep()
-	}
 	return nil
 }
+
+// prepAt is how full the current segment is when the next one starts
+// being zero-filled: late enough that a log that has just started (or
+// rotated) does not write megabytes of zeros while its first groups want
+// the disk, early enough that the zeros are ready before rotation.
+const prepAt = 2 // of 4: half full
+
+// zeroChunk is how much of a segment is zero-filled and synced at a
+// time, and zeroPause the pause after each chunk.
+const (
+	zeroChunk = 256 << 10
+	zeroPause = time.Millisecond
+)
 
 // startPrep starts zero-filling the next segment in the background.
 func (l *Log) startPrep() {
@@ -477,14 +485,18 @@ func (l *Log) startPrep() {
 	l.prep = done
 	path := filepath.Join(l.dir, nextName)
 	size := l.opts.SegmentSize
-	go func() { done <- zeroFill(path, size, &l.stopPrep) }()
+	pause := zeroPause
+	if len(l.segs) == 0 {
+		pause = 0 // the first segment: Open waits for it
+	}
+	go func() { done <- zeroFill(path, size, pause, &l.stopPrep) }()
 }
 
 // zeroFill creates path zero-filled to size bytes and syncs it (its
 // directory entry is made durable when it is renamed into place). On
 // failure (a full disk) it deletes the file again: it must not take the
 // space the log's writes need.
-func zeroFill(path string, size int64, stop *atomic.Bool) (err error) {
+func zeroFill(path string, size int64, pause time.Duration, stop *atomic.Bool) (err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("zero-fill %s: %w", path, err)
@@ -495,7 +507,9 @@ func zeroFill(path string, size int64, stop *atomic.Bool) (err error) {
 			os.Remove(path)
 		}
 	}()
-	zeros := make([]byte, min(size, 256<<10))
+	// In chunks, each synced, with a pause between: one flush of
+	// megabytes would hold the log's own fdatasyncs up behind it.
+	zeros := make([]byte, min(size, zeroChunk))
 	for off := int64(0); off < size; off += int64(len(zeros)) {
 		if stop.Load() {
 			return fmt.Errorf("zero-fill %s: stopped", path)
@@ -503,9 +517,12 @@ func zeroFill(path string, size int64, stop *atomic.Bool) (err error) {
 		if _, err := f.WriteAt(zeros[:min(int64(len(zeros)), size-off)], off); err != nil {
 			return fmt.Errorf("zero-fill %s: %w", path, err)
 		}
-	}
-	if err := unix.Fdatasync(int(f.Fd())); err != nil {
-		return fmt.Errorf("zero-fill %s: %w", path, err)
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			return fmt.Errorf("zero-fill %s: %w", path, err)
+		}
+		if pause > 0 {
+			time.Sleep(pause)
+		}
 	}
 	return nil
 }
@@ -580,6 +597,9 @@ func (l *Log) Append(payloads ...[]byte) (uint64, error) {
 	}
 	l.size += int64(len(b))
 	l.next += uint64(len(payloads))
+	if l.prep == nil && l.opts.preallocate() && l.size >= l.opts.SegmentSize*prepAt/4 {
+		l.startPrep()
+	}
 	if cap(l.buf) > 1<<20 {
 		l.buf = nil
 	}
