@@ -410,8 +410,8 @@ func (l *Log) Next() uint64 { return l.next }
 // newSegment starts a segment whose first frame is l.next and makes it
 // durable (header and directory entry) before any frame goes into it. It
 // takes the zero-filled next segment if that is ready (wait: wait for
-// it), else creates one that grows with its writes; then it starts
-// zero-filling the one after.
+// it), else creates one that grows with its writes. (Append starts
+// zero-filling the one after once this one is half full.)
 func (l *Log) newSegment(wait bool) error {
 	s := segment{first: l.next, path: filepath.Join(l.dir, segName(l.next))}
 	var f *os.File
