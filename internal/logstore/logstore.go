@@ -190,10 +190,14 @@ type Options struct {
 	// WALSegmentSize is the size past which the write-ahead log starts a
 	// new segment file; default wal.DefaultSegmentSize.
 	WALSegmentSize int64
+	// WALNoPreallocate makes write-ahead log segments grow with their
+	// writes instead of being created zero-filled (wal.Options); for
+	// benchmarks that compare the two.
+	WALNoPreallocate bool
 	// WALBeforeWrite and ApplyHook are crash-test hooks: called before a
-	// group is written to the write-ahead log (with the file and the
-	// bytes) and before batches are applied to bbolt.
-	WALBeforeWrite func(f *os.File, b []byte)
+	// group is written to the write-ahead log (with the file, the offset
+	// and the bytes) and before batches are applied to bbolt.
+	WALBeforeWrite func(f *os.File, off int64, b []byte)
 	ApplyHook      func(cs []*Commit)
 }
 
@@ -237,7 +241,7 @@ func Open(path string, opts *Options) (*Store, error) {
 	if opts != nil {
 		s.opts = *opts
 	}
-	s.wal, err = wal.Open(WALDir(path), wal.Options{NoSync: s.opts.NoSync, SegmentSize: s.opts.WALSegmentSize, BeforeWrite: s.opts.WALBeforeWrite})
+	s.wal, err = wal.Open(WALDir(path), wal.Options{NoSync: s.opts.NoSync, SegmentSize: s.opts.WALSegmentSize, NoPreallocate: s.opts.WALNoPreallocate, BeforeWrite: s.opts.WALBeforeWrite})
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open log store %s: %w", path, err)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,7 +49,40 @@ func BenchmarkJournal(b *testing.B) {
 	}
 }
 
+// BenchmarkJournalSegments is BenchmarkJournal's durable row on the
+// hardware profile with small write-ahead log segments, so that a run
+// rotates many times: segments zero-filled (the default; the next one in
+// the background) against segments that grow with their writes, with the
+// cost of the zero-fills and the rotations in the run.
+//
+//	go test -run '^$' -bench JournalSegments -benchtime 10000x ./internal/mux/
+func BenchmarkJournalSegments(b *testing.B) {
+	for _, prealloc := range []bool{false, true} {
+		for _, vms := range []int{1, 10} {
+			b.Run(fmt.Sprintf("prealloc=%v/vms=%d", prealloc, vms), func(b *testing.B) {
+				var segments atomic.Int64 // first writes into a segment
+				opts := &logstore.Options{WALSegmentSize: 256 << 10, WALNoPreallocate: !prealloc,
+					WALBeforeWrite: func(_ *os.File, off int64, _ []byte) {
+						if off == walHeaderSize {
+							segments.Add(1)
+						}
+					}}
+				benchJournalOpts(b, "hw", false, vms, opts)
+				b.ReportMetric(float64(segments.Load()), "segments")
+			})
+		}
+	}
+}
+
+// walHeaderSize is the size of a write-ahead log segment's header: a
+// write at that offset is the first into its segment.
+const walHeaderSize = 16
+
 func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
+	benchJournalOpts(b, backend, anchored, vms, nil)
+}
+
+func benchJournalOpts(b *testing.B, backend string, anchored bool, vms int, opts *logstore.Options) {
 	ctx := context.Background()
 	spec := "sim"
 	if backend == "swtpm" {
@@ -65,7 +99,7 @@ func benchJournal(b *testing.B, backend string, anchored bool, vms int) {
 		tp = hwprofile.Wrap(real, hwprofile.Default)
 	}
 	dir := b.TempDir()
-	st, err := logstore.Open(filepath.Join(dir, "log.db"), nil)
+	st, err := logstore.Open(filepath.Join(dir, "log.db"), opts)
 	if err != nil {
 		b.Fatal(err)
 	}

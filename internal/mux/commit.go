@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -471,6 +472,12 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	m.pending = slices.Clip(rest)
 	m.mu.Unlock()
 	markDurable(items)
+	if len(items) > 0 {
+		// The guests just woken are queued on this goroutine's P; let
+		// them run before the next group's write and fdatasync (a
+		// syscall that keeps the P until the runtime takes it back).
+		runtime.Gosched()
+	}
 	if b == nil {
 		return nil
 	}

@@ -71,8 +71,14 @@ const (
 // "wal-durable" after a group's write and fdatasync, before the committer
 // learns of it (durable, never acknowledged), "apply" before batches go
 // into bbolt (durable in the log only), "apply-mid" a few microseconds
-// into the bbolt transaction.
-var crashPoints = []string{"wal-torn", "wal-durable", "apply", "apply-mid"}
+// into the bbolt transaction, "wal-new-segment" before the first write
+// into a new write-ahead log segment (a zero-filled one renamed into
+// place, its header synced: segments are crashSegmentSize here, so that
+// runs rotate).
+var crashPoints = []string{"wal-torn", "wal-durable", "apply", "apply-mid", "wal-new-segment"}
+
+// crashSegmentSize is the child's write-ahead log segment size.
+const crashSegmentSize = 128 << 10
 
 // crashVMNames are the child's VMs; their names are fixed so that a
 // restarted child finds them again with Mux.Lookup.
@@ -113,13 +119,16 @@ func crashHooks(cfg crashChildConfig, out *crashOut) *logstore.Options {
 		return n == cfg.After
 	}
 	return &logstore.Options{
-		WALBeforeWrite: func(f *os.File, b []byte) {
+		WALSegmentSize: crashSegmentSize,
+		WALBeforeWrite: func(f *os.File, off int64, b []byte) {
 			switch {
+			case off == int64(len("tpmmux-wal-v1\n\x00\x00")) && hit("wal-new-segment"):
+				crashSelfKill(out, "wal-new-segment")
 			case hit("wal-torn"):
-				f.Write(b[:len(b)/2])
+				f.WriteAt(b[:len(b)/2], off)
 				crashSelfKill(out, "wal-torn")
 			case hit("wal-durable"):
-				f.Write(b)
+				f.WriteAt(b, off)
 				f.Sync()
 				crashSelfKill(out, "wal-durable")
 			}
@@ -570,6 +579,11 @@ func TestCrashKill9(t *testing.T) {
 			if late%2 == 1 {
 				cfg.Point = crashPoints[(late/2)%len(crashPoints)]
 				cfg.After = 1 + rng.IntN(60)
+				if cfg.Point == "wal-new-segment" {
+					// A rotation comes every crashSegmentSize of log,
+					// not every group.
+					cfg.After = 1 + cfg.After%4
+				}
 				delay = 4 * crashMaxDelay
 			}
 			late++

@@ -134,42 +134,69 @@ func TestTornTailVersusDamage(t *testing.T) {
 		{"header damaged", func(b []byte) []byte { b[0] = 'X'; return b }, -1, "not a tpmmux write-ahead log segment"},
 		{"header cut at creation", func(b []byte) []byte { return b[:5] }, 0, ""},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			write(t, dir, Options{}, n, 4).Close()
-			path := lastSegment(t, dir)
-			b, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
+		for _, prealloc := range []bool{false, true} {
+			name := tc.name
+			if prealloc {
+				name += ", preallocated"
 			}
-			if err := os.WriteFile(path, tc.mangle(bytes.Clone(b)), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			l, err := Open(dir, Options{})
-			if tc.keep < 0 {
-				if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), tc.errHas) {
-					t.Fatalf("Open = %v, want ErrCorrupt naming %s and %q", err, path, tc.errHas)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			checkFrames(t, l.Frames(), tc.keep)
-			// The tail is gone from the file: appending continues after
-			// the kept frames and a reopen reads them all.
-			if _, err := l.Append(payload(tc.keep)); err != nil {
-				t.Fatal(err)
-			}
-			l.Close()
-			l, err = Open(dir, Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			checkFrames(t, l.Frames(), tc.keep+1)
-			l.Close()
-		})
+			t.Run(name, func(t *testing.T) {
+				tornTailCase(t, prealloc, n, tc.mangle, tc.keep, tc.errHas)
+			})
+		}
 	}
+}
+
+// tornTailCase writes n frames in writes of 4, mangles the newest
+// segment's frames (in a preallocated segment: its bytes up to the end of
+// the frames, the rest zeros to the same size, as a cut write into
+// zero-filled space leaves them) and checks what Open keeps (keep < 0: a
+// refusal naming the file and errHas).
+func tornTailCase(t *testing.T, prealloc bool, n int, mangle func([]byte) []byte, keep int, errHas string) {
+	dir := t.TempDir()
+	opts := Options{NoPreallocate: !prealloc}
+	write(t, dir, opts, n, 4).Close()
+	path := lastSegment(t, dir)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := len(segMagic)
+	for i := range n {
+		end += headerSize + len(payload(i))
+	}
+	if prealloc != (len(b) > end) {
+		t.Fatalf("segment of %d bytes, frames end at %d (preallocated %v)", len(b), end, prealloc)
+	}
+	mb := mangle(bytes.Clone(b[:end]))
+	if prealloc {
+		mb = append(mb, make([]byte, max(0, len(b)-len(mb)))...)
+	}
+	if err := os.WriteFile(path, mb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Open(dir, opts)
+	if keep < 0 {
+		if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), errHas) {
+			t.Fatalf("Open = %v, want ErrCorrupt naming %s and %q", err, path, errHas)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, l.Frames(), keep)
+	// The tail is gone from the file: appending continues after the
+	// kept frames and a reopen reads them all.
+	if _, err := l.Append(payload(keep)); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	l, err = Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, l.Frames(), keep+1)
+	l.Close()
 }
 
 // zeroFrame zeroes frame seq's bytes in segment bytes b (frames 1.. of
@@ -272,8 +299,8 @@ func TestTornWriteHook(t *testing.T) {
 	dir := t.TempDir()
 	l := write(t, dir, Options{}, 10, 2)
 	l.Close()
-	l, err := Open(dir, Options{BeforeWrite: func(f *os.File, b []byte) {
-		f.Write(b[:len(Encode(nil, 11, payload(10)))+headerSize+3])
+	l, err := Open(dir, Options{BeforeWrite: func(f *os.File, off int64, b []byte) {
+		f.WriteAt(b[:len(Encode(nil, 11, payload(10)))+headerSize+3], off)
 		panic("killed")
 	}})
 	if err != nil {
@@ -291,6 +318,167 @@ func TestTornWriteHook(t *testing.T) {
 	}
 	checkFrames(t, l.Frames(), 11)
 	l.Close()
+}
+
+// TestPreallocated: segments are created zero-filled to their full size,
+// the zero tail is where the frames end (no truncation on reopen), the
+// next segment is zero-filled in the background and renamed into place at
+// rotation, a leftover zero-fill is deleted by Open, and a crash between
+// the rename and the header leaves a segment Open repairs.
+func TestPreallocated(t *testing.T) {
+	const seg = 64 << 10
+	size := func(t *testing.T, path string) int64 {
+		t.Helper()
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	t.Run("zero tail", func(t *testing.T) {
+		dir := t.TempDir()
+		opts := Options{SegmentSize: seg}
+		l := write(t, dir, opts, 30, 3)
+		l.Close()
+		path := lastSegment(t, dir)
+		if got := size(t, path); got != seg {
+			t.Fatalf("segment of %d bytes, want %d (zero-filled)", got, seg)
+		}
+		for range 2 {
+			l, err := Open(dir, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), 30)
+			if l.Next() != 31 {
+				t.Fatalf("next %d", l.Next())
+			}
+			l.Close()
+			if got := size(t, path); got != seg {
+				t.Fatalf("reopen changed the segment's size to %d", got)
+			}
+		}
+	})
+	t.Run("rotation takes the zero-filled segment", func(t *testing.T) {
+		dir := t.TempDir()
+		opts := Options{SegmentSize: seg}
+		l, err := Open(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		big := bytes.Repeat([]byte{7}, 10<<10)
+		for l.Segments() < 3 {
+			if _, err := l.Append(big); err != nil {
+				t.Fatal(err)
+			}
+			if l.prep != nil {
+				// Let the zero-fill finish, as it does while a segment
+				// fills in practice.
+				l.prep <- <-l.prep
+			}
+		}
+		m, _ := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+		for _, p := range m[1:] {
+			if got := size(t, p); got < seg {
+				t.Errorf("%s: %d bytes, not zero-filled", p, got)
+			}
+		}
+		next := l.Next()
+		l.Close()
+		l, err = Open(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fr := l.Frames(); len(fr) != int(next-1) || l.Next() != next {
+			t.Fatalf("reopened: %d frames, next %d, want %d", len(fr), l.Next(), next)
+		}
+		l.Close()
+	})
+	t.Run("leftover zero-fill", func(t *testing.T) {
+		dir := t.TempDir()
+		opts := Options{SegmentSize: seg}
+		write(t, dir, opts, 5, 1).Close()
+		leftover := filepath.Join(dir, nextName)
+		if err := os.WriteFile(leftover, []byte{0, 0, 0}, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		l, err := Open(dir, Options{SegmentSize: seg, NoPreallocate: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkFrames(t, l.Frames(), 5)
+		l.Close()
+		if _, err := os.Stat(leftover); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("leftover zero-fill kept: %v", err)
+		}
+	})
+	t.Run("crash between rename and header", func(t *testing.T) {
+		dir := t.TempDir()
+		opts := Options{SegmentSize: seg}
+		write(t, dir, opts, 5, 1).Close()
+		// The next segment as the rename leaves it, header not written
+		// (or cut short).
+		for _, head := range []int{0, 6} {
+			path := filepath.Join(dir, segName(6))
+			b := make([]byte, seg)
+			copy(b, segMagic[:head])
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			l, err := Open(dir, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), 5)
+			if _, err := l.Append(payload(5)); err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			l, err = Open(dir, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkFrames(t, l.Frames(), 6)
+			l.Close()
+			if got := size(t, path); got != seg {
+				t.Fatalf("repaired segment of %d bytes, want %d", got, seg)
+			}
+			os.Remove(path)
+		}
+	})
+	t.Run("damage in a preallocated older segment", func(t *testing.T) {
+		dir := t.TempDir()
+		opts := Options{SegmentSize: seg}
+		l, err := Open(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Append(payload(0)); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Rotate(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Append(payload(1)); err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+		// The older segment's zero tail (Rotate before it was full) is
+		// its end; a flipped byte in its frame is damage.
+		l, err = Open(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkFrames(t, l.Frames(), 2)
+		l.Close()
+		m, _ := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+		b, _ := os.ReadFile(m[0])
+		b[len(segMagic)+headerSize] ^= 1
+		os.WriteFile(m[0], b, 0o600)
+		if _, err := Open(dir, opts); err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), m[0]) {
+			t.Fatalf("Open = %v, want ErrCorrupt naming %s", err, m[0])
+		}
+	})
 }
 
 // FuzzDecode: Decode never panics, and what it accepts re-encodes to the
