@@ -390,6 +390,21 @@ func (l *Log) truncate(path string, size int64, header bool) error {
 	} else if err := f.Truncate(size); err != nil {
 		return fmt.Errorf("truncate torn tail of %s at offset %d: %w", path, size, err)
 	}
+	if !header && l.opts.preallocate() && size < l.opts.SegmentSize {
+		// Zero-filled again, so that the segment's later writes still
+		// overwrite allocated blocks (the cut tail was torn, not
+		// acknowledged; zeros are its end on the next Open). A failure
+		// leaves it cut: slower to append to, not wrong.
+		zeros := make([]byte, min(l.opts.SegmentSize-size, zeroChunk))
+		for off := size; off < l.opts.SegmentSize; off += int64(len(zeros)) {
+			if _, err := f.WriteAt(zeros[:min(int64(len(zeros)), l.opts.SegmentSize-off)], off); err != nil {
+				if terr := f.Truncate(size); terr != nil {
+					return fmt.Errorf("truncate torn tail of %s at offset %d: %w", path, size, terr)
+				}
+				break
+			}
+		}
+	}
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("truncate torn tail of %s: %w", path, err)
 	}
