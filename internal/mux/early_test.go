@@ -30,8 +30,13 @@ func (a *earlyAnswer) raw() []byte { return append(append([]byte(nil), a.start..
 // streamEarly asks for VM id's evidence with early set, collecting the
 // parts; early is signalled when an early part has come.
 func streamEarly(ctx context.Context, m *mux.Mux, id conceal.Digest, nonce []byte, since *evidence.Since, early bool, gotEarly chan<- struct{}) *earlyAnswer {
+	return streamEarlyChunk(ctx, m, id, nonce, since, early, gotEarly, 1<<20)
+}
+
+// streamEarlyChunk is streamEarly with parts of at most chunk bytes.
+func streamEarlyChunk(ctx context.Context, m *mux.Mux, id conceal.Digest, nonce []byte, since *evidence.Since, early bool, gotEarly chan<- struct{}, chunk int) *earlyAnswer {
 	a := new(earlyAnswer)
-	a.err = m.StreamEvidenceParts(ctx, id, nonce, since, 1<<20, true, early, func(p *mux.EvidencePart) error {
+	a.err = m.StreamEvidenceParts(ctx, id, nonce, since, chunk, true, early, func(p *mux.EvidencePart) error {
 		a.parts++
 		if p.Identity != nil {
 			if a.parts != 1 {
@@ -73,7 +78,9 @@ func streamEarly(ctx context.Context, m *mux.Mux, id conceal.Digest, nonce []byt
 // the parts are byte for byte canonical evidence that verifies for the
 // request's own VM, nonce and checkpoint, holds what EvidenceSince holds,
 // and does not verify as the co-tenant's. Requests with and without early
-// share one quote. A request the quote answers alone gets no early part.
+// share one quote. A request the quote answers alone gets no early part,
+// nor does one whose evidence's end does not fit one part: it gets its
+// evidence in parts as without early.
 func TestEarlyEvidence(t *testing.T) {
 	r := newRig(t, mux.Config{})
 	ctx := context.Background()
@@ -183,5 +190,35 @@ func TestEarlyEvidence(t *testing.T) {
 		} else if !bytes.Equal(attest, ev.Quote.Attest) {
 			t.Fatal("the requests did not share one quote")
 		}
+	}
+
+	// A shared quote whose evidence's end does not fit one part: no early
+	// part, and the evidence comes in parts as without early.
+	r.tpm.quoteDelay = 100 * time.Millisecond
+	busy2 := make(chan error, 1)
+	go func() {
+		_, err := r.m.Evidence(ctx, idents[0].ID(), []byte("busy"))
+		busy2 <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	small := make([]chan *earlyAnswer, 2)
+	for k := range small {
+		small[k] = make(chan *earlyAnswer, 1)
+		go func() {
+			small[k] <- streamEarlyChunk(ctx, r.m, idents[k].ID(), []byte(fmt.Sprintf("small parts request %02d", k)), nil, true, nil, 512)
+		}()
+	}
+	if err := <-busy2; err != nil {
+		t.Fatal(err)
+	}
+	for k := range small {
+		a := <-small[k]
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		if a.earlyParts != 0 || a.parts < 2 {
+			t.Fatalf("small parts request %d: %d parts, %d early; want several, none early", k, a.parts, a.earlyParts)
+		}
+		r.checkOwnEvidence(t, a.raw(), a.ident, idents[k], idents[1-k], []byte(fmt.Sprintf("small parts request %02d", k)), nil, len(small))
 	}
 }
