@@ -140,8 +140,10 @@ func procStatus(pid int, field string) (int64, error) {
 // TestPerVTPMMemory measures what one served vTPM costs the bridge: the
 // heap and goroutine stacks of n vTPMs, each powered on, started, with 20
 // extends journaled elsewhere and its control and data connections served
-// (goroutines parked in reads), divided by n. Target: at most 64 KiB. It
-// logs swtpm's RSS for the same job (the per-VM baseline).
+// (goroutines parked in reads), divided by n, right after the extends and
+// again once idle (the command buffers given back). Target: at most
+// 64 KiB. It logs swtpm's RSS for the same job (the per-VM baseline);
+// tpmmux-bench P8 measures the whole bridge's RSS per vTPM VM.
 func TestPerVTPMMemory(t *testing.T) {
 	if testing.Short() {
 		t.Skip("allocates a few hundred vTPMs")
@@ -185,9 +187,16 @@ func TestPerVTPMMemory(t *testing.T) {
 	}
 	after := mem()
 	per := (int64(after) - int64(before)) / n
-	t.Logf("per served vTPM: %d bytes (heap + goroutine stacks, %d vTPMs, buffers of %d-byte commands included)", per, n, vtpm.MaxBufferSize)
+	t.Logf("per served vTPM, busy: %d bytes (heap + goroutine stacks, %d vTPMs, buffers of %d-byte commands included)", per, n, vtpm.MaxBufferSize)
 	if per > 64<<10 {
 		t.Errorf("a served vTPM costs %d bytes, over the 64 KiB target", per)
+	}
+	// Idle for over a second, each gives its command buffers back.
+	time.Sleep(1500 * time.Millisecond)
+	idle := (int64(mem()) - int64(before)) / n
+	t.Logf("per served vTPM, idle: %d bytes (its command buffers given back)", idle)
+	if per-idle < 6<<10 {
+		t.Errorf("an idle vTPM costs %d bytes, a busy one %d: the command buffers (about 8 KiB) were not given back", idle, per)
 	}
 	if _, err := exec.LookPath("swtpm"); err == nil {
 		data, swtpmPID := startSwtpm(t)

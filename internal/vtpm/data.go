@@ -114,7 +114,7 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 	}()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
 	defer stop()
-	r := &cmdReader{c: c, buf: make([]byte, MaxBufferSize+1)}
+	r := &cmdReader{c: c}
 	for {
 		cmd, err := r.next(ctx, int(v.BufferSize()))
 		if err != nil {
@@ -149,8 +149,8 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 // cmdReader splits a byte stream into TPM commands by their size field.
 type cmdReader struct {
 	c   net.Conn
-	buf []byte
-	n   int // buf[:n] is read and not yet consumed
+	buf []byte // MaxBufferSize+1 bytes; nil while idle (waitIdle)
+	n   int    // buf[:n] is read and not yet consumed
 }
 
 // next returns the next command, or nil for a malformed one (shorter than
@@ -158,10 +158,13 @@ type cmdReader struct {
 // arriving within dataPartialTimeout), whose bytes it drops.
 func (r *cmdReader) next(ctx context.Context, limit int) ([]byte, error) {
 	if r.n == 0 {
-		// Idle: wait without a deadline, but let ctx interrupt.
-		r.c.SetReadDeadline(time.Time{})
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+		// Idle: wait without a deadline, but let ctx interrupt; the
+		// buffer goes after bufIdle without a command.
+		if err := waitIdle(ctx, r.c, &r.buf); err != nil {
+			return nil, err
+		}
+		if r.buf == nil {
+			r.buf = make([]byte, MaxBufferSize+1)
 		}
 		m, err := r.c.Read(r.buf)
 		if err != nil {
