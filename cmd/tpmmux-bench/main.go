@@ -20,6 +20,8 @@
 //	P7  guest-visible vTPM extend latency p50/p99 (modes durable and
 //	    anchored, 1, 10, 100 VMs) from QEMU's side of the data socket,
 //	    against swtpm as each VM's vTPM
+//	P8  memory per vTPM VM: the bridge's RSS over 1000 powered-on vTPM
+//	    domains, against one swtpm vTPM process
 //
 // TPMs: "sim" (in-process simulator), "swtpm" (a swtpm process, started
 // fresh per run), "hw" (the simulator served at a discrete TPM's speed:
@@ -266,6 +268,7 @@ func (e *env) bench(ctx context.Context) error {
 		{"P5", e.benchProvision},
 		{"P6", e.benchScale},
 		{"P7", e.benchVTPM},
+		{"P8", e.benchVTPMMemory},
 	} {
 		if err := e.section(ctx, s.name, s.fn); err != nil {
 			return err

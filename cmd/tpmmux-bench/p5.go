@@ -323,6 +323,8 @@ func childMain(ctx context.Context, what string, n, m int, work string, stdout, 
 		out, err = e.childIdle(ctx, n)
 	case "scale":
 		out, err = e.childScale(ctx, n, m)
+	case "vtpm":
+		out, err = e.childVTPM(ctx, n, os.Stdin, stdout)
 	default:
 		err = fmt.Errorf("unknown child %q", what)
 	}
