@@ -2,12 +2,17 @@ package vtpm
 
 import (
 	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
 // idlePair returns a connected pair of unix stream sockets as
@@ -99,5 +104,52 @@ func TestWaitIdle(t *testing.T) {
 	a.Close()
 	if err := waitIdle(ctx, b); err != nil {
 		t.Errorf("wait at the peer's close: %v", err)
+	}
+}
+
+type nopJournal struct{}
+
+func (nopJournal) Append(context.Context, vpcr.Event) error { return nil }
+
+// TestDataAcrossIdle: a guest's commands are answered alike before and
+// after its data channel went idle (and gave its buffer back), including
+// two commands written at once after the idle time.
+func TestDataAcrossIdle(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	v, err := New(Config{Journal: nopJournal{}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest, bridge := idlePair(t)
+	go v.ServeData(ctx, bridge)
+	v.Init(ctx)
+	rc := func(cmd []byte) uint32 {
+		t.Helper()
+		hdr := make([]byte, 10)
+		guest.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(guest, hdr); err != nil {
+			t.Fatalf("response to %x: %v", cmd[6:10], err)
+		}
+		rest := make([]byte, binary.BigEndian.Uint32(hdr[2:6])-10)
+		io.ReadFull(guest, rest)
+		return binary.BigEndian.Uint32(hdr[6:10])
+	}
+	startup := []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}
+	selfTest := []byte{0x80, 0x01, 0, 0, 0, 11, 0, 0, 0x01, 0x43, 1}
+	guest.Write(startup)
+	if r := rc(startup); r != 0 {
+		t.Fatalf("Startup: %#x", r)
+	}
+	time.Sleep(bufIdle + 300*time.Millisecond)
+	guest.Write(append(append([]byte(nil), selfTest...), selfTest...))
+	for i := range 2 {
+		if r := rc(selfTest); r != 0 {
+			t.Fatalf("SelfTest %d after the idle time: %#x", i, r)
+		}
+	}
+	guest.Write(startup)
+	if r := rc(startup); r != rcInitialize {
+		t.Errorf("second Startup: %#x, want TPM_RC_INITIALIZE", r)
 	}
 }
