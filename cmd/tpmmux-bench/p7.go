@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tpmmux/tpmmux/internal/daemon"
+	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/vtpm/qemutpm"
 )
@@ -43,6 +44,9 @@ type latRun struct {
 	lat    []time.Duration // every measured command's latency, sorted
 	fsync  time.Duration   // the run's disk: median 4 KiB write + fdatasync
 	extend time.Duration   // the run's TPM: median PCR_Extend
+	// perBatch is how many records the multiplexer's batches held on
+	// average during the run (0 for the baseline).
+	perBatch float64
 }
 
 func (l latRun) p(q float64) time.Duration { return percentile(l.lat, q) }
@@ -89,8 +93,8 @@ func (e *env) benchVTPM(ctx context.Context) error {
 					}
 					k := key{kind, mode, n}
 					res[k] = append(res[k], l)
-					e.logf("  P7 %s %s, %d VMs, run %d: p50 %s p99 %s (%d extends; fsync %s, extend %s)", tpmLabel(kind), mode, n, r+1,
-						fmtDur(l.p(50)), fmtDur(l.p(99)), len(l.lat), fmtDur(l.fsync), fmtDur(l.extend))
+					e.logf("  P7 %s %s, %d VMs, run %d: p50 %s p99 %s (%d extends, %.1f records a batch; fsync %s, extend %s)", tpmLabel(kind), mode, n, r+1,
+						fmtDur(l.p(50)), fmtDur(l.p(99)), len(l.lat), l.perBatch, fmtDur(l.fsync), fmtDur(l.extend))
 				}
 			}
 		}
@@ -120,8 +124,8 @@ func (e *env) benchVTPM(ctx context.Context) error {
 				r := row{ID: "P7", Case: fmt.Sprintf("vTPM extend p50/p99, %s, %d VMs", mode, n), TPM: tpmLabel(kind),
 					Value: fmtDur(v50) + " / " + fmtDur(v99), V: float64(v99),
 					Target: "p99 ≤ " + fmtDur(target), Met: yesNo(v99 <= target),
-					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run; target = %s (fsync %s, extend %s); p99/target %.2f",
-						n, len(rs[0].lat), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target))}
+					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f",
+						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target))}
 				if bs := base[n]; len(bs) > 0 {
 					b50, b99 := med(bs, p50), med(bs, p99)
 					r.Baseline = fmtDur(b50) + " / " + fmtDur(b99) + " (swtpm per VM)"
@@ -136,6 +140,15 @@ func (e *env) benchVTPM(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// perBatch lists the runs' records per batch.
+func perBatch(rs []latRun) []float64 {
+	var out []float64
+	for _, r := range rs {
+		out = append(out, r.perBatch)
+	}
+	return out
 }
 
 // bridgeExtends is one tpmmux run of P7: a fresh bridge daemon on a TPM of
@@ -161,7 +174,12 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 	for i := range paths {
 		paths[i] = vtpmSocket(rig.vtpms, vmName(i))
 	}
-	l.lat, err = guestExtends(ctx, paths, dur, minN)
+	var before mux.Stats
+	l.lat, err = guestExtends(ctx, paths, dur, minN, func() { before = rig.d.Mux().Status().Stats })
+	after := rig.d.Mux().Status().Stats
+	if b := after.Batches - before.Batches; b > 0 {
+		l.perBatch = float64(after.Records-before.Records) / float64(b)
+	}
 	return l, err
 }
 
@@ -214,7 +232,7 @@ func (e *env) swtpmExtends(ctx context.Context, n int, dur time.Duration, minN i
 	if l.fsync, err = fsyncLatency(dir, 50); err != nil {
 		return latRun{}, err
 	}
-	l.lat, err = guestExtends(ctx, paths, dur, minN)
+	l.lat, err = guestExtends(ctx, paths, dur, minN, nil)
 	return l, err
 }
 
@@ -223,8 +241,9 @@ func (e *env) swtpmExtends(ctx context.Context, n int, dur time.Duration, minN i
 // early kernel), then runs one closed-loop guest per vTPM, each sending
 // IMA's two-bank PCR 10 extend and waiting for its answer, until dur has
 // passed and at least minN extends were measured; it returns their
-// latencies, sorted.
-func guestExtends(ctx context.Context, paths []string, dur time.Duration, minN int) ([]time.Duration, error) {
+// latencies, sorted. start, if not nil, is called when the measured
+// extends begin.
+func guestExtends(ctx context.Context, paths []string, dur time.Duration, minN int, start func()) ([]time.Duration, error) {
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conns := make([]*qemutpm.Conn, len(paths))
@@ -259,14 +278,17 @@ func guestExtends(ctx context.Context, paths []string, dur time.Duration, minN i
 		all     []time.Duration
 		firstEr error
 	)
-	start := time.Now()
+	if start != nil {
+		start()
+	}
+	t0 := time.Now()
 	for i, c := range conns {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			lat := make([]time.Duration, 0, 1024)
 			for k := 0; ; k++ {
-				if time.Since(start) >= dur && count.Load() >= int64(minN) {
+				if time.Since(t0) >= dur && count.Load() >= int64(minN) {
 					break
 				}
 				cmd := qemutpm.ExtendIMA(measurement(i, k))
