@@ -17,6 +17,7 @@
 //	P5  provisioning time and memory per VM: bridge.Prepare plus a listener,
 //	    against swtpm_setup plus one swtpm process per VM
 //	P6  bridge RSS with 1000 VMs and 1M records
+//	P9  guest boot to IMA-ready: the bridge's vTPM against swtpm per VM and no TPM (QEMU TCG; skipped without QEMU)
 //
 // TPMs: "sim" (in-process simulator), "swtpm" (a swtpm process, started
 // fresh per run), "hw" (the simulator served at a discrete TPM's speed:
@@ -255,6 +256,7 @@ func (e *env) bench(ctx context.Context) error {
 		{"P4", e.benchVerifier},
 		{"P5", e.benchProvision},
 		{"P6", e.benchScale},
+		{"P9", e.benchBoot},
 	} {
 		if err := e.section(ctx, s.name, s.fn); err != nil {
 			return err

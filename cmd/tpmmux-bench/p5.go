@@ -75,6 +75,8 @@ func (e *env) openRig(ctx context.Context, kind string) (*bridgeRig, error) {
 	cfg.ControlSocket = filepath.Join(r.dir, "control.sock")
 	cfg.SerialDir = r.socks
 	cfg.Vsock = "off"
+	cfg.VTPMDir = r.vtpmDir() // P9's vTPM sockets
+	cfg.VTPMMode = "durable"
 	cfg.LogLevel = "error"
 	cfg.Host = "bench"
 	r.d, err = daemon.Start(ctx, cfg, daemon.Options{Version: "bench", Logger: quiet, TPM: rt.TPM,
@@ -97,6 +99,10 @@ func (r *bridgeRig) close() {
 	r.rt.Close()
 	removeAll(r.dir)
 }
+
+// vtpmDir is the daemon's vtpm_dir: a domain whose external TPM backend
+// socket is there gets a bridge-served vTPM.
+func (r *bridgeRig) vtpmDir() string { return filepath.Join(r.dir, "vtpm") }
 
 // storePath is where the daemon keeps its log store.
 func (r *bridgeRig) storePath() string { return filepath.Join(r.dir, "state", "log.db") }
