@@ -256,11 +256,11 @@ func serveVTPM(t testing.TB, ctx context.Context, v *vtpm.VTPM, dir string) (str
 // and the time it took.
 func runGuest(t testing.TB, ctx context.Context, g *guestboot.Guest, dir string, extra ...string) ([]byte, time.Duration) {
 	t.Helper()
-	out, took, err := g.Boot(ctx, dir, extra...)
+	r, err := g.Boot(ctx, dir, extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return out, took
+	return r.Console, r.Took
 }
 
 // BenchmarkGuestBoot is the test guest's boot to power-off (IMA policy
@@ -306,12 +306,12 @@ func BenchmarkGuestBoot(b *testing.B) {
 			return guestboot.TPMArgs(p, "tpm-crb")
 		}},
 		{"swtpm", func(dir string) []string {
-			p, stop, err := guestboot.StartSwtpm(ctx, dir)
+			s, err := guestboot.StartSwtpm(ctx, dir)
 			if err != nil {
 				b.Fatal(err)
 			}
-			b.Cleanup(stop)
-			return guestboot.TPMArgs(p, "tpm-crb")
+			b.Cleanup(func() { s.Stop() })
+			return guestboot.TPMArgs(s.Ctrl, "tpm-crb")
 		}},
 		{"none", func(string) []string { return nil }},
 	}

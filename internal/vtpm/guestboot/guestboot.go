@@ -192,11 +192,17 @@ func TPMArgs(ctrlPath, model string) []string {
 		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", model + ",tpmdev=tpm0"}
 }
 
+// Result is one boot: the guest's console and what QEMU took.
+type Result struct {
+	Console []byte
+	Took    time.Duration // wall time from QEMU's start to its exit
+	CPU     time.Duration // QEMU's user plus system CPU time
+}
+
 // Boot runs the guest in dir (its console is dir/console.log) with extra
-// QEMU arguments (TPMArgs, or none) until it powers off, and returns its
-// console and the time QEMU ran. It fails if QEMU fails or the console
-// lacks DoneMarker.
-func (g *Guest) Boot(ctx context.Context, dir string, extra ...string) ([]byte, time.Duration, error) {
+// QEMU arguments (TPMArgs, or none) until it powers off. It fails if QEMU
+// fails or the console lacks DoneMarker.
+func (g *Guest) Boot(ctx context.Context, dir string, extra ...string) (*Result, error) {
 	console := filepath.Join(dir, "console.log")
 	os.Remove(console)
 	cmd := exec.CommandContext(ctx, g.QEMU, append(g.Args(console), extra...)...)
@@ -204,54 +210,71 @@ func (g *Guest) Boot(ctx context.Context, dir string, extra ...string) ([]byte, 
 	cmd.Stderr = &qerr
 	start := time.Now()
 	err := cmd.Run()
-	took := time.Since(start)
+	r := &Result{Took: time.Since(start)}
+	if cmd.ProcessState != nil {
+		r.CPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
 	out, rerr := os.ReadFile(console)
+	r.Console = out
 	if err != nil {
-		return out, took, fmt.Errorf("qemu after %v: %w\nstderr: %s\nconsole tail: %s", took.Round(time.Millisecond), err, qerr.String(), Tail(out, 3000))
+		return r, fmt.Errorf("qemu after %v: %w\nstderr: %s\nconsole tail: %s", r.Took.Round(time.Millisecond), err, qerr.String(), Tail(out, 3000))
 	}
 	if rerr != nil {
-		return nil, took, fmt.Errorf("guest console: %w", rerr)
+		return r, fmt.Errorf("guest console: %w", rerr)
 	}
 	if !bytes.Contains(out, []byte(DoneMarker)) {
-		return out, took, fmt.Errorf("guest did not finish (no %q on its console); console tail:\n%s", DoneMarker, Tail(out, 3000))
+		return r, fmt.Errorf("guest did not finish (no %q on its console); console tail:\n%s", DoneMarker, Tail(out, 3000))
 	}
-	return out, took, nil
+	return r, nil
+}
+
+// Swtpm is a running swtpm serving one VM's vTPM.
+type Swtpm struct {
+	Ctrl string // its control channel's unix socket, for TPMArgs
+	cmd  *exec.Cmd
 }
 
 // StartSwtpm starts swtpm as a per-VM vTPM, as libvirt runs it for a
-// <backend type='emulator'>: state in dir, its control channel on the
-// unix socket it returns (QEMU hands it the data channel), TPM2_Startup
-// done by swtpm on QEMU's INIT. stop kills it and waits.
-func StartSwtpm(ctx context.Context, dir string) (ctrlPath string, stop func(), err error) {
+// <backend type='emulator'>: state in dir, its control channel on a unix
+// socket (QEMU hands it the data channel), TPM2_Startup done by swtpm on
+// QEMU's INIT. It returns once the socket exists.
+func StartSwtpm(ctx context.Context, dir string) (*Swtpm, error) {
 	if _, err := exec.LookPath("swtpm"); err != nil {
-		return "", nil, errors.New("swtpm not installed (Debian: apt-get install swtpm; scripts/setup.sh test)")
+		return nil, errors.New("swtpm not installed (Debian: apt-get install swtpm; scripts/setup.sh test)")
 	}
-	ctrlPath = filepath.Join(dir, "swtpm.sock")
-	cmd := exec.CommandContext(ctx, "swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--ctrl", "type=unixio,path="+ctrlPath, "--flags", "startup-clear")
+	s := &Swtpm{Ctrl: filepath.Join(dir, "swtpm.sock")}
+	s.cmd = exec.CommandContext(ctx, "swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
+		"--ctrl", "type=unixio,path="+s.Ctrl, "--flags", "startup-clear")
 	logPath := filepath.Join(dir, "swtpm.log")
 	logf, err := os.Create(logPath)
 	if err != nil {
-		return "", nil, fmt.Errorf("swtpm log: %w", err)
+		return nil, fmt.Errorf("swtpm log: %w", err)
 	}
 	defer logf.Close() // swtpm has its own copy
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		return "", nil, fmt.Errorf("start swtpm: %w", err)
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	if err := s.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start swtpm: %w", err)
 	}
-	stop = func() { cmd.Process.Kill(); cmd.Wait() }
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, err := os.Stat(ctrlPath); err == nil {
-			return ctrlPath, stop, nil
+		if _, err := os.Stat(s.Ctrl); err == nil {
+			return s, nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			stop()
+			s.Stop()
 			log, _ := os.ReadFile(logPath)
-			return "", nil, fmt.Errorf("swtpm did not open %s within 5 s: %s", ctrlPath, strings.TrimSpace(string(log)))
+			return nil, fmt.Errorf("swtpm did not open %s within 5 s: %s", s.Ctrl, strings.TrimSpace(string(log)))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Stop kills swtpm, waits for it, and returns the CPU time (user plus
+// system) it used.
+func (s *Swtpm) Stop() time.Duration {
+	s.cmd.Process.Kill()
+	s.cmd.Wait()
+	return s.cmd.ProcessState.UserTime() + s.cmd.ProcessState.SystemTime()
 }
 
 // Tail is the last n bytes of a console, for error messages.
