@@ -237,3 +237,28 @@ func TestReportCheckIMA(t *testing.T) {
 		t.Fatal("a malformed IMA list parsed")
 	}
 }
+
+// FuzzReport feeds arbitrary consoles (a guest writes its console, so its
+// bytes are the guest's) to ParseReport and CheckIMA: no panic, and a
+// report that passes CheckIMA has a list that replays to its PCR 10.
+func FuzzReport(f *testing.F) {
+	agg := sha256.Sum256([]byte("PCRs 0-9"))
+	good := []ima.Entry{ima.NewIMANG(10, "sha256", agg[:], "boot_aggregate")}
+	pcr := hex.EncodeToString(ima.Replay(good, crypto.SHA256))
+	f.Add(console(good, pcr, pcr))
+	f.Add(console(nil, "", ""))
+	f.Add([]byte(Marker + "b64 AAAA\n" + DoneMarker + "\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseReport(b)
+		if err != nil {
+			return
+		}
+		facts, err := r.CheckIMA()
+		if err != nil {
+			return
+		}
+		if !bytes.Equal(ima.Replay(facts.Entries, crypto.SHA256), facts.PCR10) || len(facts.BootAggregate) != 32 {
+			t.Fatalf("CheckIMA passed a report whose list does not replay to its PCR 10")
+		}
+	})
+}
