@@ -267,7 +267,9 @@ func runGuest(t testing.TB, ctx context.Context, g *guestboot.Guest, dir string,
 // loaded, programs measured, list and PCR 10 printed) on the vTPM, on
 // swtpm as a per-VM vTPM, and with no TPM: same kernel, same initramfs.
 // Each iteration boots all three in turn, so a change in the machine's
-// load hits all three alike; it reports each one's mean.
+// load hits all three alike; it reports each one's mean. tpmmux-bench's P9
+// row is the same boot on the bridge daemon's vTPM (docs/performance.md);
+// this benchmark keeps the in-memory vTPM, which isolates the journal's share.
 //
 //	go test -run '^$' -bench GuestBoot -benchtime 3x ./internal/vtpm/
 func BenchmarkGuestBoot(b *testing.B) {
