@@ -17,6 +17,11 @@
 //	P5  provisioning time and memory per VM: bridge.Prepare plus a listener,
 //	    against swtpm_setup plus one swtpm process per VM
 //	P6  bridge RSS with 1000 VMs and 1M records
+//	P7  guest-visible vTPM extend latency p50/p99 (modes durable and
+//	    anchored, 1, 10, 100 VMs) from QEMU's side of the data socket,
+//	    against swtpm as each VM's vTPM
+//	P8  memory per vTPM VM: the bridge's RSS over 1000 powered-on vTPM
+//	    domains, against one swtpm vTPM process
 //	P9  guest boot to IMA-ready: the bridge's vTPM against swtpm per VM and no TPM (QEMU TCG; skipped without QEMU)
 //
 // TPMs: "sim" (in-process simulator), "swtpm" (a swtpm process, started
@@ -59,6 +64,8 @@ type env struct {
 	work     string // scratch directory on the disk under test
 	profile  string // directory for CPU profiles, or ""
 	vmsList  []int
+	vtpmVMs  []int // P7: VM counts
+	vtpmMin  int   // P7: least extends measured a run (0: 2000, --quick 500)
 	verList  []int
 	evModes  []string // P3: "full", "incremental"
 	early    bool     // P3: verifiers ask for early evidence
@@ -81,8 +88,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cmd := &cli.Command{
 		Name:     "tpmmux-bench",
 		Synopsis: []string{"[--quick] [--tpm LIST] [--only LIST] [flags]"},
-		Summary:  "measure tpmmux's P1-P6 performance figures against their baselines",
-		Description: `Prints the P1-P6 table, each figure with the baseline measured in the same run and their
+		Summary:  "measure tpmmux's performance figures (P1…) against their baselines",
+		Description: `Prints the table of figures P1, P2, …, each with the baseline measured in the same run and their
 ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
 	}
 	fs := cmd.FlagSet()
@@ -94,6 +101,7 @@ ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
 	profile := fs.String("profile", "", "write a CPU profile per experiment (cpu-P1.pprof …) and an allocation profile into this directory")
 	frame := fs.Int("frame", 64, "IMA entries per measurement frame in P1 (0: as the agent packs a backlog, up to 60 KiB)")
 	vmsFlag := fs.String("vms", "1,10,100,1000", "VM counts for P1 and P2")
+	vtpmFlag := fs.String("vtpm-vms", "1,10,100", "VM counts for P7 (vTPM guests extending at once)")
 	verFlag := fs.String("verifiers", "1,10,100,1000", "concurrent verifier counts for P3")
 	evFlag := fs.String("evidence", "full,incremental", "P3's verifiers ask for full evidence, incremental evidence (from a checkpoint), or both")
 	early := fs.Bool("early", true, "P3's verifiers ask for early evidence: the log and the VM's fields while the quote is taken (docs/protocol.md, Early evidence)")
@@ -144,6 +152,10 @@ ratio; docs/performance.md explains the method. scripts/bench.sh runs it.`,
 	var err error
 	if e.vmsList, err = intList(*vmsFlag); err != nil {
 		fmt.Fprintf(stderr, "tpmmux-bench: --vms: %v\n", err)
+		return 2
+	}
+	if e.vtpmVMs, err = intList(*vtpmFlag); err != nil {
+		fmt.Fprintf(stderr, "tpmmux-bench: --vtpm-vms: %v\n", err)
 		return 2
 	}
 	if e.verList, err = intList(*verFlag); err != nil {
@@ -256,6 +268,8 @@ func (e *env) bench(ctx context.Context) error {
 		{"P4", e.benchVerifier},
 		{"P5", e.benchProvision},
 		{"P6", e.benchScale},
+		{"P7", e.benchVTPM},
+		{"P8", e.benchVTPMMemory},
 		{"P9", e.benchBoot},
 	} {
 		if err := e.section(ctx, s.name, s.fn); err != nil {

@@ -21,8 +21,16 @@ import (
 
 // domainXML is a typical libvirt domain: disk boot (so no launch files to
 // hash), a vsock device and the tpmmux virtio-serial channel whose host
-// socket the bridge opens at prepare.
-func domainXML(name string, cid uint32, sockDir string) []byte {
+// socket the bridge opens at prepare; with vtpmDir, also a TPM whose
+// external backend is the bridge's vTPM socket there (docs/vtpm.md).
+func domainXML(name string, cid uint32, sockDir, vtpmDir string) []byte {
+	var tpmXML string
+	if vtpmDir != "" {
+		tpmXML = fmt.Sprintf(`    <tpm model='tpm-crb'>
+      <backend type='external' version='2.0'><source type='unix' mode='connect' path='%s'/></backend>
+    </tpm>
+`, vtpmSocket(vtpmDir, name))
+	}
 	var u [16]byte
 	rand.Read(u[:])
 	return []byte(fmt.Sprintf(`<domain type='kvm'>
@@ -42,10 +50,13 @@ func domainXML(name string, cid uint32, sockDir string) []byte {
       <source mode='connect' path='%s/%s.sock'/>
       <target type='virtio' name='%s'/>
     </channel>
-  </devices>
+%s  </devices>
 </domain>
-`, name, conceal.FormatUUID(u), name, cid, sockDir, name, transport.SerialPortName))
+`, name, conceal.FormatUUID(u), name, cid, sockDir, name, transport.SerialPortName, tpmXML))
 }
+
+// vtpmSocket is where domainXML puts VM name's vTPM socket in vtpmDir.
+func vtpmSocket(vtpmDir, name string) string { return filepath.Join(vtpmDir, name+".sock") }
 
 // bridgeRig is the bridge daemon (internal/daemon, as tpmmux-bridge run
 // starts it) on a fresh TPM and state directory: its control socket, its
@@ -55,10 +66,13 @@ type bridgeRig struct {
 	dir   string
 	d     *daemon.Daemon
 	socks string
+	vtpms string // the daemon's vtpm_dir
 	n     int
 }
 
-func (e *env) openRig(ctx context.Context, kind string) (*bridgeRig, error) {
+// openRig starts the bridge daemon on a fresh TPM of kind; mods adjust its
+// configuration last.
+func (e *env) openRig(ctx context.Context, kind string, mods ...func(*daemon.Config)) (*bridgeRig, error) {
 	rt, err := e.openTPM(ctx, kind)
 	if err != nil {
 		return nil, err
@@ -75,10 +89,13 @@ func (e *env) openRig(ctx context.Context, kind string) (*bridgeRig, error) {
 	cfg.ControlSocket = filepath.Join(r.dir, "control.sock")
 	cfg.SerialDir = r.socks
 	cfg.Vsock = "off"
-	cfg.VTPMDir = r.vtpmDir() // P9's vTPM sockets
-	cfg.VTPMMode = "durable"
 	cfg.LogLevel = "error"
 	cfg.Host = "bench"
+	cfg.VTPMDir = filepath.Join(r.dir, "vtpm")
+	for _, m := range mods {
+		m(&cfg)
+	}
+	r.vtpms = cfg.VTPMDir
 	r.d, err = daemon.Start(ctx, cfg, daemon.Options{Version: "bench", Logger: quiet, TPM: rt.TPM,
 		VsockAvailable: func() error { return errors.New("no vsock in the benchmark") }})
 	if err != nil {
@@ -100,9 +117,8 @@ func (r *bridgeRig) close() {
 	removeAll(r.dir)
 }
 
-// vtpmDir is the daemon's vtpm_dir: a domain whose external TPM backend
-// socket is there gets a bridge-served vTPM.
-func (r *bridgeRig) vtpmDir() string { return filepath.Join(r.dir, "vtpm") }
+// vmName is the name of the rig's i-th VM.
+func vmName(i int) string { return fmt.Sprintf("vm-%04d", i) }
 
 // storePath is where the daemon keeps its log store.
 func (r *bridgeRig) storePath() string { return filepath.Join(r.dir, "state", "log.db") }
@@ -113,7 +129,7 @@ func (r *bridgeRig) storePath() string { return filepath.Join(r.dir, "state", "l
 func (r *bridgeRig) prepareN(ctx context.Context, n int) ([]float64, error) {
 	var ds []float64
 	for i := r.n; i < r.n+n; i++ {
-		xml := domainXML(fmt.Sprintf("vm-%04d", i), uint32(3+i), r.socks)
+		xml := domainXML(vmName(i), uint32(3+i), r.socks, "")
 		t := time.Now()
 		if _, err := r.d.ControlHandler().Prepare(ctx, xml, false); err != nil {
 			return nil, err
@@ -307,6 +323,8 @@ func childMain(ctx context.Context, what string, n, m int, work string, stdout, 
 		out, err = e.childIdle(ctx, n)
 	case "scale":
 		out, err = e.childScale(ctx, n, m)
+	case "vtpm":
+		out, err = e.childVTPM(ctx, n, os.Stdin, stdout)
 	default:
 		err = fmt.Errorf("unknown child %q", what)
 	}

@@ -6,12 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/tpmmux/tpmmux/internal/daemon"
+	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/guestboot"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -30,7 +32,7 @@ type bootVariant struct {
 type bootFacts struct {
 	took    time.Duration // QEMU's wall time, start to power-off
 	qemuCPU time.Duration // QEMU's CPU time
-	tpmCPU  time.Duration // the TPM's CPU time: swtpm's, or this process's (the bridge) during the boot
+	tpmCPU  time.Duration // the TPM's CPU time: swtpm's (start to power-off, 10 ms ticks), or this process's (the bridge) during the boot
 	entries int           // IMA entries (0 without a TPM)
 }
 
@@ -64,8 +66,8 @@ func (e *env) benchBoot(ctx context.Context) error {
 		return nil
 	}
 	swtpmMsg := ""
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		swtpmMsg = "swtpm not installed (Debian: swtpm; scripts/setup.sh test)"
+	if err := swtpmproc.Available(); err != nil {
+		swtpmMsg = err.Error() + " (scripts/setup.sh test)"
 	}
 	base, err := tempDir(e.work, "boot-")
 	if err != nil {
@@ -152,14 +154,14 @@ func (e *env) bootOnce(ctx context.Context, g *guestboot.Guest, v bootVariant, r
 	defer removeAll(dir)
 	var tpmArgs []string
 	var rig *bridgeRig
-	var sw *guestboot.Swtpm
+	var sw *swtpmproc.VTPM
 	name := fmt.Sprintf("boot-%d", run)
 	switch {
 	case v.bridge:
 		// A fresh bridge daemon per boot: the simulator is one per
 		// process, so the runs on sim and on the hardware profile cannot
 		// have theirs open at once.
-		if rig, err = e.openRig(ctx, v.name); err != nil {
+		if rig, err = e.openRig(ctx, v.name, func(c *daemon.Config) { c.VTPMMode = "durable" }); err != nil {
 			return nil, err
 		}
 		defer rig.close()
@@ -170,11 +172,11 @@ func (e *env) bootOnce(ctx context.Context, g *guestboot.Guest, v bootVariant, r
 		defer rig.d.ControlHandler().Stopped(context.Background(), name, "shutdown")
 		tpmArgs = guestboot.TPMArgs(p, "tpm-crb")
 	case v.name == "swtpm":
-		if sw, err = guestboot.StartSwtpm(ctx, dir); err != nil {
+		if sw, err = swtpmproc.StartVTPM(ctx, filepath.Join(dir, "swtpm")); err != nil {
 			return nil, err
 		}
 		defer sw.Stop()
-		tpmArgs = guestboot.TPMArgs(sw.Ctrl, "tpm-crb")
+		tpmArgs = guestboot.TPMArgs(sw.CtrlPath(), "tpm-crb")
 	}
 	cpu0 := cpuTime()
 	res, err := g.Boot(ctx, dir, tpmArgs...)
@@ -186,7 +188,9 @@ func (e *env) bootOnce(ctx context.Context, g *guestboot.Guest, v bootVariant, r
 	case rig != nil:
 		f.tpmCPU = cpuTime() - cpu0
 	case sw != nil:
-		f.tpmCPU = sw.Stop()
+		if f.tpmCPU, err = procCPU(sw.Pid()); err != nil {
+			return nil, fmt.Errorf("swtpm's CPU time: %w", err)
+		}
 	default:
 		return f, nil
 	}
@@ -211,13 +215,11 @@ func (e *env) bootOnce(ctx context.Context, g *guestboot.Guest, v bootVariant, r
 // external backend on a socket in vtpm_dir), as the hook's "prepare
 // begin" does before QEMU starts, and returns the socket QEMU connects to.
 func (r *bridgeRig) prepareVTPM(ctx context.Context, name string) (string, error) {
-	sock := filepath.Join(r.vtpmDir(), name+".sock")
-	tpm := "<tpm model='tpm-crb'><backend type='external' version='2.0'><source type='unix' mode='connect' path='" + sock + "'/></backend></tpm></devices>"
 	r.n++
-	xml := bytes.Replace(domainXML(name, uint32(3+r.n), r.socks), []byte("</devices>"), []byte(tpm), 1)
-	if _, err := r.d.ControlHandler().Prepare(ctx, xml, false); err != nil {
+	if _, err := r.d.ControlHandler().Prepare(ctx, domainXML(name, uint32(3+r.n), r.socks, r.vtpms), false); err != nil {
 		return "", fmt.Errorf("prepare %s: %w", name, err)
 	}
+	sock := vtpmSocket(r.vtpms, name)
 	if _, err := os.Stat(sock); err != nil {
 		return "", fmt.Errorf("prepare %s: the bridge serves no vTPM socket: %w", name, err)
 	}
@@ -246,4 +248,32 @@ func (r *bridgeRig) checkVTPM(name string, guest10 []byte) error {
 		return errors.New("no vTPM events journaled")
 	}
 	return nil
+}
+
+// procCPU is process pid's user plus system CPU time so far, from
+// /proc/PID/stat (in clock ticks of 10 ms, USER_HZ on Linux).
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces;
+	// utime and stime are fields 14 and 15, the 12th and 13th after it.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields after the name", pid, len(f))
+	}
+	var ticks int64
+	for _, s := range f[11:13] {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond, nil
 }

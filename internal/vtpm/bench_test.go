@@ -4,12 +4,10 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -19,7 +17,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
+	"github.com/tpmmux/tpmmux/internal/vtpm/qemutpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
 )
@@ -58,7 +58,7 @@ func BenchmarkExtendLatency(b *testing.B) {
 	v.Init(ctx)
 	respRC(b, infClient, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0})
 
-	sw := startSwtpm(b)
+	sw, _ := startSwtpm(b)
 	targets := []struct {
 		name string
 		c    net.Conn
@@ -92,88 +92,32 @@ func BenchmarkExtendLatency(b *testing.B) {
 
 // twoBankExtend is a PCR_Extend of PCR 10 with a sha1 and a sha256 digest.
 func twoBankExtend(i int) []byte {
-	d := sha256.Sum256([]byte(strconv.Itoa(i)))
-	var p []byte
-	p = binary.BigEndian.AppendUint32(p, 2)
-	p = binary.BigEndian.AppendUint16(p, 0x0004)
-	p = append(p, d[:20]...)
-	p = binary.BigEndian.AppendUint16(p, 0x000B)
-	p = append(p, d[:]...)
-	var c []byte
-	c = binary.BigEndian.AppendUint16(c, 0x8002)
-	c = binary.BigEndian.AppendUint32(c, 0)
-	c = binary.BigEndian.AppendUint32(c, 0x182)
-	c = binary.BigEndian.AppendUint32(c, 10)
-	c = binary.BigEndian.AppendUint32(c, 9)
-	c = binary.BigEndian.AppendUint32(c, 0x40000009)
-	c = append(c, 0, 0, 1, 0, 0)
-	c = append(c, p...)
-	binary.BigEndian.PutUint32(c[2:], uint32(len(c)))
-	return c
+	return qemutpm.ExtendIMA(sha256.Sum256([]byte(strconv.Itoa(i))))
 }
 
-// startSwtpm runs swtpm as QEMU's per-VM vTPM (control channel on a unix
-// socket, data channel by CMD_SET_DATAFD), powered on with
-// --flags startup-clear, and returns the data socket.
-func startSwtpm(b testing.TB) net.Conn {
+// startSwtpm runs swtpm as QEMU's per-VM vTPM (swtpmproc.StartVTPM),
+// connects to it as QEMU does (qemutpm.Dial), sends TPM2_Startup and
+// returns the data socket and swtpm's pid.
+func startSwtpm(b testing.TB) (net.Conn, int) {
 	b.Helper()
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		b.Skip("swtpm not installed (Debian: swtpm)")
-	}
-	dir := b.TempDir()
-	ctrlPath := filepath.Join(dir, "ctrl.sock")
-	cmd := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--ctrl", "type=unixio,path="+ctrlPath)
-	if err := cmd.Start(); err != nil {
+	swtpmproc.Need(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, err := swtpmproc.StartVTPM(ctx, b.TempDir())
+	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	var c *net.UnixConn
-	var err error
-	for range 100 {
-		if c, err = net.DialUnix("unix", nil, &net.UnixAddr{Name: ctrlPath, Net: "unix"}); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	b.Cleanup(func() { p.Stop() })
+	c, err := qemutpm.Dial(ctx, p.CtrlPath())
 	if err != nil {
-		b.Fatalf("swtpm control socket: %v", err)
+		b.Fatal(err)
 	}
 	b.Cleanup(func() { c.Close() })
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		b.Fatal(err)
+	if err := c.Startup(ctx); err != nil {
+		b.Fatalf("swtpm: %v", err)
 	}
-	call := func(code uint32, body []byte, oob []byte) {
-		msg := append(binary.BigEndian.AppendUint32(nil, code), body...)
-		if _, _, err := c.WriteMsgUnix(msg, oob, nil); err != nil {
-			b.Fatal(err)
-		}
-		resp := make([]byte, 4)
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Read(resp); err != nil || binary.BigEndian.Uint32(resp) != 0 {
-			b.Fatalf("swtpm control command %d: %x %v", code, resp, err)
-		}
-	}
-	call(16, nil, unix.UnixRights(fds[1]))
-	unix.Close(fds[1])
-	call(2, []byte{0, 0, 0, 0}, nil)
-	f := os.NewFile(uintptr(fds[0]), "swtpm-data")
-	data, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { data.Close() })
-	if rc := respRC(b, data, []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}); rc != 0 {
-		b.Fatalf("swtpm Startup: %#x", rc)
-	}
-	swtpmPID = cmd.Process.Pid
-	return data
+	return c.DataConn(), p.Pid()
 }
-
-// swtpmPID is the pid of the last swtpm startSwtpm ran (for its RSS).
-var swtpmPID int
 
 // procStatus returns a size field ("VmRSS", "RssAnon") of a process's
 // /proc status in bytes.
@@ -196,8 +140,10 @@ func procStatus(pid int, field string) (int64, error) {
 // TestPerVTPMMemory measures what one served vTPM costs the bridge: the
 // heap and goroutine stacks of n vTPMs, each powered on, started, with 20
 // extends journaled elsewhere and its control and data connections served
-// (goroutines parked in reads), divided by n. Target: at most 64 KiB. It
-// logs swtpm's RSS for the same job (the per-VM baseline).
+// (goroutines parked in reads), divided by n, right after the extends and
+// again once idle (the command buffers given back). Target: at most
+// 64 KiB. It logs swtpm's RSS for the same job (the per-VM baseline);
+// tpmmux-bench P8 measures the whole bridge's RSS per vTPM VM.
 func TestPerVTPMMemory(t *testing.T) {
 	if testing.Short() {
 		t.Skip("allocates a few hundred vTPMs")
@@ -241,12 +187,19 @@ func TestPerVTPMMemory(t *testing.T) {
 	}
 	after := mem()
 	per := (int64(after) - int64(before)) / n
-	t.Logf("per served vTPM: %d bytes (heap + goroutine stacks, %d vTPMs, buffers of %d-byte commands included)", per, n, vtpm.MaxBufferSize)
+	t.Logf("per served vTPM, busy: %d bytes (heap + goroutine stacks, %d vTPMs, buffers of %d-byte commands included)", per, n, vtpm.MaxBufferSize)
 	if per > 64<<10 {
 		t.Errorf("a served vTPM costs %d bytes, over the 64 KiB target", per)
 	}
+	// Idle for over a second, each gives its command buffers back.
+	time.Sleep(1500 * time.Millisecond)
+	idle := (int64(mem()) - int64(before)) / n
+	t.Logf("per served vTPM, idle: %d bytes (its command buffers given back)", idle)
+	if per-idle < 6<<10 {
+		t.Errorf("an idle vTPM costs %d bytes, a busy one %d: the command buffers (about 8 KiB) were not given back", idle, per)
+	}
 	if _, err := exec.LookPath("swtpm"); err == nil {
-		data := startSwtpm(t)
+		data, swtpmPID := startSwtpm(t)
 		for k := range 20 {
 			respRC(t, data, twoBankExtend(k))
 		}

@@ -123,12 +123,18 @@ func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 	stop := context.AfterFunc(ctx, func() { ctrl.SetReadDeadline(time.Now()) })
 	defer stop()
 
-	buf := make([]byte, 4+ctrlBodyMax)
-	oob := make([]byte, unix.CmsgSpace(4*8))
+	// The buffers go after bufIdle without a command (QEMU sends a few at
+	// start-up and reset, then none for hours).
+	var buf, oob []byte
 	for {
-		ctrl.SetReadDeadline(time.Time{})
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if err := waitIdle(ctx, ctrl, &buf, &oob); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("vtpm: wait on control channel: %w", err)
+		}
+		if buf == nil {
+			buf, oob = make([]byte, 4+ctrlBodyMax), make([]byte, unix.CmsgSpace(4*8))
 		}
 		n, oobn, _, _, err := ctrl.ReadMsgUnix(buf, oob)
 		fds := receivedFDs(oob[:oobn])

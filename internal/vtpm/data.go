@@ -114,7 +114,7 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 	}()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
 	defer stop()
-	r := &cmdReader{c: c, buf: make([]byte, MaxBufferSize+1)}
+	r := &cmdReader{c: c}
 	for {
 		cmd, err := r.next(ctx, int(v.BufferSize()))
 		if err != nil {
@@ -149,8 +149,41 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
 // cmdReader splits a byte stream into TPM commands by their size field.
 type cmdReader struct {
 	c   net.Conn
-	buf []byte
-	n   int // buf[:n] is read and not yet consumed
+	buf []byte // MaxBufferSize+1 bytes; nil while idle (first)
+	n   int    // buf[:n] is read and not yet consumed
+	// armed is when the read deadline was last set to bufIdle ahead: a
+	// busy channel re-arms it only every bufIdle/2, not per command.
+	armed time.Time
+}
+
+// first reads the first bytes of the next command, waiting without a
+// deadline of its own but letting ctx interrupt. A reader with no command
+// for about bufIdle gives its buffer back, waits for the next command's
+// bytes without one (waitIdle), and takes a new one.
+func (r *cmdReader) first(ctx context.Context) (int, error) {
+	if r.buf != nil {
+		if now := time.Now(); now.Sub(r.armed) > bufIdle/2 {
+			r.c.SetReadDeadline(now.Add(bufIdle))
+			r.armed = now
+		}
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		m, err := r.c.Read(r.buf)
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		if m > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return m, err
+		}
+		r.buf = nil // idle for at least bufIdle/2
+	}
+	if err := waitIdle(ctx, r.c); err != nil {
+		return 0, err
+	}
+	r.armed = time.Time{}
+	r.buf = make([]byte, MaxBufferSize+1)
+	return r.c.Read(r.buf)
 }
 
 // next returns the next command, or nil for a malformed one (shorter than
@@ -158,12 +191,7 @@ type cmdReader struct {
 // arriving within dataPartialTimeout), whose bytes it drops.
 func (r *cmdReader) next(ctx context.Context, limit int) ([]byte, error) {
 	if r.n == 0 {
-		// Idle: wait without a deadline, but let ctx interrupt.
-		r.c.SetReadDeadline(time.Time{})
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		m, err := r.c.Read(r.buf)
+		m, err := r.first(ctx)
 		if err != nil {
 			return nil, err
 		}

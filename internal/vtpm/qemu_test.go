@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
+	"github.com/tpmmux/tpmmux/internal/tpm/swtpmproc"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
 	"github.com/tpmmux/tpmmux/internal/vtpm/guestboot"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
@@ -274,8 +274,8 @@ func runGuest(t testing.TB, ctx context.Context, g *guestboot.Guest, dir string,
 //	go test -run '^$' -bench GuestBoot -benchtime 3x ./internal/vtpm/
 func BenchmarkGuestBoot(b *testing.B) {
 	g := guestSetup(b)
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		b.Skip("swtpm not installed (Debian: swtpm)")
+	if err := swtpmproc.Available(); err != nil {
+		b.Skip(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -308,12 +308,12 @@ func BenchmarkGuestBoot(b *testing.B) {
 			return guestboot.TPMArgs(p, "tpm-crb")
 		}},
 		{"swtpm", func(dir string) []string {
-			s, err := guestboot.StartSwtpm(ctx, dir)
+			s, err := swtpmproc.StartVTPM(ctx, filepath.Join(dir, "swtpm"))
 			if err != nil {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { s.Stop() })
-			return guestboot.TPMArgs(s.Ctrl, "tpm-crb")
+			return guestboot.TPMArgs(s.CtrlPath(), "tpm-crb")
 		}},
 		{"none", func(string) []string { return nil }},
 	}

@@ -20,7 +20,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 )
 
@@ -226,55 +225,6 @@ func (g *Guest) Boot(ctx context.Context, dir string, extra ...string) (*Result,
 		return r, fmt.Errorf("guest did not finish (no %q on its console); console tail:\n%s", DoneMarker, Tail(out, 3000))
 	}
 	return r, nil
-}
-
-// Swtpm is a running swtpm serving one VM's vTPM.
-type Swtpm struct {
-	Ctrl string // its control channel's unix socket, for TPMArgs
-	cmd  *exec.Cmd
-}
-
-// StartSwtpm starts swtpm as a per-VM vTPM, as libvirt runs it for a
-// <backend type='emulator'>: state in dir, its control channel on a unix
-// socket (QEMU hands it the data channel), TPM2_Startup done by swtpm on
-// QEMU's INIT. It returns once the socket exists.
-func StartSwtpm(ctx context.Context, dir string) (*Swtpm, error) {
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		return nil, errors.New("swtpm not installed (Debian: apt-get install swtpm; scripts/setup.sh test)")
-	}
-	s := &Swtpm{Ctrl: filepath.Join(dir, "swtpm.sock")}
-	s.cmd = exec.CommandContext(ctx, "swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--ctrl", "type=unixio,path="+s.Ctrl, "--flags", "startup-clear")
-	logPath := filepath.Join(dir, "swtpm.log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, fmt.Errorf("swtpm log: %w", err)
-	}
-	defer logf.Close() // swtpm has its own copy
-	s.cmd.Stdout, s.cmd.Stderr = logf, logf
-	if err := s.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start swtpm: %w", err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if _, err := os.Stat(s.Ctrl); err == nil {
-			return s, nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			s.Stop()
-			log, _ := os.ReadFile(logPath)
-			return nil, fmt.Errorf("swtpm did not open %s within 5 s: %s", s.Ctrl, strings.TrimSpace(string(log)))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// Stop kills swtpm, waits for it, and returns the CPU time (user plus
-// system) it used.
-func (s *Swtpm) Stop() time.Duration {
-	s.cmd.Process.Kill()
-	s.cmd.Wait()
-	return s.cmd.ProcessState.UserTime() + s.cmd.ProcessState.SystemTime()
 }
 
 // Tail is the last n bytes of a console, for error messages.
