@@ -6,6 +6,9 @@
 #   scripts/bench.sh                 full run, about 9 minutes on 2 cores
 #   scripts/bench.sh --quick         one run per figure, smaller sizes, under 2 minutes
 #   scripts/bench.sh --tpm sim,hw    any of tpmmux-bench's flags
+#   scripts/bench.sh --only P9       guest boot time only (QEMU guests; P9 is skipped
+#                                    without qemu-system-x86, busybox-static and the
+#                                    kernel of scripts/e2e/build-guest.sh)
 #
 # Run it on a quiet machine: every figure is measured against its baseline
 # in the same run, but a loaded machine slows both, and the CPU-bound rows

@@ -22,6 +22,7 @@
 //	    against swtpm as each VM's vTPM
 //	P8  memory per vTPM VM: the bridge's RSS over 1000 powered-on vTPM
 //	    domains, against one swtpm vTPM process
+//	P9  guest boot to IMA-ready: the bridge's vTPM against swtpm per VM and no TPM (QEMU TCG; skipped without QEMU)
 //
 // TPMs: "sim" (in-process simulator), "swtpm" (a swtpm process, started
 // fresh per run), "hw" (the simulator served at a discrete TPM's speed:
@@ -269,6 +270,7 @@ func (e *env) bench(ctx context.Context) error {
 		{"P6", e.benchScale},
 		{"P7", e.benchVTPM},
 		{"P8", e.benchVTPMMemory},
+		{"P9", e.benchBoot},
 	} {
 		if err := e.section(ctx, s.name, s.fn); err != nil {
 			return err

@@ -20,6 +20,7 @@ import (
 
 	"github.com/tpmmux/tpmmux/internal/ima"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
+	"github.com/tpmmux/tpmmux/internal/vtpm/guestboot"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vtpmtest"
 )
@@ -127,11 +128,9 @@ func (q *qmp) do(t *testing.T, cmd string, args any) json.RawMessage {
 // PCR 10 it reads at the end, which equals the replay of the source's
 // events and then the destination's on top of the snapshot.
 func TestQEMULiveMigration(t *testing.T) {
-	qemu, kernel, _ := guestSetup(t)
-	busybox, _ := os.ReadFile("/bin/busybox")
 	dir := t.TempDir()
-	initrd := filepath.Join(dir, "migrate.img")
-	if err := os.WriteFile(initrd, buildInitramfsWith(busybox, migrateInit), 0o644); err != nil {
+	g, err := guestTools(t).Guest(dir, migrateInit)
+	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -160,13 +159,9 @@ func TestQEMULiveMigration(t *testing.T) {
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
 	start := func(d, ctrl string, extra ...string) (*exec.Cmd, *bytes.Buffer) {
-		args := []string{"-accel", "tcg", "-machine", "pc", "-m", "256", "-smp", "1",
-			"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-			"-kernel", kernel, "-initrd", initrd, "-append", guestCmdline,
-			"-chardev", "file,id=con0,path=" + filepath.Join(d, "console.log"), "-serial", "chardev:con0",
-			"-qmp", "unix:" + filepath.Join(d, "qmp.sock") + ",server=on,wait=off"}
-		args = append(args, tpmArgs(ctrl)...)
-		cmd := exec.CommandContext(ctx, qemu, append(args, extra...)...)
+		args := append(g.Args(filepath.Join(d, "console.log")), "-qmp", "unix:"+filepath.Join(d, "qmp.sock")+",server=on,wait=off")
+		args = append(args, guestboot.TPMArgs(ctrl, "tpm-crb")...)
+		cmd := exec.CommandContext(ctx, g.QEMU, append(args, extra...)...)
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
@@ -190,7 +185,7 @@ func TestQEMULiveMigration(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		b, _ := os.ReadFile(path)
-		t.Fatalf("%q never appeared in %s:\n%s\nsource qemu: %s\ndestination qemu: %s", what, path, tail(b, 3000), srcErr, dstErr)
+		t.Fatalf("%q never appeared in %s:\n%s\nsource qemu: %s\ndestination qemu: %s", what, path, guestboot.Tail(b, 3000), srcErr, dstErr)
 	}
 	waitFor(srcConsole, "VTPM-TEST: step 5 ")
 
@@ -259,7 +254,7 @@ func TestQEMULiveMigration(t *testing.T) {
 		}
 	}
 	if pcr10 == "" || lastSrc == 0 || firstDst == 0 {
-		t.Fatalf("guest did not run on both sides (last step on the source %d, first on the destination %d, pcr10 %q); destination console:\n%s", lastSrc, firstDst, pcr10, tail(out, 3000))
+		t.Fatalf("guest did not run on both sides (last step on the source %d, first on the destination %d, pcr10 %q); destination console:\n%s", lastSrc, firstDst, pcr10, guestboot.Tail(out, 3000))
 	}
 	list, err := base64.StdEncoding.DecodeString(b64.String())
 	if err != nil {

@@ -33,6 +33,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/verify"
 	"github.com/tpmmux/tpmmux/internal/vtpm"
+	"github.com/tpmmux/tpmmux/internal/vtpm/guestboot"
 	"github.com/tpmmux/tpmmux/internal/vtpm/vpcr"
 )
 
@@ -505,7 +506,8 @@ func (r *f12Responder) bytes() []byte {
 func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 	t.Helper()
 	model, banks := run.model, run.banks
-	qemu, kernel, _ := guestSetup(t)
+	tools := guestTools(t)
+	qemu, kernel := tools.QEMU, tools.Kernel
 	for _, f := range []string{ovmfCode, ovmfVars, "/usr/lib/grub/x86_64-efi/tpm.mod"} {
 		if _, err := os.Stat(f); err != nil {
 			t.Skipf("%s missing (scripts/setup.sh ovmf)", f)
@@ -516,12 +518,8 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 			t.Skipf("%s not installed (scripts/setup.sh ovmf)", c)
 		}
 	}
-	busybox, err := os.ReadFile("/bin/busybox")
-	if err != nil {
-		t.Skip("no /bin/busybox (Debian: busybox-static)")
-	}
 	dir := t.TempDir()
-	initrdData := buildInitramfsWith(busybox, run.init)
+	initrdData := guestboot.Initramfs(tools.Busybox, run.init)
 	initrd := filepath.Join(dir, "initrd.img")
 	if err := os.WriteFile(initrd, initrdData, 0o644); err != nil {
 		t.Fatal(err)
@@ -532,7 +530,7 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 	}
 	disk := filepath.Join(dir, "disk.img")
 	build := exec.Command("bash", "../../scripts/e2e/build-uefi-disk.sh", disk,
-		"--kernel", kernel, "--initrd", initrd, "--cmdline", guestCmdline)
+		"--kernel", kernel, "--initrd", initrd, "--cmdline", guestboot.Cmdline)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build-uefi-disk.sh: %v\n%s", err, out)
 	}
@@ -586,7 +584,7 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 	} else {
 		args = append(args, "-no-reboot", "-chardev", "file,id=con0,path="+console, "-serial", "chardev:con0")
 	}
-	cmd := exec.CommandContext(ctx, qemu, append(args, tpmArgsModel(ctrlPath, model)...)...)
+	cmd := exec.CommandContext(ctx, qemu, append(args, guestboot.TPMArgs(ctrlPath, model)...)...)
 	var qerr bytes.Buffer
 	cmd.Stderr = &qerr
 	if run.confirm {
@@ -609,10 +607,10 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 		out = resp.bytes()
 	}
 	if runErr != nil {
-		t.Fatalf("qemu after %v: %v\nstderr: %s\nconsole tail: %s", took, runErr, qerr.String(), tail(out, 3000))
+		t.Fatalf("qemu after %v: %v\nstderr: %s\nconsole tail: %s", took, runErr, qerr.String(), guestboot.Tail(out, 3000))
 	}
 	if !bytes.Contains(out, []byte("VTPM-TEST: done")) {
-		t.Fatalf("guest did not finish in %v; console tail:\n%s", took, tail(out, 4000))
+		t.Fatalf("guest did not finish in %v; console tail:\n%s", took, guestboot.Tail(out, 4000))
 	}
 	cancel()
 	<-served
@@ -625,7 +623,7 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &ovmfBoot{events: events, guest: map[vpcr.Alg][10][]byte{}, cmdline: guestCmdline,
+	b := &ovmfBoot{events: events, guest: map[vpcr.Alg][10][]byte{}, cmdline: guestboot.Cmdline,
 		kernel: kernelData, initrd: initrdData, tr: tr, took: took, mux: m, ident: ident, loader: codeSum[:]}
 	if b.state, err = vpcr.Replay(banks, b.events); err != nil {
 		t.Fatal(err)
@@ -676,7 +674,7 @@ func bootOVMFWith(t *testing.T, run ovmfRun) *ovmfBoot {
 		t.Logf("guest dmesg: %s", d)
 	}
 	if !policy {
-		t.Fatalf("the guest did not load its IMA policy; console tail:\n%s", tail(out, 3000))
+		t.Fatalf("the guest did not load its IMA policy; console tail:\n%s", guestboot.Tail(out, 3000))
 	}
 	if bytes.Contains(out, []byte("TPM-bypass")) {
 		t.Fatal("IMA ran in TPM-bypass mode: the guest did not find the vTPM")

@@ -100,3 +100,18 @@ func (v *VTPM) output() string {
 	b, _ := os.ReadFile(v.logPath)
 	return string(b)
 }
+
+// CPUTime is the user plus system CPU time swtpm used, once it has exited
+// (after Stop, or after QEMU shut it down and Stop reaped it); 0 before.
+// Benchmarks compare it with the bridge's CPU per VM.
+func (v *VTPM) CPUTime() time.Duration {
+	select {
+	case <-v.exited:
+	default:
+		return 0
+	}
+	if v.cmd.ProcessState == nil {
+		return 0
+	}
+	return v.cmd.ProcessState.UserTime() + v.cmd.ProcessState.SystemTime()
+}
