@@ -101,10 +101,12 @@ type Mux struct {
 	// gather holds the next batch for the anchored guests the last extend
 	// answered (commit.go, gatherWait).
 	regather gatherState
-	vms      map[conceal.Digest]*vmState
-	wake     chan struct{}
-	closed   bool
-	fault    error // set when the log and the PCR may be out of step
+	// lastExtend is the last extend's duration (ns), for the gather.
+	lastExtend atomic.Int64
+	vms        map[conceal.Digest]*vmState
+	wake       chan struct{}
+	closed     bool
+	fault      error // set when the log and the PCR may be out of step
 
 	// commitMu is held for a whole batch commit and for every quote; the
 	// fields below it change only under it.
@@ -634,6 +636,7 @@ func (m *Mux) extend(ctx context.Context, v conceal.Digest) error {
 		err = fmt.Errorf("TPM did not answer within %v: %w", m.cfg.TPMTimeout, err)
 	}
 	d := time.Since(start)
+	m.lastExtend.Store(int64(d))
 	m.smu.Lock()
 	m.stats.Extends++
 	m.stats.ExtendNanos += uint64(d)
