@@ -29,16 +29,7 @@ import (
 // (each one an IMA measurement, hence a PCR 10 extend) and printing its
 // PCR 10, long enough to be live-migrated in the middle, then prints its
 // IMA list and powers off.
-const migrateInit = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t securityfs securityfs /sys/kernel/security
-mount -t ramfs ramfs /run
-cat /etc/ima-policy >/sys/kernel/security/ima/policy
+const migrateInit = guestboot.Prelude + `cat /etc/ima-policy >/sys/kernel/security/ima/policy
 echo "VTPM-TEST: ready"
 i=0
 while [ ! -e /sys/kernel/security/ima/ascii_runtime_measurements ] || [ $i -lt 40 ]; do

@@ -57,16 +57,7 @@ const (
 )
 
 // ovmfInit is the OVMF guest's /init.
-const ovmfInit = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t securityfs securityfs /sys/kernel/security
-mount -t ramfs ramfs /run
-echo "VTPM-TEST: start"
+const ovmfInit = guestboot.Prelude + `echo "VTPM-TEST: start"
 if cat /etc/ima-policy >/sys/kernel/security/ima/policy; then echo "VTPM-TEST: policy loaded"; fi
 for t in /opt/vtpm/tool-*; do "$t"; done
 cat /opt/vtpm/data >/dev/null

@@ -34,11 +34,9 @@ const Marker = "VTPM-TEST: "
 // console without it is a guest that did not finish.
 const DoneMarker = Marker + "done"
 
-// Init is the initramfs's /init: it loads Policy, runs the /opt/vtpm
-// tools and reads a file (so IMA measures them), sends raw TPM commands as
-// guest root through /dev/tpm0, and prints its PCR 10 and IMA list (Report
-// parses them). Every line it prints for the host starts with Marker.
-const Init = `#!/bin/busybox sh
+// Prelude is how every test guest's /init begins: busybox's applets, the
+// kernel's file systems (securityfs for IMA), the console as stdio.
+const Prelude = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -47,7 +45,13 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mount -t securityfs securityfs /sys/kernel/security
 mount -t ramfs ramfs /run
-echo "VTPM-TEST: start"
+`
+
+// Init is the initramfs's /init: it loads Policy, runs the /opt/vtpm
+// tools and reads a file (so IMA measures them), sends raw TPM commands as
+// guest root through /dev/tpm0, and prints its PCR 10 and IMA list (Report
+// parses them). Every line it prints for the host starts with Marker.
+const Init = Prelude + `echo "VTPM-TEST: start"
 if cat /etc/ima-policy >/sys/kernel/security/ima/policy; then echo "VTPM-TEST: policy loaded"; fi
 for t in /opt/vtpm/tool-*; do "$t"; done
 cat /opt/vtpm/data >/dev/null
