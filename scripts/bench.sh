@@ -3,7 +3,7 @@
 # explains every row). Installs what it needs first (swtpm for the swtpm
 # rows and the vTPM baseline of P5), with scripts/setup.sh.
 #
-#   scripts/bench.sh                 full run, about 15 minutes on 2 cores
+#   scripts/bench.sh                 full run, about 17 minutes on 2 cores (P7-P9 about 8)
 #   scripts/bench.sh --quick         one run per figure, smaller sizes, about 4 minutes
 #   scripts/bench.sh --tpm sim,hw    any of tpmmux-bench's flags
 #   scripts/bench.sh --only P9       guest boot time only (QEMU guests; P9 is skipped
