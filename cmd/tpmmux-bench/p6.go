@@ -35,7 +35,7 @@ func (e *env) childScale(ctx context.Context, vms, records int) (*scaleFacts, er
 	}
 	defer rig.close()
 	t := time.Now()
-	if _, err := rig.prepareN(ctx, vms); err != nil {
+	if err := rig.prepareAll(ctx, vms, false); err != nil {
 		return nil, err
 	}
 	m := rig.d.Mux()

@@ -160,7 +160,7 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 		return latRun{}, err
 	}
 	defer rig.close()
-	if err := rig.prepareAll(ctx, n); err != nil {
+	if err := rig.prepareAll(ctx, n, true); err != nil {
 		return latRun{}, err
 	}
 	var l latRun
@@ -183,26 +183,38 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 	return l, err
 }
 
-// prepareAll prepares n vTPM domains at once, as libvirt starts domains
-// in parallel: with activity concealment on (the default) a VM's genesis
-// waits for the next slot (conceal.interval, 1 s), so one after another
-// they would take a slot each.
-func (r *bridgeRig) prepareAll(ctx context.Context, n int) error {
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			xml := domainXML(vmName(r.n+i), uint32(3+r.n+i), r.socks, r.vtpms)
-			if _, err := r.d.ControlHandler().Prepare(ctx, xml, false); err != nil {
-				errs[i] = fmt.Errorf("prepare %s: %w", vmName(r.n+i), err)
-			}
-		}()
+// prepareAll prepares n domains (with a bridge-served TPM if vtpm), up to
+// 100 at once, as libvirt starts domains in parallel: with activity
+// concealment on (the default) a VM's genesis waits for the next slot
+// (conceal.interval, 1 s), so one after another they would take a slot
+// each.
+func (r *bridgeRig) prepareAll(ctx context.Context, n int, vtpm bool) error {
+	var vd string
+	if vtpm {
+		vd = r.vtpms
 	}
-	wg.Wait()
+	for done := 0; done < n; {
+		k := min(100, n-done)
+		errs := make([]error, k)
+		var wg sync.WaitGroup
+		for i := range k {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				j := r.n + done + i
+				if _, err := r.d.ControlHandler().Prepare(ctx, domainXML(vmName(j), uint32(3+j), r.socks, vd), false); err != nil {
+					errs[i] = fmt.Errorf("prepare %s: %w", vmName(j), err)
+				}
+			}()
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+		done += k
+	}
 	r.n += n
-	return errors.Join(errs...)
+	return nil
 }
 
 // swtpmExtends is one baseline run of P7: n swtpm processes, each one VM's

@@ -225,7 +225,7 @@ func (e *env) childVTPM(ctx context.Context, n int, stdin io.Reader, stdout io.W
 		return nil
 	}
 	// One VM first, so one-time costs are not charged to the n.
-	if err := rig.prepareAll(ctx, 1); err != nil {
+	if err := rig.prepareAll(ctx, 1, true); err != nil {
 		return nil, err
 	}
 	if err := drive(0, 1); err != nil {
@@ -238,7 +238,7 @@ func (e *env) childVTPM(ctx context.Context, n int, stdin io.Reader, stdout io.W
 	}
 	for done := 0; done < n; {
 		k := min(100, n-done)
-		if err := rig.prepareAll(ctx, k); err != nil {
+		if err := rig.prepareAll(ctx, k, true); err != nil {
 			return nil, err
 		}
 		if err := drive(1+done, k); err != nil {

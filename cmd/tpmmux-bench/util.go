@@ -178,9 +178,9 @@ func fmtDur(d time.Duration) string {
 		return "0"
 	case d < time.Microsecond:
 		return fmt.Sprintf("%dns", d)
-	case d < time.Millisecond:
+	case d < 999500*time.Nanosecond: // %.3g would write 1e+03µs
 		return fmt.Sprintf("%.3gµs", float64(d)/1e3)
-	case d < time.Second:
+	case d < 999500*time.Microsecond:
 		return fmt.Sprintf("%.3gms", float64(d)/1e6)
 	default:
 		return fmt.Sprintf("%.3gs", d.Seconds())
