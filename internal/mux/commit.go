@@ -204,9 +204,14 @@ func (m *Mux) run(ctx context.Context) {
 		faulted := m.fault != nil
 		n := len(m.queue)
 		np := len(m.pending)
+		unheld := np - m.pendingHeld
 		closed := m.closed
+		if closed {
+			unheld = np
+		}
 		live := len(m.vms)
 		urgent := m.urgent
+		durableOnly := m.durableWaiters > 0
 		gather := m.gatherWait(n, time.Now())
 		m.regather.holding = false
 		m.mu.Unlock()
@@ -240,9 +245,18 @@ func (m *Mux) run(ctx context.Context) {
 			commitNow = n > 0 || (live > 0 && !faulted)
 			heartbeat = commitNow
 		}
-		// Staged records wait for a batch only while the extends are busy.
-		if !commitNow && np > 0 && !faulted && len(m.extendSlots) < maxInflight {
+		// Staged records wait for a batch only while the extends are busy
+		// (held ones for a batch made anyway).
+		if !commitNow && unheld > 0 && !faulted && len(m.extendSlots) < maxInflight {
 			commitNow = true
+		}
+		// A record whose submitter waits for durability only, not urgent
+		// (a VM's genesis), is staged at once but held for a batch made
+		// anyway: the VM starts without waiting for the slot, and its
+		// start does not show off the schedule.
+		stageOnly := false
+		if !commitNow && cv.on() && durableOnly {
+			commitNow, stageOnly = true, true
 		}
 		if commitNow && gather > 0 && !heartbeat && !closed && !faulted {
 			commitNow = false
@@ -298,7 +312,7 @@ func (m *Mux) run(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		m.commitMu.Lock()
-		err := m.commit(ctx, batch, heartbeat && !faulted)
+		err := m.commit(ctx, batch, heartbeat && !faulted, !stageOnly)
 		m.commitMu.Unlock()
 		if err != nil {
 			m.failAll(batch, err)
@@ -320,10 +334,12 @@ type inflightExtend struct {
 }
 
 // waitExtendedLocked waits until every staged record is batched (unless
-// the mux is faulted) and no batch is being applied or extended: then PCR
-// p holds the value the store replays to, and bbolt holds every durable
-// record (or the mux is faulted). It runs under commitMu, so nothing new
-// is staged meanwhile.
+// the mux is faulted; held records only once it is closing) and no batch
+// is being applied or extended: then PCR p holds the value the store
+// replays to, and bbolt holds every durable record but the held ones (or
+// the mux is faulted). It runs under commitMu, so nothing new is staged
+// meanwhile. It never batches for held records alone: a quote asked for by
+// one VM's verifier must not show that another VM just started.
 func (m *Mux) waitExtendedLocked() error {
 	for {
 		var err error
@@ -334,7 +350,10 @@ func (m *Mux) waitExtendedLocked() error {
 			err = cmp.Or(x.err, x.applyErr)
 		}
 		m.mu.Lock()
-		np, faulted := len(m.pending), m.fault != nil
+		np, faulted := len(m.pending)-m.pendingHeld, m.fault != nil
+		if m.closed {
+			np = len(m.pending)
+		}
 		m.mu.Unlock()
 		if np == 0 || faulted || err != nil {
 			return err
@@ -343,7 +362,7 @@ func (m *Mux) waitExtendedLocked() error {
 		if ctx == nil {
 			ctx = context.Background()
 		}
-		if err := m.commit(ctx, nil, false); err != nil {
+		if err := m.commit(ctx, nil, false, true); err != nil {
 			return err
 		}
 	}
@@ -358,7 +377,8 @@ func (m *Mux) syncStore() {
 }
 
 // syncVM is syncStore for readers of VM id's records only: it returns at
-// once when bbolt holds all of them already (the usual case).
+// once when bbolt holds all of them already (the usual case). Records of
+// id held for the slot (pendingHeld) it waits for, at most one slot.
 func (m *Mux) syncVM(id conceal.Digest) {
 	m.mu.Lock()
 	vs, ok := m.vms[id]
@@ -369,11 +389,76 @@ func (m *Mux) syncVM(id conceal.Digest) {
 	m.commitMu.Lock()
 	want := vs.vm.NextSeq
 	m.commitMu.Unlock()
-	stored, err := viewVM(m, id, func(vm *logstore.VM) (uint64, error) { return vm.NextSeq, nil })
-	if err == nil && stored >= want {
+	if m.storedSeq(id) >= want {
 		return
 	}
 	m.syncStore()
+	m.awaitStored(context.Background(), id, want)
+}
+
+// storedSeq is VM id's NextSeq as bbolt holds it; 0 if it holds no
+// record of id.
+func (m *Mux) storedSeq(id conceal.Digest) uint64 {
+	var n uint64
+	m.store.View(func(sn *logstore.Snapshot) error {
+		if vm, err := sn.VM(id); err == nil {
+			n = vm.NextSeq
+		}
+		return nil
+	})
+	return n
+}
+
+// heldPoll is how often a reader waiting for a live VM's held records
+// (a genesis staged before the slot that batches it) looks again.
+const heldPoll = 5 * time.Millisecond
+
+// awaitStored waits until bbolt holds VM id's records before seq want,
+// while id is live and the mux neither closed nor faulted. It is for
+// records held for the slot: the next slot (Cover.Interval) batches them,
+// and a batch made sooner for other reasons takes them too. Waiting here,
+// rather than batching at once, keeps a VM's start off the schedule that
+// the other VMs see.
+func (m *Mux) awaitStored(ctx context.Context, id conceal.Digest, want uint64) {
+	t := time.NewTicker(heldPoll)
+	defer t.Stop()
+	for m.storedSeq(id) < want {
+		m.mu.Lock()
+		_, live := m.vms[id]
+		stop := !live || m.closed || m.fault != nil
+		m.mu.Unlock()
+		if stop {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.done:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// awaitGenesis waits, for a reader of VM id's state, until bbolt holds
+// the record that opened id's stay here, if it is live and that record is
+// still held for the slot (NewVM returns once it is durable).
+// It takes no lock a quote holds: evidence requests call it.
+func (m *Mux) awaitGenesis(ctx context.Context, id conceal.Digest) {
+	m.mu.Lock()
+	vs, ok := m.vms[id]
+	m.mu.Unlock()
+	if !ok {
+		return
+	}
+	want := vs.heldUntil.Load()
+	if want == 0 {
+		return
+	}
+	m.awaitStored(ctx, id, want)
+	if m.storedSeq(id) >= want {
+		vs.heldUntil.CompareAndSwap(want, 0)
+	}
 }
 
 // stagedVM is a VM's state before a group staged its records, to restore
@@ -390,8 +475,9 @@ type stagedVM struct {
 // applied to bbolt and extended behind it (finishBatch), in order, and its
 // records acknowledged: a durable record is acknowledged as durable at
 // once, as anchored once its batch is extended. An error means the new
-// items were not written (durable or not).
-func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
+// items were not written (durable or not). With batch false it only
+// stages the new items, held (see pendingHeld).
+func (m *Mux) commit(ctx context.Context, items []*item, heartbeat, batch bool) error {
 	var touched []stagedVM
 	seen := make(map[*vmState]bool)
 	staged := make([]logstore.Staged, 0, len(items))
@@ -420,7 +506,7 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	slotTaken := false
 	// No batch while faulted: the heal must find the store and the PCR
 	// as the fault left them; staged records wait for it.
-	if !faulted && (len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat) {
+	if !faulted && batch && (len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat) {
 		m.extendSlots <- struct{}{} // free, or a heartbeat waits for one
 		slotTaken = true
 	}
@@ -470,6 +556,17 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat bool) error {
 	}
 	m.mu.Lock()
 	m.pending = slices.Clip(rest)
+	if batch {
+		// What a batch left over waits only for a free extend.
+		m.pendingHeld = 0
+	} else {
+		m.pendingHeld += len(items)
+		for _, it := range items {
+			if it.kind == record.KindGenesis {
+				it.vm.heldUntil.Store(it.seq + 1)
+			}
+		}
+	}
 	m.mu.Unlock()
 	markDurable(items)
 	if len(items) > 0 {

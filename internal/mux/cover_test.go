@@ -36,6 +36,20 @@ func slotted(t *testing.T, m *mux.Mux, fn func() error) {
 	}
 }
 
+// newVMBatched starts a VM on m, a mux with Cover on, and kicks slots
+// until its genesis is batched: NewVM returns once the genesis is durable,
+// and the next slot batches it.
+func newVMBatched(t *testing.T, m *mux.Mux, l mux.Launch) *conceal.Identity {
+	t.Helper()
+	id, err := m.NewVM(context.Background(), l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A reader of the VM waits for the slot that batches its genesis.
+	slotted(t, m, func() error { _, err := m.Info(id.ID()); return err })
+	return id
+}
+
 // seededRand is a ChaCha8 stream the test can restart, so that the rounds
 // draw the same stream however many heartbeats the set-up took.
 type seededRand struct {
@@ -73,15 +87,8 @@ func coverRun(t *testing.T, cover mux.Cover, seed byte, k, rounds int) observabl
 	t.Helper()
 	ctx := context.Background()
 	m := muxtest.Open(t, mux.Config{Cover: cover})
-	var a, b *conceal.Identity
-	slotted(t, m, func() (err error) {
-		a, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x72, 1}, Name: "vm-a"})
-		return err
-	})
-	slotted(t, m, func() (err error) {
-		b, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x72, 2}, Name: "vm-b"})
-		return err
-	})
+	a := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x72, 1}, Name: "vm-a"})
+	b := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x72, 2}, Name: "vm-b"})
 	// Let a kick left from the set-up be consumed before the rounds.
 	time.Sleep(20 * time.Millisecond)
 	if sr, ok := cover.Rand.(*seededRand); ok {
@@ -269,4 +276,130 @@ func TestCoverConcealsActivity(t *testing.T) {
 		t.Fatal("without cover the log length did not change with B's activity: the test cannot see a leak")
 	}
 	t.Logf("without cover: log length %d (B quiet) vs %d (B sends %d per round)", q0.logLen, b0.logLen, k)
+}
+
+// startObservables are what A's verifier and A's agent can see while
+// another VM may start: the batch count after each step, and A's
+// evidence's log length.
+type startObservables struct {
+	batches []uint64
+	logLen  []int
+}
+
+// coverStartRun is one host with cover on and slots only when the test
+// says: VM A is live and batched; then B starts (startB) or not, A's
+// verifier asks for evidence twice around one slot. It returns what A
+// sees, and checks that B's start needed no slot and that B's records
+// are there once the slot came.
+func coverStartRun(t *testing.T, startB bool) startObservables {
+	t.Helper()
+	ctx := context.Background()
+	sr := &seededRand{}
+	sr.seed(7)
+	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 8, Interval: time.Hour, Rand: sr}})
+	a := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
+	time.Sleep(20 * time.Millisecond) // a kick left from slotted is consumed
+	var o startObservables
+	see := func() {
+		o.batches = append(o.batches, m.Status().Batches)
+		nonce := []byte("cover start: a nonce")
+		ev, err := m.Evidence(ctx, a.ID(), nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: a, AK: m.AK(), PCR: 13}); err != nil {
+			t.Fatalf("A's evidence: %v", err)
+		}
+		o.logLen = append(o.logLen, len(ev.Log))
+	}
+	see()
+	var b *conceal.Identity
+	if startB {
+		// No slot comes (Interval is an hour): NewVM returns once the
+		// genesis is durable.
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		var err error
+		b, err = m.NewVM(sctx, mux.Launch{UUID: [16]byte{0x73, 2}, Name: "vm-b"})
+		cancel()
+		if err != nil {
+			t.Fatalf("B's start waited for a slot: %v", err)
+		}
+		// B's reader waits for the slot that batches B's genesis.
+		got := make(chan error, 1)
+		go func() { _, err := m.Info(b.ID()); got <- err }()
+		select {
+		case err := <-got:
+			t.Fatalf("B's state was read before any slot batched its genesis (err %v)", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		defer func() {
+			if err := <-got; err != nil {
+				t.Fatalf("B's state after the slot: %v", err)
+			}
+		}()
+	}
+	see()
+	before := m.Status().Batches
+	m.TriggerSlot()
+	for m.Status().Batches == before {
+		time.Sleep(100 * time.Microsecond)
+	}
+	see()
+	if startB {
+		nonce := []byte("cover start: B's nonce")
+		ev, err := m.Evidence(ctx, b.ID(), nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := verify.Verify(ev, verify.Options{Nonce: nonce, Identity: b, AK: m.AK(), PCR: 13})
+		if err != nil {
+			t.Fatalf("B's evidence: %v", err)
+		}
+		if rep.Records != 1 {
+			t.Fatalf("B's evidence has %d records, want its genesis", rep.Records)
+		}
+	}
+	return o
+}
+
+// TestCoverHidesVMStart: with cover on, a VM's start (NewVM) returns as
+// soon as its genesis is durable, without waiting for a slot, and still
+// shows nothing to another VM's verifier: the batch count and A's log are
+// the same, step by step, whether B started or not. In particular A's
+// evidence request does not batch B's held genesis off the schedule (a
+// batch there would give B's start away); the next slot batches it.
+func TestCoverHidesVMStart(t *testing.T) {
+	var quiet, started startObservables
+	t.Run("B does not start", func(t *testing.T) { quiet = coverStartRun(t, false) })
+	t.Run("B starts", func(t *testing.T) { started = coverStartRun(t, true) })
+	// From the first step on: how many heartbeats the set-up took depends
+	// on the scheduler, not on B.
+	for _, o := range []*startObservables{&quiet, &started} {
+		for i := len(o.batches) - 1; i >= 0; i-- {
+			o.batches[i] -= o.batches[0]
+			o.logLen[i] -= o.logLen[0]
+		}
+	}
+	t.Logf("new batches %v / %v, A's log grew %v / %v", quiet.batches, started.batches, quiet.logLen, started.logLen)
+	if !slices.Equal(quiet.batches, started.batches) || !slices.Equal(quiet.logLen, started.logLen) {
+		t.Fatalf("A sees B's start: batches %v vs %v, A's log length %v vs %v", quiet.batches, started.batches, quiet.logLen, started.logLen)
+	}
+}
+
+// TestCoverHeldGenesisAcrossRestart: a genesis held for the slot is
+// durable: a bridge stopped before any slot batches it on its way out,
+// and the restarted one serves the VM's evidence with it.
+func TestCoverHeldGenesisAcrossRestart(t *testing.T) {
+	cfg := mux.Config{Cover: mux.Cover{Pad: 8, Interval: time.Hour}}
+	r := newRig(t, cfg)
+	before := r.m.Status().Batches
+	b := r.vm("vm-b") // no slot comes: returns once the genesis is durable
+	if got := r.m.Status().Batches; got != before {
+		t.Fatalf("the genesis was batched at once (%d → %d batches): not held for the slot", before, got)
+	}
+	r.close()
+	r.open(cfg)
+	if n := r.verified(b); n != 1 {
+		t.Fatalf("B's evidence after the restart has %d records, want its genesis", n)
+	}
 }

@@ -711,6 +711,9 @@ func (m *Mux) evidenceQuote(ctx context.Context, id conceal.Digest, nonce []byte
 	if fault != nil {
 		return quoteRes{}, fmt.Errorf("not serving evidence: %w", fault)
 	}
+	// A VM asked about right after its start: its genesis may be held
+	// for the slot, which batches it.
+	m.awaitGenesis(ctx, id)
 	var onFixed func(quoteRes) error
 	if early != nil {
 		onFixed = func(r quoteRes) error {

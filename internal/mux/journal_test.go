@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tpmmux/tpmmux/internal/conceal"
 	"github.com/tpmmux/tpmmux/internal/logstore"
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/mux/muxtest"
@@ -199,11 +198,7 @@ func TestAckNotHeldByTheApplier(t *testing.T) {
 	ctx := context.Background()
 	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour}})
 	m.SetApplyEvery(200 * time.Millisecond)
-	var a *conceal.Identity
-	slotted(t, m, func() (err error) {
-		a, err = m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
-		return err
-	})
+	a := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
 	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
 	var slowest time.Duration
 	for range 20 {

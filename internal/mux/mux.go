@@ -151,6 +151,12 @@ type Mux struct {
 	// pending are the staged (durable) items no batch holds yet, oldest
 	// first (guarded by mu; the committer moves them into batches).
 	pending []*item
+	// pendingHeld is how many of pending, at its end, a stage-only group
+	// staged (Cover on): a VM's genesis, durable at once so that the VM
+	// starts without waiting for the slot, and the records queued with
+	// it. They join any batch made, but never cause one (a slot does):
+	// a batch off the schedule would show the VM's start to the others.
+	pendingHeld int
 	// The applier (applyLoop) writes durable batches into bbolt in order.
 	amu        sync.Mutex
 	applyQ     []*inflightExtend
@@ -172,6 +178,10 @@ type vmState struct {
 	id     conceal.Digest
 	keys   *conceal.Keys // used only by the committer
 	ending bool          // a teardown is queued (guarded by mu)
+	// heldUntil is, while the VM's genesis is held for the slot
+	// (pendingHeld), the NextSeq bbolt reaches once it is batched; 0
+	// otherwise, or once a reader saw it batched.
+	heldUntil atomic.Uint64
 }
 
 type item struct {

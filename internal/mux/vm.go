@@ -28,7 +28,10 @@ type Launch struct {
 
 // NewVM gives a starting VM a fresh concealment identity (new instance and
 // key) and commits its genesis record. It returns once the genesis record
-// is durable and extended.
+// is durable and extended; with Cover on, once it is durable: the next
+// slot batches and extends it (a batch made sooner takes it too), so the
+// VM starts at once and its start shows nothing off the slot schedule.
+// Until then, readers of the VM's state wait for that slot.
 func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 	ident, err := conceal.NewIdentity(l.UUID)
 	if err != nil {
@@ -62,7 +65,8 @@ func (m *Mux) NewVM(ctx context.Context, l Launch) (*conceal.Identity, error) {
 
 // openVM makes vs live on this host and commits the record that opens its
 // stay (a genesis, or a migrated-in record): its key wrapped for the
-// store, the record durable and extended. If the record fails, a VM with
+// store, the record durable and extended (a genesis with Cover on: durable,
+// and batched at the next slot). If the record fails, a VM with
 // no record yet is forgotten again; dup is the error when vs is live
 // already.
 func (m *Mux) openVM(ctx context.Context, vs *vmState, key conceal.Key, raw []byte, kind record.Kind, dup string) error {
@@ -76,9 +80,25 @@ func (m *Mux) openVM(ctx context.Context, vs *vmState, key conceal.Key, raw []by
 	}
 	m.vms[vs.id] = vs
 	m.mu.Unlock()
-	t, err := m.enqueue(vs.id, []*item{{r: raw, h: record.Hash(raw), kind: kind}})
+	it := &item{r: raw, h: record.Hash(raw), kind: kind}
+	held := kind == record.KindGenesis && m.cfg.Cover.on()
+	if held {
+		// Durable is enough for the VM to start; the record is batched
+		// at the slot, as if it had waited for it (pendingHeld).
+		it.wait = waitDurable
+	}
+	t, err := m.enqueue(vs.id, []*item{it})
 	if err == nil {
-		_, err = t.Wait(ctx)
+		if held {
+			var durable bool
+			if durable, err = t.WaitDurable(ctx); durable {
+				err = nil
+			} else if err == nil {
+				err = errors.New("not recorded")
+			}
+		} else {
+			_, err = t.Wait(ctx)
+		}
 	}
 	if err != nil {
 		m.mu.Lock()
@@ -117,17 +137,26 @@ func (m *Mux) isEnded(id conceal.Digest) (bool, error) {
 }
 
 // viewVM reads VM instance id's stored state in one read transaction and
-// returns what f makes of it.
+// returns what f makes of it. A live VM whose genesis is durable but not
+// in bbolt yet (NewVM returns at durable with Cover on: its batch is being
+// applied, or it is held for the slot) it reads once bbolt holds it.
 func viewVM[T any](m *Mux, id conceal.Digest, f func(vm *logstore.VM) (T, error)) (T, error) {
 	var out T
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		vm, err := sn.VM(id)
-		if err != nil {
+	read := func() error {
+		return m.store.View(func(sn *logstore.Snapshot) error {
+			vm, err := sn.VM(id)
+			if err != nil {
+				return err
+			}
+			out, err = f(vm)
 			return err
-		}
-		out, err = f(vm)
-		return err
-	})
+		})
+	}
+	err := read()
+	if errors.Is(err, logstore.ErrNotFound) {
+		m.syncVM(id)
+		err = read()
+	}
 	return out, err
 }
 
@@ -194,14 +223,29 @@ func infoOf(vm *logstore.VM) VMInfo {
 }
 
 // VMs lists every VM instance the store knows, live ones first, by name.
+// A VM just started, whose genesis is durable but not in bbolt yet (held
+// for the slot with Cover on), is listed once bbolt holds it: the listing
+// waits for that, at most one slot.
 func (m *Mux) VMs() ([]VMInfo, error) {
 	var out []VMInfo
-	err := m.store.View(func(sn *logstore.Snapshot) error {
-		return sn.VMs(func(vm *logstore.VM) error {
-			out = append(out, infoOf(vm))
-			return nil
+	read := func() error {
+		out = out[:0]
+		return m.store.View(func(sn *logstore.Snapshot) error {
+			return sn.VMs(func(vm *logstore.VM) error {
+				out = append(out, infoOf(vm))
+				return nil
+			})
 		})
-	})
+	}
+	err := read()
+	if err == nil {
+		if missing := m.liveMissing(out); len(missing) > 0 {
+			for _, id := range missing {
+				m.syncVM(id)
+			}
+			err = read()
+		}
+	}
 	m.markLive(out)
 	sort.SliceStable(out, func(i, j int) bool {
 		if out[i].Ended != out[j].Ended {
@@ -213,6 +257,24 @@ func (m *Mux) VMs() ([]VMInfo, error) {
 		return out[i].Epoch > out[j].Epoch
 	})
 	return out, err
+}
+
+// liveMissing returns the live VMs that listing infos (read from bbolt)
+// does not hold.
+func (m *Mux) liveMissing(infos []VMInfo) []conceal.Digest {
+	have := make(map[conceal.Digest]bool, len(infos))
+	for _, in := range infos {
+		have[in.ID] = true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []conceal.Digest
+	for id := range m.vms {
+		if !have[id] {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // LiveVMs lists the live VM instances, one per name, by name.
