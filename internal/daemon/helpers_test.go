@@ -53,6 +53,7 @@ func newEnvTPM(t testing.TB, spec string) *env {
 	cfg.ControlSocket = filepath.Join(dir, "run", "control.sock")
 	cfg.SerialDir = filepath.Join(dir, "run", "serial")
 	cfg.GuestUnixDir = filepath.Join(dir, "run", "guest")
+	cfg.VTPMDir = filepath.Join(dir, "run", "vtpm")
 	cfg.Vsock = "off"
 	cfg.Metrics = "127.0.0.1:0"
 	cfg.StopGrace = Duration(300 * time.Millisecond)
