@@ -115,7 +115,7 @@ func (v *VTPM) StartControl(parent context.Context, ctrl *net.UnixConn, done fun
 	v.mu.Lock()
 	v.ctrl = ctrl
 	v.mu.Unlock()
-	s.stop = context.AfterFunc(ctx, func() { ctrl.SetReadDeadline(time.Now()) })
+	s.stop = context.AfterFunc(ctx, s.interrupt)
 	go s.run()
 }
 
@@ -131,19 +131,27 @@ type ctrlSession struct {
 	// The buffers go after bufIdle without a command (QEMU sends a few at
 	// start-up and reset, then none for hours).
 	buf, oob []byte
-	resumed  bool        // the idle channel is readable (parked or waited)
-	stop     func() bool // the cancellation's AfterFunc
-	done     func(error)
+	resumed  bool // the idle channel is readable (parked or waited)
+	// stop ends the cancellation's AfterFunc (interrupt), registered
+	// while a goroutine serves (a parked channel has the Parker's).
+	stop func() bool
+	done func(error)
 }
+
+// interrupt is the convention by which a cancellation reaches a read in
+// progress: a past read deadline.
+func (s *ctrlSession) interrupt() { s.ctrl.SetReadDeadline(time.Now()) }
 
 // run serves until the channel ends or parks.
 func (s *ctrlSession) run() {
 	for {
 		err := s.serve()
 		if err == errIdle {
+			s.stop()
 			if s.v.park(s.ctx, s.ctrl, s.resume) {
 				return
 			}
+			s.stop = context.AfterFunc(s.ctx, s.interrupt)
 			waitReady(s.ctx, s.ctrl, true) // an error shows in the read
 			s.resumed = true
 			continue
@@ -171,6 +179,7 @@ func (s *ctrlSession) run() {
 // resume goes on serving a channel its Parker woke.
 func (s *ctrlSession) resume() {
 	s.resumed = true
+	s.stop = context.AfterFunc(s.ctx, s.interrupt)
 	s.run()
 }
 
@@ -474,7 +483,6 @@ func (v *VTPM) ServeListener(ctx context.Context, l *net.UnixListener) error {
 // A parked listener closed by its owner ends when ctx ends.
 func (v *VTPM) StartListener(ctx context.Context, l *net.UnixListener, done func(error)) {
 	s := &listenSession{v: v, ctx: ctx, l: l, done: done}
-	s.stop = context.AfterFunc(ctx, func() { l.SetDeadline(time.Now()) })
 	go s.run()
 }
 
@@ -484,7 +492,6 @@ type listenSession struct {
 	ctx     context.Context
 	l       *net.UnixListener
 	resumed bool // a connection is pending (or ctx ended)
-	stop    func() bool
 	done    func(error)
 }
 
@@ -494,20 +501,21 @@ func (s *listenSession) run() {
 		return
 	}
 	s.resumed = false
+	// A cancellation interrupts the accept by a past deadline.
+	stop := context.AfterFunc(s.ctx, func() { s.l.SetDeadline(time.Now()) })
 	c, err := s.l.AcceptUnix()
+	stop()
 	if err != nil {
 		if s.ctx.Err() != nil {
 			err = s.ctx.Err()
 		} else {
 			err = fmt.Errorf("vtpm: accept control connection: %w", err)
 		}
-		s.stop()
 		s.done(err)
 		return
 	}
 	s.v.StartControl(s.ctx, c, func(err error) {
 		if s.ctx.Err() != nil {
-			s.stop()
 			s.done(s.ctx.Err())
 			return
 		}

@@ -128,29 +128,37 @@ func (v *VTPM) serveData(ctx context.Context, c net.Conn) error {
 // waits in v's Parker (if any) with no goroutine of its own.
 func (v *VTPM) startData(ctx context.Context, c net.Conn, done func(error)) {
 	s := &dataSession{v: v, ctx: ctx, c: c, r: cmdReader{c: c}, done: done}
-	s.stop = context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
+	s.stop = context.AfterFunc(ctx, s.interrupt)
 	go s.run()
 }
 
 // dataSession is one served data channel: what its loop keeps while the
 // channel is parked.
 type dataSession struct {
-	v    *VTPM
-	ctx  context.Context
-	c    net.Conn
-	r    cmdReader
-	stop func() bool // the cancellation's AfterFunc
+	v   *VTPM
+	ctx context.Context
+	c   net.Conn
+	r   cmdReader
+	// stop ends the cancellation's AfterFunc (interrupt), registered
+	// while a goroutine serves (a parked channel has the Parker's).
+	stop func() bool
 	done func(error)
 }
+
+// interrupt is the convention by which a cancellation reaches a read in
+// progress: a past read deadline.
+func (s *dataSession) interrupt() { s.c.SetReadDeadline(time.Now()) }
 
 // run serves until the channel ends or parks.
 func (s *dataSession) run() {
 	for {
 		err := s.serve()
 		if err == errIdle {
+			s.stop()
 			if s.v.park(s.ctx, s.c, s.resume) {
 				return
 			}
+			s.stop = context.AfterFunc(s.ctx, s.interrupt)
 			// No Parker: wait here (an error shows in the read that
 			// follows).
 			waitReady(s.ctx, s.c, true)
@@ -174,6 +182,7 @@ func (s *dataSession) run() {
 // resume goes on serving a channel its Parker woke.
 func (s *dataSession) resume() {
 	s.r.resumed = true
+	s.stop = context.AfterFunc(s.ctx, s.interrupt)
 	s.run()
 }
 
