@@ -110,24 +110,24 @@ func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 // no goroutine: a bridge serving many VMs starts their vTPMs with it
 // rather than with a goroutine each blocked in ServeControl.
 func (v *VTPM) StartControl(parent context.Context, ctrl *net.UnixConn, done func(error)) {
-	ctx, cancel := context.WithCancel(parent)
-	s := &ctrlSession{v: v, parent: parent, ctx: ctx, cancel: cancel, ctrl: ctrl, done: done}
+	// The data channel is served with the same context: it ends before
+	// the control channel's server does (on a hang-up it is shut first),
+	// so it needs no context of its own, and the VM has one context less.
+	s := &ctrlSession{v: v, ctx: parent, ctrl: ctrl, done: done}
 	v.mu.Lock()
 	v.ctrl = ctrl
 	v.mu.Unlock()
-	s.stop = context.AfterFunc(ctx, s.interrupt)
+	s.stop = context.AfterFunc(parent, s.interrupt)
 	go s.run()
 }
 
 // ctrlSession is one served control channel: what its loop keeps while
 // the channel is parked.
 type ctrlSession struct {
-	v      *VTPM
-	parent context.Context
-	ctx    context.Context
-	cancel context.CancelFunc
-	ctrl   *net.UnixConn
-	wg     sync.WaitGroup // the data channel's server
+	v    *VTPM
+	ctx  context.Context
+	ctrl *net.UnixConn
+	wg   sync.WaitGroup // the data channel's server
 	// The buffers go after bufIdle without a command (QEMU sends a few at
 	// start-up and reset, then none for hours).
 	buf, oob []byte
@@ -157,7 +157,7 @@ func (s *ctrlSession) run() {
 			continue
 		}
 		s.stop()
-		if s.parent.Err() == nil {
+		if s.ctx.Err() == nil {
 			// The control peer is gone (not a handover): so is the VM,
 			// or the peer was not QEMU. End the data channel with it.
 			if d := s.v.DataConn(); d != nil {
@@ -170,7 +170,6 @@ func (s *ctrlSession) run() {
 			s.v.mu.Unlock()
 		}
 		s.wg.Wait()
-		s.cancel()
 		s.done(err)
 		return
 	}
