@@ -34,7 +34,7 @@ type Parker struct {
 
 // parked is one waiting connection.
 type parked struct {
-	fd     int
+	rc     syscall.RawConn // the connection's, to take it out of the set
 	resume func()
 	stop   func() bool // the context's AfterFunc
 }
@@ -120,7 +120,7 @@ func (p *Parker) park(ctx context.Context, c syscall.Conn, resume func()) bool {
 	if err != nil {
 		return false
 	}
-	e := &parked{fd: -1, resume: resume}
+	e := &parked{rc: rc, resume: resume}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -130,7 +130,6 @@ func (p *Parker) park(ctx context.Context, c syscall.Conn, resume func()) bool {
 	id := p.next
 	var addErr error
 	cerr := rc.Control(func(fd uintptr) {
-		e.fd = int(fd)
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(uint32(id)), Pad: int32(uint32(id >> 32))}
 		addErr = p.ctl(unix.EPOLL_CTL_ADD, int(fd), &ev)
 	})
@@ -170,8 +169,14 @@ func (p *Parker) wake(id uint64) {
 	if !ok {
 		return
 	}
-	// Out of the set before the server can close the socket.
-	p.ctl(unix.EPOLL_CTL_DEL, e.fd, nil)
+	// Out of the set before the server can close the socket. Through
+	// the connection's Control: if someone closed it meanwhile (against
+	// the rule above), its fd number may name another socket by now, one
+	// that may be parked too, and must not be taken out; Control then
+	// fails and nothing is done (the kernel dropped the closed socket
+	// from the set, or, if a dup keeps it open, it stays without an
+	// entry: an event for it finds none and is ignored).
+	e.rc.Control(func(fd uintptr) { p.ctl(unix.EPOLL_CTL_DEL, int(fd), nil) })
 	if e.stop != nil {
 		e.stop()
 	}
