@@ -22,6 +22,7 @@ import (
 	"github.com/tpmmux/tpmmux/internal/mux"
 	"github.com/tpmmux/tpmmux/internal/tpm"
 	"github.com/tpmmux/tpmmux/internal/transport"
+	"github.com/tpmmux/tpmmux/internal/vtpm"
 )
 
 // Options are what the daemon takes besides its configuration.
@@ -66,6 +67,10 @@ type Daemon struct {
 	mux    *mux.Mux
 	br     *bridge.Bridge
 	mig    *migrate.Engine // live migration; nil without a migration block
+	// parker holds the idle vTPMs' sockets with no goroutine each
+	// (vtpm.Parker); made with the first vTPM, nil if that failed.
+	parker     *vtpm.Parker
+	parkerOnce sync.Once
 
 	ctrl       *control.Server
 	ctrlLn     net.Listener
@@ -359,6 +364,10 @@ func (d *Daemon) Shutdown() error {
 		d.bg.Wait()
 		d.stops.flush()
 		d.closeAllVMs()
+		d.parkerOnce.Do(func() {}) // after any vtpmParker
+		if d.parker != nil {
+			d.parker.Close()
+		}
 		if d.metricsSrv != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			d.metricsSrv.Shutdown(sctx)

@@ -89,7 +89,8 @@ func (d *Daemon) listenVTPM(path string) (*net.UnixListener, error) {
 func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []vpcr.Event, mods ...func(*vtpm.Config)) error {
 	s := &vtpmServer{path: path, name: "vtpm-" + hex.EncodeToString(e.id[:8]), l: l, done: make(chan struct{})}
 	names := s.fdNames()
-	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path)}
+	cfg := vtpm.Config{Banks: d.set.vtpmBanks, Journal: d.mux.Journal(e.id, d.cfg.VTPMMode == "anchored"), Logger: d.log.With("vm", e.name, "vtpm", path),
+		Parker: d.vtpmParker()}
 	for _, m := range mods {
 		m(&cfg)
 	}
@@ -126,15 +127,29 @@ func (d *Daemon) serveVTPM(e *vmEntry, path string, l *net.UnixListener, past []
 		d.adoptConns(e, s, ctrl, data)
 	}
 	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
-		defer close(s.done)
-		if err := v.ServeListener(e.ctx, l); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, net.ErrClosed) {
+	v.StartListener(e.ctx, l, func(err error) {
+		if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, net.ErrClosed) {
 			d.log.Warn("vtpm stopped", "vm", e.name, "err", err)
 		}
-	}()
+		close(s.done)
+		e.wg.Done()
+	})
 	d.log.Info("vtpm serving", "vm", e.name, "socket", path, "events", len(past))
 	return nil
+}
+
+// vtpmParker returns the Parker all vTPMs share, made on first use; nil
+// (each channel then keeps a goroutine) if it cannot be made.
+func (d *Daemon) vtpmParker() *vtpm.Parker {
+	d.parkerOnce.Do(func() {
+		p, err := vtpm.NewParker()
+		if err != nil {
+			d.log.Warn("vtpm: idle channels keep a goroutine each", "err", err)
+			return
+		}
+		d.parker = p
+	})
+	return d.parker
 }
 
 // restoreVTPM re-creates a live VM's vTPM after a bridge restart: its PCRs
@@ -240,15 +255,13 @@ func (d *Daemon) adoptConns(e *vmEntry, s *vtpmServer, ctrlF, dataF *os.File) {
 		return
 	}
 	e.wg.Add(2)
-	go func() {
-		defer e.wg.Done()
-		if err := s.v.ServeData(e.ctx, data); err != nil && e.ctx.Err() == nil {
+	s.v.StartData(e.ctx, data, func(err error) {
+		if err != nil && e.ctx.Err() == nil {
 			d.log.Warn("kept vtpm data socket ended", "vm", e.name, "err", err)
 		}
-	}()
-	go func() {
-		defer e.wg.Done()
-		err := s.v.ServeControl(e.ctx, ctrl)
+		e.wg.Done()
+	})
+	s.v.StartControl(e.ctx, ctrl, func(err error) {
 		if e.ctx.Err() == nil {
 			ctrl.Close()
 			d.fds.remove(s.fdNames()[:2]...)
@@ -256,6 +269,7 @@ func (d *Daemon) adoptConns(e *vmEntry, s *vtpmServer, ctrlF, dataF *os.File) {
 				d.log.Warn("kept vtpm control connection ended", "vm", e.name, "err", err)
 			}
 		}
-	}()
+		e.wg.Done()
+	})
 	d.log.Info("vtpm connections taken over from the previous bridge process", "vm", e.name)
 }

@@ -140,9 +140,9 @@ func procStatus(pid int, field string) (int64, error) {
 // TestPerVTPMMemory measures what one served vTPM costs the bridge: the
 // heap and goroutine stacks of n vTPMs, each powered on, started, with 20
 // extends journaled elsewhere and its control and data connections served
-// (goroutines parked in reads), divided by n, right after the extends and
-// again once idle (the command buffers given back). Target: at most
-// 64 KiB. It logs swtpm's RSS for the same job (the per-VM baseline);
+// (StartControl, with a Parker as the bridge has), divided by n, right
+// after the extends and again once idle (the command buffers given back,
+// the channels parked with no goroutine). Target: at most 64 KiB. It logs swtpm's RSS for the same job (the per-VM baseline);
 // tpmmux-bench P8 measures the whole bridge's RSS per vTPM VM.
 func TestPerVTPMMemory(t *testing.T) {
 	if testing.Short() {
@@ -159,17 +159,22 @@ func TestPerVTPMMemory(t *testing.T) {
 	// Journals are the multiplexer's memory, not the vTPM's: share one
 	// that forgets.
 	j := forgetJournal{}
+	p, err := vtpm.NewParker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
 	before := mem()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var keep []any
 	for i := range n {
-		v, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, nil)
+		v, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog(), Parker: p}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		ctrlA, ctrlB := unixPair(t)
-		go v.ServeControl(ctx, ctrlB)
+		v.StartControl(ctx, ctrlB, func(error) {})
 		fds, _ := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		ctrlCall(t, ctrlA, 16, nil, []int{fds[1]}, 4)
 		unix.Close(fds[1])
@@ -197,6 +202,12 @@ func TestPerVTPMMemory(t *testing.T) {
 	t.Logf("per served vTPM, idle: %d bytes (its command buffers given back)", idle)
 	if per-idle < 6<<10 {
 		t.Errorf("an idle vTPM costs %d bytes, a busy one %d: the command buffers (about 8 KiB) were not given back", idle, per)
+	}
+	// Parked, an idle vTPM holds no goroutine stack either, and its PCRs
+	// are one allocation a bank: about 6 KiB (7.4 KiB with a PCR value
+	// allocated each, 15 KiB when each channel kept a goroutine).
+	if idle > 7<<10 {
+		t.Errorf("an idle vTPM costs %d bytes, over 7 KiB: are its channels parked (vtpm.Parker), its PCRs one allocation a bank?", idle)
 	}
 	if _, err := exec.LookPath("swtpm"); err == nil {
 		data, swtpmPID := startSwtpm(t)

@@ -99,45 +99,127 @@ const (
 // from outside (an fd kept in systemd's FDSTORE, or inherited across a
 // re-exec); the caller closes it.
 func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
-	ctx, cancel := context.WithCancel(parent)
-	var wg sync.WaitGroup
+	ch := make(chan error, 1)
+	v.StartControl(parent, ctrl, func(err error) { ch <- err })
+	return <-ch
+}
+
+// StartControl serves ctrl as ServeControl does, in the background, and
+// calls done with ServeControl's result when it would have returned. With
+// a Config.Parker, an idle control channel (and its data channel) holds
+// no goroutine: a bridge serving many VMs starts their vTPMs with it
+// rather than with a goroutine each blocked in ServeControl.
+func (v *VTPM) StartControl(parent context.Context, ctrl *net.UnixConn, done func(error)) {
+	// The data channel is served with the same context: it ends before
+	// the control channel's server does (on a hang-up it is shut first),
+	// so it needs no context of its own, and the VM has one context less.
+	s := &ctrlSession{v: v, ctx: parent, ctrl: ctrl, done: done}
 	v.mu.Lock()
 	v.ctrl = ctrl
 	v.mu.Unlock()
-	defer func() {
-		// The control peer is gone (not a handover): so is the VM, or
-		// the peer was not QEMU. End the data channel with it.
-		if parent.Err() == nil {
-			if d := v.DataConn(); d != nil {
-				d.Close()
-			}
-			v.mu.Lock()
-			if v.ctrl == ctrl {
-				v.ctrl = nil
-			}
-			v.mu.Unlock()
-		}
-		wg.Wait()
-		cancel()
-	}()
-	stop := context.AfterFunc(ctx, func() { ctrl.SetReadDeadline(time.Now()) })
-	defer stop()
+	s.stop = context.AfterFunc(parent, s.interrupt)
+	go s.run()
+}
 
+// ctrlSession is one served control channel: what its loop keeps while
+// the channel is parked.
+type ctrlSession struct {
+	v    *VTPM
+	ctx  context.Context
+	ctrl *net.UnixConn
+	wg   sync.WaitGroup // the data channel's server
 	// The buffers go after bufIdle without a command (QEMU sends a few at
 	// start-up and reset, then none for hours).
-	var buf, oob []byte
+	buf, oob []byte
+	resumed  bool // the idle channel is readable (parked or waited)
+	// stop ends the cancellation's AfterFunc (interrupt), registered
+	// while a goroutine serves (a parked channel has the Parker's).
+	stop func() bool
+	done func(error)
+}
+
+// interrupt is the convention by which a cancellation reaches a read in
+// progress: a past read deadline.
+func (s *ctrlSession) interrupt() { s.ctrl.SetReadDeadline(time.Now()) }
+
+// run serves until the channel ends or parks.
+func (s *ctrlSession) run() {
 	for {
-		if err := waitIdle(ctx, ctrl, &buf, &oob); err != nil {
+		err := s.serve()
+		if err == errIdle {
+			s.stop()
+			if s.v.park(s.ctx, s.ctrl, s.resume) {
+				return
+			}
+			s.stop = context.AfterFunc(s.ctx, s.interrupt)
+			waitReady(s.ctx, s.ctrl, true) // an error shows in the read
+			s.resumed = true
+			continue
+		}
+		s.stop()
+		if s.ctx.Err() == nil {
+			// The control peer is gone (not a handover): so is the VM,
+			// or the peer was not QEMU. End the data channel with it.
+			if d := s.v.DataConn(); d != nil {
+				endData(d)
+			}
+			s.v.mu.Lock()
+			if s.v.ctrl == s.ctrl {
+				s.v.ctrl = nil
+			}
+			s.v.mu.Unlock()
+		}
+		s.wg.Wait()
+		s.done(err)
+		return
+	}
+}
+
+// resume goes on serving a channel its Parker woke.
+func (s *ctrlSession) resume() {
+	s.resumed = true
+	s.stop = context.AfterFunc(s.ctx, s.interrupt)
+	s.run()
+}
+
+// endData ends the data channel d from the control side. Its read side is
+// shut, which wakes its server wherever it waits (in a read, or parked: a
+// parked socket that were closed would leave the Parker without a word),
+// and the server, seeing the end, closes it.
+func endData(d net.Conn) {
+	if cr, ok := d.(interface{ CloseRead() error }); ok && cr.CloseRead() == nil {
+		return
+	}
+	d.Close()
+}
+
+// serve reads and answers control commands until an error, the channel's
+// end, or its idle time (errIdle).
+func (s *ctrlSession) serve() error {
+	v, ctx, ctrl := s.v, s.ctx, s.ctrl
+	for {
+		var err error
+		if s.resumed {
+			s.resumed = false
+			err = waitReady(ctx, ctrl, false)
+		} else {
+			err = waitBusy(ctx, ctrl, &s.buf, &s.oob)
+		}
+		if err == errIdle {
+			return err
+		}
+		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return fmt.Errorf("vtpm: wait on control channel: %w", err)
 		}
-		if buf == nil {
-			buf, oob = make([]byte, 4+ctrlBodyMax), make([]byte, unix.CmsgSpace(4*8))
+		if s.buf == nil {
+			s.buf, s.oob = make([]byte, 4+ctrlBodyMax), make([]byte, unix.CmsgSpace(4*8))
 		}
-		n, oobn, _, _, err := ctrl.ReadMsgUnix(buf, oob)
-		fds := receivedFDs(oob[:oobn])
+		buf := s.buf
+		n, oobn, _, _, err := ctrl.ReadMsgUnix(buf, s.oob)
+		fds := receivedFDs(s.oob[:oobn])
 		if err != nil {
 			closeAll(fds)
 			if ctx.Err() != nil {
@@ -173,7 +255,7 @@ func (v *VTPM) ServeControl(parent context.Context, ctrl *net.UnixConn) error {
 				body = buf[4 : 4+len(body)+m]
 			}
 		}
-		resp, err := v.control(ctx, ctrl, code, body, &fds, &wg)
+		resp, err := v.control(ctx, ctrl, code, body, &fds, &s.wg)
 		closeAll(fds)
 		if err != nil {
 			return err
@@ -331,12 +413,12 @@ func (v *VTPM) control(ctx context.Context, ctrl *net.UnixConn, code uint32, bod
 			}
 		}
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := v.serveData(ctx, conn); err != nil && ctx.Err() == nil {
+		v.startData(ctx, conn, func(err error) {
+			if err != nil && ctx.Err() == nil {
 				v.log.Warn("vtpm: data channel ended", "err", err)
 			}
-		}()
+			wg.Done()
+		})
 		return be32(ptmSuccess), nil
 	}
 	v.log.Warn("vtpm: unknown control command", "code", code)
@@ -389,23 +471,63 @@ func (v *VTPM) ControlConn() *net.UnixConn {
 // until ctx ends or l fails. A connection whose peer hung up is closed; on
 // ctx's end the current one stays open for a handover.
 func (v *VTPM) ServeListener(ctx context.Context, l *net.UnixListener) error {
-	stop := context.AfterFunc(ctx, func() { l.SetDeadline(time.Now()) })
-	defer stop()
-	for {
-		c, err := l.AcceptUnix()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("vtpm: accept control connection: %w", err)
+	ch := make(chan error, 1)
+	v.StartListener(ctx, l, func(err error) { ch <- err })
+	return <-ch
+}
+
+// StartListener serves l as ServeListener does, in the background, and
+// calls done with ServeListener's result. With a Config.Parker, a vTPM
+// waiting for QEMU's connection, or served and idle, holds no goroutine.
+// A parked listener closed by its owner ends when ctx ends.
+func (v *VTPM) StartListener(ctx context.Context, l *net.UnixListener, done func(error)) {
+	s := &listenSession{v: v, ctx: ctx, l: l, done: done}
+	go s.run()
+}
+
+// listenSession is one served listener.
+type listenSession struct {
+	v       *VTPM
+	ctx     context.Context
+	l       *net.UnixListener
+	resumed bool // a connection is pending (or ctx ended)
+	done    func(error)
+}
+
+// run accepts the next connection and starts serving it, or parks.
+func (s *listenSession) run() {
+	if !s.resumed && s.v.park(s.ctx, s.l, s.resume) {
+		return
+	}
+	s.resumed = false
+	// A cancellation interrupts the accept by a past deadline.
+	stop := context.AfterFunc(s.ctx, func() { s.l.SetDeadline(time.Now()) })
+	c, err := s.l.AcceptUnix()
+	stop()
+	if err != nil {
+		if s.ctx.Err() != nil {
+			err = s.ctx.Err()
+		} else {
+			err = fmt.Errorf("vtpm: accept control connection: %w", err)
 		}
-		err = v.ServeControl(ctx, c)
-		if ctx.Err() != nil {
-			return ctx.Err()
+		s.done(err)
+		return
+	}
+	s.v.StartControl(s.ctx, c, func(err error) {
+		if s.ctx.Err() != nil {
+			s.done(s.ctx.Err())
+			return
 		}
 		c.Close()
 		if err != nil {
-			v.log.Warn("vtpm: control connection ended", "err", err)
+			s.v.log.Warn("vtpm: control connection ended", "err", err)
 		}
-	}
+		s.run()
+	})
+}
+
+// resume goes on accepting once its Parker saw a connection pending.
+func (s *listenSession) resume() {
+	s.resumed = true
+	s.run()
 }

@@ -58,6 +58,23 @@ func (v *VTPM) ServeData(ctx context.Context, data net.Conn) error {
 	return v.serveData(ctx, data)
 }
 
+// StartData serves data as ServeData does, in the background, and calls
+// done with ServeData's result; with a Config.Parker the idle channel
+// holds no goroutine (see StartControl).
+func (v *VTPM) StartData(ctx context.Context, data net.Conn, done func(error)) {
+	if !v.claimData(data) {
+		done(errors.New("vtpm: the vTPM already has a data connection"))
+		return
+	}
+	go func() {
+		if err := v.finishPending(ctx, data); err != nil {
+			done(err)
+			return
+		}
+		v.startData(ctx, data, done)
+	}()
+}
+
 // finishPending answers the command a crashed process had read from data
 // (Config.Inflight) before anything else is read. If its journal event is
 // already recorded (the event after the recorded Seq is this command's), it
@@ -100,24 +117,85 @@ func (v *VTPM) finishPending(ctx context.Context, data net.Conn) error {
 
 // serveData is the data channel loop. It closes c when the peer is gone,
 // and leaves it open when ctx ends (for a handover).
-func (v *VTPM) serveData(ctx context.Context, c net.Conn) (err error) {
-	defer func() {
-		if ctx.Err() != nil {
-			return // a handover: c stays open and reported by DataConn
-		}
-		v.mu.Lock()
-		if v.data == c {
-			v.data = nil
-		}
-		v.mu.Unlock()
-		c.Close()
-	}()
-	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
-	defer stop()
-	r := &cmdReader{c: c}
+func (v *VTPM) serveData(ctx context.Context, c net.Conn) error {
+	ch := make(chan error, 1)
+	v.startData(ctx, c, func(err error) { ch <- err })
+	return <-ch
+}
+
+// startData serves the data channel c as serveData does, in the
+// background, and calls done with its result. While idle the channel
+// waits in v's Parker (if any) with no goroutine of its own.
+func (v *VTPM) startData(ctx context.Context, c net.Conn, done func(error)) {
+	s := &dataSession{v: v, ctx: ctx, c: c, r: cmdReader{c: c}, done: done}
+	s.stop = context.AfterFunc(ctx, s.interrupt)
+	go s.run()
+}
+
+// dataSession is one served data channel: what its loop keeps while the
+// channel is parked.
+type dataSession struct {
+	v   *VTPM
+	ctx context.Context
+	c   net.Conn
+	r   cmdReader
+	// stop ends the cancellation's AfterFunc (interrupt), registered
+	// while a goroutine serves (a parked channel has the Parker's).
+	stop func() bool
+	done func(error)
+}
+
+// interrupt is the convention by which a cancellation reaches a read in
+// progress: a past read deadline.
+func (s *dataSession) interrupt() { s.c.SetReadDeadline(time.Now()) }
+
+// run serves until the channel ends or parks.
+func (s *dataSession) run() {
 	for {
-		cmd, err := r.next(ctx, int(v.BufferSize()))
+		err := s.serve()
+		if err == errIdle {
+			s.stop()
+			if s.v.park(s.ctx, s.c, s.resume) {
+				return
+			}
+			s.stop = context.AfterFunc(s.ctx, s.interrupt)
+			// No Parker: wait here (an error shows in the read that
+			// follows).
+			waitReady(s.ctx, s.c, true)
+			s.r.resumed = true
+			continue
+		}
+		s.stop()
+		if s.ctx.Err() == nil {
+			s.v.mu.Lock()
+			if s.v.data == s.c {
+				s.v.data = nil
+			}
+			s.v.mu.Unlock()
+			s.c.Close()
+		} // else a handover: c stays open and reported by DataConn
+		s.done(err)
+		return
+	}
+}
+
+// resume goes on serving a channel its Parker woke.
+func (s *dataSession) resume() {
+	s.r.resumed = true
+	s.stop = context.AfterFunc(s.ctx, s.interrupt)
+	s.run()
+}
+
+// serve reads and answers commands until an error, the channel's end, or
+// its idle time (errIdle).
+func (s *dataSession) serve() error {
+	v, c, ctx := s.v, s.c, s.ctx
+	for {
+		cmd, err := s.r.next(ctx, int(v.BufferSize()))
 		if err != nil {
+			if err == errIdle {
+				return err
+			}
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -154,12 +232,16 @@ type cmdReader struct {
 	// armed is when the read deadline was last set to bufIdle ahead: a
 	// busy channel re-arms it only every bufIdle/2, not per command.
 	armed time.Time
+	// resumed: the channel waited for its next command while idle (in
+	// a Parker or in waitReady) and is readable.
+	resumed bool
 }
 
 // first reads the first bytes of the next command, waiting without a
 // deadline of its own but letting ctx interrupt. A reader with no command
-// for about bufIdle gives its buffer back, waits for the next command's
-// bytes without one (waitIdle), and takes a new one.
+// for about bufIdle gives its buffer back and returns errIdle: its server
+// waits for the next command's bytes without it (parked, or waitReady),
+// and calls again with resumed set; it then takes a new buffer.
 func (r *cmdReader) first(ctx context.Context) (int, error) {
 	if r.buf != nil {
 		if now := time.Now(); now.Sub(r.armed) > bufIdle/2 {
@@ -178,7 +260,11 @@ func (r *cmdReader) first(ctx context.Context) (int, error) {
 		}
 		r.buf = nil // idle for at least bufIdle/2
 	}
-	if err := waitIdle(ctx, r.c); err != nil {
+	if !r.resumed {
+		return 0, errIdle
+	}
+	r.resumed = false
+	if err := waitReady(ctx, r.c, false); err != nil {
 		return 0, err
 	}
 	r.armed = time.Time{}

@@ -38,10 +38,34 @@ func fdHandover(t *testing.T, c net.Conn) net.Conn {
 // QEMU's control and data connections; a new one restores the vTPM from
 // the journal and serves the same connections (handed over as fds). The
 // guest's TPM keeps its PCRs, a command sent while nobody served waits
-// and is answered by the new process, and nothing is refused.
+// and is answered by the new process, and nothing is refused. With a
+// Parker the channels are parked (idle) when the old process lets go and
+// when the new one gets its first command.
 func TestHandover(t *testing.T) {
+	for _, park := range []bool{false, true} {
+		name := "goroutine"
+		if park {
+			name = "parked"
+		}
+		t.Run(name, func(t *testing.T) { testHandover(t, park) })
+	}
+}
+
+func testHandover(t *testing.T, park bool) {
+	var p *vtpm.Parker
+	idle := func(want int) {}
+	if park {
+		p = newParker(t)
+		idle = func(want int) {
+			t.Helper()
+			time.Sleep(idleWait)
+			if got := p.Parked(); got != want {
+				t.Fatalf("%d channels parked, want %d", got, want)
+			}
+		}
+	}
 	j := &vtpmtest.Journal{}
-	v1, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, nil)
+	v1, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog(), Parker: p}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,6 +96,7 @@ func TestHandover(t *testing.T) {
 	}
 
 	// The old process lets go.
+	idle(2)
 	stop1()
 	if err := <-served1; !errors.Is(err, context.Canceled) {
 		t.Fatalf("ServeControl after cancel: %v", err)
@@ -88,7 +113,7 @@ func TestHandover(t *testing.T) {
 	ctrl2, data2 := fdHandover(t, bridgeCtrl), fdHandover(t, bridgeData)
 
 	// The new process: restore from the journal, serve the kept fds.
-	v2, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog()}, j.Events())
+	v2, err := vtpm.New(vtpm.Config{Journal: j, Logger: quietLog(), Parker: p}, j.Events())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +128,8 @@ func TestHandover(t *testing.T) {
 	if got := v2.PCRs().Read(vpcr.SHA256, 10); !bytes.Equal(got, want) {
 		t.Fatalf("PCR 10 after the handover %x, want %x", got, want)
 	}
-	// Control commands reach the new process too.
+	// Control commands reach the new process too (parked by now).
+	idle(2)
 	if est := ctrlCall(t, qemuCtrl, 4, nil, nil, 8); est[3] != 0 {
 		t.Fatalf("GET_TPMESTABLISHED after handover: %x", est)
 	}

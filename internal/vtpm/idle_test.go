@@ -113,11 +113,30 @@ func (nopJournal) Append(context.Context, vpcr.Event) error { return nil }
 
 // TestDataAcrossIdle: a guest's commands are answered alike before and
 // after its data channel went idle (and gave its buffer back), including
-// two commands written at once after the idle time.
+// two commands written at once after the idle time; with a Parker (the
+// idle channel waits in it, with no goroutine) and without.
 func TestDataAcrossIdle(t *testing.T) {
+	for _, park := range []bool{false, true} {
+		name := "goroutine"
+		if park {
+			name = "parked"
+		}
+		t.Run(name, func(t *testing.T) { testDataAcrossIdle(t, park) })
+	}
+}
+
+func testDataAcrossIdle(t *testing.T, park bool) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	v, err := New(Config{Journal: nopJournal{}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}, nil)
+	var p *Parker
+	if park {
+		var err error
+		if p, err = NewParker(); err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+	}
+	v, err := New(Config{Journal: nopJournal{}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Parker: p}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,6 +161,9 @@ func TestDataAcrossIdle(t *testing.T) {
 		t.Fatalf("Startup: %#x", r)
 	}
 	time.Sleep(bufIdle + 300*time.Millisecond)
+	if park && p.Parked() != 1 {
+		t.Errorf("%d channels parked after the idle time, want 1", p.Parked())
+	}
 	guest.Write(append(append([]byte(nil), selfTest...), selfTest...))
 	for i := range 2 {
 		if r := rc(selfTest); r != 0 {

@@ -79,6 +79,10 @@ type Config struct {
 	// command code, rc the response code; code 0 for bytes too short to
 	// hold one), for metrics and tests. It must not block.
 	Trace func(control bool, code, rc uint32)
+	// Parker, if set, holds the vTPM's channels while they are idle, so
+	// that an idle VM costs no goroutine (one Parker serves all the vTPMs
+	// of a process). Without it each served channel keeps a goroutine.
+	Parker *Parker
 }
 
 // defaultBanks are the banks of a VTPM whose Config.Banks is empty.
@@ -109,6 +113,7 @@ type VTPM struct {
 	now     func() time.Time
 	trace   func(control bool, code, rc uint32)
 	inf     Inflight
+	parker  *Parker
 
 	mu       sync.Mutex
 	st       *vpcr.State
@@ -164,6 +169,7 @@ func New(cfg Config, past []vpcr.Event) (*VTPM, error) {
 		now:         cfg.Now,
 		trace:       cfg.Trace,
 		inf:         cfg.Inflight,
+		parker:      cfg.Parker,
 		st:          st,
 		bufSize:     DefaultBufferSize,
 		auth:        map[uint32][]byte{},

@@ -42,7 +42,7 @@ func (s *State) Snapshot() *Snapshot {
 	for b, a := range s.active {
 		bv := BankValues{Alg: a, PCRs: make([][]byte, NumPCRs)}
 		for i := range NumPCRs {
-			bv.PCRs[i] = slices.Clone(s.values[b][i])
+			bv.PCRs[i] = slices.Clone(s.pcr(b, i))
 		}
 		sn.Values = append(sn.Values, bv)
 	}
@@ -92,12 +92,13 @@ func FromSnapshot(sn *Snapshot) (*State, error) {
 		seq:         sn.Seq,
 		updates:     sn.Updates,
 		resets:      sn.Resets,
-		values:      make([][NumPCRs][]byte, len(sn.Active)),
+		values:      make([][]byte, len(sn.Active)),
 	}
 	if len(sn.Pending) > 0 {
 		s.pending = slices.Clone(sn.Pending)
 	}
 	for b, a := range sn.Active {
+		s.values[b] = make([]byte, NumPCRs*a.Size())
 		bv := sn.Values[b]
 		if bv.Alg != a {
 			return nil, fmt.Errorf("vpcr: snapshot: values of bank %v where %v is active", bv.Alg, a)
@@ -109,7 +110,7 @@ func FromSnapshot(sn *Snapshot) (*State, error) {
 			if len(v) != a.Size() {
 				return nil, fmt.Errorf("vpcr: snapshot: bank %v PCR %d is %d bytes, want %d", a, i, len(v), a.Size())
 			}
-			s.values[b][i] = slices.Clone(v)
+			copy(s.pcr(b, i), v)
 		}
 	}
 	return s, nil

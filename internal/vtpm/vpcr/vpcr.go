@@ -299,7 +299,7 @@ type State struct {
 	allocatable []Alg
 	active      []Alg
 	pending     []Alg
-	values      [][NumPCRs][]byte // per active bank, in active order
+	values      [][]byte // per active bank, in active order: its NumPCRs values back to back (pcr), one allocation, not 24
 	phase       Phase
 	seq         uint64
 	updates     uint32 // pcrUpdateCounter
@@ -334,12 +334,20 @@ func Replay(allocatable []Alg, events []Event) (*State, error) {
 
 func (s *State) activate(banks []Alg, loc uint8) {
 	s.active = slices.Clone(banks)
-	s.values = make([][NumPCRs][]byte, len(banks))
+	s.values = make([][]byte, len(banks))
 	for b, a := range banks {
+		s.values[b] = make([]byte, NumPCRs*a.Size())
 		for i := range NumPCRs {
-			s.values[b][i] = InitialValue(i, loc, a.Size())
+			copy(s.pcr(b, i), InitialValue(i, loc, a.Size()))
 		}
 	}
+}
+
+// pcr returns PCR i of the bank at index b of s.active: its bytes in
+// s.values, which writes through.
+func (s *State) pcr(b, i int) []byte {
+	n := s.active[b].Size()
+	return s.values[b][i*n : (i+1)*n : (i+1)*n]
 }
 
 // Clone returns a deep copy.
@@ -348,11 +356,9 @@ func (s *State) Clone() *State {
 	c.allocatable = slices.Clone(s.allocatable)
 	c.active = slices.Clone(s.active)
 	c.pending = slices.Clone(s.pending)
-	c.values = make([][NumPCRs][]byte, len(s.values))
+	c.values = make([][]byte, len(s.values))
 	for b := range s.values {
-		for i := range NumPCRs {
-			c.values[b][i] = slices.Clone(s.values[b][i])
-		}
+		c.values[b] = slices.Clone(s.values[b])
 	}
 	return &c
 }
@@ -391,7 +397,7 @@ func (s *State) Read(a Alg, i int) []byte {
 	if b < 0 || i < 0 || i >= NumPCRs {
 		return nil
 	}
-	return slices.Clone(s.values[b][i])
+	return slices.Clone(s.pcr(b, i))
 }
 
 // Apply checks e against the state and the PC-client rules and applies it.
@@ -485,14 +491,15 @@ func (s *State) apply(e Event) {
 		for _, d := range e.Digests {
 			b := slices.Index(s.active, d.Alg)
 			h := d.Alg.Hash().New()
-			h.Write(s.values[b][e.PCR])
+			v := s.pcr(b, e.PCR)
+			h.Write(v)
 			h.Write(d.Value)
-			s.values[b][e.PCR] = h.Sum(s.values[b][e.PCR][:0])
+			h.Sum(v[:0]) // in place: v's capacity is the digest's size
 		}
 		s.updates++
 	case KindReset:
-		for b, a := range s.active {
-			s.values[b][e.PCR] = make([]byte, a.Size())
+		for b := range s.active {
+			clear(s.pcr(b, e.PCR))
 		}
 		s.updates++
 	case KindAllocate:
@@ -521,10 +528,8 @@ func (s *State) Equal(o *State) bool {
 		return false
 	}
 	for b := range s.values {
-		for i := range NumPCRs {
-			if !bytes.Equal(s.values[b][i], o.values[b][i]) {
-				return false
-			}
+		if !bytes.Equal(s.values[b], o.values[b]) {
+			return false
 		}
 	}
 	return true

@@ -77,3 +77,47 @@ func TestReplayRefuses(t *testing.T) {
 		t.Fatal("PCR 17 does not start at all ones")
 	}
 }
+
+// TestValuesApart: the PCRs of a bank share one allocation, yet an extend
+// or a reset changes only its own PCR, Read and Clone copy, and a clone
+// changes apart from its original.
+func TestValuesApart(t *testing.T) {
+	d := sha256.Sum256([]byte("x"))
+	s, err := Replay([]Alg{SHA1, SHA256}, []Event{
+		{Seq: 1, Kind: KindInit},
+		{Seq: 2, Kind: KindStartup, Banks: []Alg{SHA1, SHA256}},
+		{Seq: 3, Kind: KindExtend, PCR: 10, Digests: []Digest{{Alg: SHA256, Value: d[:]}, {Alg: SHA1, Value: d[:20]}}},
+		{Seq: 4, Kind: KindExtend, PCR: 16, Digests: []Digest{{Alg: SHA256, Value: d[:]}}},
+		{Seq: 5, Kind: KindExtend, PCR: 16, Digests: []Digest{{Alg: SHA256, Value: d[:]}}},
+		{Seq: 6, Kind: KindReset, PCR: 16},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want10 := sha256.Sum256(append(make([]byte, 32), d[:]...))
+	if got := s.Read(SHA256, 10); !bytes.Equal(got, want10[:]) {
+		t.Fatalf("PCR 10 %x, want %x", got, want10)
+	}
+	for _, i := range []int{9, 11, 16} {
+		if got := s.Read(SHA256, i); !bytes.Equal(got, make([]byte, 32)) {
+			t.Errorf("PCR %d changed: %x", i, got)
+		}
+	}
+	if got := s.Read(SHA256, 17); !bytes.Equal(got, bytes.Repeat([]byte{0xFF}, 32)) {
+		t.Errorf("PCR 17 %x, want all ones", got)
+	}
+	if got := s.Read(SHA1, 10); len(got) != 20 || bytes.Equal(got, make([]byte, 20)) {
+		t.Errorf("sha1 PCR 10 %x: not extended", got)
+	}
+	s.Read(SHA256, 10)[0] ^= 1
+	c := s.Clone()
+	if err := c.Apply(Event{Seq: 7, Kind: KindExtend, PCR: 10, Digests: []Digest{{Alg: SHA256, Value: d[:]}}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Read(SHA256, 10); !bytes.Equal(got, want10[:]) {
+		t.Errorf("the original's PCR 10 changed with its Read's copy or its clone: %x", got)
+	}
+	if c.Equal(s) || bytes.Equal(c.Read(SHA256, 10), want10[:]) {
+		t.Error("the clone's extend did not change the clone")
+	}
+}
