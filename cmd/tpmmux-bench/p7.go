@@ -184,10 +184,7 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 }
 
 // prepareAll prepares n domains (with a bridge-served TPM if vtpm), up to
-// 100 at once, as libvirt starts domains in parallel: with activity
-// concealment on (the default) a VM's genesis waits for the next slot
-// (conceal.interval, 1 s), so one after another they would take a slot
-// each.
+// 100 at once, as libvirt starts domains in parallel.
 func (r *bridgeRig) prepareAll(ctx context.Context, n int, vtpm bool) error {
 	var vd string
 	if vtpm {
