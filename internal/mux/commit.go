@@ -231,7 +231,9 @@ func (m *Mux) run(ctx context.Context) {
 		switch {
 		case !cv.on() || closed:
 			commitNow = n > 0
-		case n >= cv.flush():
+		case n+np-unheld >= cv.flush():
+			// Held records count: they were queued until a stage-only
+			// group staged them.
 			commitNow = true
 		case urgent > 0:
 			// A vTPM event or a migration record: the guest kernel's

@@ -403,3 +403,36 @@ func TestCoverHeldGenesisAcrossRestart(t *testing.T) {
 		t.Fatalf("B's evidence after the restart has %d records, want its genesis", n)
 	}
 }
+
+// TestCoverHeldRecordsCountForFlush: records staged with a starting VM's
+// genesis (held for the slot) still count towards Cover.Flush, so a
+// streaming guest is not held for the slot because another VM started.
+func TestCoverHeldRecordsCountForFlush(t *testing.T) {
+	ctx := context.Background()
+	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour, Flush: 16}})
+	a := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x74, 1}, Name: "vm-a"})
+	time.Sleep(20 * time.Millisecond) // a kick left from the set-up is consumed
+	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
+	var tickets []*mux.Ticket
+	submit := func(k int) {
+		for range k {
+			tk, err := m.Submit(a.ID(), r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tickets = append(tickets, tk)
+		}
+	}
+	submit(10) // below Flush: queued for the slot
+	if _, err := m.NewVM(ctx, mux.Launch{UUID: [16]byte{0x74, 2}, Name: "vm-b"}); err != nil {
+		t.Fatal(err)
+	}
+	submit(10) // 21 records not batched: over Flush
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for i, tk := range tickets {
+		if _, err := tk.Wait(wctx); err != nil {
+			t.Fatalf("record %d of a flush's worth not acknowledged without a slot: %v", i, err)
+		}
+	}
+}
