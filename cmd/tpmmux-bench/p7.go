@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +49,11 @@ type latRun struct {
 	// perBatch is how many records the multiplexer's batches held on
 	// average during the run (0 for the baseline).
 	perBatch float64
+	// cpu is this process's CPU time (the daemon and the QEMU-side
+	// guests, which run in it) over the measured extends, and wall their
+	// wall time: whether the run was CPU-bound, and what an extend costs
+	// on the whole path (0 for the baseline).
+	cpu, wall time.Duration
 }
 
 func (l latRun) p(q float64) time.Duration { return percentile(l.lat, q) }
@@ -124,13 +131,14 @@ func (e *env) benchVTPM(ctx context.Context) error {
 				r := row{ID: "P7", Case: fmt.Sprintf("vTPM extend p50/p99, %s, %d VMs", mode, n), TPM: tpmLabel(kind),
 					Value: fmtDur(v50) + " / " + fmtDur(v99), V: float64(v99),
 					Target: "p99 ≤ " + fmtDur(target), Met: yesNo(v99 <= target),
-					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f",
-						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target))}
+					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f; %s",
+						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target), cpuNote(rs))}
 				if bs := base[n]; len(bs) > 0 {
 					b50, b99 := med(bs, p50), med(bs, p99)
 					r.Baseline = fmtDur(b50) + " / " + fmtDur(b99) + " (swtpm per VM)"
 					r.B, r.R = float64(b99), float64(b99)/float64(v99)
 					r.Ratio = fmtRatio(r.R)
+					r.Notes += "; baseline " + strings.Replace(cpuNote(bs), "daemon and guests", "swtpm processes and guests", 1)
 				} else {
 					r.Baseline, r.Ratio = "-", "-"
 					r.Notes += "; no baseline: " + baseSkip
@@ -140,6 +148,24 @@ func (e *env) benchVTPM(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// cpuNote says how busy the machine's CPUs were during the runs' measured
+// extends (the daemon and the QEMU-side guests, one process) and the CPU
+// time per extend on the whole path: at n closed-loop guests, p50 cannot
+// be below n × that / the CPUs (Little's law), whatever the log costs.
+func cpuNote(rs []latRun) string {
+	var busy, per []float64
+	for _, r := range rs {
+		if r.wall > 0 && len(r.lat) > 0 {
+			busy = append(busy, float64(r.cpu)/float64(r.wall))
+			per = append(per, float64(r.cpu)/float64(len(r.lat)))
+		}
+	}
+	if len(busy) == 0 {
+		return "CPU not measured"
+	}
+	return fmt.Sprintf("CPU %.2f of %d cores busy (daemon and guests), %s CPU per extend", median(busy), runtime.NumCPU(), fmtDur(time.Duration(median(per))))
 }
 
 // perBatch lists the runs' records per batch.
@@ -175,7 +201,13 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 		paths[i] = vtpmSocket(rig.vtpms, vmName(i))
 	}
 	var before mux.Stats
-	l.lat, err = guestExtends(ctx, paths, dur, minN, func() { before = rig.d.Mux().Status().Stats })
+	var cpu0 time.Duration
+	var t0 time.Time
+	l.lat, err = guestExtends(ctx, paths, dur, minN, func() {
+		before = rig.d.Mux().Status().Stats
+		cpu0, t0 = cpuTime(), time.Now()
+	})
+	l.cpu, l.wall = cpuTime()-cpu0, time.Since(t0)
 	after := rig.d.Mux().Status().Stats
 	if b := after.Batches - before.Batches; b > 0 {
 		l.perBatch = float64(after.Records-before.Records) / float64(b)
@@ -241,7 +273,17 @@ func (e *env) swtpmExtends(ctx context.Context, n int, dur time.Duration, minN i
 	if l.fsync, err = fsyncLatency(dir, 50); err != nil {
 		return latRun{}, err
 	}
-	l.lat, err = guestExtends(ctx, paths, dur, minN, nil)
+	swCPU := func() time.Duration {
+		var t time.Duration
+		for _, p := range procs {
+			t += procCPU(p.Pid())
+		}
+		return t
+	}
+	var cpu0 time.Duration
+	var t0 time.Time
+	l.lat, err = guestExtends(ctx, paths, dur, minN, func() { cpu0, t0 = cpuTime()+swCPU(), time.Now() })
+	l.cpu, l.wall = cpuTime()+swCPU()-cpu0, time.Since(t0)
 	return l, err
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"testing"
 	"time"
 )
@@ -24,5 +25,20 @@ func TestFmtDur(t *testing.T) {
 		if got := fmtDur(tc.d); got != tc.want {
 			t.Errorf("fmtDur(%v) = %q, want %q", tc.d, got, tc.want)
 		}
+	}
+}
+
+// TestProcCPU: procCPU reads a live process's CPU time as cpuTime does
+// (to the clock tick), so P7 can add swtpm's CPU to its guests'.
+func TestProcCPU(t *testing.T) {
+	start := cpuTime()
+	for x := 0; cpuTime()-start < 300*time.Millisecond; x++ {
+	}
+	got, want := procCPU(os.Getpid()), cpuTime()
+	if d := want - got; d < 0 || d > 50*time.Millisecond {
+		t.Fatalf("procCPU %v, getrusage %v", got, want)
+	}
+	if procCPU(-1) != 0 {
+		t.Fatal("procCPU of no process is not 0")
 	}
 }
