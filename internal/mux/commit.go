@@ -199,6 +199,11 @@ func (m *Mux) run(ctx context.Context) {
 	defer close(m.done)
 	cv := m.cfg.Cover
 	nextSlot := time.Now().Add(cv.Interval)
+	// due says a slot passed and no batch has been made since: the
+	// heartbeat waits for a free extend (and for answered anchored guests,
+	// gatherWait) without holding the committer, so records queued
+	// meanwhile are staged at once and ride in it.
+	due := false
 	for {
 		m.mu.Lock()
 		faulted := m.fault != nil
@@ -212,21 +217,26 @@ func (m *Mux) run(ctx context.Context) {
 		live := len(m.vms)
 		urgent := m.urgent
 		durableOnly := m.durableWaiters > 0
-		gather := m.gatherWait(n, time.Now())
+		now := time.Now()
+		gather := m.gatherWait(n, now)
+		pace := m.paceWait(unheld, now)
 		m.regather.holding = false
 		m.mu.Unlock()
 		if faulted {
 			m.tryHeal(ctx)
 		}
-		slot := false
 		if cv.on() {
 			if now := time.Now(); !now.Before(nextSlot) {
-				slot = true
+				due = true
 				for !nextSlot.After(now) {
 					nextSlot = nextSlot.Add(cv.Interval)
 				}
 			}
 		}
+		if faulted || (live == 0 && n == 0) {
+			due = false // none while faulted (it would fail and say nothing)
+		}
+		extendBusy := len(m.extendSlots) >= maxInflight
 		var commitNow, heartbeat bool
 		switch {
 		case !cv.on() || closed:
@@ -241,15 +251,17 @@ func (m *Mux) run(ctx context.Context) {
 			// held for the slot. Its batch is padded like any other;
 			// its time shows (docs/security.md).
 			commitNow = true
-		case slot:
-			// A heartbeat while any VM is live, cover only if need be; none
-			// while faulted (it would fail and say nothing).
-			commitNow = n > 0 || (live > 0 && !faulted)
-			heartbeat = commitNow
+		case due && extendBusy:
+			// The heartbeat waits for the extend; new records are staged.
+			commitNow = n > 0
+		case due:
+			// A heartbeat while any VM is live, cover only if need be.
+			commitNow, heartbeat = true, true
 		}
 		// Staged records wait for a batch only while the extends are busy
 		// (held ones for a batch made anyway).
-		if !commitNow && unheld > 0 && !faulted && len(m.extendSlots) < maxInflight {
+		// Records only durability was asked for are paced (durablePace).
+		if !commitNow && unheld > 0 && !faulted && !extendBusy && (pace == 0 || closed) {
 			commitNow = true
 		}
 		// A record whose submitter waits for durability only, not urgent
@@ -260,7 +272,7 @@ func (m *Mux) run(ctx context.Context) {
 		if !commitNow && cv.on() && durableOnly {
 			commitNow, stageOnly = true, true
 		}
-		if commitNow && gather > 0 && !heartbeat && !closed && !faulted {
+		if commitNow && gather > 0 && !closed && !faulted {
 			commitNow = false
 			m.mu.Lock()
 			m.regather.holding = true
@@ -285,6 +297,9 @@ func (m *Mux) run(ctx context.Context) {
 			}
 			if gather > 0 {
 				wait = min(wait, gather)
+			}
+			if pace > 0 && unheld > 0 {
+				wait = min(wait, pace)
 			}
 			t := time.NewTimer(wait)
 			select {
@@ -314,7 +329,11 @@ func (m *Mux) run(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		m.commitMu.Lock()
+		batches := m.nextBatch
 		err := m.commit(ctx, batch, heartbeat && !faulted, !stageOnly)
+		if m.nextBatch != batches {
+			due = false
+		}
 		m.commitMu.Unlock()
 		if err != nil {
 			m.failAll(batch, err)
@@ -508,8 +527,9 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat, batch bool) 
 	slotTaken := false
 	// No batch while faulted: the heal must find the store and the PCR
 	// as the fault left them; staged records wait for it.
-	if !faulted && batch && (len(m.extendSlots) < maxInflight && len(cands) > 0 || heartbeat) {
-		m.extendSlots <- struct{}{} // free, or a heartbeat waits for one
+	// Only commit takes slots, under commitMu: a free one stays free.
+	if !faulted && batch && len(m.extendSlots) < maxInflight && (len(cands) > 0 || heartbeat) {
+		m.extendSlots <- struct{}{}
 		slotTaken = true
 	}
 	restore := func() {
@@ -553,11 +573,23 @@ func (m *Mux) commit(ctx context.Context, items []*item, heartbeat, batch bool) 
 		m.setFault(fmt.Errorf("write-ahead log write failed: %w", err))
 		return err
 	}
+	m.smu.Lock()
+	m.stats.Writes++
+	m.smu.Unlock()
 	for _, it := range items {
 		it.frame = rFrame
 	}
 	m.mu.Lock()
+	if len(rest) > 0 && (len(m.pending) == 0 || b != nil) {
+		m.pendingSince = time.Now()
+	}
 	m.pending = slices.Clip(rest)
+	m.pendingAcked = 0
+	for _, it := range rest {
+		if it.wait != waitDurable {
+			m.pendingAcked++
+		}
+	}
 	if batch {
 		// What a batch left over waits only for a free extend.
 		m.pendingHeld = 0
@@ -710,13 +742,19 @@ func (m *Mux) queueApply(x *inflightExtend) {
 
 // applyRetry is how often the applier retries batches bbolt refused, and
 // defaultApplyEvery the least time between two bbolt transactions unless
-// someone waits for one (urgentApply). Longer intervals (25 or 100 ms,
-// with 100 VMs) cut the applier's CPU and raised throughput, but the
-// bigger transactions stalled the appends in flight: durable p99 10 ms
-// went to 13-14 ms (docs/performance.md, vTPM mode).
+// someone waits for one (urgentApply: an agent's acknowledgement, a quote).
+// Only reads wait for bbolt; durable records are in the write-ahead log.
+// Each transaction's two fsyncs delay the write-ahead log's fdatasync
+// behind them, and with one closed-loop vTPM guest a transaction every
+// 4 ms put 3.5% of its stages above 600 µs (0.8% with one a second): the
+// commands above P7's target went from 3.7-6.6% to 1.2-1.3% (durable,
+// simulator), from 29-33% to 7-10% (anchored, hardware profile), and
+// from 17-23% to 8-11% at 10 VMs, with 100 ms; 100 VMs' p50 halved
+// (docs/performance.md, 2026-12-07). Its cost: the write-ahead log and
+// the applier's queue hold up to 100 ms of batches.
 const (
 	applyRetry        = 200 * time.Millisecond
-	defaultApplyEvery = 4 * time.Millisecond
+	defaultApplyEvery = 100 * time.Millisecond
 )
 
 // urgentApply makes the applier write what it holds into bbolt now, and
@@ -838,6 +876,7 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 	// crash can leave for recovery to extend); bbolt may lag behind. It is
 	// free before an anchored guest learns of the extend, so the guest's
 	// next event finds it free and is batched in the write that stages it.
+	m.freedAt.Store(time.Now().UnixNano())
 	<-m.extendSlots
 	m.kick()
 	if x.err == nil {
@@ -941,6 +980,39 @@ func (m *Mux) gatherWait(n int, now time.Time) time.Duration {
 		return 0
 	}
 	return end.Sub(now)
+}
+
+// Pacing. A record whose submitter waits for durability only (a vTPM
+// event in mode durable, a genesis) is acknowledged once staged; its batch
+// need not follow at once. When such records are staged while an extend
+// is busy, cutting their batch the moment it frees costs a write and an
+// fdatasync of their own, and the next guest command, arriving meanwhile,
+// waits for that fdatasync before its own: with one closed-loop guest a
+// fifth of the commands paid two fsyncs (P7). So the committer holds such
+// a batch until a new record comes (their batch then rides in the write
+// that stages it), durablePaceMax of them are pending, or durablePace has
+// passed since the extend freed (and since the oldest was staged). Anyone waiting for more than durability (an agent's
+// acknowledgement, an anchored guest, a quote: waitExtendedLocked) ends
+// the wait. The pace only moves batches that are made anyway, by at most
+// durablePace, and only while records arrive: it shows nothing a batch
+// cut at once would not.
+const (
+	durablePace    = 2 * time.Millisecond
+	durablePaceMax = 64
+)
+
+// paceWait is how much longer the committer holds the batch of unheld
+// pending records, all durable-only (see durablePace); 0: batch them now.
+// It runs under mu.
+func (m *Mux) paceWait(unheld int, now time.Time) time.Duration {
+	if unheld == 0 || unheld >= durablePaceMax || m.pendingAcked > 0 {
+		return 0
+	}
+	from := m.pendingSince
+	if f := time.Unix(0, m.freedAt.Load()); f.After(from) {
+		from = f
+	}
+	return max(0, from.Add(durablePace).Sub(now))
 }
 
 // markDurable tells the submissions of a group that they are staged.

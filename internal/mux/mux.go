@@ -157,6 +157,15 @@ type Mux struct {
 	// it. They join any batch made, but never cause one (a slot does):
 	// a batch off the schedule would show the VM's start to the others.
 	pendingHeld int
+	// pendingAcked is how many of pending someone waits for beyond
+	// durability (an agent's acknowledgement, an anchored guest): while
+	// it is 0 the committer paces their batch (durablePace).
+	pendingAcked int
+	// pendingSince is when the oldest of pending was left unbatched.
+	pendingSince time.Time
+	// freedAt is when an extend slot was last freed (UnixNano): pending
+	// records could be batched from then on.
+	freedAt atomic.Int64
 	// The applier (applyLoop) writes durable batches into bbolt in order.
 	amu        sync.Mutex
 	applyQ     []*inflightExtend
@@ -291,6 +300,9 @@ type Stats struct {
 	ExtendNanos uint64
 	QuoteNanos  uint64
 	MaxBatch    int
+	// Writes counts the write-ahead log writes, one fdatasync each: a
+	// record's cost on the disk is Writes/Records of them.
+	Writes uint64
 }
 
 // Open recovers the mux state from the store and the TPM (docs/protocol.md, PCR and epochs) and
