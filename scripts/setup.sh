@@ -2,7 +2,8 @@
 # Installs the Debian packages tpmmux needs, only those missing, so it is
 # quick on a machine that has them.
 #   scripts/setup.sh demo   what the demo needs (cgo build of the TPM simulator)
-#   scripts/setup.sh test   what the tests need (adds swtpm and tpm2-tools)
+#   scripts/setup.sh test   what the tests need (adds swtpm, tpm2-tools and QEMU,
+#                           which the real-QEMU tests use and CI=true requires)
 #   scripts/setup.sh ovmf   what the UEFI measured-boot test needs (QEMU, OVMF,
 #                           GRUB's EFI modules, mtools, dosfstools, sfdisk;
 #                           scripts/e2e/build-uefi-disk.sh)
@@ -10,7 +11,7 @@ set -euo pipefail
 want=(gcc libssl-dev)
 case "${1:-test}" in
   demo) ;;
-  test) want+=(swtpm swtpm-tools tpm2-tools) ;;
+  test) want+=(swtpm swtpm-tools tpm2-tools qemu-system-x86) ;;
   ovmf) want+=(qemu-system-x86 ovmf grub-efi-amd64-bin grub-common mtools dosfstools fdisk busybox-static) ;;
   *) echo "usage: $0 demo|test|ovmf" >&2; exit 2 ;;
 esac
