@@ -347,9 +347,13 @@ func (b *Bridge) session(ctx context.Context, id conceal.Digest, conn GuestConn,
 			// Every submitted ticket is waited for, even after an error, so
 			// that when the session ends all its records have settled
 			// (durable or failed) before anyone computes a resume point.
+			// The ack says durable and extended; it does not wait for the
+			// records' batch to be in bbolt (the write-ahead log holds them,
+			// and readers that need bbolt wait for it themselves), nor
+			// make the applier write it at once.
 			var werr error
 			if p.ticket != nil {
-				_, werr = p.ticket.Wait(context.WithoutCancel(ctx))
+				werr = p.ticket.WaitExtended(context.WithoutCancel(ctx))
 			}
 			if p.weight > 0 {
 				b.queued().Release(p.weight)

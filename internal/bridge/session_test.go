@@ -276,3 +276,38 @@ func TestSerialStreamSurvivesProtocolError(t *testing.T) {
 	ag.Close()
 	<-done
 }
+
+// TestAckNotHeldForBbolt: a guest's frame is acknowledged once its
+// records are durable and extended, without waiting for (or forcing) the
+// bbolt transaction behind them: with the applier's interval an hour, the
+// ack comes and the batch is still not applied. The records are not lost
+// meanwhile: the session's resume point and the VM's evidence count them.
+func TestAckNotHeldForBbolt(t *testing.T) {
+	b := &Bridge{Mux: muxtest.Open(t, mux.Config{ApplyEvery: time.Hour})}
+	ctx := context.Background()
+	ident, err := b.Mux.NewVM(ctx, mux.Launch{UUID: [16]byte{2}, Name: "vm-b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := realList(t)
+	applied := b.Mux.Status().Stats.Applied
+	a, done := dial(t, b, ident.ID())
+	a.Hello("boot-1")
+	a.Send(0, 0, es[:50])
+	var ack wire.Ack
+	a.Recv(&ack)
+	if ack.Next != 50 {
+		t.Fatalf("ack %+v", ack)
+	}
+	if got := b.Mux.Status().Stats.Applied; got != applied {
+		t.Fatalf("%d batches applied to bbolt before the ack came back (was %d): the ack waited for the applier", got, applied)
+	}
+	a.Conn.Close()
+	<-done
+	a, done = dial(t, b, ident.ID())
+	if w := a.Hello("boot-1"); w.Resume != 50 {
+		t.Fatalf("resume %d after an acknowledged frame of 50, want 50", w.Resume)
+	}
+	a.Conn.Close()
+	<-done
+}

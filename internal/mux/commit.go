@@ -826,6 +826,9 @@ func (m *Mux) applyLoop() {
 			m.setFault(err)
 			retry = cms
 		} else {
+			m.smu.Lock()
+			m.stats.Applied += uint64(len(cms))
+			m.smu.Unlock()
 			retry = nil
 			if rerr := m.store.Release(last); rerr != nil {
 				m.log.Warn("write-ahead log segments not deleted", "err", rerr)
@@ -880,6 +883,14 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 	<-m.extendSlots
 	m.kick()
 	if x.err == nil {
+		// Durable and extended: what a guest's acknowledgement and the
+		// metrics count (bbolt follows; Stats.Applied).
+		m.smu.Lock()
+		m.stats.Batches++
+		m.stats.Records += uint64(len(b.items))
+		m.stats.MaxBatch = max(m.stats.MaxBatch, len(b.items))
+		m.smu.Unlock()
+		m.observeBatch(b.total)
 		for _, it := range b.items {
 			if it.ticket != nil {
 				close(it.ticket.extended)
@@ -896,12 +907,6 @@ func (m *Mux) finishBatch(ctx context.Context, x *inflightExtend, b *builtBatch)
 		m.failAll(b.items, err)
 		return
 	}
-	m.smu.Lock()
-	m.stats.Batches++
-	m.stats.Records += uint64(len(b.items))
-	m.stats.MaxBatch = max(m.stats.MaxBatch, len(b.items))
-	m.smu.Unlock()
-	m.observeBatch(b.total)
 	if len(b.ended) > 0 {
 		m.mu.Lock()
 		for _, id := range b.ended {

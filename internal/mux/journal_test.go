@@ -196,8 +196,7 @@ func TestJournalGather(t *testing.T) {
 // record, acknowledgement take well under one applier interval each.
 func TestAckNotHeldByTheApplier(t *testing.T) {
 	ctx := context.Background()
-	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour}})
-	m.SetApplyEvery(200 * time.Millisecond)
+	m := muxtest.Open(t, mux.Config{Cover: mux.Cover{Pad: 4, Interval: time.Hour}, ApplyEvery: 200 * time.Millisecond})
 	a := newVMBatched(t, m, mux.Launch{UUID: [16]byte{0x73, 1}, Name: "vm-a"})
 	r := &record.Record{Kind: record.KindAction, Action: &record.Action{Action: "log", Detail: "x"}}
 	var slowest time.Duration

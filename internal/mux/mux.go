@@ -6,6 +6,7 @@
 package mux
 
 import (
+	"cmp"
 	"context"
 	"crypto/cipher"
 	"crypto/rand"
@@ -80,6 +81,10 @@ type Config struct {
 	// Cover conceals the VMs' activity from each other with cover leaves
 	// (commit.go); the zero value is off.
 	Cover Cover
+	// ApplyEvery is the least time between two bbolt transactions that no
+	// reader waits for (the write-ahead log holds their records
+	// meanwhile); default 100 ms (commit.go, defaultApplyEvery).
+	ApplyEvery time.Duration
 }
 
 // Mux multiplexes VM records onto one TPM PCR.
@@ -303,6 +308,10 @@ type Stats struct {
 	// Writes counts the write-ahead log writes, one fdatasync each: a
 	// record's cost on the disk is Writes/Records of them.
 	Writes uint64
+	// Applied counts the batches written into bbolt, which follows
+	// Batches (durable and extended) by up to Config.ApplyEvery unless a
+	// reader waits for it.
+	Applied uint64
 }
 
 // Open recovers the mux state from the store and the TPM (docs/protocol.md, PCR and epochs) and
@@ -353,7 +362,7 @@ func Open(ctx context.Context, t tpm.TPM, st *logstore.Store, cfg Config) (*Mux,
 		applyDone:   make(chan struct{}),
 		applyWake:   make(chan struct{}, 1),
 		applyFlush:  make(chan struct{}, 1),
-		applyEvery:  defaultApplyEvery,
+		applyEvery:  cmp.Or(cfg.ApplyEvery, defaultApplyEvery),
 	}
 	if err := m.openDataKey(ctx); err != nil {
 		return nil, err
