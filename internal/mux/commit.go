@@ -996,9 +996,9 @@ func (m *Mux) gatherWait(n int, now time.Time) time.Duration {
 // fifth of the commands paid two fsyncs (P7). So the committer holds such
 // a batch until a new record comes (their batch then rides in the write
 // that stages it), durablePaceMax of them are pending, or durablePace has
-// passed since the extend freed (and since the oldest was staged). Anyone waiting for more than durability (an agent's
-// acknowledgement, an anchored guest, a quote: waitExtendedLocked) ends
-// the wait. The pace only moves batches that are made anyway, by at most
+// passed since the extend freed (and since the oldest was staged). Anyone
+// waiting for more than durability (an agent's acknowledgement, an
+// anchored guest, a quote: waitExtendedLocked) ends the wait. The pace only moves batches that are made anyway, by at most
 // durablePace, and only while records arrive: it shows nothing a batch
 // cut at once would not.
 const (
