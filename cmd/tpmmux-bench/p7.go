@@ -36,7 +36,10 @@ import (
 // Targets: durable p99 ≤ fsync + 1 ms; anchored p99 ≤ extend + fsync +
 // 1 ms at one VM and ≤ two commits, 2 × (extend + fsync), with more, where
 // fsync is the disk's median 4 KiB write + fdatasync and extend the TPM's
-// median PCR_Extend, both measured in the run.
+// median PCR_Extend, both measured in the run. The notes add the disk
+// alone at each run's pace (pacedFsync): an fdatasync after an idle gap
+// costs more than the back-to-back median the target counts, and its p99
+// can spend the target's whole 1 ms margin before the bridge does anything.
 
 // vtpmModes are the modes P7 measures (daemon.Config.VTPMMode).
 var vtpmModes = []string{"durable", "anchored"}
@@ -49,6 +52,10 @@ type latRun struct {
 	// perBatch is how many records the multiplexer's batches held on
 	// average during the run (0 for the baseline).
 	perBatch float64
+	// paced is the disk alone at the run's pace (pacedFsync: one write +
+	// fdatasync per write-ahead log write the run made, spread as the
+	// run spread them), sorted; nil for the baseline.
+	paced []time.Duration
 	// cpu is this process's CPU time (the daemon and the QEMU-side
 	// guests, which run in it) over the measured extends, and wall their
 	// wall time: whether the run was CPU-bound, and what an extend costs
@@ -121,18 +128,18 @@ func (e *env) benchVTPM(ctx context.Context) error {
 				rs := res[key{kind, mode, n}]
 				v50, v99 := med(rs, p50), med(rs, p99)
 				fs, ext := med(rs, func(l latRun) time.Duration { return l.fsync }), med(rs, func(l latRun) time.Duration { return l.extend })
-				target, tname := fs+time.Millisecond, "fsync + 1ms"
+				target, tname := p7Target(mode, n, ext)(fs), "fsync + 1ms"
 				switch {
 				case mode == "anchored" && n == 1:
-					target, tname = ext+fs+time.Millisecond, "extend + fsync + 1ms"
+					tname = "extend + fsync + 1ms"
 				case mode == "anchored":
-					target, tname = 2*(ext+fs), "2 × (extend + fsync)"
+					tname = "2 × (extend + fsync)"
 				}
 				r := row{ID: "P7", Case: fmt.Sprintf("vTPM extend p50/p99, %s, %d VMs", mode, n), TPM: tpmLabel(kind),
 					Value: fmtDur(v50) + " / " + fmtDur(v99), V: float64(v99),
 					Target: "p99 ≤ " + fmtDur(target), Met: yesNo(v99 <= target),
-					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f, %.2f%% of extends above it (met: ≤ 1%%); %s",
-						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target), 100*aboveShare(rs, target), cpuNote(rs))}
+					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f, %.2f%% of extends above it (met: ≤ 1%%); %s; %s",
+						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target), 100*aboveShare(rs, target), pacedNote(rs, fs, p7Target(mode, n, ext), v99), cpuNote(rs))}
 				if bs := base[n]; len(bs) > 0 {
 					b50, b99 := med(bs, p50), med(bs, p99)
 					r.Baseline = fmtDur(b50) + " / " + fmtDur(b99) + " (swtpm per VM)"
@@ -148,6 +155,41 @@ func (e *env) benchVTPM(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// pacedNote says what the disk alone takes at the runs' pace (pacedFsync),
+// against the back-to-back median fsync the target counts: how much of
+// the target's 1 ms margin the disk itself spends at p99.
+func pacedNote(rs []latRun, fs time.Duration, target func(fsync time.Duration) time.Duration, v99 time.Duration) string {
+	var p50, p99 []float64
+	for _, r := range rs {
+		if len(r.paced) > 0 {
+			p50 = append(p50, float64(percentile(r.paced, 50)))
+			p99 = append(p99, float64(percentile(r.paced, 99)))
+		}
+	}
+	if len(p99) == 0 {
+		return "disk at the runs' pace not measured"
+	}
+	m99 := time.Duration(median(p99))
+	pt := target(m99)
+	return fmt.Sprintf("the disk alone at the runs' pace (a 4 KiB write + fdatasync per log write): p50 %s, p99 %s, %s of the 1 ms margin over the target's fsync; with that p99 as the fsync the target is %s, p99/it %.2f",
+		fmtDur(time.Duration(median(p50))), fmtDur(m99), fmtDur(max(0, m99-fs)), fmtDur(pt), float64(v99)/float64(pt))
+}
+
+// p7Target is P7's target formula for mode and n VMs with a given
+// fsync time (the TPM's extend ext): fsync + 1 ms (durable), extend +
+// fsync + 1 ms (anchored, one VM), 2 × (extend + fsync) (anchored, more).
+func p7Target(mode string, n int, ext time.Duration) func(time.Duration) time.Duration {
+	return func(fs time.Duration) time.Duration {
+		switch {
+		case mode == "anchored" && n == 1:
+			return ext + fs + time.Millisecond
+		case mode == "anchored":
+			return 2 * (ext + fs)
+		}
+		return fs + time.Millisecond
+	}
 }
 
 // cpuNote says how busy the machine's CPUs were during the runs' measured
@@ -232,7 +274,16 @@ func (e *env) bridgeExtends(ctx context.Context, kind, mode string, n int, dur t
 	if b := after.Batches - before.Batches; b > 0 {
 		l.perBatch = float64(after.Records-before.Records) / float64(b)
 	}
-	return l, err
+	if err != nil {
+		return l, err
+	}
+	if w := after.Writes - before.Writes; w > 0 {
+		gap := max(0, l.wall/time.Duration(w)-l.fsync)
+		if l.paced, err = pacedFsync(rig.dir, gap, time.Second); err != nil {
+			return l, fmt.Errorf("paced fsync: %w", err)
+		}
+	}
+	return l, nil
 }
 
 // prepareAll prepares n domains (with a bridge-served TPM if vtpm), up to

@@ -35,8 +35,52 @@ func TestVTPMLatencyRows(t *testing.T) {
 		if r.Met != "yes" && r.Met != "NO" {
 			t.Errorf("row %s: met %q", r.Case, r.Met)
 		}
+		if !strings.Contains(r.Notes, "the disk alone at the runs' pace") {
+			t.Errorf("row %s: no paced-disk note: %s", r.Case, r.Notes)
+		}
 		if haveSwtpm && (r.B <= 0 || r.R <= 0 || !strings.Contains(r.Baseline, "swtpm")) {
 			t.Errorf("row %s: baseline %q (%v, ratio %v), want swtpm's", r.Case, r.Baseline, r.B, r.R)
+		}
+	}
+}
+
+// TestP7Target pins P7's target formulas (docs/performance.md, Targets).
+func TestP7Target(t *testing.T) {
+	ext, fs := 3*time.Millisecond, 200*time.Microsecond
+	for _, c := range []struct {
+		mode string
+		n    int
+		want time.Duration
+	}{
+		{"durable", 1, 1200 * time.Microsecond},
+		{"durable", 100, 1200 * time.Microsecond},
+		{"anchored", 1, 4200 * time.Microsecond},
+		{"anchored", 10, 6400 * time.Microsecond},
+	} {
+		if got := p7Target(c.mode, c.n, ext)(fs); got != c.want {
+			t.Errorf("%s, %d VMs: target %v, want %v", c.mode, c.n, got, c.want)
+		}
+	}
+}
+
+// TestPacedFsync: the paced disk probe writes at least 200 times within
+// its budget, keeps the gap, and returns the times sorted.
+func TestPacedFsync(t *testing.T) {
+	gap := time.Millisecond
+	start := time.Now()
+	ds, err := pacedFsync(t.TempDir(), gap, 10*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ds) != 200 {
+		t.Fatalf("%d writes, want 200 (the minimum; the budget is shorter)", len(ds))
+	}
+	if took := time.Since(start); took < 200*gap {
+		t.Errorf("took %v for 200 writes %v apart", took, gap)
+	}
+	for i := 1; i < len(ds); i++ {
+		if ds[i] < ds[i-1] || ds[0] <= 0 {
+			t.Fatalf("times not sorted or not positive at %d: %v %v", i, ds[i-1], ds[i])
 		}
 	}
 }
