@@ -33,6 +33,10 @@ type ingestResult struct {
 	inflight  int  // records a guest may have unacknowledged (window × frame)
 	connect   time.Duration
 	cpuPerRec time.Duration // process CPU time (bridge and guests) per record // setting up every guest's session (hello, welcome)
+	// paced is the disk alone at a paced group-commit run's pace
+	// (pacedFsync: one write + fdatasync per write-ahead log write the
+	// window made), sorted; nil for the other runs.
+	paced []time.Duration
 }
 
 // makeVMs gives n VMs an identity and a durable, extended genesis record
@@ -170,6 +174,12 @@ func (e *env) runIngest(ctx context.Context, kind string, vms, maxBatch int, fr 
 	// run is in its steady state once every guest has had an ack.
 	if pace > 0 {
 		res.steady = res.skipped == 0 && len(res.lat) > 0
+		if w := s1.Writes - s0.Writes; w > 0 && maxBatch != 1 {
+			gap := max(0, el/time.Duration(w)-e.fsync)
+			if res.paced, err = pacedFsync(r.dir, gap, time.Second); err != nil {
+				return nil, fmt.Errorf("paced fsync: %w", err)
+			}
+		}
 	} else {
 		res.steady = allAcked && len(res.lat) > 0
 	}
