@@ -172,9 +172,9 @@ func (e *env) benchIngest(ctx context.Context) error {
 			r.Notes = fmt.Sprintf("frames of %d entries every %s per VM, %d acks; group commit %.0f records/batch at %s; target = extend %s + fsync %s + 1ms",
 				p2Frame, p2Pace, acks, medianOf(p.gc, func(r *ingestResult) float64 { return r.batch }),
 				fmtRate(medianOf(p.gc, func(r *ingestResult) float64 { return r.rate }), "rec/s"), fmtDur(time.Duration(ext)), fmtDur(e.fsync))
-			var paced []latRun
+			var paced [][]time.Duration
 			for _, g := range p.gc {
-				paced = append(paced, latRun{paced: g.paced})
+				paced = append(paced, g.paced)
 			}
 			r.Notes += "; " + pacedNote(paced, e.fsync, func(fs time.Duration) time.Duration { return time.Duration(ext) + fs + time.Millisecond }, time.Duration(p99))
 			if bhow != "measured" {

@@ -128,18 +128,13 @@ func (e *env) benchVTPM(ctx context.Context) error {
 				rs := res[key{kind, mode, n}]
 				v50, v99 := med(rs, p50), med(rs, p99)
 				fs, ext := med(rs, func(l latRun) time.Duration { return l.fsync }), med(rs, func(l latRun) time.Duration { return l.extend })
-				target, tname := p7Target(mode, n, ext)(fs), "fsync + 1ms"
-				switch {
-				case mode == "anchored" && n == 1:
-					tname = "extend + fsync + 1ms"
-				case mode == "anchored":
-					tname = "2 × (extend + fsync)"
-				}
+				targetOf, tname := p7Target(mode, n, ext)
+				target := targetOf(fs)
 				r := row{ID: "P7", Case: fmt.Sprintf("vTPM extend p50/p99, %s, %d VMs", mode, n), TPM: tpmLabel(kind),
 					Value: fmtDur(v50) + " / " + fmtDur(v99), V: float64(v99),
 					Target: "p99 ≤ " + fmtDur(target), Met: yesNo(v99 <= target),
 					Notes: fmt.Sprintf("guest PCR_Extend (PCR 10, sha1+sha256) over QEMU's data socket, %d closed-loop guests, %d extends a run, %.1f records a batch; target = %s (fsync %s, extend %s); p99/target %.2f, %.2f%% of extends above it (met: ≤ 1%%); %s; %s",
-						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target), 100*aboveShare(rs, target), pacedNote(rs, fs, p7Target(mode, n, ext), v99), cpuNote(rs))}
+						n, len(rs[0].lat), median(perBatch(rs)), tname, fmtDur(fs), fmtDur(ext), float64(v99)/float64(target), 100*aboveShare(rs, target), pacedNote(pacedOf(rs), fs, targetOf, v99), cpuNote(rs))}
 				if bs := base[n]; len(bs) > 0 {
 					b50, b99 := med(bs, p50), med(bs, p99)
 					r.Baseline = fmtDur(b50) + " / " + fmtDur(b99) + " (swtpm per VM)"
@@ -160,12 +155,12 @@ func (e *env) benchVTPM(ctx context.Context) error {
 // pacedNote says what the disk alone takes at the runs' pace (pacedFsync),
 // against the back-to-back median fsync the target counts: how much of
 // the target's 1 ms margin the disk itself spends at p99.
-func pacedNote(rs []latRun, fs time.Duration, target func(fsync time.Duration) time.Duration, v99 time.Duration) string {
+func pacedNote(runs [][]time.Duration, fs time.Duration, target func(fsync time.Duration) time.Duration, v99 time.Duration) string {
 	var p50, p99 []float64
-	for _, r := range rs {
-		if len(r.paced) > 0 {
-			p50 = append(p50, float64(percentile(r.paced, 50)))
-			p99 = append(p99, float64(percentile(r.paced, 99)))
+	for _, paced := range runs {
+		if len(paced) > 0 {
+			p50 = append(p50, float64(percentile(paced, 50)))
+			p99 = append(p99, float64(percentile(paced, 99)))
 		}
 	}
 	if len(p99) == 0 {
@@ -177,19 +172,27 @@ func pacedNote(rs []latRun, fs time.Duration, target func(fsync time.Duration) t
 		fmtDur(time.Duration(median(p50))), fmtDur(m99), fmtDur(max(0, m99-fs)), fmtDur(pt), float64(v99)/float64(pt))
 }
 
-// p7Target is P7's target formula for mode and n VMs with a given
-// fsync time (the TPM's extend ext): fsync + 1 ms (durable), extend +
-// fsync + 1 ms (anchored, one VM), 2 × (extend + fsync) (anchored, more).
-func p7Target(mode string, n int, ext time.Duration) func(time.Duration) time.Duration {
-	return func(fs time.Duration) time.Duration {
-		switch {
-		case mode == "anchored" && n == 1:
-			return ext + fs + time.Millisecond
-		case mode == "anchored":
-			return 2 * (ext + fs)
-		}
-		return fs + time.Millisecond
+// pacedOf lists the runs' paced disk times.
+func pacedOf(rs []latRun) [][]time.Duration {
+	var out [][]time.Duration
+	for _, r := range rs {
+		out = append(out, r.paced)
 	}
+	return out
+}
+
+// p7Target is P7's target for mode and n VMs as a function of the fsync
+// time (the TPM's extend ext), and its formula's name: fsync + 1 ms
+// (durable), extend + fsync + 1 ms (anchored, one VM), 2 × (extend +
+// fsync) (anchored, more).
+func p7Target(mode string, n int, ext time.Duration) (func(fsync time.Duration) time.Duration, string) {
+	switch {
+	case mode == "anchored" && n == 1:
+		return func(fs time.Duration) time.Duration { return ext + fs + time.Millisecond }, "extend + fsync + 1ms"
+	case mode == "anchored":
+		return func(fs time.Duration) time.Duration { return 2 * (ext + fs) }, "2 × (extend + fsync)"
+	}
+	return func(fs time.Duration) time.Duration { return fs + time.Millisecond }, "fsync + 1ms"
 }
 
 // cpuNote says how busy the machine's CPUs were during the runs' measured

@@ -44,21 +44,24 @@ func TestVTPMLatencyRows(t *testing.T) {
 	}
 }
 
-// TestP7Target pins P7's target formulas (docs/performance.md, Targets).
+// TestP7Target pins P7's target formulas and their names
+// (docs/performance.md, Targets).
 func TestP7Target(t *testing.T) {
 	ext, fs := 3*time.Millisecond, 200*time.Microsecond
 	for _, c := range []struct {
 		mode string
 		n    int
 		want time.Duration
+		name string
 	}{
-		{"durable", 1, 1200 * time.Microsecond},
-		{"durable", 100, 1200 * time.Microsecond},
-		{"anchored", 1, 4200 * time.Microsecond},
-		{"anchored", 10, 6400 * time.Microsecond},
+		{"durable", 1, 1200 * time.Microsecond, "fsync + 1ms"},
+		{"durable", 100, 1200 * time.Microsecond, "fsync + 1ms"},
+		{"anchored", 1, 4200 * time.Microsecond, "extend + fsync + 1ms"},
+		{"anchored", 10, 6400 * time.Microsecond, "2 × (extend + fsync)"},
 	} {
-		if got := p7Target(c.mode, c.n, ext)(fs); got != c.want {
-			t.Errorf("%s, %d VMs: target %v, want %v", c.mode, c.n, got, c.want)
+		f, name := p7Target(c.mode, c.n, ext)
+		if got := f(fs); got != c.want || name != c.name {
+			t.Errorf("%s, %d VMs: target %v (%s), want %v (%s)", c.mode, c.n, got, name, c.want, c.name)
 		}
 	}
 }

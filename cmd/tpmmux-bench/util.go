@@ -124,25 +124,15 @@ func socketPair() (net.Conn, net.Conn, error) {
 // fsyncLatency measures the median time of a small write plus fdatasync in
 // dir, the durability cost one store commit pays.
 func fsyncLatency(dir string, n int) (time.Duration, error) {
-	f, err := os.CreateTemp(dir, "fsync-")
+	ds, err := syncTimes(dir, 0, func(i int, _ time.Duration) bool { return i < n })
 	if err != nil {
 		return 0, err
 	}
-	defer os.Remove(f.Name())
-	defer f.Close()
-	buf := make([]byte, 4096)
-	var ds []float64
-	for i := 0; i < n; i++ {
-		start := time.Now()
-		if _, err := f.WriteAt(buf, int64(i%16)*4096); err != nil {
-			return 0, err
-		}
-		if err := syscall.Fdatasync(int(f.Fd())); err != nil {
-			return 0, err
-		}
-		ds = append(ds, float64(time.Since(start)))
+	xs := make([]float64, len(ds))
+	for i, d := range ds {
+		xs[i] = float64(d)
 	}
-	return time.Duration(median(ds)), nil
+	return time.Duration(median(xs)), nil
 }
 
 // pacedFsync times the disk alone at a workload's pace: a 4 KiB write +
@@ -153,7 +143,14 @@ func fsyncLatency(dir string, n int) (time.Duration, error) {
 // (2026-12-07), so a latency target that counts the back-to-back median
 // understates what the disk alone takes at the guests' pace.
 func pacedFsync(dir string, gap, budget time.Duration) ([]time.Duration, error) {
-	f, err := os.CreateTemp(dir, "fsync-paced-")
+	return syncTimes(dir, gap, func(i int, since time.Duration) bool { return i < 1000 && (i < 200 || since < budget) })
+}
+
+// syncTimes times 4 KiB writes + fdatasync into a new file in dir, over
+// the same 16 blocks, gap idle after each, while more(i, time since the
+// first) holds, and returns the times, sorted.
+func syncTimes(dir string, gap time.Duration, more func(i int, since time.Duration) bool) ([]time.Duration, error) {
+	f, err := os.CreateTemp(dir, "fsync-")
 	if err != nil {
 		return nil, err
 	}
@@ -162,7 +159,7 @@ func pacedFsync(dir string, gap, budget time.Duration) ([]time.Duration, error) 
 	buf := make([]byte, 4096)
 	var ds []time.Duration
 	t0 := time.Now()
-	for i := 0; i < 1000 && (i < 200 || time.Since(t0) < budget); i++ {
+	for i := 0; more(i, time.Since(t0)); i++ {
 		start := time.Now()
 		if _, err := f.WriteAt(buf, int64(i%16)*4096); err != nil {
 			return nil, err
